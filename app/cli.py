@@ -1,0 +1,67 @@
+"""Command line: `python -m app <command>`. Run `python -m app --help` for the list."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from . import config as cfg
+from .errors import UserError
+
+USAGE = """usage: python -m app <command> [options]
+
+commands:
+  train [--key=value ...]   one tracked training run (the form `wandb agent` calls with ${args})
+
+Settings for `train` (lowest precedence first): defaults < .env < environment (KEY in upper case,
+e.g. EPOCHS=3) < --key=value < a W&B sweep's values. `python -m app train --help` lists them.
+W&B: WANDB_MODE=online|offline|disabled (default: online with an API key, else offline), WANDB_DIR,
+WANDB_PROJECT, WANDB_ENTITY.
+"""
+
+
+def train_help() -> str:
+    return (
+        "usage: python -m app train [--key=value ...]\n\n"
+        "One W&B-tracked training run. Each key can also be set in .env or the environment in upper case\n"
+        "(EPOCHS=3); --key=value wins over both, and a W&B sweep's values win over everything.\n\n"
+        f"keys (with defaults):\n{cfg.describe()}\n"
+    )
+
+
+def cmd_train(args: list[str]) -> int:
+    if "-h" in args or "--help" in args:
+        print(train_help())
+        return 0
+    from dotenv import load_dotenv
+
+    load_dotenv(".env", override=False)  # WANDB_* settings in .env apply too; the real environment wins
+    config = cfg.load(args, os.environ, dotenv_path=".env")
+    from .train import Preempted, train
+
+    try:
+        result = train(config)
+    except Preempted as stop:
+        print(f"{stop}: checkpoint written, run marked preempting", file=sys.stderr)
+        return 128 + stop.signum
+    print(f"done: run {result['run_id']} test_accuracy {result['test_accuracy']:.4f} onnx {result['onnx']}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command](rest)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

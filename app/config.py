@@ -1,0 +1,210 @@
+"""The one typed training config, and how it is assembled from its sources.
+
+Precedence, lowest first: defaults < `.env` < environment (the key in upper case, e.g. EPOCHS=3)
+< command line (`--epochs=3`, the form `wandb agent` passes with ${args}) < a W&B sweep's config.
+An unknown key or a bad value is a `ConfigError`: one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+
+from .errors import UserError
+
+
+class ConfigError(UserError):
+    """A setting a user got wrong."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- the tutorial's keys and defaults ---
+    epochs: int = 5  # passes over the training subset
+    classes: int = 10  # output classes of the ConvNet
+    kernels: tuple[int, ...] = (16, 32)  # output channels of each conv block (1 to 3 blocks)
+    batch_size: int = 128  # examples per optimizer step
+    learning_rate: float = 0.005  # Adam step size
+    dataset: str = "mnist"  # mnist | fashion_mnist (same IDX format)
+    architecture: str = "CNN"  # recorded in the run's config; only CNN exists
+    train_stride: int = 5  # train on every Nth training example (the tutorial's 5); 1 = all of them
+    # --- reproducibility and held-out metric ---
+    seed: int = 0  # seeds torch's generators (data order, init)
+    val_size: int = 5000  # last N training images held out for the per-epoch val_accuracy
+    # --- where things live ---
+    data_dir: str = "data"  # torchvision layout: <data_dir>/MNIST/raw, <data_dir>/FashionMNIST/raw
+    output_dir: str = "outputs"  # per-run folder <output_dir>/<run id>/ with checkpoint.pt, model.onnx
+    # --- device and speed ---
+    device: str = "auto"  # auto (cuda if visible, else cpu) | cpu | cuda | cuda:N
+    channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and tensor cores
+    amp: str = "none"  # none | bf16 (autocast on CUDA)
+    compile: str = "none"  # none | default | reduce-overhead (torch.compile; the latter uses CUDA graphs)
+    gpu_memory_fraction: float = 0.0  # cap on this process's share of GPU memory; 0 = no cap
+    # --- logging ---
+    log_interval: int = 25  # batches between `loss` points (the tutorial's 25)
+    watch_log: str = "gradients"  # run.watch: gradients | parameters | all | none
+    watch_log_freq: int = 1000  # batches between run.watch histograms (the tutorial's 10 is costly)
+    # --- checkpoints ---
+    resume: bool = True  # continue from <output_dir>/<run id>/checkpoint.pt when it exists
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["kernels"] = list(self.kernels)
+        return d
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with `changes` applied; values may be strings as from env or CLI."""
+        return merge(self, changes, source="override")
+
+
+DATASETS = ("mnist", "fashion_mnist")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset": DATASETS,
+    "architecture": ("CNN",),
+    "amp": ("none", "bf16"),
+    "compile": ("none", "default", "reduce-overhead"),
+    "watch_log": ("gradients", "parameters", "all", "none"),
+}
+POSITIVE = ("epochs", "classes", "batch_size", "train_stride", "log_interval", "watch_log_freq")
+KEYS = tuple(f.name for f in fields(Config))
+_TYPES = {f.name: f.type for f in fields(Config)}
+
+
+def _check(c: Config) -> None:
+    for key in POSITIVE:
+        if getattr(c, key) < 1:
+            raise ConfigError(f"{key}={getattr(c, key)} must be >= 1")
+    for key, allowed in CHOICES.items():
+        if getattr(c, key) not in allowed:
+            raise ConfigError(f"{key}={getattr(c, key)!r} must be one of: {', '.join(allowed)}")
+    # each conv block halves the 28x28 image: more than three would leave nothing to pool
+    if not 1 <= len(c.kernels) <= 3 or any(k < 1 for k in c.kernels):
+        raise ConfigError(f"kernels={list(c.kernels)} must be 1 to 3 positive channel counts, e.g. 16,32")
+    if not c.learning_rate > 0:
+        raise ConfigError(f"learning_rate={c.learning_rate} must be > 0")
+    if c.val_size < 0:
+        raise ConfigError(f"val_size={c.val_size} must be >= 0")
+    if not 0.0 <= c.gpu_memory_fraction <= 1.0:
+        raise ConfigError(f"gpu_memory_fraction={c.gpu_memory_fraction} must be between 0 and 1")
+    dev = c.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"device={dev!r} must be auto, cpu, cuda or cuda:N")
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Turn a value from a source (a string from env/CLI, or JSON-ish from W&B) into the key's type."""
+    kind = _TYPES[key]
+    where = f"{key}={value!r} (from {source})"
+    if kind in ("int", int):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} is not an integer")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"{where} is not an integer") from None
+    if kind in ("float", float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} is not a number")
+        try:
+            return float(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"{where} is not a number") from None
+    if kind in ("bool", bool):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where} is not a boolean (true/false)")
+    if key == "kernels":
+        items = value
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                items = json.loads(text) if text.startswith("[") else text.split(",")
+            except json.JSONDecodeError:
+                raise ConfigError(f"{where} is not a list of integers like 16,32") from None
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{where} is not a list of integers like 16,32")
+        try:
+            return tuple(int(str(i).strip()) for i in items)
+        except ValueError:
+            raise ConfigError(f"{where} is not a list of integers like 16,32") from None
+    return str(value).strip()
+
+
+def merge(base: Config, values: Mapping[str, Any], source: str) -> Config:
+    unknown = sorted(set(values) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r} (from {source}); known keys: {', '.join(KEYS)}")
+    changes = {k: _coerce(k, v, source) for k, v in values.items()}
+    return dataclasses.replace(base, **changes)
+
+
+def from_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """The config keys an environment sets: each key in upper case (EPOCHS, BATCH_SIZE, ...)."""
+    return {k: environ[k.upper()] for k in KEYS if k.upper() in environ}
+
+
+def parse_cli(args: list[str]) -> dict[str, str]:
+    """`--key=value` / `--key value` pairs, the forms `wandb agent` passes with ${args}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: settings are given as --key=value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{name} needs a value: --{name}=VALUE")
+            value = args[i + 1]
+            i += 1
+        key = name.replace("-", "_")
+        if key not in KEYS:
+            raise ConfigError(f"unknown option --{name}; known keys: {', '.join(KEYS)}")
+        out[key] = value
+        i += 1
+    return out
+
+
+def load(
+    cli_args: list[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    dotenv_path: str | os.PathLike | None = ".env",
+) -> Config:
+    """Defaults < .env < environment < command line. (The sweep's layer is applied in train.)"""
+    environ = os.environ if environ is None else environ
+    cfg = Config()
+    if dotenv_path and os.path.isfile(dotenv_path):
+        from dotenv import dotenv_values
+
+        dot = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
+        cfg = merge(cfg, from_environ(dot), source=str(dotenv_path))
+    cfg = merge(cfg, from_environ(environ), source="environment")
+    return merge(cfg, parse_cli(cli_args or []), source="command line")
+
+
+def describe() -> str:
+    """One line per key: default and the comment beside it in `Config`, for --help."""
+    import inspect
+    import re
+
+    notes = dict(re.findall(r"^\s+(\w+): [^=]+=[^#]+#\s*(.*)$", inspect.getsource(Config), re.M))
+    defaults = Config().to_dict()
+    rows = [(f"--{k}={json.dumps(defaults[k])}", notes.get(k, "")) for k in KEYS]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {flag.ljust(width)}  {note}" for flag, note in rows)
+
+

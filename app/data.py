@@ -1,0 +1,163 @@
+"""MNIST / Fashion-MNIST as device-resident uint8 tensors.
+
+torchvision stays the source of the files (its layout under DATA_DIR, its download code and mirrors),
+but training never goes through a DataLoader: the whole set (47 MB as uint8) is moved to the training
+device once, shuffled there with `randperm` and normalised there batch by batch. No worker processes,
+no per-image Python work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import UserError
+
+# torchvision class, folder under DATA_DIR, and the pixel mean/std of the training images
+DATASETS = {
+    "mnist": ("MNIST", 0.1307, 0.3081),
+    "fashion_mnist": ("FashionMNIST", 0.2860, 0.3530),
+}
+FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+DOWNLOAD_TIMEOUT_S = 20  # per connection: a host without internet fails fast instead of hanging
+
+
+class DataError(UserError):
+    pass
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 [N, 1, 28, 28], on the training device
+    labels: torch.Tensor  # int64 [N], on the training device
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+@dataclass
+class Dataset:
+    train: Split
+    val: Split
+    test: Split
+    mean: float
+    std: float
+
+
+def raw_folder(data_dir: str | Path, dataset: str) -> Path:
+    return Path(data_dir) / DATASETS[dataset][0] / "raw"
+
+
+def _decompress(folder: Path) -> None:
+    """Unpack `<file>.gz` where only the archive is there (as Debian's dataset packages ship them)."""
+    for name in FILES:
+        target, archive = folder / name, folder / f"{name}.gz"
+        if not target.exists() and archive.exists():
+            tmp = target.with_suffix(".part")
+            with gzip.open(archive, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(tmp, target)  # a crash mid-way never leaves a truncated file under the real name
+
+
+def ensure(dataset: str, data_dir: str | Path) -> Path:
+    """Make sure the four IDX files are in torchvision's raw folder: unpack, else download, else one clear error."""
+    folder = raw_folder(data_dir, dataset)
+    try:
+        _decompress(folder)
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot unpack the {dataset} archives in {folder} ({exc})") from None
+    if all((folder / f).exists() for f in FILES):
+        return folder
+    from torchvision import datasets
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints every mirror it tries
+            getattr(datasets, DATASETS[dataset][0])(root=str(data_dir), train=True, download=True)
+    except PermissionError:
+        raise DataError(f"DATA_DIR={str(data_dir)!r} is not writable, so {dataset} cannot be downloaded into {folder}") from None
+    except Exception as exc:  # URLError, timeouts, HTTP errors, checksum mismatches
+        cause = exc.__cause__ or exc.__context__ or exc
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise DataError(
+            f"{dataset} is not in {folder} and could not be downloaded ({reason[:100]}): "
+            f"put {', '.join(f + '.gz' for f in FILES)} there (gzipped or not)"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    return folder
+
+
+def _read(dataset: str, data_dir: str, train: bool) -> Split:
+    from torchvision import datasets
+
+    try:
+        ds = getattr(datasets, DATASETS[dataset][0])(root=str(data_dir), train=train, download=False)
+        images, labels = ds.data, ds.targets
+    except DataError:
+        raise
+    except Exception as exc:  # a truncated or foreign file: torchvision fails on its header
+        raise DataError(f"{dataset} files in {raw_folder(data_dir, dataset)} are not valid IDX files ({exc})") from None
+    if images.dtype != torch.uint8 or images.dim() != 3 or images.shape[0] != labels.shape[0]:
+        raise DataError(f"{dataset} files in {raw_folder(data_dir, dataset)} do not hold 28x28 uint8 images with labels")
+    return Split(images.unsqueeze(1).contiguous(), labels.long())
+
+
+def load(dataset: str, data_dir: str, val_size: int, train_stride: int, device: torch.device) -> Dataset:
+    """Read the files once and move them to `device`.
+
+    The last `val_size` training images are held out for the per-epoch validation metric (so sweeps
+    never tune on the test set); training uses every `train_stride`-th of the rest.
+    """
+    ensure(dataset, data_dir)
+    full, test = _read(dataset, data_dir, True), _read(dataset, data_dir, False)
+    n = len(full)
+    if val_size >= n:
+        raise DataError(f"val_size={val_size} must be smaller than the {n} training images of {dataset}")
+    cut = n - val_size
+    train = Split(full.images[:cut:train_stride], full.labels[:cut:train_stride])
+    val = Split(full.images[cut:], full.labels[cut:])
+    _, mean, std = DATASETS[dataset]
+    move = lambda s: Split(s.images.to(device, non_blocking=True), s.labels.to(device, non_blocking=True))  # noqa: E731
+    return Dataset(move(train), move(val), move(test), mean, std)
+
+
+class Batches:
+    """Normalised float batches of a device-resident split; reshuffled on the device every pass."""
+
+    def __init__(self, split: Split, batch_size: int, mean: float, std: float, *, shuffle: bool,
+                 generator: torch.Generator | None = None, channels_last: bool = False):
+        self.split, self.batch_size, self.shuffle, self.generator = split, batch_size, shuffle, generator
+        # x/255 then (x - mean)/std folded into one multiply-add
+        self.scale, self.shift = 1.0 / (255.0 * std), -mean / std
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self) -> int:
+        return -(-len(self.split) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, device = len(self.split), self.split.labels.device
+        order = torch.randperm(n, device=device, generator=self.generator) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                x, y = self.split.images[start:start + self.batch_size], self.split.labels[start:start + self.batch_size]
+            else:
+                idx = order[start:start + self.batch_size]
+                x, y = self.split.images[idx], self.split.labels[idx]
+            x = x.float().mul_(self.scale).add_(self.shift).contiguous(memory_format=self.memory_format)
+            yield x, y

@@ -1,0 +1,219 @@
+"""`train(config)`: one tracked run, used by `python -m app train` and by every sweep trial.
+
+Phases: W&B run + effective config -> device and data -> model, optimizer, resume -> epochs
+(train, validate, checkpoint) -> test -> ONNX export saved to the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from . import data, tracking
+from .config import Config
+from .errors import UserError
+from .export import export_onnx
+from .model import ConvNet
+from .progress import Progress
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGINT after writing a checkpoint; exit non-zero so W&B requeues."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class StopRequest(contextlib.AbstractContextManager):
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps, so a stop never tears a checkpoint."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def pick_device(config: Config) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device={config.device!r} but no CUDA device is visible; use device=auto or device=cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"device={config.device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
+
+
+def save_checkpoint(path: Path, **state: Any) -> None:
+    """Write-then-rename: a stop or crash mid-write leaves the previous checkpoint intact."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def evaluate(model: nn.Module, batches: data.Batches, criterion: nn.Module, autocast) -> tuple[float, float]:
+    """Mean loss and accuracy; sums stay on the device and cross to the host once."""
+    model.eval()
+    loss_sum = torch.zeros((), device=batches.split.labels.device)
+    correct = torch.zeros((), device=batches.split.labels.device, dtype=torch.long)
+    with torch.no_grad(), autocast():
+        for x, y in batches:
+            logits = model(x)
+            loss_sum += criterion(logits.float(), y) * y.shape[0]
+            correct += (logits.argmax(1) == y).sum()
+    model.train()
+    n = len(batches.split)
+    return loss_sum.item() / n, correct.item() / n
+
+
+def train(config: Config, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    environ = os.environ if environ is None else environ
+
+    # --- the run: exactly one wandb.init; a sweep's values are the last layer of config ---
+    output_root = Path(config.output_dir)
+    tracking.check_writable(output_root, "OUTPUT_DIR")
+    data.ensure(config.dataset, config.data_dir)  # a missing dataset fails before a W&B run exists
+    run, config = tracking.start(config, environ)
+    try:
+        return _train(run, config, output_root)
+    finally:
+        run.finish(exit_code=getattr(run, "_app_exit_code", 0))
+
+
+def _train(run, config: Config, output_root: Path) -> dict[str, Any]:
+    # --- device and data ---
+    device = pick_device(config)
+    torch.manual_seed(config.seed)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        if config.gpu_memory_fraction > 0:
+            torch.cuda.set_per_process_memory_fraction(config.gpu_memory_fraction, device)
+    ds = data.load(config.dataset, config.data_dir, config.val_size, config.train_stride, device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(config.seed)
+    fmt = dict(mean=ds.mean, std=ds.std, channels_last=config.channels_last)
+    train_batches = data.Batches(ds.train, config.batch_size, shuffle=True, generator=gen, **fmt)
+    eval_size = max(config.batch_size, 1000)  # evaluation has no gradients: bigger batches are free speed
+    val_batches = data.Batches(ds.val, eval_size, shuffle=False, **fmt)
+    test_batches = data.Batches(ds.test, eval_size, shuffle=False, **fmt)
+
+    # --- model, optimizer, resume ---
+    model = ConvNet(config.kernels, config.classes).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    criterion = nn.CrossEntropyLoss()
+    run_dir = output_root / run.id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "checkpoint.pt"
+    start_epoch, example_ct = 0, 0
+    if config.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["generator"].to(gen.get_state().device))
+        start_epoch, example_ct = ckpt["epoch"], ckpt["examples_seen"]
+        print(f"resuming run {run.id} from {ckpt_path}: {start_epoch} epoch(s) done, {example_ct} examples seen", flush=True)
+
+    def checkpoint(epochs_done: int) -> None:
+        save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epochs_done,
+                        examples_seen=example_ct, generator=gen.get_state(), config=config.to_dict(), run_id=run.id)
+
+    step_model = torch.compile(model, mode=config.compile) if config.compile != "none" else model
+    use_bf16 = config.amp == "bf16" and device.type == "cuda"
+    if config.amp == "bf16" and not use_bf16:
+        print("amp=bf16 applies on CUDA only; training in float32 on the CPU", flush=True)
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    tracking.watch(run, model, criterion, config)
+
+    # --- epochs: train, validate, checkpoint ---
+    val_loss = val_acc = float("nan")
+    train_time = 0.0
+    examples_this_run = 0
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, config.epochs):
+            progress = Progress(epoch + 1, config.epochs, len(ds.train))
+            loss_sum = torch.zeros((), device=device)  # summed on the device; read at log points only
+            batches_in_sum = 0
+            seen = 0
+            t0 = time.perf_counter()
+            for batch_idx, (x, y) in enumerate(train_batches):
+                with autocast():
+                    loss = criterion(step_model(x).float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach()
+                batches_in_sum += 1
+                seen += y.shape[0]
+                example_ct += y.shape[0]
+                if (batch_idx + 1) % config.log_interval == 0:
+                    mean_loss = loss_sum.item() / batches_in_sum
+                    run.log({"epoch": epoch, "loss": mean_loss}, step=example_ct)
+                    progress.update(seen, mean_loss)
+                    loss_sum.zero_()
+                    batches_in_sum = 0
+                if stop.signum is not None:
+                    checkpoint(epoch)  # weights so far; the epoch itself is redone on resume
+                    progress.close(f"stopped at {seen}/{len(ds.train)} examples; checkpoint {ckpt_path}")
+                    run.mark_preempting()
+                    run._app_exit_code = 128 + stop.signum
+                    raise Preempted(stop.signum)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            epoch_time = time.perf_counter() - t0
+            train_time += epoch_time
+            examples_this_run += seen
+            val_loss, val_acc = evaluate(step_model, val_batches, criterion, autocast) if len(ds.val) else (val_loss, val_acc)
+            run.log({"epoch": epoch, "val_loss": val_loss, "val_accuracy": val_acc,
+                     "examples_per_s": seen / epoch_time}, step=example_ct)
+            checkpoint(epoch + 1)
+            progress.close(f"done: val_loss {val_loss:.4f} val_accuracy {val_acc:.4f}")
+
+        # --- test and export ---
+        test_loss, test_acc = evaluate(step_model, test_batches, criterion, autocast)
+        run.log({"test_accuracy": test_acc, "test_loss": test_loss}, step=example_ct)
+        run.summary["test_accuracy"] = test_acc
+        print(f"test_accuracy {test_acc:.4f} test_loss {test_loss:.4f}", flush=True)
+        onnx_path = run_dir / "model.onnx"
+        check = export_onnx(model, ds.mean, ds.std, ds.test.images[:256], onnx_path)
+        run.summary.update(check)
+        tracking.save_file(run, onnx_path)
+    tracking.log_hint(run)
+    return {
+        "run_id": run.id,
+        "test_accuracy": test_acc,
+        "test_loss": test_loss,
+        "val_accuracy": val_acc,
+        "val_loss": val_loss,
+        "examples_seen": example_ct,
+        "examples_per_s": examples_this_run / train_time if train_time else float("nan"),
+        "checkpoint": str(ckpt_path),
+        "onnx": str(onnx_path),
+        **check,
+    }
