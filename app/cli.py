@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -12,6 +13,12 @@ USAGE = """usage: python -m app <command> [options]
 
 commands:
   train [--key=value ...]   one tracked training run (the form `wandb agent` calls with ${args})
+  sweep ...                 validate a sweep YAML / create a W&B sweep from it
+  launch ...                start N agent containers pinned to GPUs (docker SDK)
+  offline-agent ...         run trials of a sweep YAML with no W&B server (Optuna)
+  sweep-status ...          the trials table and best trial of an offline sweep
+  sync [PATH]               upload unsynced offline runs with `wandb sync`
+  report ...                render offline runs and sweeps to PNG / HTML
 
 Settings for `train` (lowest precedence first): defaults < .env < environment (KEY in upper case,
 e.g. EPOCHS=3) < --key=value < a W&B sweep's values. `python -m app train --help` lists them.
@@ -48,7 +55,16 @@ def cmd_train(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train}
+# each command lives in its own module, imported only when called: `train` must not pay for docker or optuna
+COMMANDS = {
+    "train": "app.cli:cmd_train",
+    "sweep": "app.sweeps:main",
+    "launch": "app.launch:main",
+    "offline-agent": "app.offline_sweep:main",
+    "sweep-status": "app.offline_sweep:status_main",
+    "sync": "app.sync:main",
+    "report": "app.report:main",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    module, _, func = COMMANDS[command].partition(":")
     try:
-        return COMMANDS[command](rest)
+        return getattr(importlib.import_module(module), func)(rest)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from typing import Mapping
 from . import tracking
 from .errors import UserError
 
-MODES = ("auto", "run", "agent")
+MODES = ("auto", "run", "agent", "offline-sweep")
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
@@ -44,7 +44,12 @@ def choose_mode(environ: Mapping[str, str]) -> str:
     if mode not in MODES:
         raise UserError(f"APP_MODE={mode!r} must be one of: {', '.join(MODES)}")
     if mode == "auto":
-        mode = "agent" if environ.get("SWEEP_ID", "").strip() else "run"
+        if environ.get("SWEEP_ID", "").strip():
+            mode = "agent"
+        elif environ.get("SWEEP_CONFIG", "").strip():
+            mode = "offline-sweep"
+        else:
+            mode = "run"
     return mode
 
 
@@ -106,8 +111,17 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             run_mode = environ.get("AGENT_RUN_MODE", "").strip().lower()
             if run_mode:
                 environ["WANDB_MODE"] = run_mode  # read by the runs the agent starts
+        elif mode == "offline-sweep":
+            from . import offline_sweep
+
+            offline_sweep.check_environment(environ)
         else:
             tracking.resolve_mode(environ)
+        if mode != "run" and warning is None:
+            from . import gpu_slots
+
+            # several agents share the host's GPUs: each claims one slot and trains on that GPU only
+            environ = gpu_slots.assign(environ)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -116,9 +130,14 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     if mode == "agent":
         print(f"starting: {' '.join(command)}", flush=True)
         os.execvpe(command[0], command, environ)
+    if mode == "offline-sweep":
+        from . import offline_sweep
+
+        return offline_sweep.run_agent(environ)
     from .cli import main as cli_main
 
     return cli_main(["train", *argv])
+
 
 if __name__ == "__main__":
     sys.exit(main())
