@@ -11,7 +11,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -87,7 +87,12 @@ def evaluate(model: nn.Module, batches: data.Batches, criterion: nn.Module, auto
     return loss_sum.item() / n, correct.item() / n
 
 
-def train(config: Config, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+EpochHook = Callable[[int, dict[str, float]], bool]
+
+
+def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: EpochHook | None = None) -> dict[str, Any]:
+    """One tracked run. `on_epoch(epoch, metrics)` is told each epoch's val metrics; True stops the run
+    early (an offline sweep's pruner uses it), skipping test and export."""
     environ = os.environ if environ is None else environ
 
     # --- the run: exactly one wandb.init; a sweep's values are the last layer of config ---
@@ -96,14 +101,16 @@ def train(config: Config, environ: Mapping[str, str] | None = None) -> dict[str,
     data.ensure(config.dataset, config.data_dir)  # a missing dataset fails before a W&B run exists
     run, config = tracking.start(config, environ)
     try:
-        return _train(run, config, output_root)
+        return _train(run, config, output_root, environ, on_epoch)
     finally:
         run.finish(exit_code=getattr(run, "_app_exit_code", 0))
 
 
-def _train(run, config: Config, output_root: Path) -> dict[str, Any]:
+def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], on_epoch: EpochHook | None) -> dict[str, Any]:
     # --- device and data ---
     device = pick_device(config)
+    # which GPU slot an agent was given: recorded so a sweep's runs can be traced to their device
+    run.summary.update({"device": str(device), "cuda_visible_devices": environ.get("CUDA_VISIBLE_DEVICES", "")})
     torch.manual_seed(config.seed)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -194,6 +201,11 @@ def _train(run, config: Config, output_root: Path) -> dict[str, Any]:
                      "examples_per_s": seen / epoch_time}, step=example_ct)
             checkpoint(epoch + 1)
             progress.close(f"done: val_loss {val_loss:.4f} val_accuracy {val_acc:.4f}")
+            if on_epoch is not None and on_epoch(epoch, {"val_loss": val_loss, "val_accuracy": val_acc}):
+                run.summary["pruned"] = True
+                print(f"stopped early after epoch {epoch + 1}", flush=True)
+                return {"run_id": run.id, "pruned": True, "val_accuracy": val_acc, "val_loss": val_loss,
+                        "examples_seen": example_ct, "checkpoint": str(ckpt_path)}
 
         # --- test and export ---
         test_loss, test_acc = evaluate(step_model, test_batches, criterion, autocast)
@@ -207,6 +219,7 @@ def _train(run, config: Config, output_root: Path) -> dict[str, Any]:
     tracking.log_hint(run)
     return {
         "run_id": run.id,
+        "pruned": False,
         "test_accuracy": test_acc,
         "test_loss": test_loss,
         "val_accuracy": val_acc,
