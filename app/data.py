@@ -33,6 +33,8 @@ FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
+# copies that a system package installs (Debian's dataset-fashion-mnist): used before any download
+SYSTEM_COPIES = {"fashion_mnist": (Path("/usr/share/datasets/fashion-mnist"),)}
 DOWNLOAD_TIMEOUT_S = 20  # per connection: a host without internet fails fast instead of hanging
 
 
@@ -73,13 +75,24 @@ def _decompress(folder: Path) -> None:
             os.replace(tmp, target)  # a crash mid-way never leaves a truncated file under the real name
 
 
+def _copy_system_archives(dataset: str, folder: Path) -> None:
+    missing = [f for f in FILES if not (folder / f).exists() and not (folder / f"{f}.gz").exists()]
+    for source in SYSTEM_COPIES.get(dataset, ()):
+        if missing and all((source / f"{f}.gz").exists() for f in missing):
+            folder.mkdir(parents=True, exist_ok=True)
+            for f in missing:
+                shutil.copyfile(source / f"{f}.gz", folder / f"{f}.gz")
+            return
+
+
 def ensure(dataset: str, data_dir: str | Path) -> Path:
     """Make sure the four IDX files are in torchvision's raw folder: unpack, else download, else one clear error."""
     folder = raw_folder(data_dir, dataset)
     try:
+        _copy_system_archives(dataset, folder)
         _decompress(folder)
     except (OSError, EOFError) as exc:
-        raise DataError(f"cannot unpack the {dataset} archives in {folder} ({exc})") from None
+        raise DataError(f"cannot prepare {dataset} in {folder} ({getattr(exc, 'strerror', None) or exc}); DATA_DIR must be writable") from None
     if all((folder / f).exists() for f in FILES):
         return folder
     from torchvision import datasets
