@@ -14,6 +14,7 @@ import io
 import os
 import shutil
 import socket
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -70,8 +71,12 @@ def _decompress(folder: Path) -> None:
         target, archive = folder / name, folder / f"{name}.gz"
         if not target.exists() and archive.exists():
             tmp = target.with_suffix(".part")
-            with gzip.open(archive, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            try:
+                with gzip.open(archive, "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+                tmp.unlink(missing_ok=True)
+                raise DataError(f"{archive} is not a valid gzip archive ({exc}): replace it with a good copy") from None
             os.replace(tmp, target)  # a crash mid-way never leaves a truncated file under the real name
 
 
@@ -106,7 +111,7 @@ def ensure(dataset: str, data_dir: str | Path) -> Path:
         raise DataError(f"DATA_DIR={str(data_dir)!r} is not writable, so {dataset} cannot be downloaded into {folder}") from None
     except Exception as exc:  # URLError, timeouts, HTTP errors, checksum mismatches
         cause = exc.__cause__ or exc.__context__ or exc
-        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[-1]  # the cause, not the preamble
         raise DataError(
             f"{dataset} is not in {folder} and could not be downloaded ({reason[:100]}): "
             f"put {', '.join(f + '.gz' for f in FILES)} there (gzipped or not)"
@@ -125,8 +130,8 @@ def _read(dataset: str, data_dir: str, train: bool) -> Split:
     except DataError:
         raise
     except Exception as exc:  # a truncated or foreign file: torchvision fails on its header
-        raise DataError(f"{dataset} files in {raw_folder(data_dir, dataset)} are not valid IDX files ({exc})") from None
-    if images.dtype != torch.uint8 or images.dim() != 3 or images.shape[0] != labels.shape[0]:
+        raise DataError(f"{dataset} files in {raw_folder(data_dir, dataset)} are not valid IDX files ({exc or type(exc).__name__})") from None
+    if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (28, 28) or images.shape[0] != labels.shape[0]:
         raise DataError(f"{dataset} files in {raw_folder(data_dir, dataset)} do not hold 28x28 uint8 images with labels")
     return Split(images.unsqueeze(1).contiguous(), labels.long())
 

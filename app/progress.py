@@ -41,7 +41,8 @@ class Progress:
         else:
             print(msg, file=self.stream, flush=True)
 
-    def close(self, summary: str) -> None:
+    def close(self, summary: str, examples_done: int) -> None:
+        self.done = examples_done  # an epoch shorter than one log interval never called update()
         if self.bar is not None:
             self.bar.close()
         self.line(f"{summary} {self.rate():.0f} ex/s")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import netrc
 import os
 import secrets
+import shlex
 import string
 import shutil
 import sys
@@ -95,7 +96,11 @@ def start(config: Config, environ: Mapping[str, str] | None = None, **init_kwarg
         config=config.to_dict(),
         **init_kwargs,
     )
-    effective = merge(config, {k: v for k, v in dict(run.config).items() if not k.startswith("_")}, source="W&B sweep")
+    try:
+        effective = merge(config, {k: v for k, v in dict(run.config).items() if not k.startswith("_")}, source="W&B sweep")
+    except UserError:
+        run.finish(exit_code=2)  # the run exists by now: record the failure, not a clean finish at exit
+        raise
     if effective != config:
         run.config.update(effective.to_dict(), allow_val_change=True)
     return run, effective
@@ -123,7 +128,7 @@ def save_file(run, path: Path) -> Path:
 def offline_hint(run) -> str:
     """Where an offline run is and the exact command that uploads it."""
     folder = Path(run.dir).parent
-    return f"W&B offline run saved in {folder}\n  upload it with: wandb sync {folder}"
+    return f"W&B offline run saved in {folder}\n  upload it with: wandb sync {shlex.quote(str(folder))}"
 
 
 def log_hint(run, stream=sys.stderr) -> None:

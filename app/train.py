@@ -96,14 +96,25 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
     environ = os.environ if environ is None else environ
 
     # --- the run: exactly one wandb.init; a sweep's values are the last layer of config ---
+    tracking.resolve_mode(environ)  # WANDB_MODE / API key problems come before any download or folder
+    tracking.check_writable(tracking.runs_root(environ), "WANDB_DIR")
     output_root = Path(config.output_dir)
     tracking.check_writable(output_root, "OUTPUT_DIR")
     data.ensure(config.dataset, config.data_dir)  # a missing dataset fails before a W&B run exists
     run, config = tracking.start(config, environ)
+    exit_code = 1  # anything that escapes below is a failed run, not a finished one
     try:
-        return _train(run, config, output_root, environ, on_epoch)
+        result = _train(run, config, output_root, environ, on_epoch)
+        exit_code = 0
+        return result
+    except Preempted as stop:
+        exit_code = 128 + stop.signum
+        raise
+    except UserError:
+        exit_code = 2
+        raise
     finally:
-        run.finish(exit_code=getattr(run, "_app_exit_code", 0))
+        run.finish(exit_code=exit_code)
 
 
 def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], on_epoch: EpochHook | None) -> dict[str, Any]:
@@ -187,9 +198,8 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
                     batches_in_sum = 0
                 if stop.signum is not None:
                     checkpoint(epoch)  # weights so far; the epoch itself is redone on resume
-                    progress.close(f"stopped at {seen}/{len(ds.train)} examples; checkpoint {ckpt_path}")
+                    progress.close(f"stopped at {seen}/{len(ds.train)} examples; checkpoint {ckpt_path}", seen)
                     run.mark_preempting()
-                    run._app_exit_code = 128 + stop.signum
                     raise Preempted(stop.signum)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -200,7 +210,7 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
             run.log({"epoch": epoch, "val_loss": val_loss, "val_accuracy": val_acc,
                      "examples_per_s": seen / epoch_time}, step=example_ct)
             checkpoint(epoch + 1)
-            progress.close(f"done: val_loss {val_loss:.4f} val_accuracy {val_acc:.4f}")
+            progress.close(f"done: val_loss {val_loss:.4f} val_accuracy {val_acc:.4f}", seen)
             if on_epoch is not None and on_epoch(epoch, {"val_loss": val_loss, "val_accuracy": val_acc}):
                 run.summary["pruned"] = True
                 print(f"stopped early after epoch {epoch + 1}", flush=True)

@@ -1,0 +1,120 @@
+"""Shared fixtures: a clean environment for `python -m app` subprocesses, small and real datasets.
+
+Every subprocess gets an environment stripped of the caller's W&B and training settings, with no API
+key anywhere (NETRC points at nothing) and an HTTP(S) proxy that refuses connections: nothing a test
+starts can reach the internet or a W&B account, so the tests behave the same on a laptop and in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.config import KEYS
+
+from idx import write_dataset  # tests/ is on sys.path under pytest (no package)
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+REFUSED = "http://127.0.0.1:9"  # the discard port: nothing listens, connections fail at once
+LOOPBACK = "localhost,127.0.0.1,::1"
+SETTINGS = {k.upper() for k in KEYS}
+
+
+def clean_env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("WANDB_") and k not in SETTINGS and k.lower() not in ("http_proxy", "https_proxy", "no_proxy", "all_proxy")}
+    env.update(
+        NETRC=str(tmp / "no-netrc"),  # no `wandb login` key from the host
+        WANDB_CONFIG_DIR=str(tmp / "wandb-config"),
+        WANDB_CACHE_DIR=str(tmp / "wandb-cache"),
+        http_proxy=REFUSED, https_proxy=REFUSED, HTTP_PROXY=REFUSED, HTTPS_PROXY=REFUSED,
+        no_proxy=LOOPBACK, NO_PROXY=LOOPBACK,  # local stand-ins (a fake W&B API) are still reachable
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def run_app(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m app ARGS` as a user runs it (cwd decides which .env is read)."""
+    return subprocess.run([sys.executable, "-m", "app", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return clean_env(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """A DATA_DIR with 1200 training and 200 test images of MNIST's format (unpacked IDX)."""
+    root = tmp_path_factory.mktemp("small-data")
+    write_dataset(root, "mnist", n_train=1200, n_test=200)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fashion_dir(tmp_path_factory) -> Path:
+    """A DATA_DIR holding the real Fashion-MNIST archives in torchvision's layout (still gzipped)."""
+    files = sorted(FASHION_MNIST.glob("*-ubyte.gz"))
+    if len(files) != 4:
+        message = f"real Fashion-MNIST not found in {FASHION_MNIST}: apt-get install dataset-fashion-mnist"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI must run the real-data tests)")
+        pytest.skip(message)
+    root = tmp_path_factory.mktemp("fashion-data")
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in files:
+        shutil.copyfile(f, raw / f.name)
+    return root
+
+
+# --- one real run with every layer of settings, as a `wandb agent` child gets them ---
+LAYERED_RUN_ID = "layers01"
+SWEEP_PARAMS = """wandb_version: 1
+
+learning_rate:
+  value: 0.01
+epochs:
+  value: 1
+kernels:
+  value:
+  - 8
+  - 16
+"""
+
+
+@pytest.fixture(scope="session")
+def layered_run(tmp_path_factory, small_data):
+    """`python -m app train` with .env, environment, --key=value and a sweep's parameters all set.
+
+    `wandb agent` starts each run with WANDB_RUN_ID, WANDB_SWEEP_ID and WANDB_SWEEP_PARAM_PATH (a YAML
+    of {key: {value: v}} that wandb.init reads into run.config over the code's values) and passes
+    the same parameters as --key=value; here the command line disagrees with the sweep on purpose.
+    No API key and no WANDB_MODE: the run must go offline on its own.
+    """
+    cwd = tmp_path_factory.mktemp("layered")
+    (cwd / ".env").write_text("SEED=5\nBATCH_SIZE=16\nLOG_INTERVAL=7\nLEARNING_RATE=0.1\nEPOCHS=4\n")
+    params = cwd / "sweep" / f"config-{LAYERED_RUN_ID}.yaml"
+    params.parent.mkdir()
+    params.write_text(SWEEP_PARAMS)
+    env = clean_env(
+        cwd, BATCH_SIZE="32", LOG_INTERVAL="5", LEARNING_RATE="0.05", VAL_SIZE="200",
+        DATA_DIR=str(small_data), OUTPUT_DIR=str(cwd / "outputs"), WANDB_DIR=str(cwd / "runs"),
+        WANDB_RUN_ID=LAYERED_RUN_ID, WANDB_SWEEP_ID="sweep-test", WANDB_SWEEP_PARAM_PATH=str(params),
+    )
+    proc = run_app(["train", "--log_interval=3", "--learning-rate", "0.02", "--epochs=3"], env, cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd, proc

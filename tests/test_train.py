@@ -1,0 +1,195 @@
+"""Training: the tutorial's config on real Fashion-MNIST (read back from the offline run), ONNX against
+torch, stop-and-resume on SIGTERM, and the pieces train() is built from."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from app import data, runlog
+from app.errors import UserError
+from app.export import ExportError, export_onnx, verify
+from app.model import ConvNet, Normalized
+from app.train import Preempted, StopRequest, pick_device, save_checkpoint
+
+from conftest import clean_env, run_app
+from idx import write_dataset
+
+TUTORIAL = {"epochs": 1, "classes": 10, "kernels": [16, 32], "batch_size": 128, "learning_rate": 0.005,
+            "dataset": "fashion_mnist", "architecture": "CNN", "train_stride": 5}
+
+
+@pytest.fixture(scope="module")
+def tutorial_run(tmp_path_factory, fashion_dir: Path):
+    """One epoch of the tutorial's config (defaults + EPOCHS=1) on the real Fashion-MNIST, offline."""
+    cwd = tmp_path_factory.mktemp("tutorial")
+    env = clean_env(cwd, DATASET="fashion_mnist", DATA_DIR=str(fashion_dir), EPOCHS="1", WANDB_MODE="offline",
+                    WANDB_DIR=str(cwd / "runs"), OUTPUT_DIR=str(cwd / "outputs"))
+    proc = run_app(["train"], env, cwd, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [folder] = runlog.find(cwd / "runs")
+    run = runlog.read(folder)
+    return cwd, folder, run
+
+
+@pytest.mark.slow
+def test_tutorial_run_records_config_history_and_accuracy(tutorial_run):
+    _, _, run = tutorial_run
+    assert run.exit_code == 0 and not run.preempting
+    assert {k: run.config[k] for k in TUTORIAL} == TUTORIAL
+    assert run.config["seed"] == 0
+    # loss every 25 batches of 128 at step = examples seen: 11000 training images -> 3200, 6400, 9600
+    loss = run.metric("loss")
+    assert [step for step, _ in loss] == [3200, 6400, 9600]
+    assert all(np.isfinite(v) for _, v in loss) and loss[-1][1] < loss[0][1]
+    assert {row["epoch"] for row in run.history if "loss" in row} == {0}
+    [(val_step, val_acc)] = run.metric("val_accuracy")
+    assert val_step == 11_000 and 0.5 < val_acc <= 1.0
+    assert run.metric("val_loss") and run.metric("examples_per_s")[0][1] > 0
+    assert run.summary["test_accuracy"] >= 0.80, f"test_accuracy {run.summary['test_accuracy']:.4f}"
+    assert run.metric("test_accuracy")[0][1] == run.summary["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_tutorial_run_onnx_is_a_real_copy_that_agrees_with_torch(tutorial_run, fashion_dir: Path):
+    cwd, folder, run = tutorial_run
+    saved = folder / "files" / "model.onnx"
+    output = cwd / "outputs" / run.run_id / "model.onnx"
+    assert saved.is_file() and not saved.is_symlink()  # survives moving the runs folder to another host
+    assert output.is_file() and saved.read_bytes() == output.read_bytes()
+    assert run.summary["onnx_max_abs_diff"] < 1e-4 and run.summary["onnx_argmax_agreement"] == 1.0
+
+    ckpt = torch.load(cwd / "outputs" / run.run_id / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["run_id"] == run.run_id and ckpt["config"]["kernels"] == [16, 32]
+    assert {"model", "optimizer", "epoch", "config"} <= set(ckpt)
+    model = ConvNet(ckpt["config"]["kernels"], ckpt["config"]["classes"])
+    model.load_state_dict(ckpt["model"])
+    _, mean, std = data.DATASETS["fashion_mnist"]
+    net = Normalized(model, mean, std).eval()
+
+    test = data.load("fashion_mnist", str(fashion_dir), val_size=5000, train_stride=5, device=torch.device("cpu")).test
+    images = test.images[:1000].float().div(255)  # what the ONNX model takes: [N, 1, 28, 28] in [0, 1]
+    session = ort.InferenceSession(str(saved), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+    with torch.no_grad():
+        want = net(images).numpy()
+    assert got.shape == (1000, 10)
+    assert np.abs(got - want).max() < 1e-4
+    assert (got.argmax(1) == want.argmax(1)).all()
+    # the checkpoint is the model that was tested: its accuracy on these images matches the run's
+    accuracy = float((want.argmax(1) == test.labels[:1000].numpy()).mean())
+    assert abs(accuracy - run.summary["test_accuracy"]) < 0.05
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"training ended (rc {proc.returncode}) before {path.name} appeared:\n{err[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{path} did not appear within {timeout} s")
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_the_same_run_id_resumes(tmp_path: Path):
+    """Preemption: SIGTERM mid-epoch -> checkpoint, run marked preempting, exit 143; the requeued run
+    (same WANDB_RUN_ID, as `wandb agent` requeues it) continues from the checkpoint and completes."""
+    data_dir = tmp_path / "data"
+    write_dataset(data_dir, "mnist", n_train=2200, n_test=200)
+    run_id = "resume01"
+    env = clean_env(tmp_path, DATA_DIR=str(data_dir), EPOCHS="2", TRAIN_STRIDE="1", VAL_SIZE="200",
+                    LOG_INTERVAL="5", WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "runs"),
+                    OUTPUT_DIR=str(tmp_path / "outputs"), WANDB_RUN_ID=run_id)
+    ckpt_path = tmp_path / "outputs" / run_id / "checkpoint.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "app", "train"], env=env, cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_for(ckpt_path, proc, timeout=240)  # written at the end of epoch 1: stop it inside epoch 2
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM: checkpoint written, run marked preempting" in err
+    stopped = torch.load(ckpt_path, weights_only=False)
+    assert stopped["epoch"] == 1  # epoch 2 is redone on resume, from the weights so far
+    assert 2000 < stopped["examples_seen"] < 4000
+    assert not (tmp_path / "outputs" / run_id / "model.onnx").exists()
+    [first] = runlog.find(tmp_path / "runs")
+    killed = runlog.read(first)
+    assert killed.preempting and killed.exit_code == 143 and killed.run_id == run_id
+    assert not list(ckpt_path.parent.glob("*.tmp"))
+
+    proc2 = run_app(["train"], env, tmp_path, timeout=300)
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    assert f"resuming run {run_id} from {ckpt_path}: 1 epoch(s) done, {stopped['examples_seen']} examples seen" in proc2.stdout
+    done = torch.load(ckpt_path, weights_only=False)
+    assert done["epoch"] == 2 and done["examples_seen"] == stopped["examples_seen"] + 2000
+    assert (tmp_path / "outputs" / run_id / "model.onnx").is_file()
+    [second] = [f for f in runlog.find(tmp_path / "runs") if f != first]
+    resumed = runlog.read(second)
+    assert resumed.run_id == run_id and resumed.exit_code == 0 and not resumed.preempting
+    steps = [step for step, _ in resumed.metric("loss")]
+    assert steps and min(steps) > stopped["examples_seen"]  # W&B steps keep increasing across the restart
+    assert {row["epoch"] for row in resumed.history if "loss" in row} == {1}
+    assert resumed.summary["test_accuracy"] > 0.5
+
+
+# --- the pieces ---
+
+def test_pick_device():
+    from app.config import Config
+
+    assert pick_device(Config(device="cpu")) == torch.device("cpu")
+    assert pick_device(Config()).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match=r"device='cuda:99' but"):
+        pick_device(Config(device="cuda:99"))
+
+
+def test_save_checkpoint_replaces_whole_files(tmp_path: Path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, epoch=1, weights=torch.ones(3))
+    save_checkpoint(path, epoch=2, weights=torch.zeros(3))
+    state = torch.load(path, weights_only=False)
+    assert state["epoch"] == 2 and torch.equal(state["weights"], torch.zeros(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_request_turns_a_signal_into_a_flag(signum):
+    before = signal.getsignal(signum)
+    with StopRequest() as stop:
+        assert stop.signum is None
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)
+        assert stop.signum == signum  # still running: the loop decides when to stop
+    assert signal.getsignal(signum) is before
+    stopped = Preempted(signum)
+    assert stopped.signum == signum and signal.Signals(signum).name in str(stopped)
+
+
+def test_export_onnx_is_checked_against_torch(tmp_path: Path):
+    torch.manual_seed(0)
+    model = ConvNet((4, 8), 10).to(memory_format=torch.channels_last)
+    sample = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    result = export_onnx(model, 0.1307, 0.3081, sample, tmp_path / "model.onnx")
+    assert result["onnx_checked_images"] == 16 and result["onnx_argmax_agreement"] == 1.0
+    assert result["onnx_max_abs_diff"] < 1e-4
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+    # a model that disagrees with the file is refused
+    other = Normalized(ConvNet((4, 8), 10), 0.1307, 0.3081).eval()
+    with pytest.raises(ExportError, match="ONNX export disagrees with torch"):
+        verify(tmp_path / "model.onnx", other, sample.float().div(255))
