@@ -70,7 +70,7 @@ def _decompress(folder: Path) -> None:
     for name in FILES:
         target, archive = folder / name, folder / f"{name}.gz"
         if not target.exists() and archive.exists():
-            tmp = target.with_suffix(".part")
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.part")  # agents sharing DATA_DIR unpack at once
             try:
                 with gzip.open(archive, "rb") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst)
@@ -86,7 +86,9 @@ def _copy_system_archives(dataset: str, folder: Path) -> None:
         if missing and all((source / f"{f}.gz").exists() for f in missing):
             folder.mkdir(parents=True, exist_ok=True)
             for f in missing:
-                shutil.copyfile(source / f"{f}.gz", folder / f"{f}.gz")
+                tmp = folder / f"{f}.gz.{os.getpid()}.part"
+                shutil.copyfile(source / f"{f}.gz", tmp)
+                os.replace(tmp, folder / f"{f}.gz")
             return
 
 

@@ -13,7 +13,8 @@ from torch import nn
 
 from .model import Normalized
 
-ATOL = 1e-4  # float32 logits of a small ConvNet agree to ~1e-6; more means a broken export
+# float32 logits agree to ~1e-6 on a fresh model; saturated models reach logits of 100+, so the bound is relative
+ATOL, RTOL = 1e-4, 1e-4
 
 
 class ExportError(RuntimeError):
@@ -48,6 +49,6 @@ def verify(path: Path, net: nn.Module, images: torch.Tensor) -> dict:
         want = net(images).numpy()
     max_diff = float(np.abs(got - want).max())
     agree = float((got.argmax(1) == want.argmax(1)).mean())
-    if max_diff > ATOL or agree < 1.0:
+    if not np.allclose(got, want, rtol=RTOL, atol=ATOL) or agree < 1.0:
         raise ExportError(f"ONNX export disagrees with torch: max |diff| {max_diff:.2e}, argmax agreement {agree:.4f}")
     return {"onnx_max_abs_diff": max_diff, "onnx_argmax_agreement": agree, "onnx_checked_images": len(images)}

@@ -134,3 +134,21 @@ def offline_hint(run) -> str:
 def log_hint(run, stream=sys.stderr) -> None:
     if run.settings.mode == "offline" or getattr(run.settings, "_offline", False):
         print(offline_hint(run), file=stream)
+
+
+def materialize_links(folder: Path) -> int:
+    """Replace symlinks inside a run folder by copies of what they point to (or drop dangling ones).
+
+    wandb-core links logs/debug-core.log to its cache folder (~/.cache/wandb inside a container);
+    such a link is dead once the runs folder is copied to another host. Returns links replaced.
+    """
+    replaced = 0
+    for path in sorted(Path(folder).rglob("*")):
+        if not path.is_symlink():
+            continue
+        target = path.resolve()
+        path.unlink()
+        if target.is_file():
+            shutil.copyfile(target, path)
+        replaced += 1
+    return replaced

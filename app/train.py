@@ -115,6 +115,8 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
         raise
     finally:
         run.finish(exit_code=exit_code)
+        if not run.disabled:
+            tracking.materialize_links(Path(run.dir).parent)  # the runs folder must survive a move
 
 
 def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], on_epoch: EpochHook | None) -> dict[str, Any]:
@@ -211,7 +213,8 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
                      "examples_per_s": seen / epoch_time}, step=example_ct)
             checkpoint(epoch + 1)
             progress.close(f"done: val_loss {val_loss:.4f} val_accuracy {val_acc:.4f}", seen)
-            if on_epoch is not None and on_epoch(epoch, {"val_loss": val_loss, "val_accuracy": val_acc}):
+            if on_epoch is not None and on_epoch(epoch, {"val_loss": val_loss, "val_accuracy": val_acc,
+                                                        "examples_per_s": seen / epoch_time}):
                 run.summary["pruned"] = True
                 print(f"stopped early after epoch {epoch + 1}", flush=True)
                 return {"run_id": run.id, "pruned": True, "val_accuracy": val_acc, "val_loss": val_loss,

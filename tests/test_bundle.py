@@ -1,0 +1,84 @@
+"""`python -m app bundle save/load` on the real Docker engine: the image, data and settings make the
+round trip through one archive, a damaged archive is refused, and no API key travels.
+
+The stand-in base image (170 MB) plays the image to carry: the round trip is the same for the 6 GB app
+image, only slower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import clean_env, error_lines, run_app
+from containers import docker, ensure_base_image
+
+pytestmark = pytest.mark.container
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_bundle_round_trip_on_the_engine(tmp_path):
+    base = ensure_base_image()
+    tag = f"bundle-test:{uuid.uuid4().hex[:8]}"
+    assert docker("tag", base, tag).returncode == 0
+    image_id = docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+    data = tmp_path / "data" / "FashionMNIST" / "raw"
+    data.mkdir(parents=True)
+    (data / "train-labels-idx1-ubyte").write_bytes(bytes(range(256)) * 10)
+    env_file = tmp_path / "settings.env"
+    env_file.write_text("WANDB_MODE=offline\nWANDB_API_KEY=" + "k" * 40 + "\nSWEEP_CONFIG=/app/sweeps/grid.yaml\n")
+    env = clean_env(tmp_path)
+    archive = tmp_path / "carry" / "bundle.tar"
+    try:
+        saved = run_app(["bundle", "save", str(archive), "--image", tag, "--data", str(tmp_path / "data"),
+                         "--env", str(env_file)], env, tmp_path, timeout=600)
+        assert saved.returncode == 0, saved.stderr
+        assert "WANDB_API_KEY left out" in saved.stdout
+        with tarfile.open(archive) as tar:
+            names = set(tar.getnames())
+            assert {"bundle.json", "image.tar", "project/docker-compose.yml", "project/sweeps/grid.yaml",
+                    "project/.env", "project/data/FashionMNIST/raw/train-labels-idx1-ubyte"} <= names
+            assert b"k" * 40 not in tar.extractfile("project/.env").read()
+
+        # the air-gapped host: the image is not there yet
+        assert docker("rmi", tag).returncode == 0
+        host = tmp_path / "airgapped"
+        host.mkdir()
+        (host / ".env").write_text("EPOCHS=3\n")  # the host's own settings are kept
+        loaded = run_app(["bundle", "load", str(archive), "--into", str(host)], env, tmp_path, timeout=600)
+        assert loaded.returncode == 0, loaded.stderr
+        assert docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip() == image_id
+        assert digest(host / "data") == digest(tmp_path / "data")
+        assert (host / ".env").read_text() == "EPOCHS=3\n"
+        assert "SWEEP_CONFIG=/app/sweeps/grid.yaml" in (host / ".env.bundle").read_text()
+        assert (host / "docker-compose.yml").is_file() and (host / "runs").is_dir() and (host / "outputs").is_dir()
+
+        # a bundle damaged in transit is refused before anything is loaded
+        damaged = tmp_path / "damaged.tar"
+        with tarfile.open(archive) as src, tarfile.open(damaged, "w") as dst:
+            for member in src.getmembers():
+                blob = src.extractfile(member).read() if member.isfile() else None
+                if member.name.endswith("train-labels-idx1-ubyte"):
+                    blob = b"x" + blob[1:]
+                dst.addfile(member, None if blob is None else io.BytesIO(blob))
+        refused = run_app(["bundle", "load", str(damaged), "--into", str(tmp_path / "other")], env, tmp_path)
+        assert refused.returncode == 2 and len(error_lines(refused.stderr)) == 1
+        assert "damaged" in refused.stderr and not (tmp_path / "other").exists()
+    finally:
+        docker("rmi", "--force", tag)
+
+
+def test_bundle_of_a_missing_image_is_one_line(tmp_path):
+    ensure_base_image()
+    proc = run_app(["bundle", "save", str(tmp_path / "b.tar"), "--image", "no-such-image:never"], clean_env(tmp_path), tmp_path)
+    assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1 and "no such image" in proc.stderr
+    assert not (tmp_path / "b.tar").exists()

@@ -1,0 +1,471 @@
+"""Offline sweeps (Optuna, no W&B server): the W&B -> Optuna mapping, the coordination rules, and
+real agent processes training on Fashion-MNIST against a journal file and a real PostgreSQL server.
+
+The end-to-end tests start `python -m app offline-agent` processes, kill one with SIGKILL in the
+middle of a trial and check that its trial is failed by another agent, rerun (resuming the dead run's
+checkpoint) and completed, that no grid point completes twice, and that every trial is an offline W&B
+run grouped under the sweep's name with its values in the config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
+
+from app import offline_sweep as osw
+from app import runlog, sweep_ledger, sweep_spec
+from app.errors import UserError
+from conftest import REPO, clean_env, error_lines, run_app
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def plan_for(tmp_path: Path, yaml: str, **env) -> osw.Plan:
+    cfg = write_yaml(tmp_path / "sweep.yaml", yaml)
+    return osw.plan({"SWEEP_CONFIG": str(cfg), "WANDB_DIR": str(tmp_path / "runs"), **env})
+
+
+# ------------------------------------------------------------------------------------------
+# mapping W&B parameters to Optuna
+# ------------------------------------------------------------------------------------------
+
+EVERY_FORM = """
+method: random
+metric: {name: val_loss, goal: minimize}
+parameters:
+  epochs: {value: 2}
+  kernels: {values: [[8, 16], [16, 32]]}
+  seed: {distribution: int_uniform, min: 0, max: 9}
+  gpu_memory_fraction: {distribution: uniform, min: 0.1, max: 0.9}
+  batch_size: {distribution: q_uniform, min: 30, max: 256, q: 32}
+  learning_rate: {distribution: log_uniform_values, min: 0.0001, max: 0.1}
+  val_size: {distribution: q_log_uniform_values, min: 100, max: 5000, q: 100}
+  log_interval: {distribution: q_log_uniform_values, min: 1, max: 64, q: 1}
+  watch_log_freq: {distribution: log_uniform, min: 2.0, max: 6.0, q: 1}
+"""
+
+
+def test_every_wandb_form_optuna_can_express_is_mapped(tmp_path):
+    p = plan_for(tmp_path, EVERY_FORM.replace("log_uniform, min: 2.0, max: 6.0, q: 1",
+                                              "q_log_uniform, min: 2.0, max: 6.0, q: 10"))
+    dims = {d.name: d for d in p.space.dimensions}
+    assert p.space.constants == {"epochs": 2}
+    assert dims["kernels"].distribution == CategoricalDistribution(("[8, 16]", "[16, 32]"))
+    assert dims["kernels"].apply("[16, 32]") == [16, 32]
+    assert dims["seed"].distribution == IntDistribution(0, 9)
+    assert dims["gpu_memory_fraction"].distribution == FloatDistribution(0.1, 0.9)
+    # q_uniform: W&B returns multiples of q, so the multiples of 32 inside [30, 256]
+    assert dims["batch_size"].distribution == IntDistribution(32, 256, step=32)
+    assert dims["learning_rate"].distribution == FloatDistribution(0.0001, 0.1, log=True)
+    # Optuna has no log + step: sample log-uniform, round to q when applied (W&B's definition)
+    assert dims["val_size"].distribution == FloatDistribution(100, 5000, log=True)
+    assert dims["val_size"].apply(1234.5) == 1200
+    assert dims["log_interval"].distribution == IntDistribution(1, 64, log=True)
+    # q_log_uniform: min and max are exponents
+    wlf = dims["watch_log_freq"]
+    assert wlf.distribution.log and math.isclose(wlf.distribution.low, math.exp(2)) and math.isclose(wlf.distribution.high, math.exp(6))
+    assert wlf.apply(123.4) == 120 and isinstance(wlf.apply(123.4), int)
+
+    # every sampled value is a valid training config
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(20):
+        trial = study.ask()
+        values = p.space.values({d.name: d.suggest(trial) for d in p.space.dimensions})
+        config = p.base.replace(**values)
+        assert config.batch_size % 32 == 0 and 32 <= config.batch_size <= 256
+        assert 0.0001 <= config.learning_rate <= 0.1
+        study.tell(trial, 0.0)
+
+
+@pytest.mark.parametrize("param, needle", [
+    ("learning_rate: {distribution: normal, mu: 0.01, sigma: 0.001}", "normal has no Optuna equivalent"),
+    ("learning_rate: {distribution: inv_log_uniform_values, min: 0.001, max: 0.1}", "inv_log_uniform_values has no Optuna"),
+    ("learning_rate: {distribution: beta, a: 1, b: 2}", "beta has no Optuna equivalent"),
+    ("batch_size: {values: [32, 64], probabilities: [0.5, 0.5]}", "probabilities"),
+    ("batch_size: {distribution: uniform, min: 16, max: 64.5}", "integer setting"),
+    ("batch_size: {distribution: q_uniform, min: 33, max: 40, q: 32}", "no multiple of q=32"),
+])
+def test_forms_optuna_cannot_express_are_rejected_in_one_line(tmp_path, param, needle):
+    yaml = f"method: random\nmetric: {{name: val_loss}}\nparameters:\n  {param}\n"
+    with pytest.raises(sweep_spec.SweepSpecError) as err:
+        plan_for(tmp_path, yaml)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_repository_sweeps_map_onto_optuna(tmp_path):
+    env = {"WANDB_DIR": str(tmp_path)}
+    grid = osw.plan({**env, "SWEEP_CONFIG": str(REPO / "sweeps/grid.yaml")})
+    assert grid.grid_size == 6 and grid.goal == "maximize" and grid.metric == "val_accuracy"
+    assert grid.storage_url == str(tmp_path / "sweeps" / "mnist-grid.journal")
+    assert isinstance(osw.sampler(grid), optuna.samplers.GridSampler)
+    rand = osw.plan({**env, "SWEEP_CONFIG": str(REPO / "sweeps/random.yaml")})
+    assert isinstance(osw.sampler(rand), optuna.samplers.RandomSampler) and rand.spec.run_cap == 20
+    bayes = osw.plan({**env, "SWEEP_CONFIG": str(REPO / "sweeps/bayes-hyperband.yaml")})
+    assert isinstance(osw.sampler(bayes), optuna.samplers.TPESampler) and bayes.goal == "minimize"
+    hb = osw.pruner(bayes)
+    assert isinstance(hb, optuna.pruners.HyperbandPruner)
+    # min_iter -> min_resource, eta -> reduction_factor, the sweep's constant epochs -> max_resource
+    assert (hb._min_resource, hb._reduction_factor, hb._max_resource) == (1, 3, 9)
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"SWEEP_CONFIG": ""}, "needs SWEEP_CONFIG"),
+    ({"WANDB_MODE": "online"}, "WANDB_MODE=online"),
+    ({"SWEEP_STORAGE": "sqlite:///sweep.db"}, "not safe with several agents"),
+    ({"SWEEP_STORAGE": "mysql://u:secret@db/x"}, "postgresql://"),
+    ({"AGENT_COUNT": "0"}, "AGENT_COUNT='0' must be a positive integer"),
+    ({"SWEEP_HEARTBEAT_S": "soon"}, "SWEEP_HEARTBEAT_S"),
+    ({"EPOCHS": "0"}, "epochs=0"),
+    ({"SWEEP_STORAGE": "postgresql://u:secret@127.0.0.1:9/x"}, "cannot open the database"),
+])
+def test_bad_settings_are_one_line_before_any_work(tmp_path, env, needle):
+    base = {"SWEEP_CONFIG": str(REPO / "sweeps/grid.yaml"), "WANDB_DIR": str(tmp_path)}
+    with pytest.raises(UserError) as err:
+        osw.check_environment({**base, **env})
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert "secret" not in str(err.value)  # a password in a URL never reaches a message
+
+
+def test_cli_refuses_a_changed_sweep_with_exit_2(tmp_path):
+    env = clean_env(tmp_path, WANDB_DIR=str(tmp_path / "runs"))
+    cfg = write_yaml(tmp_path / "s.yaml", "name: s\nmethod: grid\nparameters:\n  learning_rate: {values: [0.1, 0.2]}\n")
+    osw.check_environment({"SWEEP_CONFIG": str(cfg), "WANDB_DIR": str(tmp_path / "runs")})  # creates the study
+    cfg.write_text("name: s\nmethod: grid\nparameters:\n  learning_rate: {values: [0.1, 0.3]}\n")
+    proc = run_app(["offline-agent", "--config", str(cfg)], env, tmp_path)
+    assert proc.returncode == 2
+    assert len(error_lines(proc.stderr)) == 1 and "different config" in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# the coordination rules, on real Optuna trials
+# ------------------------------------------------------------------------------------------
+
+def _trial(number: int, state: TrialState, key: str, **attrs) -> optuna.trial.FrozenTrial:
+    t = create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None,
+                     params={"learning_rate": 0.1}, distributions={"learning_rate": FloatDistribution(0.01, 1)},
+                     system_attrs={"sweep_key": key, **attrs})
+    t.number = number
+    return t
+
+
+def test_only_the_lowest_numbered_live_trial_of_a_key_trains():
+    W, R, C, F = TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.FAIL
+    trials = [_trial(0, F, "grid-0", sweep_outcome="stale"), _trial(1, W, "grid-0"), _trial(2, R, "grid-0"),
+              _trial(3, C, "grid-1"), _trial(4, R, "grid-1"), _trial(5, R, "grid-2"),
+              _trial(6, F, "grid-3", sweep_outcome="duplicate")]
+    ledger = sweep_ledger.Ledger(trials, grid=True, grid_size=4, run_cap=None)
+    assert ledger.verdict(trials[2]) == "duplicate"  # trial 1 is queued for the same point
+    assert ledger.verdict(trials[1]) is None  # the retry of the dead trial 0
+    assert ledger.verdict(trials[4]) == "duplicate"  # grid-1 is already complete
+    assert ledger.verdict(trials[5]) is None
+    assert ledger.untouched_grid_keys() == ["grid-3"]  # a void duplicate doesn't cover its point
+    assert ledger.needs_retry() == ["grid-3"]  # and GridSampler won't pick it again: it is queued
+    assert not ledger.finished() and ledger.work_available()
+    # a point that died MAX_STALE times is given up, not retried forever
+    dead = [_trial(i, F, "grid-0", sweep_outcome="stale") for i in range(sweep_ledger.MAX_STALE)]
+    assert sweep_ledger.Ledger(dead, True, 1, None).finished()
+    assert sweep_ledger.Ledger(dead[:-1], True, 1, None).needs_retry() == ["grid-0"]
+
+
+def test_run_cap_counts_distinct_trials_and_lets_retries_through():
+    R, F = TrialState.RUNNING, TrialState.FAIL
+    trials = [_trial(0, F, "trial-0", sweep_outcome="stale"), _trial(1, R, "trial-1"),
+              _trial(2, R, "trial-2"), _trial(3, R, "trial-0")]
+    ledger = sweep_ledger.Ledger(trials, grid=False, grid_size=None, run_cap=2)
+    assert ledger.verdict(trials[1]) is None
+    assert ledger.verdict(trials[2]) == "capped"  # trials 0 and 1 already hold both places
+    assert ledger.verdict(trials[3]) is None  # a retry of trial 0 holds its old place
+    assert ledger.cap_reached()
+    assert ledger.needs_retry() == []  # trial 0's retry (trial 3) is already live
+
+
+def test_a_dead_heartbeat_is_seen_on_the_observers_clock():
+    watch = sweep_ledger.StaleWatch(interval=0.05)
+    alive = _trial(0, TrialState.RUNNING, "grid-0", heartbeat=1.0)
+    alive._trial_id = 10
+    assert watch.stale([alive], mine=set()) == []
+    time.sleep(0.25)
+    assert watch.stale([alive], mine=set()) == [alive]  # unchanged for more than 4 beats
+    assert watch.stale([alive], mine={10}) == []  # never our own trial
+    beating = _trial(0, TrialState.RUNNING, "grid-0", heartbeat=2.0)
+    beating._trial_id = 10
+    assert watch.stale([beating], mine=set()) == []
+
+
+# ------------------------------------------------------------------------------------------
+# real agents on real data
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data_dir(fashion_dir, tmp_path_factory) -> Path:
+    """Fashion-MNIST unpacked before the agents start (several agents unpacking one DATA_DIR at once race)."""
+    from app import data
+
+    root = tmp_path_factory.mktemp("sweep-data")
+    shutil.copytree(fashion_dir / "FashionMNIST", root / "FashionMNIST")
+    data.ensure("fashion_mnist", root)
+    return root
+
+
+GRID = """name: {name}
+method: grid
+metric: {{name: val_accuracy, goal: maximize}}
+parameters:
+  learning_rate: {{values: [0.003, 0.03]}}
+  kernels: {{values: [[4, 8], [8, 16]]}}
+"""
+
+
+def agent_env(tmp: Path, data: Path, **extra) -> dict[str, str]:
+    settings = dict(DATASET="fashion_mnist", DATA_DIR=str(data), EPOCHS="2", TRAIN_STRIDE="50", VAL_SIZE="1000",
+                    LOG_INTERVAL="3", WATCH_LOG="none", DEVICE="cpu", WANDB_MODE="offline", WANDB_SILENT="true",
+                    WANDB_DIR=str(tmp / "runs"), OUTPUT_DIR=str(tmp / "outputs"), SWEEP_HEARTBEAT_S="1",
+                    OMP_NUM_THREADS="1")  # three agents on two cores: one thread each
+    return clean_env(tmp, **{**settings, **extra})
+
+
+def start_agent(env: dict, cwd: Path, log: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "app", "offline-agent", *args], env=env, cwd=cwd,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def logs(folder: Path) -> str:
+    return "\n".join(f"--- {f.name}\n{f.read_text()[-4000:]}" for f in sorted(folder.glob("agent-*.log")))
+
+
+def wait_all(procs, folder: Path, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"agents still running after {timeout} s\n{logs(folder)}")
+    return codes
+
+
+def load_study(storage_url: str, name: str):
+    return optuna.load_study(study_name=name, storage=osw.open_storage(storage_url))
+
+
+def wait_for_trial_mid_training(study, agent: subprocess.Popen, outputs: Path, folder: Path, timeout: float = 240):
+    """A RUNNING trial of `agent` that has checkpointed its first epoch."""
+    pid = agent.pid
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and agent.poll() is None:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            run_id = t.user_attrs.get("run_id")
+            if t.user_attrs.get("agent", "").endswith(f":{pid}") and run_id and (outputs / run_id / "checkpoint.pt").exists():
+                return t
+        time.sleep(0.2)
+    pytest.fail(f"agent {pid} never got mid-trial (exit status {agent.poll()})\n{logs(folder)}")
+
+
+def check_sweep(study, grid_size: int, runs_root: Path, name: str) -> dict:
+    """No grid point completed twice, every point completed, and each trial is a grouped offline run."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    keys = [t.system_attrs["sweep_key"] for t in complete]
+    assert sorted(keys) == sorted(f"grid-{i}" for i in range(grid_size)), [(t.number, t.state, t.system_attrs) for t in trials]
+    runs = {r.run_id: r for r in (runlog.read(f) for f in runlog.find(runs_root))}
+    finished = [r for r in runs.values() if r.finished]
+    assert len(finished) == grid_size  # the killed run has no exit record; nothing else ran
+    for t in complete:
+        run = runs[t.user_attrs["run_id"]]
+        assert run.group == name and run.exit_code == 0
+        values = t.user_attrs["values"]
+        assert run.config["learning_rate"] == values["learning_rate"]
+        assert run.config["kernels"] == values["kernels"]
+        assert math.isclose(run.summary["val_accuracy"], t.value)
+        tags = next(rec.run.tags for rec in runlog.records(next(run.path.glob("run-*.wandb")))
+                    if rec.WhichOneof("record_type") == "run")
+        assert list(tags) == ["offline-sweep"]
+        assert not [p for p in run.path.rglob("*") if p.is_symlink()]  # self-contained: copyable anywhere
+    return runs
+
+
+def kill_mid_trial_and_finish(tmp_path: Path, data: Path, storage: str, n_agents: int) -> dict:
+    """Start agents, SIGKILL one mid-trial, let the others finish; returns measurements."""
+    name = tmp_path.name.replace("_", "-")[:40]
+    cfg = write_yaml(tmp_path / "grid.yaml", GRID.format(name=name))
+    env = agent_env(tmp_path, data, SWEEP_CONFIG=str(cfg), SWEEP_STORAGE=storage)
+    study_url = osw.storage_url(env, name)
+    procs = [start_agent(env, tmp_path, tmp_path / f"agent-{i}.log") for i in range(n_agents)]
+    study = None
+    while study is None:
+        try:
+            study = load_study(study_url, name)
+        except (KeyError, ValueError):
+            time.sleep(0.2)
+    victim = procs[0]
+    trial = wait_for_trial_mid_training(study, victim, tmp_path / "outputs", tmp_path)
+    victim.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    codes = wait_all(procs[1:], tmp_path, timeout=600)
+    assert victim.wait() == -signal.SIGKILL
+    assert codes == [0] * (n_agents - 1), logs(tmp_path)
+
+    trials = study.get_trials(deepcopy=False)
+    dead = trials[trial.number]
+    assert dead.state == TrialState.FAIL and dead.system_attrs["sweep_outcome"] == "stale"
+    retry = [t for t in trials if t.system_attrs.get("retry_of") == trial.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE, [(t.number, t.state, t.system_attrs) for t in trials]
+    assert retry[0].params == dead.params and retry[0].user_attrs["resume_run"] == dead.user_attrs["run_id"]
+    runs = check_sweep(study, 4, tmp_path / "runs", name)
+    # the retry resumed the dead run's checkpoint (unless it had finished every epoch already)
+    import torch
+
+    done = torch.load(tmp_path / "outputs" / dead.user_attrs["run_id"] / "checkpoint.pt", weights_only=False)["epoch"]
+    resumed = runs[retry[0].user_attrs["run_id"]]
+    assert [row["epoch"] for row in resumed.history if "val_loss" in row] == (list(range(done, 2)) if done < 2 else [0, 1])
+    # the killed run has no exit record (kill -9 may even leave its log empty: W&B had written nothing yet)
+    killed = next(f for f in runlog.find(tmp_path / "runs") if f.name.endswith(dead.user_attrs["run_id"]))
+    assert not runlog.read(killed).finished
+    return {
+        "trials": len(trials),
+        "complete": sum(t.state == TrialState.COMPLETE for t in trials),
+        "duplicates": len([t for t in trials if t.system_attrs.get("sweep_outcome") == "duplicate"]),
+        "recovered_s": (retry[0].datetime_complete.timestamp() - killed_at),
+        "retry_started_s": (retry[0].datetime_start.timestamp() - killed_at),
+        "study": study, "env": env, "cfg": cfg, "name": name,
+    }
+
+
+@pytest.mark.slow
+def test_three_agents_survive_a_kill_and_a_restart_continues(tmp_path, data_dir, record_property):
+    name = tmp_path.name.replace("_", "-")[:40]
+    cfg = write_yaml(tmp_path / "grid.yaml", GRID.format(name=name))
+    env = agent_env(tmp_path, data_dir, SWEEP_CONFIG=str(cfg))
+    # one agent does one trial and stops: the sweep is now part done, as after `docker compose down`
+    first = run_app(["offline-agent", "--count", "1"], env, tmp_path, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "ran 1 trial(s)" in first.stdout
+
+    result = kill_mid_trial_and_finish(tmp_path, data_dir, "", n_agents=3)
+    study = result["study"]
+    assert study.trials[0].state == TrialState.COMPLETE  # the first agent's trial was kept, not redone
+    for key in ("trials", "complete", "duplicates", "recovered_s", "retry_started_s"):
+        record_property(key, result[key])
+    print(f"journal: {result['trials']} trials, {result['complete']} complete, {result['duplicates']} duplicates, "
+          f"retry started {result['retry_started_s']:.1f} s and completed {result['recovered_s']:.1f} s after the kill")
+
+    # an agent started on a finished sweep trains nothing
+    again = run_app(["offline-agent"], env, tmp_path, timeout=120)
+    assert again.returncode == 0 and "is done" in again.stdout, again.stdout[-2000:]
+    assert len(load_study(osw.storage_url(env, name), name).trials) == result["trials"]
+
+    status = run_app(["sweep-status", "--config", str(cfg)], env, tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "4 of 4 grid points done" in status.stdout and "best: trial" in status.stdout
+    assert "DIED" in status.stdout  # the killed attempt is visible, not hidden
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A real PostgreSQL 15 on loopback, run as an unprivileged user when the tests run as root."""
+    initdb = PG_BIN / "initdb"
+    if not initdb.exists():
+        message = f"PostgreSQL not found at {PG_BIN}: apt-get install postgresql"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI must run the PostgreSQL test)")
+        pytest.skip(message)
+    root = Path(tempfile.mkdtemp(prefix="offline-sweep-pg-"))  # not under pytest's 0700 tmp: postgres must reach it
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "nobody")
+        as_user = ["runuser", "-u", "nobody", "--"]
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*as_user, str(initdb), "-D", str(root / "db"), "-A", "trust", "-U", "sweep", "--no-sync"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(root / "db"), "-l", str(root / "log"), "-w", "start",
+                    "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://sweep@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(root / "db"), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_agents_on_postgresql_survive_a_kill(tmp_path, data_dir, postgres, record_property):
+    result = kill_mid_trial_and_finish(tmp_path, data_dir, postgres, n_agents=2)
+    for key in ("trials", "complete", "duplicates", "recovered_s", "retry_started_s"):
+        record_property(key, result[key])
+    print(f"postgresql: {result['trials']} trials, {result['complete']} complete, {result['duplicates']} duplicates, "
+          f"retry started {result['retry_started_s']:.1f} s and completed {result['recovered_s']:.1f} s after the kill")
+    status = run_app(["sweep-status", "--config", str(result["cfg"])], result["env"], tmp_path)
+    assert status.returncode == 0 and "4 of 4 grid points done" in status.stdout, status.stdout + status.stderr
+
+
+@pytest.mark.slow
+def test_bayes_hyperband_with_a_run_cap(tmp_path, data_dir):
+    """TPE + Hyperband: exactly run_cap distinct trials, each reporting every epoch it trained."""
+    cfg = write_yaml(tmp_path / "bayes.yaml", """name: hb
+method: bayes
+run_cap: 3
+metric: {name: val_loss, goal: minimize}
+early_terminate: {type: hyperband, min_iter: 1, eta: 2}
+parameters:
+  learning_rate: {distribution: log_uniform_values, min: 0.001, max: 0.05}
+  batch_size: {distribution: q_uniform, min: 64, max: 256, q: 64}
+""")
+    env = agent_env(tmp_path, data_dir, SWEEP_CONFIG=str(cfg))
+    procs = [start_agent(env, tmp_path, tmp_path / f"agent-{i}.log") for i in range(2)]
+    assert wait_all(procs, tmp_path, timeout=400) == [0, 0], logs(tmp_path)
+    study = load_study(osw.storage_url(env, "hb"), "hb")
+    trained = [t for t in study.trials if sweep_ledger.outcome(t) != "void"]
+    assert len(trained) == 3 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trained)
+    for t in trained:
+        assert t.user_attrs["values"]["batch_size"] in (64, 128, 192, 256)
+        assert sorted(t.intermediate_values) == list(range(1, len(t.intermediate_values) + 1))
+        assert len(t.intermediate_values) >= 1
+    assert len({json.dumps(t.params, sort_keys=True) for t in trained}) == 3
+
+
+@pytest.mark.slow
+def test_a_stopped_agent_checkpoints_and_its_trial_resumes(tmp_path, data_dir):
+    """SIGTERM (docker stop): the trial is marked preempted at once; the next agent resumes its checkpoint."""
+    cfg = write_yaml(tmp_path / "one.yaml", "name: one\nmethod: grid\nmetric: {name: val_loss}\n"
+                                            "parameters:\n  learning_rate: {values: [0.01]}\n")
+    env = agent_env(tmp_path, data_dir, SWEEP_CONFIG=str(cfg), EPOCHS="3")
+    agent = start_agent(env, tmp_path, tmp_path / "agent-0.log")
+    study = None
+    while study is None and agent.poll() is None:
+        try:
+            study = load_study(osw.storage_url(env, "one"), "one")
+        except (KeyError, ValueError):
+            time.sleep(0.2)
+    trial = wait_for_trial_mid_training(study, agent, tmp_path / "outputs", tmp_path)
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=120) == 128 + signal.SIGTERM, logs(tmp_path)
+    stopped = study.trials[trial.number]
+    assert stopped.state == TrialState.FAIL and stopped.system_attrs["sweep_outcome"] == "preempted"
+
+    again = run_app(["offline-agent"], env, tmp_path, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert f"resuming from run {stopped.user_attrs['run_id']}'s checkpoint" in again.stdout
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 1 and done[0].system_attrs["retry_of"] == trial.number
