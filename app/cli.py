@@ -19,6 +19,7 @@ commands:
   sweep-status ...          the trials table and best trial of an offline sweep
   sync [PATH]               upload unsynced offline runs with `wandb sync`
   report ...                render offline runs and sweeps to PNG / HTML
+  bundle save|load ...      carry image + data + settings to an air-gapped host
 
 Settings for `train` (lowest precedence first): defaults < .env < environment (KEY in upper case,
 e.g. EPOCHS=3) < --key=value < a W&B sweep's values. `python -m app train --help` lists them.
@@ -44,13 +45,24 @@ def cmd_train(args: list[str]) -> int:
 
     load_dotenv(".env", override=False)  # WANDB_* settings in .env apply too; the real environment wins
     config = cfg.load(args, os.environ, dotenv_path=".env")
-    from .train import Preempted, train
+    from . import dedupe
 
-    try:
-        result = train(config)
-    except Preempted as stop:
-        print(f"{stop}: checkpoint written, run marked preempting", file=sys.stderr)
-        return 128 + stop.signum
+    # a sweep run first claims its parameters: W&B may have handed the same ones to another agent
+    with dedupe.guard(os.environ, args) as claim:
+        if claim and claim.duplicate_of:
+            print(dedupe.skip_message(claim), file=sys.stderr)
+            return 0  # exit 0: a finished trial to the agent, not a failure that could stop it
+        from .train import Preempted, train  # after the check: a skipped duplicate never loads torch
+
+        try:
+            result = train(config)
+        except Preempted as stop:
+            if claim:
+                claim.close(dedupe.PREEMPTED)  # the requeued run (same id) takes the params back
+            print(f"{stop}: checkpoint written, run marked preempting", file=sys.stderr)
+            return 128 + stop.signum
+        if claim:
+            claim.close(dedupe.FINISHED)
     print(f"done: run {result['run_id']} test_accuracy {result['test_accuracy']:.4f} onnx {result['onnx']}")
     return 0
 
@@ -64,6 +76,7 @@ COMMANDS = {
     "sweep-status": "app.offline_sweep:status_main",
     "sync": "app.sync:main",
     "report": "app.report:main",
+    "bundle": "app.bundle:main",
 }
 
 

@@ -14,6 +14,7 @@ import io
 import os
 import shutil
 import socket
+import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,8 @@ def _decompress(folder: Path) -> None:
     for name in FILES:
         target, archive = folder / name, folder / f"{name}.gz"
         if not target.exists() and archive.exists():
-            tmp = target.with_name(f"{target.name}.{os.getpid()}.part")  # agents sharing DATA_DIR unpack at once
+            # agents sharing DATA_DIR unpack at once; pids repeat across containers, so a random name
+            tmp = folder / f".{name}.{uuid.uuid4().hex}.part"
             try:
                 with gzip.open(archive, "rb") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst)
@@ -86,7 +88,7 @@ def _copy_system_archives(dataset: str, folder: Path) -> None:
         if missing and all((source / f"{f}.gz").exists() for f in missing):
             folder.mkdir(parents=True, exist_ok=True)
             for f in missing:
-                tmp = folder / f"{f}.gz.{os.getpid()}.part"
+                tmp = folder / f".{f}.gz.{uuid.uuid4().hex}.part"
                 shutil.copyfile(source / f"{f}.gz", tmp)
                 os.replace(tmp, folder / f"{f}.gz")
             return

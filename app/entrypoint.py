@@ -50,6 +50,8 @@ def choose_mode(environ: Mapping[str, str]) -> str:
             mode = "offline-sweep"
         else:
             mode = "run"
+    elif mode == "agent" and not environ.get("SWEEP_ID", "").strip() and environ.get("SWEEP_CONFIG", "").strip():
+        mode = "offline-sweep"  # the compose `agent` service given a sweep YAML instead of a sweep id
     return mode
 
 
@@ -87,7 +89,9 @@ def check_agent(environ: Mapping[str, str]) -> list[str]:
     if count and (not count.isdigit() or int(count) < 1):
         raise UserError(f"AGENT_COUNT={count!r} must be a positive integer (runs per agent; unset = until the sweep ends)")
     wandb_cli = shutil.which("wandb") or "wandb"
-    return [wandb_cli, "agent", *(["--count", count] if count else []), sweep]
+    # --forward-signals: the agent starts each run in its own process group, out of reach of the
+    # SIGTERM that `docker stop` (via the init) sends; forwarded, the run checkpoints and exits preempted
+    return [wandb_cli, "agent", "--forward-signals", *(["--count", count] if count else []), sweep]
 
 
 def check_folders(environ: Mapping[str, str]) -> None:
@@ -111,16 +115,20 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             run_mode = environ.get("AGENT_RUN_MODE", "").strip().lower()
             if run_mode:
                 environ["WANDB_MODE"] = run_mode  # read by the runs the agent starts
+            from . import dedupe
+
+            dedupe.stagger(environ)  # a bad AGENT_START_STAGGER fails here, before any slot is taken
         elif mode == "offline-sweep":
             from . import offline_sweep
 
             offline_sweep.check_environment(environ)
         else:
             tracking.resolve_mode(environ)
-        if mode != "run" and warning is None:
+        if mode != "run":
             from . import gpu_slots
 
             # several agents share the host's GPUs: each claims one slot and trains on that GPU only
+            # (no GPU found: nothing to claim, unless GPU_COUNT names devices to spread over)
             environ = gpu_slots.assign(environ)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -128,6 +136,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     if warning:
         print(warning, file=sys.stderr, flush=True)
     if mode == "agent":
+        from . import dedupe
+
+        # agents started together ask W&B for work at the same moment, when duplicates are most likely
+        dedupe.wait_stagger(environ)
         print(f"starting: {' '.join(command)}", flush=True)
         os.execvpe(command[0], command, environ)
     if mode == "offline-sweep":

@@ -1,0 +1,191 @@
+"""Skip a sweep run whose parameters another agent is running or has finished.
+
+W&B's sweep server can hand the same configuration to agents that ask at the same moment (most often
+right after `docker compose up --scale agent=N` starts them together). Before training, a sweep run
+(WANDB_SWEEP_ID set) claims its parameter set in a folder every agent mounts:
+
+    <SWEEP_CLAIMS_DIR or $WANDB_DIR/.sweep-claims>/<sweep id>/<sha256 of the params>.json    the record
+                                                                                  ...  .lock    its lock
+
+The lock file is flock'ed for the whole run, so "someone is running these params" is a kernel fact that
+disappears with the process (crash, kill -9, container removed) instead of a stale file. The record says
+which run holds or finished the parameters. A run that finds the lock held, or a record finished by
+another run, is a duplicate: it prints one line and exits 0 without calling wandb.init.
+
+Why exit 0 without a W&B run: the agent counts a non-zero exit as a failed run, and a few failures in
+its first minute make it stop for good ("flapping"); exit 0 counts as a finished trial, and the agent
+asks for the next configuration. Starting no W&B run keeps an empty duplicate (no metric) out of the
+sweep, where it would clutter the table and could be read as a result by bayes/hyperband; the server
+already counts the hand-out against the grid point, so it is not handed out again.
+
+A run that comes back with its own run id (a requeued, preempted run) owns its record and resumes.
+A run that failed or was preempted gives its parameters up, so a later hand-out may retry them.
+
+AGENT_START_STAGGER=SECONDS (optional) delays agent k's start by k x SECONDS (k = AGENT_INDEX from the
+GPU slot claim), so agents started together don't ask the server at the same moment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import yaml
+
+from .config import KEYS, ConfigError, parse_cli
+from .errors import UserError
+
+RUNNING, FINISHED, FAILED, PREEMPTED = "running", "finished", "failed", "preempted"
+
+
+def sweep_params(environ: Mapping[str, str], argv: list[str]) -> dict[str, Any]:
+    """The values W&B handed this run: the agent's param file, else the --key=value arguments."""
+    path = environ.get("WANDB_SWEEP_PARAM_PATH", "").strip()
+    if path and os.path.isfile(path):
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+        # the agent writes {key: {value: v}}; wandb's own bookkeeping keys start with "_"
+        return {k: (v.get("value") if isinstance(v, dict) else v) for k, v in doc.items() if not k.startswith("_")}
+    try:
+        return parse_cli(argv)
+    except ConfigError:
+        return {}
+
+
+def key(params: Mapping[str, Any]) -> str:
+    """Canonical JSON (sorted keys, no spaces) hashed: the same values in any order give the same key."""
+    canonical = json.dumps(dict(params), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def claims_dir(environ: Mapping[str, str]) -> Path:
+    folder = environ.get("SWEEP_CLAIMS_DIR", "").strip()
+    return Path(folder) if folder else Path(environ.get("WANDB_DIR") or ".") / ".sweep-claims"
+
+
+@dataclass
+class Claim:
+    sweep_id: str
+    run_id: str
+    params: dict[str, Any]
+    record: Path
+    duplicate_of: str | None = None  # set when another run holds or finished these params
+    other_state: str = ""
+    _fd: int | None = field(default=None, repr=False)
+
+    def _write(self, state: str) -> None:
+        doc = {"sweep_id": self.sweep_id, "run_id": self.run_id, "state": state, "params": self.params,
+               "host": socket.gethostname(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+               "updated": time.time()}
+        tmp = self.record.with_name(f"{self.record.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(doc, sort_keys=True))
+        os.replace(tmp, self.record)  # readers never see half a record
+
+    def close(self, state: str) -> None:
+        """Record how the run ended and drop the lock (FINISHED keeps the params taken for good)."""
+        if self._fd is None:
+            return
+        try:
+            self._write(state)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read(record: Path) -> dict[str, Any]:
+    try:
+        return json.loads(record.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def claim(sweep_id: str, run_id: str, params: dict[str, Any], folder: Path) -> Claim:
+    """Take the params for this run, or say which run has them."""
+    base = folder / sweep_id.replace("/", "_")
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        h = key(params)
+        record = base / f"{h}.json"
+        c = Claim(sweep_id, run_id, params, record)
+        fd = os.open(base / f"{h}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            # the lock holder writes its record right after locking: a moment's wait gets its run id
+            for _ in range(20):
+                doc = _read(record)
+                if doc.get("state") == RUNNING:
+                    break
+                time.sleep(0.05)
+            c.duplicate_of, c.other_state = doc.get("run_id") or "another run", doc.get("state") or RUNNING
+            return c
+        doc = _read(record)
+        if doc.get("state") == FINISHED and doc.get("run_id") != run_id:
+            os.close(fd)
+            c.duplicate_of, c.other_state = doc["run_id"], FINISHED
+            return c
+        c._fd = fd
+        c._write(RUNNING)
+        return c
+    except OSError as exc:
+        raise UserError(f"SWEEP_CLAIMS_DIR={str(folder)!r} is not usable for sweep claims ({exc.strerror or exc}); "
+                        "mount a shared writable folder there") from None
+
+
+@contextlib.contextmanager
+def guard(environ: Mapping[str, str], argv: list[str]) -> Iterator[Claim | None]:
+    """Around one run: None outside a sweep; a Claim whose duplicate_of says whether to skip.
+
+    The caller marks a clean finish with claim.close(FINISHED); leaving the block any other way
+    records FAILED (or PREEMPTED, when the caller says so) and frees the params for a retry.
+    """
+    sweep_id = environ.get("WANDB_SWEEP_ID", "").strip()
+    run_id = environ.get("WANDB_RUN_ID", "").strip()
+    if not sweep_id or not run_id or environ.get("SWEEP_DEDUPE", "true").strip().lower() in ("0", "false", "no", "off"):
+        yield None
+        return
+    params = {k: v for k, v in sweep_params(environ, argv).items() if k in KEYS}
+    c = claim(sweep_id, run_id, params, claims_dir(environ))
+    try:
+        yield c
+    finally:
+        c.close(FAILED)
+
+
+def skip_message(c: Claim) -> str:
+    what = "is running" if c.other_state == RUNNING else "already finished"
+    return (f"skipping duplicate sweep run {c.run_id}: run {c.duplicate_of} {what} the same parameters "
+            f"{json.dumps(c.params, sort_keys=True)}")
+
+
+def stagger(environ: Mapping[str, str]) -> float:
+    """Seconds this agent waits before starting: AGENT_INDEX x AGENT_START_STAGGER."""
+    text = environ.get("AGENT_START_STAGGER", "").strip()
+    if not text:
+        return 0.0
+    try:
+        step = float(text)
+    except ValueError:
+        step = -1.0
+    if not 0 <= step <= 600:
+        raise UserError(f"AGENT_START_STAGGER={text!r} must be seconds between 0 and 600")
+    index = environ.get("AGENT_INDEX", "0").strip()
+    return step * (int(index) if index.isdigit() else 0)
+
+
+def wait_stagger(environ: Mapping[str, str]) -> None:
+    delay = stagger(environ)
+    if delay > 0:
+        print(f"agent start staggered by {delay:g}s (AGENT_INDEX x AGENT_START_STAGGER)", file=sys.stderr, flush=True)
+        time.sleep(delay)

@@ -1,0 +1,213 @@
+"""Spread sweep agents over the host's GPUs: each agent claims one slot and trains on that GPU only.
+
+Called by the container entrypoint before it becomes `wandb agent`. Every agent sees every GPU (compose's
+GPU reservation gives each replica the same devices), so the agents agree on who trains where through
+lock files in a folder they all mount (GPU_SLOTS_DIR, default $WANDB_DIR/.gpu-slots):
+
+    gpu-<id>.slot-<k>.lock   held (flock) by the agent in slot k of GPU <id> for as long as it lives
+
+A new agent takes the GPU with the fewest live holders (4 agents on 2 GPUs -> 2 each). The lock is
+taken on a file descriptor that survives `exec` into `wandb agent`, so it is held exactly as long as the
+agent process: the kernel drops it when the agent exits, crashes or its container is killed, and the
+next agent to start takes the free slot. No stale state to clean up, no PIDs compared across containers.
+
+Settings (environment):
+  GPU_SLOTS_DIR         shared folder for the slot locks (default $WANDB_DIR/.gpu-slots)
+  AGENTS_PER_GPU        agents that will share one GPU: caps the slots and fixes each agent's memory
+                        share at 1/AGENTS_PER_GPU from the start (unset: 1/agents on it when it starts)
+  CUDA_VISIBLE_DEVICES  set by hand: no slot is claimed, the agent uses what it names
+  GPU_COUNT             use GPUs 0..N-1 without looking for devices (also: fake devices for tests)
+  NVIDIA_VISIBLE_DEVICES a list such as 0,1 or GPU-<uuid>: the host's ids of the container's GPUs, so
+                        agents pinned to different GPUs (python -m app launch) never share a slot file
+Exports: CUDA_VISIBLE_DEVICES (the chosen GPU), GPU_MEMORY_FRACTION (the config key gpu_memory_fraction,
+when the GPU is shared and the user set none or 0), GPU_SLOT (gpu-<id>.slot-<k>), AGENT_INDEX (how many
+agents held slots when this one started: 0 for the first, used to stagger starts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+from .errors import UserError
+
+DEV_GLOB = "/dev/nvidia[0-9]*"
+_held: list[int] = []  # this process's slot lock fds: kept open (and inherited across exec) on purpose
+
+
+@dataclass(frozen=True)
+class Slot:
+    ordinal: int  # the CUDA index inside this container
+    gpu: str  # the host's id of that GPU: the key the agents share
+    index: int  # slot number on that GPU
+    holders: int  # agents on that GPU, this one included
+    agent_index: int  # agents holding a slot anywhere before this one claimed
+    fd: int
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+def _smi_count() -> int:
+    """`nvidia-smi -L` lists one GPU a line; used when the device nodes aren't where we look."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return 0
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def gpu_ids(environ: Mapping[str, str], dev_glob: str = DEV_GLOB,
+            smi_count: Callable[[], int] = _smi_count) -> list[str]:
+    """The host's ids of the GPUs this container can use, in CUDA order ([] = none)."""
+    count_text = environ.get("GPU_COUNT", "").strip()
+    if count_text:
+        if not count_text.isdigit():
+            raise UserError(f"GPU_COUNT={count_text!r} must be a whole number of GPUs (0 = none)")
+        count = int(count_text)
+    else:
+        nodes = [p for p in glob.glob(dev_glob) if re.search(r"nvidia\d+$", p)]
+        count = len(nodes) or smi_count()
+    visible = environ.get("NVIDIA_VISIBLE_DEVICES", "").strip()
+    listed = [v.strip() for v in visible.split(",") if v.strip()]
+    if listed and visible.lower() not in ("all", "none", "void") and len(listed) == count:
+        return listed
+    return [str(i) for i in range(count)]
+
+
+def slots_dir(environ: Mapping[str, str]) -> Path:
+    folder = environ.get("GPU_SLOTS_DIR", "").strip()
+    return Path(folder) if folder else Path(environ.get("WANDB_DIR") or ".") / ".gpu-slots"
+
+
+def _agents_per_gpu(environ: Mapping[str, str]) -> int | None:
+    text = environ.get("AGENTS_PER_GPU", "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"AGENTS_PER_GPU={text!r} must be a positive integer (agents sharing one GPU)")
+    return int(text)
+
+
+def _safe(gpu: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", gpu)
+
+
+def _is_held(path: Path) -> bool:
+    """True when another process holds the slot; probing takes and drops the lock at once."""
+    try:
+        fd = os.open(path, os.O_RDONLY)  # flock needs no write access: agents may run as different users
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+    return False
+
+
+def _slot_indexes(folder: Path, gpu: str) -> list[int]:
+    pattern = re.compile(rf"^gpu-{re.escape(_safe(gpu))}\.slot-(\d+)\.lock$")
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name)))
+
+
+def _open_shared(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o666)  # no-op unless we created it: umask would leave it unopenable for others
+    return fd
+
+
+@contextlib.contextmanager
+def _mutex(folder: Path) -> Iterator[None]:
+    """Serialises claims across every container that mounts the folder (blocking, held for milliseconds)."""
+    fd = _open_shared(folder / "assign.lock")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def claim(gpus: list[str], folder: Path, per_gpu: int | None = None) -> Slot:
+    """Take a slot on the GPU with the fewest live holders (ties: the lowest CUDA index)."""
+    try:
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                folder.chmod(0o1777)  # agents running as another user still create their slot files
+        with _mutex(folder):
+            held = {g: [i for i in _slot_indexes(folder, g) if _is_held(folder / f"gpu-{_safe(g)}.slot-{i}.lock")]
+                    for g in gpus}
+            ordinal = min(range(len(gpus)), key=lambda o: (len(held[gpus[o]]), o))
+            gpu = gpus[ordinal]
+            if per_gpu is not None and len(held[gpu]) >= per_gpu:
+                raise UserError(f"all {per_gpu * len(gpus)} GPU slots are taken ({len(gpus)} GPU(s) x AGENTS_PER_GPU={per_gpu}): "
+                                "stop an agent or raise AGENTS_PER_GPU")
+            index = next(i for i in range(len(held[gpu]) + 1) if i not in held[gpu])
+            path = folder / f"gpu-{_safe(gpu)}.slot-{index}.lock"
+            fd = _open_shared(path)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: we hold the mutex and found it unheld
+            os.set_inheritable(fd, True)  # still held after exec into `wandb agent`
+            return Slot(ordinal, gpu, index, len(held[gpu]) + 1, sum(len(v) for v in held.values()), fd, path)
+    except OSError as exc:
+        raise UserError(f"GPU_SLOTS_DIR={str(folder)!r} is not usable for GPU slot locks ({exc.strerror or exc}); "
+                        "mount a shared writable folder there") from None
+
+
+def _explicit_fraction(environ: Mapping[str, str]) -> bool:
+    """A share the user chose; 0 (the default, also in .env.example) means none was chosen."""
+    try:
+        return float(environ.get("GPU_MEMORY_FRACTION", "") or 0) > 0
+    except ValueError:
+        return True  # not ours to judge: the run's config check reports it as one line
+
+
+def assign(environ: Mapping[str, str], gpus: list[str] | None = None) -> dict[str, str]:
+    """The agent's environment with its GPU slot exported; unchanged when there is no GPU."""
+    environ = dict(environ)
+    if environ.get("CUDA_VISIBLE_DEVICES", "").strip():
+        print(f"gpu slot: none claimed, CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']} was set by hand",
+              file=sys.stderr, flush=True)
+        return environ  # a user's explicit pin wins over the shared assignment
+    gpus = gpu_ids(environ) if gpus is None else gpus
+    if not gpus:
+        return environ
+    per_gpu = _agents_per_gpu(environ)
+    slot = claim(gpus, slots_dir(environ), per_gpu)
+    _held.append(slot.fd)
+    environ["CUDA_VISIBLE_DEVICES"] = str(slot.ordinal)
+    environ["GPU_SLOT"] = slot.name
+    environ["AGENT_INDEX"] = str(slot.agent_index)
+    sharers = per_gpu or slot.holders
+    if sharers > 1 and not _explicit_fraction(environ):
+        # each run caps its allocator at this share (config key gpu_memory_fraction), so one agent's
+        # run can't take the memory the others on the same GPU need
+        environ["GPU_MEMORY_FRACTION"] = f"{1 / sharers:.4f}"
+    share = environ["GPU_MEMORY_FRACTION"] if _explicit_fraction(environ) else "uncapped"
+    print(f"gpu slot: GPU {slot.gpu} (CUDA_VISIBLE_DEVICES={slot.ordinal}), slot {slot.index}, "
+          f"{slot.holders} agent(s) on it now, memory share {share}", file=sys.stderr, flush=True)
+    return environ
+
+
+def release_all() -> None:
+    """Drop this process's slots (tests; an agent simply exits)."""
+    while _held:
+        with contextlib.suppress(OSError):
+            os.close(_held.pop())

@@ -1,0 +1,219 @@
+"""A local stand-in for the W&B cloud API: just enough GraphQL for `wandb sweep` and `wandb agent`.
+
+The W&B cloud is unreachable from CI, so the unmodified W&B client (the `wandb agent` CLI, `wandb.sweep`)
+is pointed at this server with WANDB_BASE_URL. It answers the operations those clients need:
+
+    Viewer        the login check (and any other query of the viewer): a viewer with an entity
+    UpsertSweep   `wandb.sweep(config)`: stores the config, returns a sweep name
+    SweepWithRuns the sweep's config (a YAML string with method, parameters, command)
+    CreateAgent   an agent id
+    Heartbeat     `agentHeartbeat.commands`: a JSON list of {"type": "run", ...} or {"type": "exit"}
+
+Anything else (telemetry, upserts from online runs) gets an empty 200. It serves one grid sweep: each
+grid point is handed out once, to an agent with no run in progress, and every hand-out is recorded.
+`duplicates=k` hands each of the first k points to two agents at once, as the real server
+sometimes does when agents start together, so the agents' duplicate detection can be exercised.
+
+    with FakeWandb(spec_dict, duplicates=1) as api:   # api.url -> http://127.0.0.1:PORT
+        ... WANDB_BASE_URL=api.url wandb agent api.sweep_path ...
+        api.assignments   # [Assignment(agent_id, host, run_id, params, duplicate_of, command), ...]
+        api.requeue(run_id)  # hand a preempted run out again, as W&B does, as a "resume" command
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import string
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import yaml
+
+from app import sweep_spec
+
+ENTITY, PROJECT = "fake-entity", "fake-project"
+KNOWN = ("UpsertSweep", "SweepWithRuns", "CreateAgent", "Heartbeat")
+OPERATION = re.compile(r"\b(?:query|mutation)\s+(\w+)")
+
+
+def _id(n: int = 8) -> str:
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(n))
+
+
+@dataclass
+class Assignment:
+    agent_id: str
+    host: str  # the agent's hostname: the container id under docker
+    run_id: str
+    params: dict[str, Any]
+    duplicate_of: str | None = None  # run id of the first hand-out of the same params
+    command: str = "run"  # "resume": a requeued run handed out again under its own id
+
+
+class FakeWandb:
+    def __init__(self, config: dict | None = None, *, duplicates: int = 0, sweep_id: str = "fakeswp1",
+                 entity: str = ENTITY, project: str = PROJECT, host: str = "127.0.0.1", port: int = 0):
+        self.entity, self.project = entity, project
+        self.duplicates = duplicates
+        self.hold_open = False  # True: idle agents wait for work (a requeue) instead of being told to exit
+        self.lock = threading.Lock()
+        self.operations: list[str] = []  # every operation name (or path) received, in order
+        self.assignments: list[Assignment] = []
+        self.agents: dict[str, str] = {}  # agent id -> host
+        self.sweeps: dict[str, dict] = {}  # sweep id -> config
+        self.sweep_id = sweep_id
+        self._queue: list[dict[str, Any]] = []
+        self._copies: list[Assignment] = []  # duplicate hand-outs still owed to another agent
+        self._requeued: list[Assignment] = []  # preempted runs to hand out again, same run id
+        if config is not None:
+            self._serve(sweep_id, config)
+        self._server = ThreadingHTTPServer((host, port), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    # --- lifecycle ---
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def sweep_path(self) -> str:
+        return f"{self.entity}/{self.project}/{self.sweep_id}"
+
+    def start(self) -> "FakeWandb":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> "FakeWandb":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- the sweep ---
+    def _serve(self, sweep_id: str, config: dict) -> None:
+        spec = sweep_spec.parse(config)
+        if spec.method != "grid":
+            raise ValueError("the fake W&B server serves grid sweeps only")
+        self.sweeps[sweep_id] = config
+        self.sweep_id = sweep_id
+        self._queue = spec.grid()
+
+    def requeue(self, run_id: str) -> None:
+        """What the server does once a run marked preempting stops: the next idle agent resumes it."""
+        with self.lock:
+            first = next(a for a in self.assignments if a.run_id == run_id)
+            self._requeued.append(first)
+
+    def runs_of(self, params: dict[str, Any]) -> list[Assignment]:
+        return [a for a in self.assignments if a.params == params]
+
+    def _next_command(self, agent_id: str, busy: bool) -> list[dict[str, Any]]:
+        if busy:
+            return []  # the real server hands an agent one run at a time
+        with self.lock:
+            copy = next((c for c in self._copies if c.agent_id != agent_id), None)
+            if self._requeued:
+                old = self._requeued.pop(0)
+                assignment = Assignment(agent_id, self.agents.get(agent_id, ""), old.run_id, old.params, command="resume")
+            elif copy is not None:
+                self._copies.remove(copy)
+                assignment = Assignment(agent_id, self.agents.get(agent_id, ""), _id(), copy.params, copy.run_id)
+            elif self._queue:
+                assignment = Assignment(agent_id, self.agents.get(agent_id, ""), _id(), self._queue.pop(0))
+                if sum(1 for a in self.assignments if a.duplicate_of is None) < self.duplicates:
+                    self._copies.append(assignment)  # the next other idle agent gets the same params
+            elif self._copies or self.hold_open:
+                return []  # a copy is owed to another agent: keep this one waiting, not exiting
+            else:
+                return [{"type": "exit"}]
+            self.assignments.append(assignment)
+        args = {k: {"value": v} for k, v in assignment.params.items()}
+        return [{"type": assignment.command, "run_id": assignment.run_id, "args": args, "program": None}]
+
+    # --- GraphQL ---
+    def answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        query = body.get("query", "")
+        variables = body.get("variables") or {}
+        match = OPERATION.search(query)
+        op = body.get("operationName") or (match.group(1) if match else "")
+        with self.lock:
+            self.operations.append(op or "?")
+        viewer = {"id": "dmlld2VyOjE=", "entity": self.entity, "username": "fake-user", "email": "fake@example.invalid",
+                  "admin": False, "flags": "{}", "teams": {"edges": [{"node": {"name": self.entity}}]}}
+        project = {"id": "cHJvamVjdDox", "name": variables.get("projectName") or variables.get("project") or self.project,
+                   "entity": {"id": "ZW50aXR5OjE=", "name": variables.get("entityName") or variables.get("entity") or self.entity}}
+        if op in ("Viewer", "GetDefaultEntity") or (op not in KNOWN and "viewer" in query):
+            return {"data": {"viewer": viewer}}
+        if op == "UpsertSweep":
+            config = yaml.safe_load(variables.get("config") or "{}")
+            sweep_id = variables.get("id") or _id()
+            with self.lock:
+                self.sweeps[sweep_id] = config
+            return {"data": {"upsertSweep": {"sweep": {"name": sweep_id, "project": project},
+                                             "configValidationWarnings": []}}}
+        if op == "SweepWithRuns":
+            name = variables.get("sweep")
+            config = self.sweeps.get(name)
+            if config is None:
+                return {"data": {"project": {"sweep": None}}}
+            sweep = {"id": "c3dlZXA6MQ==", "name": name, "method": config.get("method"), "state": "RUNNING",
+                     "description": None, "config": yaml.safe_dump(config), "createdAt": "2026-01-01T00:00:00",
+                     "heartbeatAt": None, "updatedAt": None, "earlyStopJobRunning": False, "bestLoss": None,
+                     "controller": None, "scheduler": None, "runs": {"edges": []}}
+            return {"data": {"project": {"sweep": sweep}}}
+        if op == "CreateAgent":
+            agent_id = _id()
+            with self.lock:
+                self.agents[agent_id] = variables.get("host", "")
+            return {"data": {"createAgent": {"agent": {"id": agent_id}}}}
+        if op == "Heartbeat":
+            agent_id = variables.get("id", "")
+            states = json.loads(variables.get("runState") or "{}")
+            commands = self._next_command(agent_id, busy=any(states.values()))
+            return {"data": {"agentHeartbeat": {"agent": {"id": agent_id}, "commands": json.dumps(commands)}}}
+        return {}
+
+    def _handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                reply: dict[str, Any] = {}
+                if self.path.rstrip("/").endswith("/graphql"):
+                    try:
+                        reply = fake.answer(json.loads(raw or b"{}"))
+                    except json.JSONDecodeError:
+                        reply = {}
+                else:
+                    with fake.lock:
+                        fake.operations.append(self.path)
+                payload = json.dumps(reply).encode() if reply else b""
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self):  # noqa: N802
+                with fake.lock:
+                    fake.operations.append(f"GET {self.path}")
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):  # keep pytest output quiet
+                pass
+
+        return Handler

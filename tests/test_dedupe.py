@@ -1,0 +1,132 @@
+"""Duplicate sweep runs: a parameter set claimed by a live or finished run is skipped, a dead claim is taken over."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app import dedupe, runlog
+from app.errors import UserError
+
+from conftest import REPO, clean_env, run_app
+
+SWEEP = "swp12345"
+PARAMS = {"learning_rate": 0.01, "batch_size": 64}
+
+
+def record(folder: Path, params=PARAMS) -> dict:
+    return json.loads((folder / SWEEP / f"{dedupe.key(params)}.json").read_text())
+
+
+def test_key_is_canonical():
+    assert dedupe.key({"a": 1, "b": [16, 32]}) == dedupe.key({"b": [16, 32], "a": 1})
+    assert dedupe.key({"a": 1}) != dedupe.key({"a": 2}) != dedupe.key({"a": 1, "b": 1})
+
+
+def test_params_come_from_the_agents_param_file_or_the_arguments(tmp_path: Path):
+    # the file `wandb agent` writes for each run (WANDB_SWEEP_PARAM_PATH), in its own format
+    path = tmp_path / "config-abc.yaml"
+    path.write_text("wandb_version: 1\n\nlearning_rate:\n  value: 0.01\nbatch_size:\n  value: 64\n")
+    got = dedupe.sweep_params({"WANDB_SWEEP_PARAM_PATH": str(path)}, [])
+    assert {k: v for k, v in got.items() if k != "wandb_version"} == PARAMS
+    assert dedupe.sweep_params({}, ["--learning_rate=0.01", "--batch_size", "64"]) == {"learning_rate": "0.01", "batch_size": "64"}
+
+
+def test_live_claim_then_finished_record_make_duplicates(tmp_path: Path):
+    first = dedupe.claim(SWEEP, "run-a", PARAMS, tmp_path)
+    assert first.duplicate_of is None and record(tmp_path)["state"] == "running"
+    second = dedupe.claim(SWEEP, "run-b", PARAMS, tmp_path)  # handed out at the same moment
+    assert (second.duplicate_of, second.other_state) == ("run-a", "running")
+    assert "skipping duplicate sweep run run-b: run run-a is running the same parameters" in dedupe.skip_message(second)
+    other = dedupe.claim(SWEEP, "run-c", {**PARAMS, "batch_size": 128}, tmp_path)
+    assert other.duplicate_of is None  # different values: no conflict
+    first.close(dedupe.FINISHED)
+    other.close(dedupe.FINISHED)
+    later = dedupe.claim(SWEEP, "run-d", PARAMS, tmp_path)
+    assert (later.duplicate_of, later.other_state) == ("run-a", "finished")
+    assert record(tmp_path)["run_id"] == "run-a"  # a duplicate never overwrites the record
+
+
+def test_preempted_or_failed_params_can_run_again(tmp_path: Path):
+    c = dedupe.claim(SWEEP, "run-a", PARAMS, tmp_path)
+    c.close(dedupe.PREEMPTED)
+    again = dedupe.claim(SWEEP, "run-a", PARAMS, tmp_path)  # the requeued run, same id: resumes
+    assert again.duplicate_of is None and record(tmp_path)["state"] == "running"
+    again.close(dedupe.FINISHED)
+    same = dedupe.claim(SWEEP, "run-a", PARAMS, tmp_path)  # its own finished record does not block it
+    assert same.duplicate_of is None
+    same.close(dedupe.FAILED)
+    retry = dedupe.claim(SWEEP, "run-z", PARAMS, tmp_path)  # a failure gives the params up
+    assert retry.duplicate_of is None and record(tmp_path)["run_id"] == "run-z"
+    retry.close(dedupe.FINISHED)
+
+
+def test_a_killed_claimant_leaves_no_stale_claim(tmp_path: Path):
+    code = (f"import sys, time; from pathlib import Path; from app import dedupe\n"
+            f"dedupe.claim({SWEEP!r}, 'run-dead', {PARAMS!r}, Path({str(tmp_path)!r}))\n"
+            f"print('claimed', flush=True); time.sleep(300)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert p.stdout.readline().strip() == "claimed"
+        assert dedupe.claim(SWEEP, "run-b", PARAMS, tmp_path).duplicate_of == "run-dead"  # alive: a duplicate
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.stdout.close()
+    assert record(tmp_path)["state"] == "running"  # what the dead run last wrote...
+    took = dedupe.claim(SWEEP, "run-b", PARAMS, tmp_path)  # ...but its lock died with it
+    assert took.duplicate_of is None and record(tmp_path)["run_id"] == "run-b"
+    took.close(dedupe.FINISHED)
+
+
+def test_guard_only_acts_inside_a_sweep_and_records_failures(tmp_path: Path):
+    base = {"SWEEP_CLAIMS_DIR": str(tmp_path), "WANDB_RUN_ID": "run-a"}
+    with dedupe.guard(base, ["--learning_rate=0.01"]) as c:
+        assert c is None  # no WANDB_SWEEP_ID: a plain run
+    with dedupe.guard({**base, "WANDB_SWEEP_ID": SWEEP, "SWEEP_DEDUPE": "false"}, []) as c:
+        assert c is None  # switched off
+    with pytest.raises(RuntimeError):
+        with dedupe.guard({**base, "WANDB_SWEEP_ID": SWEEP}, ["--learning_rate=0.01", "--batch_size=64"]) as c:
+            assert c is not None and c.duplicate_of is None
+            raise RuntimeError("training crashed")
+    assert record(tmp_path, {"learning_rate": "0.01", "batch_size": "64"})["state"] == "failed"
+
+
+def test_stagger(tmp_path: Path):
+    assert dedupe.stagger({}) == 0
+    assert dedupe.stagger({"AGENT_START_STAGGER": "2.5", "AGENT_INDEX": "3"}) == 7.5
+    assert dedupe.stagger({"AGENT_START_STAGGER": "2.5"}) == 0  # no slot claimed: the first agent
+    for bad in ("soon", "-1", "601"):
+        with pytest.raises(UserError, match=f"AGENT_START_STAGGER='{bad}' must be seconds between 0 and 600"):
+            dedupe.stagger({"AGENT_START_STAGGER": bad})
+    with pytest.raises(UserError, match="SWEEP_CLAIMS_DIR=.* is not usable for sweep claims"):
+        (tmp_path / "f").write_text("")
+        dedupe.claim(SWEEP, "r", PARAMS, tmp_path / "f")
+
+
+def test_train_skips_a_duplicate_and_records_a_finished_run(tmp_path: Path, small_data: Path):
+    """`python -m app train` as `wandb agent` starts it: the skip exits 0 without a W&B run."""
+    claims = tmp_path / "claims"
+    env = clean_env(tmp_path, WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "runs"), OUTPUT_DIR=str(tmp_path / "out"),
+                    DATA_DIR=str(small_data), EPOCHS="1", VAL_SIZE="200", TRAIN_STRIDE="1", WATCH_LOG="none",
+                    WANDB_SWEEP_ID=SWEEP, SWEEP_CLAIMS_DIR=str(claims))
+    args = ["train", "--learning_rate=0.01", "--batch_size=64"]
+    r = run_app(args, {**env, "WANDB_RUN_ID": "runfirst"}, tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(next((claims / SWEEP).glob("*.json")).read_text())
+    assert (rec["run_id"], rec["state"]) == ("runfirst", "finished")
+    (folder,) = runlog.find(tmp_path / "runs")
+    assert runlog.read(folder).sweep_id == SWEEP
+    dup = run_app(args, {**env, "WANDB_RUN_ID": "rundupe1"}, tmp_path, timeout=120)
+    assert dup.returncode == 0, dup.stderr[-2000:]
+    assert "skipping duplicate sweep run rundupe1: run runfirst already finished the same parameters" in dup.stderr
+    assert runlog.find(tmp_path / "runs") == [folder]  # no W&B run for the duplicate
+    assert not (tmp_path / "out" / "rundupe1").exists()

@@ -1,0 +1,175 @@
+"""GPU slots: N agents spread over G (fake) GPUs through lock files, a dead agent's slot is taken again.
+
+The agents are real processes that do what the entrypoint does: claim a slot, then exec into another
+program (here `sleep`, standing in for `wandb agent`) that keeps holding it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from app import gpu_slots
+from app.errors import UserError
+
+from conftest import REPO
+
+# claim a slot, report it as one JSON line, then become a long-lived program like the entrypoint does
+AGENT = """
+import json, os, sys
+from app import gpu_slots
+env = gpu_slots.assign(os.environ)
+keys = ("CUDA_VISIBLE_DEVICES", "GPU_MEMORY_FRACTION", "GPU_SLOT", "AGENT_INDEX")
+print(json.dumps({k: env.get(k) for k in keys}), flush=True)
+os.execvp("sleep", ["sleep", "300"])
+"""
+
+
+class Agents:
+    def __init__(self, tmp: Path, **env: str):
+        self.env = {**{k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "GPU_MEMORY_FRACTION",
+                                                                         "AGENTS_PER_GPU", "NVIDIA_VISIBLE_DEVICES")},
+                    "GPU_SLOTS_DIR": str(tmp / "slots"), "PYTHONPATH": str(REPO), **env}
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, n: int, **env: str) -> list[subprocess.Popen]:
+        """Start n agents at once (they race for slots), without waiting for them."""
+        new = [subprocess.Popen([sys.executable, "-c", AGENT], env={**self.env, **env}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(n)]
+        self.procs += new
+        return new
+
+    @staticmethod
+    def slot(proc: subprocess.Popen) -> dict:
+        line = proc.stdout.readline()
+        assert line, f"agent failed: {proc.stderr.read()}"
+        return json.loads(line)
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            p.stdout.close()
+            p.stderr.close()
+
+
+@pytest.fixture
+def agents(tmp_path: Path):
+    a = Agents(tmp_path)
+    yield a
+    a.close()
+
+
+@pytest.mark.parametrize("n, g, per_gpu", [(1, 1, [1]), (4, 2, [2, 2]), (3, 2, [2, 1]), (5, 2, [3, 2]), (2, 4, [1, 1, 0, 0])])
+def test_n_agents_spread_evenly_over_g_gpus(agents: Agents, n: int, g: int, per_gpu: list[int]):
+    slots = [agents.slot(p) for p in agents.start(n, GPU_COUNT=str(g))]
+    counts = Counter(s["CUDA_VISIBLE_DEVICES"] for s in slots)
+    assert [counts.get(str(i), 0) for i in range(g)] == per_gpu
+    assert len({s["GPU_SLOT"] for s in slots}) == n  # no two agents in one slot
+    assert sorted(int(s["AGENT_INDEX"]) for s in slots) == list(range(n))  # claims were serialised
+    for s in slots:
+        sharing = counts[s["CUDA_VISIBLE_DEVICES"]]
+        if sharing == 1:
+            assert s["GPU_MEMORY_FRACTION"] is None  # alone on its GPU: no cap
+    # the last agent to join a shared GPU knows it shares: a memory share of 1/(agents there)
+    for gpu, c in counts.items():
+        if c > 1:
+            fractions = sorted(float(s["GPU_MEMORY_FRACTION"] or 1) for s in slots if s["CUDA_VISIBLE_DEVICES"] == gpu)
+            assert fractions[0] == pytest.approx(1 / c, abs=1e-3)
+
+
+def test_agents_per_gpu_gives_every_agent_its_share_and_caps_the_slots(agents: Agents):
+    slots = [agents.slot(p) for p in agents.start(4, GPU_COUNT="2", AGENTS_PER_GPU="2")]
+    assert Counter(s["CUDA_VISIBLE_DEVICES"] for s in slots) == {"0": 2, "1": 2}
+    assert {s["GPU_MEMORY_FRACTION"] for s in slots} == {"0.5000"}  # the first agents too, not just the late ones
+    (extra,) = agents.start(1, GPU_COUNT="2", AGENTS_PER_GPU="2")
+    assert extra.wait(timeout=60) == 1
+    assert "all 4 GPU slots are taken (2 GPU(s) x AGENTS_PER_GPU=2)" in extra.stderr.read()
+
+
+def test_a_killed_agent_frees_its_slot_for_the_next(agents: Agents):
+    first = agents.start(4, GPU_COUNT="2")
+    slots = [agents.slot(p) for p in first]
+    victim = next(i for i, s in enumerate(slots) if s["CUDA_VISIBLE_DEVICES"] == "1")
+    # the slot is held by the exec'ed program (the lock fd survived exec), until the kernel drops it
+    assert Path(f"/proc/{first[victim].pid}/cmdline").read_bytes().startswith(b"sleep")
+    os.kill(first[victim].pid, signal.SIGKILL)  # a crash: no cleanup code runs
+    first[victim].wait(timeout=10)
+    (replacement,) = agents.start(1, GPU_COUNT="2")
+    taken = agents.slot(replacement)
+    assert taken["CUDA_VISIBLE_DEVICES"] == "1" and taken["GPU_SLOT"] == slots[victim]["GPU_SLOT"]
+    assert taken["GPU_MEMORY_FRACTION"] == "0.5000"  # it shares GPU 1 with the survivor there
+    # with everyone alive again the next agent goes to the least-loaded GPU: they tie, so GPU 0
+    (fifth,) = agents.start(1, GPU_COUNT="2")
+    assert agents.slot(fifth)["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def test_agents_pinned_to_different_gpus_never_share_a_slot(agents: Agents):
+    # `python -m app launch` exposes one GPU per container (CUDA index 0 in each) and names it in
+    # NVIDIA_VISIBLE_DEVICES: the host id keys the slot, so GPUs 0 and 1 are not counted as one
+    a = agents.slot(agents.start(1, GPU_COUNT="1", NVIDIA_VISIBLE_DEVICES="0")[0])
+    b = agents.slot(agents.start(1, GPU_COUNT="1", NVIDIA_VISIBLE_DEVICES="1")[0])
+    c = agents.slot(agents.start(1, GPU_COUNT="1", NVIDIA_VISIBLE_DEVICES="1")[0])
+    assert (a["CUDA_VISIBLE_DEVICES"], b["CUDA_VISIBLE_DEVICES"], c["CUDA_VISIBLE_DEVICES"]) == ("0", "0", "0")
+    assert (a["GPU_SLOT"], b["GPU_SLOT"], c["GPU_SLOT"]) == ("gpu-0.slot-0", "gpu-1.slot-0", "gpu-1.slot-1")
+    assert a["GPU_MEMORY_FRACTION"] is None and c["GPU_MEMORY_FRACTION"] == "0.5000"
+
+
+def test_gpu_ids_from_device_nodes_smi_and_settings(tmp_path: Path):
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    for name in ("nvidia0", "nvidia1", "nvidia2", "nvidiactl", "nvidia-uvm"):
+        (dev / name).touch()
+    nodes = str(dev / "nvidia[0-9]*")
+    assert gpu_slots.gpu_ids({}, dev_glob=nodes, smi_count=lambda: 0) == ["0", "1", "2"]
+    assert gpu_slots.gpu_ids({"NVIDIA_VISIBLE_DEVICES": "all"}, dev_glob=nodes) == ["0", "1", "2"]
+    assert gpu_slots.gpu_ids({"NVIDIA_VISIBLE_DEVICES": "1,3,5"}, dev_glob=nodes) == ["1", "3", "5"]
+    uuid = "GPU-2f5a8f1e-0000-1111-2222-333344445555"
+    assert gpu_slots.gpu_ids({"NVIDIA_VISIBLE_DEVICES": uuid, "GPU_COUNT": "1"}, dev_glob=nodes) == [uuid]
+    empty = str(tmp_path / "none" / "nvidia[0-9]*")
+    assert gpu_slots.gpu_ids({}, dev_glob=empty, smi_count=lambda: 2) == ["0", "1"]  # nvidia-smi -L as fallback
+    assert gpu_slots.gpu_ids({}, dev_glob=empty, smi_count=lambda: 0) == []
+    assert gpu_slots.gpu_ids({"GPU_COUNT": "0"}, dev_glob=nodes) == []
+    with pytest.raises(UserError, match="GPU_COUNT='two' must be a whole number"):
+        gpu_slots.gpu_ids({"GPU_COUNT": "two"})
+
+
+def test_no_gpu_or_a_hand_set_pin_leaves_the_environment_alone(tmp_path: Path):
+    base = {"GPU_SLOTS_DIR": str(tmp_path / "slots")}
+    assert gpu_slots.assign(base, gpus=[]) == base
+    pinned = {**base, "CUDA_VISIBLE_DEVICES": "1"}
+    assert gpu_slots.assign(pinned, gpus=["0", "1"]) == pinned
+    assert not (tmp_path / "slots").exists()
+
+
+def test_memory_share_respects_a_chosen_fraction_and_replaces_zero(tmp_path: Path):
+    try:
+        base = {"GPU_SLOTS_DIR": str(tmp_path / "slots"), "GPU_MEMORY_FRACTION": "0"}  # .env.example's value
+        gpu_slots.assign(base, gpus=["0"])
+        assert gpu_slots.assign(base, gpus=["0"])["GPU_MEMORY_FRACTION"] == "0.5000"
+        chosen = gpu_slots.assign({**base, "GPU_MEMORY_FRACTION": "0.2"}, gpus=["0"])
+        assert chosen["GPU_MEMORY_FRACTION"] == "0.2" and chosen["GPU_SLOT"] == "gpu-0.slot-2"
+    finally:
+        gpu_slots.release_all()
+    # released: the same slots are free again
+    assert gpu_slots.assign({"GPU_SLOTS_DIR": str(tmp_path / "slots")}, gpus=["0"])["GPU_SLOT"] == "gpu-0.slot-0"
+    gpu_slots.release_all()
+
+
+def test_bad_settings_are_one_line(tmp_path: Path):
+    with pytest.raises(UserError, match="AGENTS_PER_GPU='0' must be a positive integer"):
+        gpu_slots.assign({"GPU_SLOTS_DIR": str(tmp_path), "AGENTS_PER_GPU": "0"}, gpus=["0"])
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match=r"GPU_SLOTS_DIR='.*file/slots' is not usable for GPU slot locks"):
+        gpu_slots.assign({"GPU_SLOTS_DIR": str(blocker / "slots")}, gpus=["0"])
+    # WANDB_DIR (the shared runs volume) is the default home of the slot locks
+    assert gpu_slots.slots_dir({"WANDB_DIR": "/runs"}) == Path("/runs/.gpu-slots")

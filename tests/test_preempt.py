@@ -1,0 +1,105 @@
+"""The signal path through the unmodified `wandb agent` in an `agent` container: `docker compose stop`
+mid-run -> the run checkpoints, is marked preempting and exits non-zero; the run handed out again under
+the same id (the stand-in does what W&B does with a preempted run: a "resume" command to the next agent)
+-> it resumes from its checkpoint and completes, losing only the epoch it was stopped in.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from app import runlog
+
+from containers import app_image, compose  # noqa: F401  (app_image: the session fixture)
+from fake_wandb import FakeWandb
+from sweep_project import agent_logs, compose_files, fashion_project, joined, own_compose_project, write_env  # noqa: F401
+
+pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.usefixtures("own_compose_project")]
+
+ONE_POINT = {
+    "method": "grid",
+    "parameters": {"learning_rate": {"values": [0.003]}},
+    "command": ["${env}", "${interpreter}", "-m", "app", "train", "${args}"],
+}
+EPOCHS = 2
+GRACE_S = 60  # docker-compose.yml's stop_grace_period
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def checkpoint(path: Path) -> dict | None:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (FileNotFoundError, EOFError, RuntimeError):  # not there yet (it is written by rename)
+        return None
+
+
+def test_stop_checkpoints_and_the_requeued_run_resumes(app_image: str, tmp_path: Path):
+    project = fashion_project(tmp_path / "project")
+    with FakeWandb(ONE_POINT) as api:
+        api.hold_open = True  # the agent waits for the requeue instead of being told the sweep is done
+        # every 5th training image: epochs long enough to stop one in the middle
+        write_env(project, api, EPOCHS=str(EPOCHS), TRAIN_STRIDE="5")
+        try:
+            # --- run, and stop the agent in the middle of the last epoch ---
+            up = compose("up", "--detach", "agent", project=project, files=compose_files, timeout=300)
+            assert up.returncode == 0, up.stderr[-3000:]
+            (first,) = wait_for(lambda: api.assignments, 300, "the agent to get its run")
+            run_id = first.run_id
+            ckpt_path = project / "outputs" / run_id / "checkpoint.pt"
+            # epoch 1's checkpoint is written the moment epoch 2 starts
+            wait_for(lambda: (checkpoint(ckpt_path) or {}).get("epoch") == 1, 600, "the first epoch's checkpoint")
+            after_epoch_1 = checkpoint(ckpt_path)["examples_seen"]
+            t0 = time.monotonic()
+            stop = compose("stop", "agent", project=project, files=compose_files, timeout=GRACE_S + 60)
+            stop_s = time.monotonic() - t0
+            assert stop.returncode == 0, stop.stderr[-3000:]
+            stopped_logs = joined(agent_logs(project))
+
+            # the run stopped inside epoch 2: checkpointed there, preempting, a non-zero exit
+            assert stop_s < GRACE_S, f"took {stop_s:.0f}s: the grace period ran out (SIGKILL)"
+            (folder,) = runlog.find(project / "runs")
+            stopped = runlog.read(folder)
+            assert stopped.run_id == run_id and stopped.preempting, stopped_logs[-4000:]
+            assert stopped.exit_code == 143, stopped_logs[-4000:]  # 128 + SIGTERM: W&B requeues it
+            assert f"done: run {run_id}" not in stopped_logs
+            saved = checkpoint(ckpt_path)
+            assert saved["epoch"] == 1 and saved["examples_seen"] > after_epoch_1  # progress inside epoch 2 kept
+            claim = json.loads(next((project / "runs" / ".sweep-claims").glob("*/*.json")).read_text())
+            assert (claim["run_id"], claim["state"]) == (run_id, "preempted")
+
+            # --- the requeued run, same id: resumes from the checkpoint and completes ---
+            api.requeue(run_id)
+            api.hold_open = False
+            again = compose("up", "agent", project=project, files=compose_files, timeout=900)
+            logs = joined(agent_logs(project))
+        finally:
+            compose("down", "--remove-orphans", project=project, files=compose_files, timeout=120)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert [a.command for a in api.assignments] == ["run", "resume"]
+    assert f"resuming run {run_id} from /outputs/{run_id}/checkpoint.pt: 1 epoch(s) done" in logs, logs[-4000:]
+    assert f"done: run {run_id}" in logs
+    resumed = [runlog.read(f) for f in runlog.find(project / "runs") if f != folder]
+    (final,) = resumed
+    assert final.run_id == run_id and final.exit_code == 0 and not final.preempting
+    assert 0.5 < final.summary["test_accuracy"] <= 1.0
+    # at most the stopped epoch was lost: epoch 0 was validated before the stop and not redone
+    assert [row["epoch"] for row in stopped.history if "val_loss" in row] == [0]
+    assert [row["epoch"] for row in final.history if "val_loss" in row] == [1]
+    assert checkpoint(ckpt_path)["epoch"] == EPOCHS
+    claim = json.loads(next((project / "runs" / ".sweep-claims").glob("*/*.json")).read_text())
+    assert (claim["run_id"], claim["state"]) == (run_id, "finished")
+    print(f"\npreempt: stop took {stop_s:.1f}s; resumed from epoch 1 with {saved['examples_seen']} examples seen")
