@@ -260,16 +260,10 @@ def _run_folder(root: Path, run_id: str) -> Path | None:
 @contextlib.contextmanager
 def _wandb_environment(values: Mapping[str, str]):
     """W&B reads these once per process: set them for one trial, and tear W&B down after it."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
     try:
-        yield
+        with tracking.environment(**values):
+            yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         import wandb
 
         wandb.teardown()  # the next trial's wandb.init starts fresh and reads the new group/tags

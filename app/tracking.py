@@ -6,6 +6,7 @@ W&B is imported here and nowhere else in the training path, so the rest of the p
 
 from __future__ import annotations
 
+import contextlib
 import netrc
 import os
 import secrets
@@ -14,7 +15,7 @@ import string
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 from urllib.parse import urlparse
 
 from .config import Config, merge
@@ -53,6 +54,22 @@ def resolve_mode(environ: Mapping[str, str]) -> str:
 def runs_root(environ: Mapping[str, str]) -> Path:
     """Where W&B writes its `wandb/` folder of runs: WANDB_DIR, else the working directory."""
     return Path(environ.get("WANDB_DIR") or ".")
+
+
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Set environment variables (W&B reads several itself: WANDB_RUN_GROUP, WANDB_TAGS...) for one
+    run, then restore what was there."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def check_writable(path: Path, setting: str) -> None:

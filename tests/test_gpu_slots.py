@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -99,8 +100,13 @@ def test_a_killed_agent_frees_its_slot_for_the_next(agents: Agents):
     first = agents.start(4, GPU_COUNT="2")
     slots = [agents.slot(p) for p in first]
     victim = next(i for i, s in enumerate(slots) if s["CUDA_VISIBLE_DEVICES"] == "1")
-    # the slot is held by the exec'ed program (the lock fd survived exec), until the kernel drops it
-    assert Path(f"/proc/{first[victim].pid}/cmdline").read_bytes().startswith(b"sleep")
+    # the slot is held by the exec'ed program (the lock fd survived exec), until the kernel drops it;
+    # the agent prints its slot just before exec, so give the exec a moment to happen
+    cmdline = Path(f"/proc/{first[victim].pid}/cmdline")
+    deadline = time.monotonic() + 10
+    while not cmdline.read_bytes().startswith(b"sleep") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cmdline.read_bytes().startswith(b"sleep")
     os.kill(first[victim].pid, signal.SIGKILL)  # a crash: no cleanup code runs
     first[victim].wait(timeout=10)
     (replacement,) = agents.start(1, GPU_COUNT="2")
