@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from . import tracking
+from . import config, tracking
 from .errors import UserError
 
 MODES = ("auto", "run", "agent", "offline-sweep")
@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             offline_sweep.check_environment(environ)
         else:
             tracking.resolve_mode(environ)
+            config.load(argv, environ, dotenv_path=None)  # a bad setting fails here, before the GPU warning
         if mode != "run":
             from . import gpu_slots
 
