@@ -1,0 +1,100 @@
+"""bench/bench.py on tiny settings: it runs end to end as documented and reports every number the
+README's table needs. No timing assertions: the numbers belong to the machine, not the code."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, clean_env, error_lines
+
+BENCH = REPO / "bench" / "bench.py"
+
+
+def run_bench(args: list[str], tmp: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH), *args], env=clean_env(tmp), cwd=tmp, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_benchmark_reports_every_pipeline_ratio_and_gpu_section_field(tmp_path: Path, fashion_dir: Path):
+    out = tmp_path / "bench.json"
+    proc = run_bench(["--device", "cpu", "--repeats", "1", "--epochs", "2", "--train-stride", "100",
+                      "--full-epoch", "--full-stride", "100",
+                      "--agents", "2", "--agent-epochs", "2", "--data-dir", str(fashion_dir), "--json", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+
+    assert report["settings"]["train_examples"] == 600 and report["settings"]["device"] == "cpu"
+    assert report["machine"]["cpu_count"] >= 1 and report["machine"]["gpu"] is None
+    pipelines = report["pipelines"]
+    assert list(pipelines) == ["tutorial", "ours", "ours-disabled"]
+    for name, p in pipelines.items():
+        assert p["examples_per_s"]["min"] <= p["examples_per_s"]["median"] <= p["examples_per_s"]["max"], name
+        assert p["examples_per_s"]["median"] > 0, name
+        assert [len(epochs) for epochs in p["epoch_seconds"]] == [2], name  # warm-up epoch recorded, not counted
+        assert 0.2 < p["test_accuracy"]["median"] <= 1.0, name  # 10 classes: chance is 0.1
+    # W&B's mode changes what is recorded, never what is trained
+    assert pipelines["ours"]["test_accuracy"]["values"] == pipelines["ours-disabled"]["test_accuracy"]["values"]
+
+    ratios = report["ratios"]
+    for key in ("speedup ours", "accuracy delta ours", "wandb_overhead"):
+        assert set(ratios[key]) == {"median", "min", "max", "values"}, key
+    speed = pipelines["ours"]["examples_per_s"]["median"] / pipelines["tutorial"]["examples_per_s"]["median"]
+    assert ratios["speedup ours"]["median"] == pytest.approx(speed)
+    assert {k: type(v["met"]) for k, v in report["targets"].items()} == {"speedup": bool, "accuracy": bool, "wandb_overhead": bool}
+
+    full = report["full_epoch"]
+    assert full["train_stride"] == 100 and full["epoch_seconds"]["median"] > 0 and full["examples_per_s"]["median"] > 0
+    agents = report["agents"]
+    assert agents["agents"] == 2 and len(agents["per_agent"]) == 2
+    assert agents["aggregate_examples_per_s"] > 0 and 0.0 <= agents["overlap"] <= 1.0
+    assert all(a["max_memory_allocated"] is None for a in agents["per_agent"])  # CUDA-only number
+
+    table = proc.stdout
+    for text in ("tutorial", "ours-disabled", "W&B overhead", "full 60000-image epoch", "2 agents on one device", "target speedup"):
+        assert text in table, text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--source", "/nonexistent"], "--source /nonexistent: missing train-images-idx3-ubyte.gz"),
+    (["--variant", "nope=1"], "--variant nope=1: unknown config key 'nope'"),
+    (["--variant", "amp=fp8"], "amp='fp8' must be one of: none, bf16"),
+    (["--pipelines", "tutorial,fast"], "--pipelines 'tutorial,fast': choose from"),
+])
+def test_user_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str):
+    proc = run_bench(args, tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert len(error_lines(proc.stderr)) == 1 and message in proc.stderr, proc.stderr
+    assert not proc.stdout
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_module", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ratios_are_paired_within_a_repeat_and_overhead_is_extra_training_time():
+    bench = load_bench()
+    P = bench.Pipeline
+    pipelines = [P("tutorial", "tutorial", "offline"), P("ours", "ours", "offline"), P("ours-disabled", "ours", "disabled")]
+    rate = {("tutorial", 0): 100.0, ("ours", 0): 200.0, ("ours-disabled", 0): 210.0,
+            ("tutorial", 1): 50.0, ("ours", 1): 150.0, ("ours-disabled", 1): 150.0}
+    epochs = [bench.Epoch(2.0, 100, 0.0, 2.0, 0.0, 3.0), bench.Epoch(1.0, 100, 2.0, 3.0, 0.0, 2.0)]  # warm-up, then one
+    runs = [bench.Run(name, r, value, 0.8 if name == "tutorial" else 0.81, epochs, 3.0, 0.0) for (name, r), value in rate.items()]
+    summary = bench.summarize(runs, pipelines, repeats=2)
+    # per repeat: 200/100 = 2.0 and 150/50 = 3.0, not the ratio of medians (175/75)
+    assert summary["ratios"]["speedup ours"]["values"] == [2.0, 3.0]
+    # offline took 210/200 - 1 = 5% longer than disabled in repeat 0, the same time in repeat 1
+    assert summary["ratios"]["wandb_overhead"]["values"] == pytest.approx([0.05, 0.0])
+    assert summary["ratios"]["accuracy delta ours"]["median"] == pytest.approx(0.01)
+    assert summary["pipelines"]["ours"]["examples_per_s"] == {"median": 175.0, "min": 150.0, "max": 200.0, "values": [200.0, 150.0]}
+    assert summary["pipelines"]["ours"]["cpu_s_per_1k_examples"]["median"] == 20.0  # warm-up epoch's 3 s left out
