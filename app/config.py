@@ -43,6 +43,7 @@ class Config:
     channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and tensor cores
     amp: str = "none"  # none | bf16 (autocast on CUDA)
     compile: str = "none"  # none | default | reduce-overhead (torch.compile; the latter uses CUDA graphs)
+    cuda_graph: bool = True  # on CUDA with compile=none: capture the whole training step once, replay it
     gpu_memory_fraction: float = 0.0  # cap on this process's share of GPU memory; 0 = no cap
     # --- logging ---
     log_interval: int = 25  # batches between `loss` points (the tutorial's 25)

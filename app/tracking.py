@@ -123,9 +123,9 @@ def start(config: Config, environ: Mapping[str, str] | None = None, **init_kwarg
     return run, effective
 
 
-def watch(run, model, criterion, config: Config) -> None:
+def watch(run, model, criterion, config: Config, log_freq: int | None = None) -> None:
     if config.watch_log != "none":
-        run.watch(model, criterion, log=config.watch_log, log_freq=config.watch_log_freq)
+        run.watch(model, criterion, log=config.watch_log, log_freq=log_freq or config.watch_log_freq)
 
 
 def save_file(run, path: Path) -> Path:

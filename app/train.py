@@ -22,6 +22,7 @@ from .errors import UserError
 from .export import export_onnx
 from .model import ConvNet
 from .progress import Progress
+from .step import EagerStep, GraphedStep
 
 
 class Preempted(Exception):
@@ -54,14 +55,16 @@ class StopRequest(contextlib.AbstractContextManager):
 
 
 def pick_device(config: Config) -> torch.device:
+    """The training device, with an index on CUDA (`torch.cuda.set_device` refuses a bare "cuda")."""
     if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(config.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"device={config.device!r} but no CUDA device is visible; use device=auto or device=cpu")
         if (device.index or 0) >= torch.cuda.device_count():
             raise UserError(f"device={config.device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        device = torch.device("cuda", device.index or 0)
     return device
 
 
@@ -85,6 +88,45 @@ def evaluate(model: nn.Module, batches: data.Batches, criterion: nn.Module, auto
     model.train()
     n = len(batches.split)
     return loss_sum.item() / n, correct.item() / n
+
+
+def uses_cuda_graph(config: Config, device: torch.device) -> bool:
+    """Whether training replays the step as a CUDA graph. Not with torch.compile (reduce-overhead makes its
+    own graphs) nor with parameter histograms: their forward hooks would have to fire on every replay."""
+    return (device.type == "cuda" and config.cuda_graph and config.compile == "none"
+            and config.watch_log in ("gradients", "none"))
+
+
+def build_model(config: Config, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = ConvNet(config.kernels, config.classes).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    set_optimizer_flags(optimizer, config, device)
+    return model, optimizer
+
+
+def set_optimizer_flags(optimizer: torch.optim.Optimizer, config: Config, device: torch.device) -> None:
+    """Also after loading a checkpoint, which brings back the flags of the run that wrote it.
+
+    fused on CUDA: one kernel updates every parameter where the default issues several per step (on the
+    CPU fused measured no faster); capturable: the step counter stays on the device, as graph capture needs.
+    """
+    for group in optimizer.param_groups:
+        group.update(fused=device.type == "cuda" or None, capturable=uses_cuda_graph(config, device),
+                     foreach=None)
+
+
+def make_steps(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, config: Config,
+               device: torch.device, train: data.Split, fmt: dict, autocast) -> tuple[EagerStep, EagerStep | GraphedStep]:
+    """(eager step, the step to use): the graphed one is captured on the first (unshuffled) batch."""
+    eager = EagerStep(model, optimizer, criterion, autocast)
+    if not uses_cuda_graph(config, device):
+        return eager, eager
+    x, y = next(iter(data.Batches(train, config.batch_size, shuffle=False, **fmt)))
+    if y.shape[0] < config.batch_size:
+        return eager, eager  # fewer examples than one batch: nothing to gain
+    return eager, GraphedStep(model, optimizer, x, y, bf16=config.amp == "bf16")
 
 
 EpochHook = Callable[[int, dict[str, float]], bool]
@@ -140,10 +182,7 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
     test_batches = data.Batches(ds.test, eval_size, shuffle=False, **fmt)
 
     # --- model, optimizer, resume ---
-    model = ConvNet(config.kernels, config.classes).to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    model, optimizer = build_model(config, device)
     criterion = nn.CrossEntropyLoss()
     run_dir = output_root / run.id
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -153,6 +192,7 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        set_optimizer_flags(optimizer, config, device)
         gen.set_state(ckpt["generator"].to(gen.get_state().device))
         start_epoch, example_ct = ckpt["epoch"], ckpt["examples_seen"]
         print(f"resuming run {run.id} from {ckpt_path}: {start_epoch} epoch(s) done, {example_ct} examples seen", flush=True)
@@ -169,7 +209,13 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
-    tracking.watch(run, model, criterion, config)
+    eager_step, step = make_steps(step_model, optimizer, criterion, config, device, ds.train, fmt, autocast)
+    graphed = step is not eager_step
+    # a replayed graph fires no Python hooks, so with graphs run.watch counts only the eager steps that
+    # are taken every watch_log_freq batches for it: W&B logs on each (log_freq=1), the same cadence
+    tracking.watch(run, model, criterion, config, log_freq=1 if graphed else config.watch_log_freq)
+    watch_every = config.watch_log_freq if graphed and config.watch_log != "none" else 0
+    batches_run = 0
 
     # --- epochs: train, validate, checkpoint ---
     val_loss = val_acc = float("nan")
@@ -183,12 +229,8 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
             seen = 0
             t0 = time.perf_counter()
             for batch_idx, (x, y) in enumerate(train_batches):
-                with autocast():
-                    loss = criterion(step_model(x).float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach()
+                batches_run += 1
+                loss_sum += (eager_step if watch_every and batches_run % watch_every == 0 else step)(x, y)
                 batches_in_sum += 1
                 seen += y.shape[0]
                 example_ct += y.shape[0]

@@ -1,0 +1,95 @@
+"""One training step (forward, backward, optimizer update), run eagerly or replayed as one CUDA graph.
+
+On a GPU this model is far too small to keep the device busy: an eager step is ~100 operators dispatched
+one by one from Python, and the step's time is that dispatch, not the arithmetic. Capturing the whole step
+once and replaying it costs one launch per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class EagerStep:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+                 autocast: Callable[[], contextlib.AbstractContextManager]):
+        self.model, self.optimizer, self.criterion, self.autocast = model, optimizer, criterion, autocast
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The batch's mean loss, left on the device."""
+        with self.autocast():
+            loss = self.criterion(self.model(x).float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+class GraphedStep:
+    """The step captured as a CUDA graph for batches of up to `sample_x.shape[0]` examples.
+
+    A graph replays fixed shapes, so a shorter batch (an epoch's last) is copied into the front of the
+    static batch and the rest gets loss weight 0: the loss is sum(weight_i * ce_i) with weight 1/n for
+    the n real examples, i.e. exactly their mean, and the padding contributes no gradient.
+
+    Capture needs warm-up steps first (cuDNN picks its kernels, Adam creates its state); they run on the
+    sample batch and are then undone, so the run trains exactly as the eager step would.
+    The optimizer must be a CUDA-graph-capturable one (Adam(capturable=True)).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sample_x: torch.Tensor,
+                 sample_y: torch.Tensor, bf16: bool, warmup_steps: int = 3):
+        self.batch = sample_x.shape[0]
+        self.x, self.y = sample_x.clone(), sample_y.clone()  # clone keeps channels_last
+        self.weight = torch.full((self.batch,), 1.0 / self.batch, device=sample_x.device)
+        self.n = self.batch
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+
+        def step() -> torch.Tensor:
+            # the autocast cache must be off under capture: cached casts would outlive the graph's pool
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if bf16 else contextlib.nullcontext():
+                logits = model(self.x)
+            loss = (F.cross_entropy(logits.float(), self.y, reduction="none") * self.weight).sum()
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        with torch.no_grad():
+            params_before = [p.detach().clone() for p in params]
+            state_before = {p: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in optimizer.state.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup_steps):
+                optimizer.zero_grad(set_to_none=True)
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        optimizer.zero_grad(set_to_none=True)  # backward in the graph then writes fresh .grad, never adds
+        with torch.cuda.graph(self.graph):
+            self.loss = step()
+        with torch.no_grad():  # undo the warm-up, in place: the graph holds these very tensors
+            for p, before in zip(params, params_before):
+                p.copy_(before)
+            for p, state in optimizer.state.items():
+                before = state_before.get(p)
+                for k, v in state.items():
+                    if torch.is_tensor(v):
+                        v.copy_(before[k]) if before is not None else v.zero_()  # Adam starts from zeros
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n = y.shape[0]
+        if n > self.batch:
+            raise ValueError(f"batch of {n} > the captured {self.batch}")
+        if n != self.n:
+            self.weight.zero_()[:n] = 1.0 / n
+            self.n = n
+        self.x[:n].copy_(x)
+        self.y[:n].copy_(y)
+        self.graph.replay()
+        return self.loss  # overwritten by the next replay: read or accumulate it before that
