@@ -54,7 +54,7 @@ class Agent(threading.Thread):
         self.env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(self.work / "runs"),
                     "OUTPUT_DIR": str(self.work / "outputs"), "DATA_DIR": str(data_dir), "DATASET": "fashion_mnist",
                     "EPOCHS": str(args.epochs), "TRAIN_STRIDE": str(args.train_stride), "DEVICE": args.device,
-                    "WATCH_LOG": "none", "GPU_MEMORY_FRACTION": f"{1 / n:.4f}" if n > 1 else "0"}
+                    "GPU_MEMORY_FRACTION": f"{1 / n:.4f}" if n > 1 else "0"}
         self.pids: list[int] = []
         self.trial_s: list[float] = []
         self.failures: list[str] = []

@@ -46,8 +46,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-# the repository root, so `app` imports from a plain checkout too (no editable install, e.g. on a GPU box)
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+# the repository root, so `app` imports from a plain checkout too (no editable install, e.g. on a GPU box),
+# and this folder, for `tutorial` however this file was loaded
+sys.path[1:1] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from app import data  # noqa: E402
 from app.config import Config, ConfigError  # noqa: E402
@@ -298,8 +299,7 @@ def run_bare(cfg: Config) -> tuple[EpochTimer, float]:
     """Ours without train()'s run, logging, checkpoints or progress: the loop's ceiling on this device."""
     from torch import nn
 
-    from app.model import ConvNet
-    from app.train import evaluate
+    from app.train import build_model, evaluate, make_steps
 
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -310,19 +310,14 @@ def run_bare(cfg: Config) -> tuple[EpochTimer, float]:
     gen.manual_seed(cfg.seed)
     fmt = dict(mean=ds.mean, std=ds.std, channels_last=cfg.channels_last)
     batches = data.Batches(ds.train, cfg.batch_size, shuffle=True, generator=gen, **fmt)
-    model = ConvNet(cfg.kernels, cfg.classes).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    model, optimizer = build_model(cfg, device)
     criterion = nn.CrossEntropyLoss()
+    _, step = make_steps(model, optimizer, criterion, cfg, device, ds.train, fmt, contextlib.nullcontext)
     timer = EpochTimer(device)
     for _ in range(cfg.epochs):
         timer.start()
         for x, y in batches:
-            loss = criterion(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            step(x, y)
         timer.stop(len(ds.train))
     _, accuracy = evaluate(model, data.Batches(ds.test, 1000, shuffle=False, **fmt), criterion, contextlib.nullcontext)
     return timer, accuracy
@@ -346,9 +341,12 @@ def parse_variant(text: str) -> dict[str, str]:
     return changes
 
 
-def run_pipeline(p: Pipeline, settings: dict, data_dir: Path, device: torch.device, repeat: int, work: Path) -> Run:
+def run_pipeline(p: Pipeline, settings: dict, data_dir: Path, device: torch.device, repeat: int, work: Path,
+                 fresh_process: bool = False) -> Run:
     log = work / "logs" / f"{p.name}-{repeat}.log"
     try:
+        if fresh_process:
+            return run_in_fresh_process(p, settings, data_dir, device, repeat, work, log)
         with output_to(log):
             return _run_pipeline(p, settings, data_dir, device, repeat, work)
     except BaseException:
@@ -369,6 +367,55 @@ def _run_pipeline(p: Pipeline, settings: dict, data_dir: Path, device: torch.dev
     shares = [e.others_cpu for e in timer.steady() if e.others_cpu is not None]
     others = sum(shares) / len(shares) if shares else None
     return Run(p.name, repeat, timer.rate(), accuracy, timer.epochs, time.perf_counter() - t0, others)
+
+
+def _fresh_child(pipeline: dict, settings: dict, data_dir: str, device: str, repeat: int, work: str, log: str,
+                 results) -> None:
+    # a spawned child inherits "spawn" as its default start method; a user's fresh process has the
+    # platform's (fork on Linux), and the tutorial's DataLoader starts its workers with it every epoch
+    multiprocessing.set_start_method(None, force=True)
+    try:
+        with output_to(Path(log)):
+            run = _run_pipeline(Pipeline(**pipeline), settings, Path(data_dir), torch.device(device), repeat, Path(work))
+        results.put({"index": 0, "run": asdict(run)})
+    except BaseException as exc:  # reported by the parent
+        results.put({"index": 0, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def run_in_fresh_process(p: Pipeline, settings: dict, data_dir: Path, device: torch.device, repeat: int, work: Path,
+                         log: Path) -> Run:
+    """One run in a new Python process, as users start every run: nothing warmed up by earlier runs
+    (the C allocator's heap, W&B's service, imports) carries over."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_fresh_child, args=(asdict(p), settings, str(data_dir), str(device), repeat, str(work),
+                                                  str(log), results))
+    proc.start()
+    got = collect(results, [proc])[0]
+    if "error" in got:
+        raise RuntimeError(got["error"])
+    fields = got["run"]
+    return Run(**dict(fields, epochs=[Epoch(**e) for e in fields["epochs"]]))
+
+
+def collect(results, procs: list) -> list[dict]:
+    """One result per process from `results`; a process that dies without one is an error, not a hang."""
+    got = []
+    try:
+        while len(got) < len(procs):
+            try:
+                got.append(results.get(timeout=5))
+            except queue.Empty:
+                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead and results.empty():
+                    raise RuntimeError(f"process(es) {dead} exited with {[procs[i].exitcode for i in dead]} without a result")
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:  # e.g. agents waiting at the barrier for one that died
+            if p.is_alive():
+                p.terminate()
+    return sorted(got, key=lambda g: g["index"])
 
 
 # --- agents sharing one device -----------------------------------------------------------------
@@ -401,25 +448,10 @@ def run_agents(n: int, cfg: Config, work: Path) -> dict[str, Any]:
     procs = [ctx.Process(target=_agent, args=(i, cfg.to_dict(), str(work), start, results)) for i in range(n)]
     for p in procs:
         p.start()
-    got = []
-    try:
-        while len(got) < n:  # a child that dies without reporting (killed, segfault) must not hang the parent
-            try:
-                got.append(results.get(timeout=5))
-            except queue.Empty:
-                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                if dead and results.empty():
-                    raise RuntimeError(f"agent(s) {dead} exited with {[procs[i].exitcode for i in dead]} without a result")
-        for p in procs:
-            p.join()
-    finally:
-        for p in procs:  # the others may be waiting at the barrier for the one that died
-            if p.is_alive():
-                p.terminate()
+    got = collect(results, procs)
     errors = [f"agent {g['index']}: {g['error']}" for g in got if "error" in g]
     if errors:
         raise RuntimeError("; ".join(errors))
-    got.sort(key=lambda g: g["index"])
     steady = [[Epoch(**e) for e in g["epochs"][WARMUP_EPOCHS:]] for g in got]
     first, last = min(s[0].start for s in steady), max(s[-1].end for s in steady)
     common = min(s[-1].end for s in steady) - max(s[0].start for s in steady)
@@ -627,6 +659,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--agent-epochs", type=int, default=5, help="epochs per agent, the first is warm-up (default: 5)")
     ap.add_argument("--full-stride", type=int, default=1,
                     help="train_stride of --full-epoch and --agents (default: 1, all 60000 images; larger for smoke tests)")
+    ap.add_argument("--fresh-process", action="store_true",
+                    help="run every run in a new Python process, as users start each run (default: all in this one)")
     ap.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                     help="before each run, wait up to SECONDS for 5 s in which other processes use < 10%% of the CPUs "
                          "(for shared machines; default: 0, don't wait)")
@@ -693,14 +727,14 @@ def bench(args) -> dict[str, Any]:
             for p in pipelines[shift:] + pipelines[:shift]:
                 if args.wait_idle:
                     wait_until_idle(args.wait_idle)
-                run = run_pipeline(p, settings, data_dir, device, repeat, work)
+                run = run_pipeline(p, settings, data_dir, device, repeat, work, args.fresh_process)
                 others = "-" if run.others_cpu is None else f"{run.others_cpu:.0%}"
                 print(f"repeat {repeat + 1}/{args.repeats} {p.name:<24} {run.examples_per_s:8.0f} examples/s  "
                       f"test_accuracy {run.test_accuracy:.4f}  others' CPU {others}", file=sys.stderr, flush=True)
                 runs.append(run)
         report: dict[str, Any] = {
             "machine": machine(device),
-            "settings": dict(settings, device=str(device), repeats=args.repeats,
+            "settings": dict(settings, device=str(device), repeats=args.repeats, fresh_process=args.fresh_process,
                              train_examples=len(range(0, 60000, args.train_stride)),
                              warmup=f"first {WARMUP_EPOCHS} epoch of each run excluded",
                              timing="CUDA events + synchronize" if device.type == "cuda" else "time.perf_counter"),
@@ -709,7 +743,7 @@ def bench(args) -> dict[str, Any]:
 
         if full_epoch:
             full = Pipeline("ours", "ours", "offline", {"train_stride": str(args.full_stride)})
-            fulls = [run_pipeline(full, settings, data_dir, device, r, work)
+            fulls = [run_pipeline(full, settings, data_dir, device, r, work, args.fresh_process)
                      for r in range(args.repeats)]
             report["full_epoch"] = {
                 "train_stride": args.full_stride,
