@@ -6,9 +6,10 @@
 # The entrypoint (python -m app.entrypoint) runs one training run or a `wandb agent`, chosen by env vars.
 # WANDB_API_KEY is only ever given at run time (-e, --env-file, compose's .env): no secret in any layer.
 #
-# Layer order, cheapest to redo last: python + venv, torch (~5.5 GB), the other dependencies (rebuilt only
-# when pyproject.toml's dependency list changes), the package metadata, the code. Editing app/ rebuilds
-# only the last two small layers.
+# Layers of the final image, cheapest to redo last: python, torch (~5.5 GB: the venv with torch and its
+# dependencies), the other dependencies (~0.23 GB, rebuilt only when pyproject.toml's dependency list
+# changes), the package metadata, the code. A dependency edit re-ships only the second venv layer, and
+# editing app/ only the last small layers. There is no pip in the image: nothing at run time installs.
 
 # The base has to provide only glibc and python3 (installed below when missing). PyTorch's pip wheels carry
 # their own CUDA runtime, cuDNN, cuBLAS and NCCL (the nvidia-* wheels) and the NVIDIA container runtime
@@ -42,35 +43,81 @@ ARG PIP_TRUSTED_HOST=
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
     PATH=/opt/venv/bin:$PATH
-RUN python3 -m venv /opt/venv
+# The image's venv has no pip: a second venv's pip installs into it (`pip --python`), so pip stays out of
+# the image without an uninstall that would leave files behind. The two helpers split the venv into
+# layers: venv-files lists every file with its size and mtime (and every folder); `venv-delta BEFORE AFTER
+# DEST` copies what is new since the listing BEFORE into DEST, and fails when a file of BEFORE changed or
+# went away: that file lives in an earlier layer, so the image would silently keep the old one.
+RUN python3 -m venv --without-pip /opt/venv \
+    && python3 -m venv /opt/pip \
+    && printf '%s\n' '#!/bin/sh' 'exec /opt/pip/bin/pip --python /opt/venv/bin/python "$@"' >/usr/local/bin/pip \
+    && printf '%s\n' '#!/bin/sh' \
+        'find /opt/venv -type d -printf "%p/\n" -o -printf "%p\t%s\t%T@\n" | LC_ALL=C sort' \
+        >/usr/local/bin/venv-files \
+    && printf '%s\n' '#!/bin/bash' 'set -euo pipefail' 'venv-files >"$2"' \
+        'changed=$(LC_ALL=C comm -23 "$1" "$2" | cut -f1)' \
+        'if [[ -n $changed ]]; then' \
+        '    echo "error: this install changed or removed files of an earlier layer (pin what it upgraded):" >&2' \
+        '    head -n 20 <<<"$changed" >&2' \
+        '    exit 1' \
+        'fi' \
+        'mkdir -p "$3"' \
+        'LC_ALL=C comm -13 "$1" "$2" | cut -f1 | sed "s|^/||; s|/\$||" \' \
+        '    | tar -C / -c --no-recursion --verbatim-files-from --no-unquote -T - | tar -C "$3" -x' \
+        'echo "venv-delta: $(find "$3" -type f | wc -l) new files, $(du -sh "$3" | cut -f1) in $3"' \
+        >/usr/local/bin/venv-delta \
+    && chmod +x /usr/local/bin/pip /usr/local/bin/venv-files /usr/local/bin/venv-delta
 
-# torch + torchvision in their own layer: ~5.5 GB that neither dependency nor code edits should redo.
-# Empty TORCH_INDEX_URL = PyPI's default (CUDA) build; see BASE_IMAGE above for older drivers.
+# torch + torchvision and their dependencies: the final image's first venv layer, which neither dependency
+# nor code edits should redo. Empty TORCH_INDEX_URL = PyPI's default (CUDA) build; see BASE_IMAGE above for
+# older drivers. The freeze pins every package of this layer for the next install.
 ARG TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
 ARG TORCH_INDEX_URL=
 RUN --mount=type=cache,target=/root/.cache/pip \
-    printf '%s\n' ${TORCH_SPEC} > /opt/torch-constraints.txt \
-    && pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} ${TORCH_SPEC}
+    pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} ${TORCH_SPEC} \
+    && mkdir /opt/layers \
+    && pip freeze --all >/opt/layers/torch.txt \
+    && venv-files >/opt/layers/torch.files
 
 
 # The dependency list alone, out of pyproject.toml: the next stage copies it by content, so editing
 # anything else in pyproject.toml (version, tool settings) does not reinstall the dependencies.
 FROM venv AS requirements
 COPY pyproject.toml /tmp/
-RUN python -c 'import sys; \
+# /opt/pip's python: the image's venv has no pip, whose tomli stands in for tomllib before Python 3.11.
+RUN /opt/pip/bin/python -c 'import sys; \
 toml = __import__("tomllib" if sys.version_info >= (3, 11) else "pip._vendor.tomli", fromlist=["load"]); \
 project = toml.load(open("/tmp/pyproject.toml", "rb")); \
 print("\n".join(project["build-system"]["requires"] + project["project"]["dependencies"]))' > /tmp/requirements.txt
 
 
-# The other dependencies (the constraints keep the torch chosen above), the build backend (the final stage
-# installs the package without an index), and dumb-init: PID 1 that forwards signals and reaps zombies.
+# The other dependencies, the build backend (the package stage installs the project without an index), and
+# dumb-init: PID 1 that forwards signals and reaps zombies. The torch layer's freeze as constraints: a
+# dependency that wants another numpy (say) fails here instead of rewriting the torch layer. Only the new
+# files go on, in /opt/deps: the final image's second venv layer. Left out of it (~26 MB that nothing in
+# the image imports): test suites and ONNX's conformance models, and onnxruntime's offline model-tuning
+# tools (transformers/, quantization/, tools/), which InferenceSession never loads.
 FROM venv AS build
 COPY --from=requirements /tmp/requirements.txt /opt/requirements.txt
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --constraint /opt/torch-constraints.txt --requirement /opt/requirements.txt dumb-init \
-    && python -c 'import torch, torchvision, wandb, onnxruntime' \
-    && dumb-init --version
+    pip install --constraint /opt/layers/torch.txt --requirement /opt/requirements.txt dumb-init \
+    && (cd /opt/venv/lib/python3.*/site-packages \
+        && rm -rf onnx/backend/test onnxruntime/transformers onnxruntime/quantization onnxruntime/tools \
+            sqlalchemy/testing alembic/testing optuna/testing) \
+    && PYTHONDONTWRITEBYTECODE=1 python -c 'import torch, torchvision, wandb, onnx, onnxruntime, optuna, \
+alembic, psycopg2, sqlalchemy.dialects.postgresql' \
+    && dumb-init --version \
+    && venv-delta /opt/layers/torch.files /opt/layers/deps.files /opt/deps
+
+
+# The package itself, editable: `import app` and the `mnist-sweeps` command load the code in /app/app. Only
+# this small layer changes when pyproject.toml does; no index is needed (no deps, backend already installed).
+FROM build AS package
+COPY pyproject.toml /app/
+RUN cd /app \
+    && mkdir app && touch app/__init__.py \
+    && pip install --no-index --no-deps --no-build-isolation --no-cache-dir --editable . \
+    && venv-delta /opt/layers/deps.files /opt/layers/package.files /opt/package
 
 
 FROM python AS runtime
@@ -79,7 +126,7 @@ LABEL org.opencontainers.image.title="mnist-sweeps" \
 
 # A fixed non-root UID/GID 1000 (Ubuntu bases already use 1000 for `ubuntu`: replaced). HOME is writable by
 # any UID because compose runs the container as the host user (`user: UID:GID`), who still needs a HOME
-# for the W&B, matplotlib and torch caches. The volume folders belong to 1000 so fresh named volumes do.
+# for the W&B and torch caches. The volume folders belong to 1000 so fresh named volumes do.
 RUN set -eu; \
     user=$(getent passwd 1000 | cut -d: -f1) || true; \
     if [ -n "$user" ]; then userdel --remove "$user" 2>/dev/null || userdel "$user"; fi; \
@@ -91,7 +138,10 @@ RUN set -eu; \
     mkdir -p /data /runs /outputs; \
     chown trainer:trainer /data /runs /outputs
 
-COPY --from=build /opt/venv /opt/venv
+# The venv in two layers: torch's (same digest whatever the other dependencies are) and the files the
+# other dependencies added to it. `docker history` shows both.
+COPY --from=venv /opt/venv /opt/venv
+COPY --from=build /opt/deps/ /
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/trainer \
     LANG=C.UTF-8 \
@@ -102,14 +152,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     WANDB_DIR=/runs \
     OUTPUT_DIR=/outputs
 
-# The package itself, editable: `import app` and the `mnist-sweeps` command load the code in /app/app. Only
-# this small layer changes when pyproject.toml does; no index is needed (no deps, backend already installed).
 WORKDIR /app
-COPY pyproject.toml ./
-RUN mkdir app && touch app/__init__.py \
-    && PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
-        pip install --no-index --no-deps --no-build-isolation --no-cache-dir --editable . \
-    && rm -rf app build *.egg-info
+COPY --from=package /opt/package/ /
 COPY sweeps ./sweeps
 COPY app ./app
 # Compiled here because the non-root user cannot write __pycache__ under /app.

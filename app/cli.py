@@ -18,7 +18,7 @@ commands:
   offline-agent ...         run trials of a sweep YAML with no W&B server (Optuna)
   sweep-status ...          the trials table and best trial of an offline sweep
   sync [PATH]               upload unsynced offline runs with `wandb sync`
-  report ...                render offline runs and sweeps to PNG / HTML
+  report ...                render offline runs and sweeps to SVG / HTML
   bundle save|load ...      carry image + data + settings to an air-gapped host
 
 Settings for `train` (lowest precedence first): defaults < .env < environment (KEY in upper case,
