@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 BASE_IMAGE = "mnist-sweeps-base:bookworm"  # debootstrap stand-in for the CUDA base (no registry here)
 TEST_IMAGE = "mnist-sweeps:test"  # .ci/run builds the same tag
 COMPOSE_FILES = ("docker-compose.yml", "docker-compose.cpu.yml")  # no NVIDIA runtime on test hosts
-COMPOSE_PROJECT = "mnist-sweeps-test"
+# per test process: `up --scale` and `down` never touch another test session's containers on the same engine
+COMPOSE_PROJECT = f"mnist-sweeps-test-{os.getpid()}"
 # The container's user: the test user, as compose's `user: UID:GID` does for people; root runs it as 1000.
 CONTAINER_UID, CONTAINER_GID = (os.getuid(), os.getgid()) if os.getuid() else (1000, 1000)
 # Variables docker-compose.yml passes through from the caller, or that change what compose reads.

@@ -1,7 +1,7 @@
 """Helpers for the sweep-agent container tests: a compose project on real Fashion-MNIST, pointed at the
 stand-in W&B API (tests/fake_wandb.py) that the test serves on the host's loopback.
 
-    from sweep_project import agent_logs, compose_files, fashion_project, own_compose_project, write_env
+    from sweep_project import agent_logs, compose_files, fashion_project, write_env
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-import containers
 from conftest import FASHION_MNIST, REPO
 from containers import COMPOSE_FILES, CONTAINER_GID, CONTAINER_UID, compose, project_dir
 from fake_wandb import FakeWandb
@@ -22,13 +21,6 @@ from fake_wandb import FakeWandb
 HOST_NETWORK = str(REPO / "tests" / "compose.host-network.yml")
 compose_files = (*COMPOSE_FILES, HOST_NETWORK)
 LOG_LINE = re.compile(r"^(?P<container>[\w.-]+)\s+\| (?P<text>.*)$")
-
-
-@pytest.fixture
-def own_compose_project(monkeypatch):
-    """A compose project name of the test's own: `up --scale` and `down` never touch the containers of
-    another test session on the same engine (a shared name would recreate or remove them)."""
-    monkeypatch.setattr(containers, "COMPOSE_PROJECT", f"{containers.COMPOSE_PROJECT}-{os.getpid()}")
 
 
 def fashion_project(base: Path) -> Path:

@@ -17,9 +17,9 @@ from app import runlog
 
 from containers import app_image, compose  # noqa: F401  (app_image: the session fixture)
 from fake_wandb import FakeWandb
-from sweep_project import agent_logs, compose_files, fashion_project, joined, own_compose_project, write_env  # noqa: F401
+from sweep_project import agent_logs, compose_files, fashion_project, joined, write_env
 
-pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.usefixtures("own_compose_project")]
+pytestmark = [pytest.mark.container, pytest.mark.slow]
 
 ONE_POINT = {
     "method": "grid",
