@@ -110,3 +110,30 @@ def test_accuracy_target_allows_seed_noise_but_not_a_consistent_loss(deltas: lis
     bench = load_bench()
     report = {"ratios": {"speedup ours": {"median": 2.0}, "accuracy delta ours": {"values": deltas}}}
     assert bench.verdicts(report, bench.torch.device("cpu"))["accuracy"]["met"] is met
+
+
+@pytest.mark.slow
+def test_wandb_parts_pairs_every_window_and_prices_a_log_call(tmp_path: Path, fashion_dir: Path):
+    out = tmp_path / "parts.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "wandb_parts.py"), "--data-dir", str(fashion_dir),
+                           "--windows", "2", "--steps", "3", "--json", str(out)],
+                          env=clean_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["steps_per_window"] == 3
+    for part in ("run_open", "watch_hooks"):
+        assert len(report[part]["values"]) == 2  # one paired ratio per window
+        assert all(-1 < v < 10 for v in report[part]["values"])
+    assert report["run_log_us"] > 0 and report["step_ms"]["median"] > 0
+    # the share is the call's time over log_interval steps of the measured step time
+    expected = report["run_log_us"] / 1e3 / (report["settings"]["log_interval"] * report["step_ms"]["median"])
+    assert abs(report["run_log_share"] - expected) < 1e-9 * max(1.0, expected)
+    assert "one run.log call" in proc.stdout and not list(tmp_path.glob("wandb"))
+
+
+def test_wandb_parts_missing_dataset_is_one_line_and_exit_2(tmp_path: Path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "wandb_parts.py"), "--source", "/nonexistent"],
+                          env=clean_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert error_lines(proc.stderr) == [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "--source /nonexistent: missing" in proc.stderr
