@@ -54,6 +54,7 @@ from app import data  # noqa: E402
 from app.config import Config, ConfigError  # noqa: E402
 from app.errors import UserError  # noqa: E402
 from app.tracking import environment  # noqa: E402
+from cpushare import NOISY, CpuShare, wait_until_idle  # noqa: E402
 
 # The tutorial's config (its `config` dict), used by every pipeline.
 TUTORIAL = dict(epochs=5, classes=10, kernels=[16, 32], batch_size=128, learning_rate=0.005,
@@ -61,7 +62,6 @@ TUTORIAL = dict(epochs=5, classes=10, kernels=[16, 32], batch_size=128, learning
 SOURCE = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 WARMUP_EPOCHS = 1  # excluded from every run's examples/s
 AGENT_START_TIMEOUT_S = 600  # agents wait this long at most for each other before their timed epochs
-NOISY = 0.10  # other processes using more than this share of the CPUs during a run make it noisy
 TARGETS = {  # issue 6
     "cpu": {"speedup": 1.8, "wandb_overhead": 0.03},
     "cuda": {"speedup": 40.0, "wandb_overhead": 0.03, "full_epoch_s": 0.25},
@@ -151,77 +151,6 @@ def timed_training_batches(timer: EpochTimer, before_epoch: Callable[[int], None
         data.Batches = base
 
 
-class CpuShare:
-    """How much of the machine's CPU time went to processes outside this benchmark while it measured.
-
-    Other processes on a small machine slow training far more than their own CPU use suggests: with
-    one torch thread per core, a thread that loses its core stalls the others at the next barrier.
-    This is the number that says whether a measurement was taken alone. Linux only (/proc).
-    """
-
-    HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    def __init__(self):
-        self._start = self._sample()
-
-    @classmethod
-    def _sample(cls) -> tuple[float, float, float] | None:
-        try:
-            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-        busy = (user + nice + system + irq + softirq + steal) / cls.HZ  # steal: other VMs on the same host
-        t = os.times()  # this process, and its children once reaped (DataLoader workers)
-        return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system + cls._live_children()
-
-    @classmethod
-    def _live_children(cls) -> float:
-        """CPU seconds of descendants still running (W&B's service process lives as long as we do)."""
-        parents: dict[int, int] = {}
-        times: dict[int, float] = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                text = stat.read_text()
-            except OSError:
-                continue
-            rest = text[text.rindex(")") + 2:].split()  # the command name may contain spaces
-            pid = int(stat.parent.name)
-            parents[pid], times[pid] = int(rest[1]), (int(rest[11]) + int(rest[12])) / cls.HZ
-        ours, total, frontier = {os.getpid()}, 0.0, [os.getpid()]
-        while frontier:
-            parent = frontier.pop()
-            for pid, ppid in parents.items():
-                if ppid == parent and pid not in ours:
-                    ours.add(pid)
-                    frontier.append(pid)
-                    total += times[pid]
-        return total
-
-    def others(self) -> float | None:
-        """Share of all CPUs (0..1) used by other processes since this object was made."""
-        return self.measure()[0]
-
-    def measure(self) -> tuple[float | None, float | None]:
-        """(share of all CPUs other processes used, CPU seconds this process and its children used) so far."""
-        end = self._sample()
-        if self._start is None or end is None:
-            return None, None
-        wall, busy, ours = (b - a for a, b in zip(self._start, end))
-        return (max(0.0, (busy - ours) / (wall * (os.cpu_count() or 1))) if wall > 0 else None), ours
-
-
-def wait_until_idle(max_wait_s: float, below: float = 0.10, window_s: float = 5.0) -> float | None:
-    """Wait (up to `max_wait_s`) for a `window_s` window in which other processes used < `below` of the CPUs."""
-    deadline = time.perf_counter() + max_wait_s
-    while True:
-        share = CpuShare()
-        time.sleep(window_s)
-        others = share.others()
-        if others is None or others < below or time.perf_counter() >= deadline:
-            return others
-
-
 @contextlib.contextmanager
 def output_to(path: Path) -> Iterator[None]:
     """Send everything this process (and what it starts) writes to stdout/stderr into `path`.
@@ -295,31 +224,49 @@ def run_ours(cfg: Config, wandb_mode: str, work: Path, before_epoch=None) -> tup
     return timer, result["test_accuracy"]
 
 
-def run_bare(cfg: Config) -> tuple[EpochTimer, float]:
-    """Ours without train()'s run, logging, checkpoints or progress: the loop's ceiling on this device."""
-    from torch import nn
+@dataclass
+class Loop:
+    """train()'s training loop without its run: the data on the device, the model and the step (the CUDA
+    graph where train() would replay one)."""
+    device: torch.device
+    ds: data.Dataset
+    fmt: dict
+    model: torch.nn.Module
+    criterion: torch.nn.Module
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-    from app.train import build_model, evaluate, make_steps
+
+def bare_loop(cfg: Config) -> Loop:
+    from app.train import build_model, make_steps
 
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train() sets it
     ds = data.load(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_stride, device)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed)
     fmt = dict(mean=ds.mean, std=ds.std, channels_last=cfg.channels_last)
-    batches = data.Batches(ds.train, cfg.batch_size, shuffle=True, generator=gen, **fmt)
     model, optimizer = build_model(cfg, device)
-    criterion = nn.CrossEntropyLoss()
+    criterion = torch.nn.CrossEntropyLoss()
     _, step = make_steps(model, optimizer, criterion, cfg, device, ds.train, fmt, contextlib.nullcontext)
-    timer = EpochTimer(device)
+    return Loop(device, ds, fmt, model, criterion, step)
+
+
+def run_bare(cfg: Config) -> tuple[EpochTimer, float]:
+    """Ours without train()'s run, logging, checkpoints or progress: the loop's ceiling on this device."""
+    from app.train import evaluate
+
+    loop = bare_loop(cfg)
+    gen = torch.Generator(device=loop.device)
+    gen.manual_seed(cfg.seed)
+    batches = data.Batches(loop.ds.train, cfg.batch_size, shuffle=True, generator=gen, **loop.fmt)
+    timer = EpochTimer(loop.device)
     for _ in range(cfg.epochs):
         timer.start()
         for x, y in batches:
-            step(x, y)
-        timer.stop(len(ds.train))
-    _, accuracy = evaluate(model, data.Batches(ds.test, 1000, shuffle=False, **fmt), criterion, contextlib.nullcontext)
+            loop.step(x, y)
+        timer.stop(len(loop.ds.train))
+    test = data.Batches(loop.ds.test, 1000, shuffle=False, **loop.fmt)
+    _, accuracy = evaluate(loop.model, test, loop.criterion, contextlib.nullcontext)
     return timer, accuracy
 
 

@@ -51,6 +51,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cpushare import NOISY, others_over, wait_until_idle  # this folder: run as a script
+
 IMAGE = "mnist-sweeps:test"  # what scripts/build-image --tag and the tests build
 BASE = "mnist-sweeps-base:bookworm"  # the tests' debootstrap stand-in for the CUDA base
 SOURCE = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
@@ -63,7 +65,6 @@ TORCH_ROOTS = ("torch", "torchvision")  # "torch's own packages": these and ever
 IMAGE_UID = 1000  # the image's user (Dockerfile: USER 1000:1000)
 MB = 1e6  # decimal, as `docker images` prints sizes
 TARGETS = {"beyond_torch_mb": 400.0, "startup_warm_s": 5.0}  # issue 6
-NOISY = 0.10  # others using more than this share of the CPUs just before a run make it noisy
 RUN_TIMEOUT_S = 600  # one tiny training run in a container
 
 
@@ -246,40 +247,6 @@ def parse_debug_time(line: str | None) -> float | None:
     return datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=timezone.utc).timestamp()
 
 
-class CpuShare:
-    """Share of all CPUs the machine used over a short window (/proc/stat, steal counted as busy).
-
-    Sampled just before each run, while nothing of this benchmark runs: it is what others were using."""
-
-    @staticmethod
-    def sample() -> tuple[int, int] | None:
-        try:
-            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]) - idle, sum(fields[:8])
-
-    @classmethod
-    def busy(cls, seconds: float) -> float | None:
-        a = cls.sample()
-        time.sleep(seconds)
-        b = cls.sample()
-        if a is None or b is None or b[1] == a[1]:
-            return None
-        return (b[0] - a[0]) / (b[1] - a[1])
-
-
-def wait_until_idle(max_wait_s: float, below: float = NOISY, window_s: float = 2.0) -> float | None:
-    """Wait (at most max_wait_s) for a window in which the machine is below `below` busy; the last share."""
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        share = CpuShare.busy(window_s)
-        if share is None or share < below or time.monotonic() >= deadline:
-            return share
-        time.sleep(1.0)
-
-
 def user_flags() -> list[str]:
     """As root the volumes are handed to the image's user (as a named volume would be); anyone else runs
     the image as themselves, as the compose file does with `user: UID:GID`."""
@@ -316,7 +283,8 @@ def one_run(image: str, data_dir: Path, work: Path, repeat: int, kind: str, wait
     outputs.mkdir()
     own(runs)
     own(outputs)
-    others = wait_until_idle(wait_idle) if wait_idle > 0 else CpuShare.busy(1.0)
+    # just before the run, while nothing of this benchmark runs: what others are using
+    others = wait_until_idle(wait_idle, window_s=2.0) if wait_idle > 0 else others_over(1.0)
     name = f"bench-startup-{uuid.uuid4().hex[:12]}"
     command = ["docker", "run", f"--name={name}", *user_flags(),
                f"--volume={data_dir}:/data", f"--volume={runs}:/runs", f"--volume={outputs}:/outputs",

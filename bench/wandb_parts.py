@@ -18,7 +18,6 @@ and each part's cost is the median of the paired ratios:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -27,15 +26,13 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path[1:1] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from app import data  # noqa: E402
 from app.config import Config  # noqa: E402
 from app.errors import UserError  # noqa: E402
-from app.train import build_model, make_steps  # noqa: E402
-from bench import SOURCE, machine, prepare_data, resolve_device, spread  # noqa: E402
+from bench import SOURCE, bare_loop, machine, prepare_data, resolve_device, spread  # noqa: E402
 
 
 def paired(on: list[float], off: list[float]) -> dict:
@@ -46,16 +43,10 @@ def measure(args, data_dir: Path, work: Path) -> dict:
     import wandb
 
     device = resolve_device(args.device)
-    cfg = Config(dataset="fashion_mnist", data_dir=str(data_dir), device=device.type)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    ds = data.load(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_stride, device)
-    fmt = dict(mean=ds.mean, std=ds.std, channels_last=cfg.channels_last)
-    torch.manual_seed(0)
-    model, optimizer = build_model(cfg, device)
-    _, step = make_steps(model, optimizer, nn.CrossEntropyLoss(), cfg, device, ds.train, fmt, contextlib.nullcontext)
-    batches = list(data.Batches(ds.train, cfg.batch_size, shuffle=False, **fmt))[:args.steps]
+    cfg = Config(dataset="fashion_mnist", data_dir=str(data_dir), device=str(device))
+    loop = bare_loop(cfg)
+    model, step = loop.model, loop.step
+    batches = list(data.Batches(loop.ds.train, cfg.batch_size, shuffle=False, **loop.fmt))[:args.steps]
 
     def window() -> float:
         """Seconds per step over one pass of the batches."""
