@@ -161,5 +161,5 @@ RUN python -m compileall -q app
 
 VOLUME ["/data", "/runs", "/outputs"]
 USER 1000:1000
-ENTRYPOINT ["dumb-init", "--", "python", "-m", "app.entrypoint"]
+ENTRYPOINT ["dumb-init", "--", "python", "-m", "app.container.entrypoint"]
 CMD []

@@ -6,8 +6,8 @@ import importlib
 import os
 import sys
 
-from . import config as cfg
-from .errors import UserError
+from app import config as cfg
+from app.errors import UserError
 
 USAGE = """usage: python -m app <command> [options]
 
@@ -45,14 +45,14 @@ def cmd_train(args: list[str]) -> int:
 
     load_dotenv(".env", override=False)  # WANDB_* settings in .env apply too; the real environment wins
     config = cfg.load(args, os.environ, dotenv_path=".env")
-    from . import dedupe
+    from app.sweep import dedupe
 
     # a sweep run first claims its parameters: W&B may have handed the same ones to another agent
     with dedupe.guard(os.environ, args) as claim:
         if claim and claim.duplicate_of:
             print(dedupe.skip_message(claim), file=sys.stderr)
             return 0  # exit 0: a finished trial to the agent, not a failure that could stop it
-        from .train import Preempted, train  # after the check: a skipped duplicate never loads torch
+        from app.train import Preempted, train  # after the check: a skipped duplicate never loads torch
 
         try:
             result = train(config)
@@ -70,13 +70,13 @@ def cmd_train(args: list[str]) -> int:
 # each command lives in its own module, imported only when called: `train` must not pay for docker or optuna
 COMMANDS = {
     "train": "app.cli:cmd_train",
-    "sweep": "app.sweeps:main",
-    "launch": "app.launch:main",
-    "offline-agent": "app.offline_sweep:main",
-    "sweep-status": "app.offline_sweep:status_main",
-    "sync": "app.sync:main",
-    "report": "app.report:main",
-    "bundle": "app.bundle:main",
+    "sweep": "app.sweep.wandb_sweep:main",
+    "launch": "app.container.launch:main",
+    "offline-agent": "app.sweep.offline:main",
+    "sweep-status": "app.sweep.offline:status_main",
+    "sync": "app.runs.sync:main",
+    "report": "app.runs.report:main",
+    "bundle": "app.container.bundle:main",
 }
 
 

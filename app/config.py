@@ -13,8 +13,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-
-from .errors import UserError
+from app.errors import UserError
 
 
 class ConfigError(UserError):

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import UserError
+from app.errors import UserError
 
 # torchvision class, folder under DATA_DIR, and the pixel mean/std of the training images
 DATASETS = {

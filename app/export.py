@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model import Normalized
+from app.model import Normalized
 
 # float32 logits agree to ~1e-6 on a fresh model; saturated models reach logits of 100+, so the bound is relative
 ATOL, RTOL = 1e-4, 1e-4

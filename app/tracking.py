@@ -11,15 +11,15 @@ import netrc
 import os
 import secrets
 import shlex
-import string
 import shutil
+import string
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 from urllib.parse import urlparse
 
-from .config import Config, merge
-from .errors import UserError
+from app.config import Config, merge
+from app.errors import UserError
 
 MODES = ("online", "offline", "disabled")
 DEFAULT_PROJECT = "pytorch-mnist"

@@ -16,13 +16,13 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from . import data, tracking
-from .config import Config
-from .errors import UserError
-from .export import export_onnx
-from .model import ConvNet
-from .progress import Progress
-from .step import EagerStep, GraphedStep
+from app import data, tracking
+from app.config import Config
+from app.errors import UserError
+from app.export import export_onnx
+from app.model import ConvNet
+from app.progress import Progress
+from app.step import EagerStep, GraphedStep
 
 
 class Preempted(Exception):

@@ -50,11 +50,12 @@ import torch
 # and this folder, for `tutorial` however this file was loaded
 sys.path[1:1] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
+from cpushare import NOISY, CpuShare, wait_until_idle  # noqa: E402
+
 from app import data  # noqa: E402
 from app.config import Config, ConfigError  # noqa: E402
 from app.errors import UserError  # noqa: E402
 from app.tracking import environment  # noqa: E402
-from cpushare import NOISY, CpuShare, wait_until_idle  # noqa: E402
 
 # The tutorial's config (its `config` dict), used by every pipeline.
 TUTORIAL = dict(epochs=5, classes=10, kernels=[16, 32], batch_size=128, learning_rate=0.005,
@@ -190,9 +191,8 @@ def wandb_env(mode: str, work: Path) -> dict[str, str]:
 
 
 def run_tutorial(settings: dict, data_dir: Path, device: torch.device, seed: int, work: Path) -> tuple[EpochTimer, float]:
-    import wandb
-
     import tutorial
+    import wandb
 
     torch.manual_seed(seed)  # model init and the DataLoader's shuffling
     timer = EpochTimer(device)

@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from idx import write_dataset  # tests/ is on sys.path under pytest (no package)
 
 from app.config import KEYS
-
-from idx import write_dataset  # tests/ is on sys.path under pytest (no package)
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist

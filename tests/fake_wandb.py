@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from app import sweep_spec
+from app.sweep import spec as sweep_spec
 
 ENTITY, PROJECT = "fake-entity", "fake-project"
 KNOWN = ("UpsertSweep", "SweepWithRuns", "CreateAgent", "Heartbeat")

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import FASHION_MNIST, REPO
 from containers import COMPOSE_FILES, CONTAINER_GID, CONTAINER_UID, compose, project_dir
 from fake_wandb import FakeWandb

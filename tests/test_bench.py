@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, clean_env, error_lines
 
 BENCH = REPO / "bench" / "bench.py"

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, error_lines
 from containers import BASE_IMAGE, app_image, docker, ensure_base_image, ensure_docker  # noqa: F401  (session fixture)
 

@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import clean_env, error_lines, run_app
 from containers import docker, ensure_base_image
 

@@ -10,12 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import LAYERED_RUN_ID, clean_env, error_lines, run_app
 
 from app import runlog, tracking
 from app.config import KEYS, Config
 from app.errors import UserError
-
-from conftest import LAYERED_RUN_ID, clean_env, error_lines, run_app
 
 
 def _one_error_line(proc: subprocess.CompletedProcess) -> str:

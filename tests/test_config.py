@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import LAYERED_RUN_ID, REPO
 
 from app import runlog
 from app.config import KEYS, Config, ConfigError, describe, load, merge, parse_cli
-
-from conftest import LAYERED_RUN_ID, REPO
 
 
 def test_defaults_are_the_tutorials():

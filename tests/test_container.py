@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from app import runlog
-
 from containers import TEST_IMAGE, app_image, compose, docker, give_to_container  # noqa: F401  (session fixture)
 from sweep_project import fashion_project
+
+from app import runlog
 
 pytestmark = pytest.mark.container
 

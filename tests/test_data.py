@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REFUSED
+from idx import synthetic, write_dataset, write_idx
 
 from app import data
 from app.data import DATASETS, FILES, Batches, DataError, Split
-
-from conftest import REFUSED
-from idx import synthetic, write_dataset, write_idx
 
 CPU = torch.device("cpu")
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from app import entrypoint
-from app.entrypoint import check_agent, check_folders, check_gpu, choose_mode, flag
+from app.container import entrypoint
+from app.container.entrypoint import check_agent, check_folders, check_gpu, choose_mode, flag
 from app.errors import UserError
 
 KEY = "k" * 40

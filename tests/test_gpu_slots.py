@@ -16,16 +16,15 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from app import gpu_slots
-from app.errors import UserError
-
 from conftest import REPO
+
+from app.container import gpu_slots
+from app.errors import UserError
 
 # claim a slot, report it as one JSON line, then become a long-lived program like the entrypoint does
 AGENT = """
 import json, os, sys
-from app import gpu_slots
+from app.container import gpu_slots
 env = gpu_slots.assign(os.environ)
 keys = ("CUDA_VISIBLE_DEVICES", "GPU_MEMORY_FRACTION", "GPU_SLOT", "AGENT_INDEX")
 print(json.dumps({k: env.get(k) for k in keys}), flush=True)

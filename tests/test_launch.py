@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from app import launch, runlog
-
 from conftest import REPO, clean_env, error_lines, run_app
 from containers import TEST_IMAGE, app_image  # noqa: F401  (app_image: the session fixture)
 from fake_wandb import FakeWandb
 from sweep_project import fashion_project, write_env
+
+from app import runlog
+from app.container import launch
 
 GRID = {
     "method": "grid",

@@ -22,13 +22,15 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import REPO, clean_env, error_lines, run_app
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from app import offline_sweep as osw
-from app import runlog, sweep_ledger, sweep_spec
+from app import runlog
 from app.errors import UserError
-from conftest import REPO, clean_env, error_lines, run_app
+from app.sweep import ledger as sweep_ledger
+from app.sweep import offline as osw
+from app.sweep import spec as sweep_spec
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15
 

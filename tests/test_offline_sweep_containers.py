@@ -16,13 +16,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import FASHION_MNIST
+from containers import app_image, compose, docker, give_to_container, project_dir  # noqa: F401
 from optuna.trial import TrialState
 
 from app import data, runlog
-from app import offline_sweep as osw
-
-from conftest import FASHION_MNIST
-from containers import app_image, compose, docker, give_to_container, project_dir  # noqa: F401
+from app.sweep import offline as osw
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 

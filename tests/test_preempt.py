@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from app import runlog
-
 from containers import app_image, compose  # noqa: F401  (app_image: the session fixture)
 from fake_wandb import FakeWandb
 from sweep_project import agent_logs, compose_files, fashion_project, joined, write_env
+
+from app import runlog
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 

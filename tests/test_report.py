@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import clean_env, error_lines, run_app
 
-from app import report, runlog
+from app import runlog
+from app.runs import report
 
 SVG = "{http://www.w3.org/2000/svg}"
 SWEEP = """name: tiny-report

@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import clean_env
 
 from app import runlog
 from app.runlog import RunLogError
-
-from conftest import clean_env
 
 # Two real offline runs, written by the real wandb library in its own process (as a training run would).
 WRITER = r"""

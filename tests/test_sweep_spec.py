@@ -6,12 +6,11 @@ import copy
 from pathlib import Path
 
 import pytest
-
-from app import sweep_spec
-from app.errors import UserError
-from app.sweep_spec import SweepSpecError
-
 from conftest import REPO
+
+from app.errors import UserError
+from app.sweep import spec as sweep_spec
+from app.sweep.spec import SweepSpecError
 
 CMD = ["${env}", "${interpreter}", "-m", "app", "train", "${args}"]
 BASE = {

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, clean_env, error_lines, run_app
 from fake_wandb import FakeWandb
 

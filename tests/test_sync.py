@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import clean_env, error_lines, run_app
 
 from app import runlog
-from app.sync import scan
+from app.runs.sync import scan
 from app.tracking import materialize_links
-from conftest import clean_env, error_lines, run_app
 
 MAKE_RUNS = r"""
 import os, signal, sys, wandb

@@ -14,15 +14,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import clean_env, run_app
+from idx import write_dataset
 
 from app import data, runlog
 from app.errors import UserError
 from app.export import ExportError, export_onnx, verify
 from app.model import ConvNet, Normalized
 from app.train import Preempted, StopRequest, pick_device, save_checkpoint
-
-from conftest import clean_env, run_app
-from idx import write_dataset
 
 TUTORIAL = {"epochs": 1, "classes": 10, "kernels": [16, 32], "batch_size": 128, "learning_rate": 0.005,
             "dataset": "fashion_mnist", "architecture": "CNN", "train_stride": 5}

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-from .errors import UserError
+from app.errors import UserError
 
 DEV_GLOB = "/dev/nvidia[0-9]*"
 _held: list[int] = []  # this process's slot lock fds: kept open (and inherited across exec) on purpose

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import UserError
+from app.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("docker-compose.yml", "docker-compose.cpu.yml", ".env.example")

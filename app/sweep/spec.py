@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .config import KEYS, Config, ConfigError, merge
+from app.config import KEYS, Config, ConfigError, merge
 
 METHODS = ("grid", "random", "bayes")
 GOALS = ("minimize", "maximize")

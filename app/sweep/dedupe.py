@@ -41,8 +41,8 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
-from .config import KEYS, ConfigError, parse_cli
-from .errors import UserError
+from app.config import KEYS, ConfigError, parse_cli
+from app.errors import UserError
 
 RUNNING, FINISHED, FAILED, PREEMPTED = "running", "finished", "failed", "preempted"
 

@@ -15,8 +15,8 @@ from typing import Any, Mapping
 
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from .config import Config
-from .sweep_spec import Param, SweepSpec, SweepSpecError
+from app.config import Config
+from app.sweep.spec import Param, SweepSpec, SweepSpecError
 
 SUPPORTED = ("constant", "categorical", "int_uniform", "uniform", "q_uniform", "log_uniform",
              "log_uniform_values", "q_log_uniform", "q_log_uniform_values")

@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from app.errors import UserError
 
 IMAGE = "mnist-sweeps:latest"
 GRACE_S = 60  # as docker-compose.yml's stop_grace_period: the run checkpoints within the current batch
@@ -75,7 +75,7 @@ def parse_gpus(text: str) -> list[str]:
 
 def host_gpus() -> list[str]:
     """GPU indexes `nvidia-smi -L` lists on this host ([] without a driver)."""
-    from .gpu_slots import _smi_count
+    from app.container.gpu_slots import _smi_count
 
     return [str(i) for i in range(_smi_count())]
 

@@ -15,8 +15,9 @@ import contextlib
 import os
 import sys
 
-from . import sweep_spec, tracking
-from .errors import UserError
+from app import tracking
+from app.errors import UserError
+from app.sweep import spec as sweep_spec
 
 USAGE = "usage: python -m app sweep {validate,create} FILE [--project P] [--entity E]"
 

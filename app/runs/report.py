@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import runlog, tracking
-from .errors import UserError
+from app import runlog, tracking
+from app.errors import UserError
 
 DEFAULT_METRIC, DEFAULT_GOAL = "val_accuracy", "maximize"
 NOT_PARAMS = {"data_dir", "output_dir", "device"}  # differ between hosts, not between trials
@@ -64,7 +64,7 @@ def _sweep_info(root: Path, group: str) -> tuple[str, str, list[dict]]:
         return DEFAULT_METRIC, DEFAULT_GOAL, []
     import optuna
 
-    from . import offline_sweep
+    from app.sweep import offline as offline_sweep
 
     try:
         study = optuna.load_study(study_name=group, storage=offline_sweep.open_storage(str(journal)))

@@ -51,13 +51,14 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import TrialState
 
-from . import sweep_spec, tracking
-from .config import Config, ConfigError
-from .config import load as load_config
-from .errors import UserError
-from .sweep_ledger import STALE_BEATS, Heartbeat, Ledger, StaleWatch, key_of, outcome
-from .sweep_space import SearchSpace, search_space
-from .sweep_spec import SweepSpec, SweepSpecError
+from app import tracking
+from app.config import Config, ConfigError
+from app.config import load as load_config
+from app.errors import UserError
+from app.sweep import spec as sweep_spec
+from app.sweep.ledger import STALE_BEATS, Heartbeat, Ledger, StaleWatch, key_of, outcome
+from app.sweep.space import SearchSpace, search_space
+from app.sweep.spec import SweepSpec, SweepSpecError
 
 HEARTBEAT_S = 10.0  # default seconds between heartbeats (SWEEP_HEARTBEAT_S)
 MAX_ERRORS_IN_A_ROW = 3  # an agent whose trials keep raising stops (like `wandb agent`)
@@ -369,7 +370,7 @@ class Agent:
         return outcome_
 
     def _train(self, trial, key: str, values: dict, beat: Heartbeat) -> tuple[str, float | None]:
-        from .train import Preempted, train
+        from app.train import Preempted, train
 
         p = self.p
         run_id = tracking.new_run_id()
@@ -472,7 +473,7 @@ class Agent:
 
     # --- the loop ---
     def run(self) -> int:
-        from .train import Preempted
+        from app.train import Preempted
 
         p = self.p
         where = redact(p.storage_url)
@@ -530,7 +531,7 @@ class Agent:
 
 
 def _read_run(root: Path, run_id: str):
-    from . import runlog
+    from app import runlog
 
     folder = _run_folder(root, run_id)
     if folder is None:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from . import runlog, tracking
-from .errors import UserError
+from app import runlog, tracking
+from app.errors import UserError
 
 QUIET_S = 120  # a run with no exit record whose log changed this recently is probably still training
 BATCH = 20  # runs per `wandb sync` call: one service start per batch, progress kept per batch

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from . import config, tracking
-from .errors import UserError
+from app import config, tracking
+from app.errors import UserError
 
 MODES = ("auto", "run", "agent", "offline-sweep")
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
@@ -115,18 +115,18 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             run_mode = environ.get("AGENT_RUN_MODE", "").strip().lower()
             if run_mode:
                 environ["WANDB_MODE"] = run_mode  # read by the runs the agent starts
-            from . import dedupe
+            from app.sweep import dedupe
 
             dedupe.stagger(environ)  # a bad AGENT_START_STAGGER fails here, before any slot is taken
         elif mode == "offline-sweep":
-            from . import offline_sweep
+            from app.sweep import offline as offline_sweep
 
             offline_sweep.check_environment(environ)
         else:
             tracking.resolve_mode(environ)
             config.load(argv, environ, dotenv_path=None)  # a bad setting fails here, before the GPU warning
         if mode != "run":
-            from . import gpu_slots
+            from app.container import gpu_slots
 
             # several agents share the host's GPUs: each claims one slot and trains on that GPU only
             # (no GPU found: nothing to claim, unless GPU_COUNT names devices to spread over)
@@ -137,17 +137,17 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     if warning:
         print(warning, file=sys.stderr, flush=True)
     if mode == "agent":
-        from . import dedupe
+        from app.sweep import dedupe
 
         # agents started together ask W&B for work at the same moment, when duplicates are most likely
         dedupe.wait_stagger(environ)
         print(f"starting: {' '.join(command)}", flush=True)
         os.execvpe(command[0], command, environ)
     if mode == "offline-sweep":
-        from . import offline_sweep
+        from app.sweep import offline as offline_sweep
 
         return offline_sweep.run_agent(environ)
-    from .cli import main as cli_main
+    from app.cli import main as cli_main
 
     return cli_main(["train", *argv])
 

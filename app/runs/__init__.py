@@ -1,0 +1,1 @@
+"""Tools over finished runs folders: upload with wandb sync, render reports."""
