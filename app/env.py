@@ -1,0 +1,164 @@
+"""The one place that reads the environment: typed getters whose errors name the variable.
+
+    from app import env
+    env.flag("ALLOW_CPU")                      # true/false/1/0/yes/no/on/off; unset or empty -> default
+    env.positive_int("AGENT_COUNT")            # None when unset
+    env.choice("APP_MODE", ("auto", "run"), "auto")
+    env.path("OUTPUT_DIR", "outputs")
+
+Every getter takes `environ=` (a mapping such as a container's environment being assembled);
+without it, `os.environ`. An EMPTY value (`WANDB_MODE=` in a shell or a `.env` line) counts as
+unset everywhere, and `drop_empty_wandb()` removes such values before W&B reads them itself (its own
+settings reject an empty WANDB_MODE). `.env` files are read with `read_dotenv`: a line that does not
+parse or a key nobody reads (a typo such as EPOCH=3) is one error naming the line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Mapping, MutableMapping
+
+from app.errors import UserError
+
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("0", "false", "no", "off")
+# read by the package, the container, compose or the build besides the training keys (upper-cased
+# config keys, which config.py adds); WANDB_* are W&B's own and all allowed
+DOCUMENTED = frozenset({
+    "APP_MODE", "SWEEP_ID", "SWEEP_CONFIG", "SWEEP_STORAGE", "SWEEP_HEARTBEAT_S", "SWEEP_DEDUPE",
+    "SWEEP_CLAIMS_DIR", "AGENT_COUNT", "AGENT_RUN_MODE", "AGENT_START_STAGGER", "AGENT_INDEX",
+    "AGENTS_PER_GPU", "GPU_COUNT", "GPU_SLOTS_DIR", "ALLOW_CPU", "APP_IMAGE", "RUNS_HOST_DIR",
+    "UID", "GID", "NETRC", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "BASE_IMAGE",
+})
+MAX_DOTENV_BYTES = 256 * 1024  # a settings file is a few KiB; anything bigger is the wrong file
+ALLOWED_PREFIXES = ("WANDB_", "COMPOSE_", "DOCKER_")  # W&B's own settings, compose's and docker's
+
+
+def _environ(environ: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
+
+
+def text(name: str, default: str | None = None, *, environ: Mapping[str, str] | None = None) -> str | None:
+    """The stripped value; `default` when unset or empty."""
+    value = _environ(environ).get(name)
+    if value is None or not value.strip():
+        return default
+    return value.strip()
+
+
+def is_set(name: str, *, environ: Mapping[str, str] | None = None) -> bool:
+    return text(name, environ=environ) is not None
+
+
+def flag(name: str, default: bool = False, *, environ: Mapping[str, str] | None = None) -> bool:
+    value = text(name, environ=environ)
+    if value is None:
+        return default
+    if value.lower() in TRUE:
+        return True
+    if value.lower() in FALSE:
+        return False
+    raise UserError(f"{name}={value!r} must be true or false (also 1/0, yes/no, on/off)")
+
+
+def positive_int(name: str, default: int | None = None, *, environ: Mapping[str, str] | None = None,
+                 meaning: str = "") -> int | None:
+    """An integer >= 1; `meaning` (e.g. "runs per agent") is added to the error."""
+    value = text(name, environ=environ)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise UserError(f"{name}={value!r} must be a positive integer{f' ({meaning})' if meaning else ''}")
+    return number
+
+
+def non_negative_float(name: str, default: float | None = None, *, environ: Mapping[str, str] | None = None,
+                       positive: bool = False, meaning: str = "") -> float | None:
+    """A finite number >= 0 (> 0 with positive=True)."""
+    value = text(name, environ=environ)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        kind = "a positive number" if positive else "a number >= 0"
+        raise UserError(f"{name}={value!r} must be {kind}{f' ({meaning})' if meaning else ''}")
+    return number
+
+
+def choice(name: str, allowed: Iterable[str], default: str | None = None, *,
+           environ: Mapping[str, str] | None = None) -> str | None:
+    """One of `allowed`, compared lower-case."""
+    allowed = tuple(allowed)
+    value = text(name, environ=environ)
+    if value is None:
+        return default
+    if value.lower() not in allowed:
+        raise UserError(f"{name}={value!r} must be one of: {', '.join(allowed)}")
+    return value.lower()
+
+
+def path(name: str, default: str | os.PathLike, *, environ: Mapping[str, str] | None = None) -> Path:
+    return Path(text(name, environ=environ) or default)
+
+
+def runs_root(environ: Mapping[str, str] | None = None) -> Path:
+    """Where W&B writes its `wandb/` folder, offline sweeps their journals: WANDB_DIR, else here."""
+    return path("WANDB_DIR", ".", environ=environ)
+
+
+def drop_empty_wandb(environ: MutableMapping[str, str] | None = None) -> list[str]:
+    """Remove WANDB_* variables whose value is empty: unset for us, but W&B's settings reject some
+    of them (WANDB_MODE=). Call before W&B is imported or a run starts. Returns the names dropped."""
+    environ = os.environ if environ is None else environ
+    empty = [k for k, v in environ.items() if k.startswith("WANDB_") and not v.strip()]
+    for k in empty:
+        del environ[k]
+    return empty
+
+
+def known(name: str, extra: Iterable[str] = ()) -> bool:
+    return name in DOCUMENTED or name in set(extra) or name.startswith(ALLOWED_PREFIXES)
+
+
+def read_dotenv(file: str | os.PathLike, extra_known: Iterable[str] = ()) -> dict[str, str]:
+    """The settings of a `.env` file, empty values left out (= unset). A line that does not parse,
+    or a key that nothing reads (`extra_known`: the training keys), is a UserError naming the line."""
+    from dotenv.parser import parse_stream
+
+    extra = set(extra_known)
+    try:
+        if os.path.getsize(file) > MAX_DOTENV_BYTES:
+            raise UserError(f"{file} is over {MAX_DOTENV_BYTES // 1024} KiB: not a settings file")
+        with open(file, encoding="utf-8") as stream:
+            bindings = list(parse_stream(stream))
+    except UnicodeDecodeError:
+        raise UserError(f"{file} is not a text file of KEY=value lines") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {file} ({exc.strerror or exc})") from None
+    values: dict[str, str] = {}
+    for b in bindings:
+        raw = b.original.string
+        # a binding starts with the blank lines before it: count them to name the line itself
+        where = f"{file}:{b.original.line + raw[:len(raw) - len(raw.lstrip())].count(chr(10))}"
+        if b.error:
+            shown = raw.strip().splitlines()[0][:60] if raw.strip() else ""
+            raise UserError(f"{where}: {shown!r} is not a KEY=value line")
+        if b.key is None:
+            continue  # a comment or a blank line
+        if not known(b.key, extra):
+            close = difflib.get_close_matches(b.key, sorted(DOCUMENTED | extra), n=1)
+            hint = f"; did you mean {close[0]}?" if close else "; `python -m app train --help` lists the training keys"
+            raise UserError(f"{where}: unknown setting {b.key}{hint}")
+        if b.value is not None and b.value.strip():
+            values[b.key] = b.value.strip()
+    return values
