@@ -38,14 +38,16 @@ def test_load_splits_and_contents(tmp_path: Path, gz: bool):
     assert data.ensure("mnist", tmp_path) == raw(tmp_path)
     ds = data.load("mnist", str(tmp_path), val_size=200, train_stride=5, device=CPU)
     train_x, train_y, test_x, test_y = (torch.from_numpy(arrays[f].astype(np.int64)) for f in FILES)
-    # training: every 5th of the first 1000; validation: the last 200; test: all of t10k
-    assert (len(ds.train), len(ds.val), len(ds.test)) == (200, 200, 200)
-    assert ds.train.images.shape == (200, 1, 28, 28) and ds.train.images.dtype == torch.uint8
+    # training: every 5th of all 1200 (the tutorial's subset); validation: the last 200 of the 960 images
+    # that stride leaves out; test: all of t10k
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (240, 200, 200)
+    assert ds.train.images.shape == (240, 1, 28, 28) and ds.train.images.dtype == torch.uint8
     assert ds.train.labels.dtype == torch.int64
-    assert torch.equal(ds.train.images[:, 0].long(), train_x[:1000:5])
-    assert torch.equal(ds.train.labels, train_y[:1000:5])
-    assert torch.equal(ds.val.images[:, 0].long(), train_x[1000:])
-    assert torch.equal(ds.val.labels, train_y[1000:])
+    assert torch.equal(ds.train.images[:, 0].long(), train_x[::5])
+    assert torch.equal(ds.train.labels, train_y[::5])
+    left_out = [i for i in range(1200) if i % 5][-200:]
+    assert torch.equal(ds.val.images[:, 0].long(), train_x[left_out])
+    assert torch.equal(ds.val.labels, train_y[left_out])
     assert torch.equal(ds.test.images[:, 0].long(), test_x) and torch.equal(ds.test.labels, test_y)
     assert (ds.mean, ds.std) == (0.1307, 0.3081)
     if gz:  # unpacked next to the archives, no partial files left behind
@@ -55,8 +57,10 @@ def test_load_splits_and_contents(tmp_path: Path, gz: bool):
 
 @pytest.mark.parametrize("val_size, stride, sizes", [
     (0, 1, (1200, 0)),
-    (200, 1, (1000, 200)),
-    (200, 3, (334, 200)),  # ceil(1000 / 3)
+    (200, 1, (1000, 200)),  # stride 1 leaves nothing out: the validation images are held out of training
+    (200, 3, (400, 200)),  # stride > 1: training is every 3rd of all 1200 whatever val_size is
+    (0, 5, (240, 0)),
+    (960, 5, (240, 960)),  # every image the stride leaves out
     (1199, 1, (1, 1199)),
 ])
 def test_split_sizes(small_data: Path, val_size, stride, sizes):
@@ -64,9 +68,28 @@ def test_split_sizes(small_data: Path, val_size, stride, sizes):
     assert (len(ds.train), len(ds.val)) == sizes
 
 
-def test_val_size_as_big_as_the_training_set(small_data: Path):
-    with pytest.raises(DataError, match="val_size=1200 must be smaller than the 1200 training images of mnist"):
-        data.load("mnist", str(small_data), val_size=1200, train_stride=1, device=CPU)
+@pytest.mark.parametrize("n, val_size, stride", [(60_000, 5000, 5), (60_000, 5000, 1), (1200, 7, 3), (10, 9, 1), (10, 5, 2)])
+def test_training_and_validation_never_share_an_image(n, val_size, stride):
+    train, val = data.split_indices(n, val_size, stride)
+    assert len(set(train.tolist()) | set(val.tolist())) == len(train) + len(val)
+    assert len(val) == val_size
+    if stride > 1:
+        assert torch.equal(train, torch.arange(0, n, stride))  # exactly the tutorial's subset
+
+
+def test_the_tutorial_config_trains_on_its_12000_images():
+    train, val = data.split_indices(60_000, 5000, 5)
+    assert len(train) == 12_000 and train[-1] == 59_995 and len(val) == 5000 and val[-1] == 59_999
+
+
+@pytest.mark.parametrize("val_size, stride, message", [
+    (1200, 1, "val_size=1200 must be smaller than the 1200 training images of mnist"),
+    (961, 5, "val_size=961 must be at most the 960 training images of mnist that train_stride=5 leaves out"),
+])
+def test_val_size_bigger_than_what_is_there(small_data: Path, val_size, stride, message):
+    with pytest.raises(DataError) as exc:
+        data.load("mnist", str(small_data), val_size=val_size, train_stride=stride, device=CPU)
+    assert _one_line(exc) == message
 
 
 def test_fashion_mnist_uses_its_own_folder_and_statistics(tmp_path: Path):
