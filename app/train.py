@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from app import data, tracking
+from app import artifact, data, tracking
 from app.config import Config
 from app.errors import UserError
 from app.export import export_onnx
@@ -271,6 +271,9 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
         check = export_onnx(model, ds.mean, ds.std, ds.test.images[:256], onnx_path)
         run.summary.update(check)
         tracking.save_file(run, onnx_path)
+        artifact.log_model(run, config, [onnx_path, ckpt_path],
+                           {"test_accuracy": test_acc, "test_loss": test_loss, "val_accuracy": val_acc,
+                            "val_loss": val_loss, **check}, environ)
     tracking.log_hint(run)
     return {
         "run_id": run.id,

@@ -65,7 +65,7 @@ def wandb_command(folders: list[Path], project: str | None, entity: str | None) 
         cmd += ["--project", project]
     if entity:
         cmd += ["--entity", entity]
-    return cmd + [str(f) for f in folders]
+    return cmd + [str(f.absolute()) for f in folders]  # absolute: each batch runs from its own folder
 
 
 def sync(root: Path, *, dry_run: bool, project: str | None, entity: str | None, environ: Mapping[str, str],
@@ -91,11 +91,17 @@ def sync(root: Path, *, dry_run: bool, project: str | None, entity: str | None, 
         if dry_run and todo:
             print("would run: " + " ".join(wandb_command([r.folder for r in todo], project, entity)), file=out)
         return counts
+    # a run's model artifact records its files relative to the folder that holds the run folder
+    # (app.artifact): `wandb sync` runs from there, so one batch never spans two such folders
+    batches = []
     for start in range(0, len(todo), BATCH):
-        batch = todo[start:start + BATCH]
+        chunk = todo[start:start + BATCH]
+        for parent in dict.fromkeys(r.folder.parent for r in chunk):
+            batches.append([r for r in chunk if r.folder.parent == parent])
+    for batch in batches:
         cmd = wandb_command([r.folder for r in batch], project, entity)
-        proc = subprocess.run(cmd, env=dict(environ), stdin=subprocess.DEVNULL, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, env=dict(environ), cwd=batch[0].folder.parent, stdin=subprocess.DEVNULL,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for r in batch:
             ok = r.synced
             counts["uploaded" if ok else "failed"] += 1

@@ -1,0 +1,131 @@
+"""The trained model as a versioned W&B artifact of type `model`, in every mode.
+
+Called once at the end of a finished run (app.train): `log_model(run, config, files, figures, environ)`.
+The artifact is `<dataset>-convnet` (`mnist-convnet`, `fashion-mnist-convnet`): one collection per
+model and data, so its versions compare like with like and `latest` is the newest model whatever made
+it (a single run, a W&B sweep trial, an offline sweep trial). It holds `model.onnx` and the final
+`checkpoint.pt`, with metadata: the effective config, test metrics, the ONNX check's figures, the
+dataset, the torch/onnx/onnxruntime versions, and the sweep (name, metric, value) for a trial.
+
+Aliases: `latest` always. An offline sweep trial also gets `best-<sweep>` when its value of the
+sweep's metric beats every trial completed before it in the sweep's storage (the journal or
+PostgreSQL the agents share): that is known without a server. A W&B sweep's best is only known to the
+W&B server (other agents' results live there), so its trials get no best alias; the metadata carries
+the sweep and metric so the W&B UI or `wandb.Api().sweep(...).best_run()` can find it.
+
+Offline runs and later syncs: W&B records each artifact file by its local path and reads it only when
+`wandb sync` uploads the run, hours later, perhaps on another host or outside the container that made
+it. So the files are copied into the run folder itself (`offline-run-*/model-artifact/`) and recorded
+by a path relative to the folder that holds the run folder: `python -m app sync` runs `wandb sync`
+from there, wherever the runs folder is mounted or copied (with plain `wandb sync`, run it inside the
+`wandb/` folder). W&B's staging folder (WANDB_DATA_DIR, default ~/.local/share/wandb, gone with a
+container) is pointed under WANDB_DIR when unset, so nothing a sync needs lives outside the runs folder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+from app import env, tracking
+
+FOLDER = "model-artifact"  # inside the run folder: the copies the artifact records
+DATA_DIR = ".wandb-data"  # under WANDB_DIR: W&B's staging folder when WANDB_DATA_DIR is unset
+
+
+def artifact_name(dataset: str) -> str:
+    return f"{dataset.replace('_', '-')}-convnet"
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _finite(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def sweep_results(environ: Mapping[str, str], sweep: str) -> tuple[str, str, list[float]] | None:
+    """(metric, goal, values of the completed trials) of the offline sweep this run is a trial of, read
+    from the sweep's storage; None when it is not an offline sweep trial or the storage can't be read."""
+    if not sweep or not env.is_set("SWEEP_CONFIG", environ=environ) or env.is_set("SWEEP_ID", environ=environ):
+        return None
+    try:
+        from optuna.trial import TrialState
+
+        from app.sweep.plan import storage_url
+        from app.sweep.study import load_study
+
+        study = load_study(storage_url(environ, sweep), sweep)
+        metric, goal = study.user_attrs.get("metric", "val_loss"), study.user_attrs.get("goal", "minimize")
+        done = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.value is not None and math.isfinite(t.value)]
+    except Exception:  # a read-only look for an alias: never a reason to fail a finished run
+        return None
+    return metric, goal, done
+
+
+def beats(value: Any, goal: str, others: list[float]) -> bool:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return all(value > v if goal == "maximize" else value < v for v in others)
+
+
+def _alias_part(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "sweep"
+
+
+def log_model(run, config, files: list[Path], figures: Mapping[str, Any], environ: Mapping[str, str]) -> str | None:
+    """Log `files` as this run's model artifact; returns the artifact's name (None when W&B is disabled).
+
+    `figures`: the run's final numbers (test_accuracy, test_loss, the ONNX check, val metrics).
+    """
+    if run.disabled:
+        return None
+    import wandb
+
+    offline = run.settings.mode == "offline" or bool(getattr(run.settings, "_offline", False))
+    run_folder = Path(run.dir).parent
+    sweep = run.group or ""  # offline sweep trials are grouped under the sweep's name
+    metadata: dict[str, Any] = {
+        "run_id": run.id,
+        "dataset": config.dataset,
+        "config": config.to_dict(),
+        "input": {"name": "images", "dtype": "float32", "shape": ["N", 1, 28, 28], "range": [0, 1]},
+        **{k: _finite(v) for k, v in figures.items()},
+        **versions(),
+    }
+    if run.sweep_id:
+        metadata["wandb_sweep"] = run.sweep_id
+    aliases = ["latest"]
+    results = sweep_results(environ, sweep)
+    if results is not None:
+        metric, goal, done = results
+        value = figures.get(metric)
+        metadata["sweep"] = {"name": sweep, "metric": metric, "goal": goal, "value": _finite(value)}
+        if beats(value, goal, done):
+            aliases.append(f"best-{_alias_part(sweep)}")
+    artifact = wandb.Artifact(artifact_name(config.dataset), type="model", metadata=metadata,
+                              description=f"ConvNet {config.kernels} on {config.dataset}; run {run.id}")
+    folder = run_folder / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        copy = folder / path.name
+        shutil.copyfile(path, copy)  # the run's own copy: the outputs folder may be gone at sync time
+        entry = artifact.add_file(str(copy), name=path.name, policy="immutable")
+        if offline:
+            # read at sync time: a path relative to the folder holding the run folder (see the docstring)
+            entry.local_path = os.path.relpath(copy, run_folder.parent)
+    data_dir = {} if env.is_set("WANDB_DATA_DIR", environ=environ) else {
+        "WANDB_DATA_DIR": str((tracking.runs_root(environ) / DATA_DIR).resolve())}
+    with tracking.environment(**data_dir):
+        run.log_artifact(artifact, aliases=aliases)
+    return artifact.name
