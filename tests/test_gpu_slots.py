@@ -1,7 +1,9 @@
-"""GPU slots: N agents spread over G (fake) GPUs through lock files, a dead agent's slot is taken again.
+"""GPU slots: N agents spread over G (fake) GPUs through lock files, a dead agent's slot is taken again,
+agents on two hosts sharing one folder never collide, and agents on one GPU get equal memory shares.
 
 The agents are real processes that do what the entrypoint does: claim a slot, then exec into another
-program (here `sleep`, standing in for `wandb agent`) that keeps holding it.
+program (here `sleep`, standing in for `wandb agent`) that keeps holding it. GPU_HOST_ID names the
+"host" each agent believes it runs on.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ AGENT = """
 import json, os, sys
 from app.container import gpu_slots
 env = gpu_slots.assign(os.environ)
-keys = ("CUDA_VISIBLE_DEVICES", "GPU_MEMORY_FRACTION", "GPU_SLOT", "AGENT_INDEX")
+keys = ("CUDA_VISIBLE_DEVICES", "GPU_MEMORY_FRACTION", "GPU_SLOT", "GPU_SLOTS_DIR", "AGENT_INDEX")
 print(json.dumps({k: env.get(k) for k in keys}), flush=True)
 os.execvp("sleep", ["sleep", "300"])
 """
@@ -35,8 +37,9 @@ os.execvp("sleep", ["sleep", "300"])
 class Agents:
     def __init__(self, tmp: Path, **env: str):
         self.env = {**{k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "GPU_MEMORY_FRACTION",
-                                                                         "AGENTS_PER_GPU", "NVIDIA_VISIBLE_DEVICES")},
-                    "GPU_SLOTS_DIR": str(tmp / "slots"), "PYTHONPATH": str(REPO), **env}
+                                                                         "AGENTS_PER_GPU", "NVIDIA_VISIBLE_DEVICES",
+                                                                         "SLURM_JOB_ID")},
+                    "GPU_SLOTS_DIR": str(tmp / "slots"), "GPU_HOST_ID": "host-a", "PYTHONPATH": str(REPO), **env}
         self.procs: list[subprocess.Popen] = []
 
     def start(self, n: int, **env: str) -> list[subprocess.Popen]:
@@ -76,14 +79,10 @@ def test_n_agents_spread_evenly_over_g_gpus(agents: Agents, n: int, g: int, per_
     assert len({s["GPU_SLOT"] for s in slots}) == n  # no two agents in one slot
     assert sorted(int(s["AGENT_INDEX"]) for s in slots) == list(range(n))  # claims were serialised
     for s in slots:
+        assert s["GPU_MEMORY_FRACTION"] is None  # no AGENTS_PER_GPU: the share is taken as each run starts
         sharing = counts[s["CUDA_VISIBLE_DEVICES"]]
-        if sharing == 1:
-            assert s["GPU_MEMORY_FRACTION"] is None  # alone on its GPU: no cap
-    # the last agent to join a shared GPU knows it shares: a memory share of 1/(agents there)
-    for gpu, c in counts.items():
-        if c > 1:
-            fractions = sorted(float(s["GPU_MEMORY_FRACTION"] or 1) for s in slots if s["CUDA_VISIBLE_DEVICES"] == gpu)
-            assert fractions[0] == pytest.approx(1 / c, abs=1e-3)
+        # as a run starts now: alone -> no cap; shared -> 1/(agents there), the first agent included
+        assert gpu_slots.run_share(s) == (None if sharing == 1 else pytest.approx(1 / sharing))
 
 
 def test_agents_per_gpu_gives_every_agent_its_share_and_caps_the_slots(agents: Agents):
@@ -111,7 +110,7 @@ def test_a_killed_agent_frees_its_slot_for_the_next(agents: Agents):
     (replacement,) = agents.start(1, GPU_COUNT="2")
     taken = agents.slot(replacement)
     assert taken["CUDA_VISIBLE_DEVICES"] == "1" and taken["GPU_SLOT"] == slots[victim]["GPU_SLOT"]
-    assert taken["GPU_MEMORY_FRACTION"] == "0.5000"  # it shares GPU 1 with the survivor there
+    assert gpu_slots.run_share(taken) == 0.5  # it shares GPU 1 with the survivor there
     # with everyone alive again the next agent goes to the least-loaded GPU: they tie, so GPU 0
     (fifth,) = agents.start(1, GPU_COUNT="2")
     assert agents.slot(fifth)["CUDA_VISIBLE_DEVICES"] == "0"
@@ -124,8 +123,38 @@ def test_agents_pinned_to_different_gpus_never_share_a_slot(agents: Agents):
     b = agents.slot(agents.start(1, GPU_COUNT="1", NVIDIA_VISIBLE_DEVICES="1")[0])
     c = agents.slot(agents.start(1, GPU_COUNT="1", NVIDIA_VISIBLE_DEVICES="1")[0])
     assert (a["CUDA_VISIBLE_DEVICES"], b["CUDA_VISIBLE_DEVICES"], c["CUDA_VISIBLE_DEVICES"]) == ("0", "0", "0")
-    assert (a["GPU_SLOT"], b["GPU_SLOT"], c["GPU_SLOT"]) == ("gpu-0.slot-0", "gpu-1.slot-0", "gpu-1.slot-1")
-    assert a["GPU_MEMORY_FRACTION"] is None and c["GPU_MEMORY_FRACTION"] == "0.5000"
+    assert (a["GPU_SLOT"], b["GPU_SLOT"], c["GPU_SLOT"]) == (
+        "gpu-host-a-0.slot-0", "gpu-host-a-1.slot-0", "gpu-host-a-1.slot-1")
+    assert gpu_slots.run_share(a) is None and gpu_slots.run_share(c) == 0.5
+
+
+def test_two_hosts_sharing_one_runs_folder_never_collide(agents: Agents):
+    # two hosts each with GPUs 0 and 1, one runs folder (NFS, a ReadWriteMany volume) for all four agents:
+    # every agent is alone on its GPU, though each host's GPUs are called 0 and 1 there
+    on_a = [agents.slot(p) for p in agents.start(2, GPU_COUNT="2", GPU_HOST_ID="host-a")]
+    on_b = [agents.slot(p) for p in agents.start(2, GPU_COUNT="2", GPU_HOST_ID="host-b")]
+    assert sorted(s["CUDA_VISIBLE_DEVICES"] for s in on_a) == sorted(s["CUDA_VISIBLE_DEVICES"] for s in on_b) == ["0", "1"]
+    assert len({s["GPU_SLOT"] for s in on_a + on_b}) == 4
+    assert all(s["GPU_SLOT"].endswith(".slot-0") and gpu_slots.run_share(s) is None for s in on_a + on_b)
+    # a third agent on host b shares one of b's GPUs, not one of a's
+    third = agents.slot(agents.start(1, GPU_COUNT="2", GPU_HOST_ID="host-b")[0])
+    assert third["GPU_SLOT"].startswith("gpu-host-b-") and third["GPU_SLOT"].endswith(".slot-1")
+    assert gpu_slots.run_share(third) == 0.5
+    assert [gpu_slots.run_share(s) for s in on_a] == [None, None]
+    # GPUs known by UUID (nvidia-smi, the k8s device plugin) are keyed by it on any host
+    uuid = "GPU-2f5a8f1e-0000-1111-2222-333344445555"
+    x = agents.slot(agents.start(1, GPU_COUNT="1", NVIDIA_VISIBLE_DEVICES=uuid, GPU_HOST_ID="host-a")[0])
+    y = agents.slot(agents.start(1, GPU_COUNT="1", NVIDIA_VISIBLE_DEVICES=uuid, GPU_HOST_ID="host-b")[0])
+    assert (x["GPU_SLOT"], y["GPU_SLOT"]) == (f"gpu-{uuid}.slot-0", f"gpu-{uuid}.slot-1")
+
+
+def test_three_agents_on_one_gpu_get_equal_shares_without_agents_per_gpu(agents: Agents):
+    first = agents.slot(agents.start(1, GPU_COUNT="1")[0])
+    assert gpu_slots.run_share(first) is None  # alone so far: a run starting now takes what it needs
+    later = [agents.slot(p) for p in agents.start(2, GPU_COUNT="1")]
+    # the first agent's next run counts the agents that joined since: all three get a third
+    assert [gpu_slots.run_share(s) for s in (first, *later)] == [pytest.approx(1 / 3)] * 3
+    assert {s["GPU_SLOTS_DIR"] for s in (first, *later)} == {str(agents.env["GPU_SLOTS_DIR"])}
 
 
 def test_gpu_ids_from_device_nodes_smi_and_settings(tmp_path: Path):
@@ -134,24 +163,38 @@ def test_gpu_ids_from_device_nodes_smi_and_settings(tmp_path: Path):
     for name in ("nvidia0", "nvidia1", "nvidia2", "nvidiactl", "nvidia-uvm"):
         (dev / name).touch()
     nodes = str(dev / "nvidia[0-9]*")
-    assert gpu_slots.gpu_ids({}, dev_glob=nodes, smi_count=lambda: 0) == ["0", "1", "2"]
-    assert gpu_slots.gpu_ids({"NVIDIA_VISIBLE_DEVICES": "all"}, dev_glob=nodes) == ["0", "1", "2"]
-    assert gpu_slots.gpu_ids({"NVIDIA_VISIBLE_DEVICES": "1,3,5"}, dev_glob=nodes) == ["1", "3", "5"]
+    host = {"GPU_HOST_ID": "h1"}
+    no_smi = lambda: []  # noqa: E731
+    assert gpu_slots.gpu_ids(host, dev_glob=nodes, smi=no_smi) == ["h1-0", "h1-1", "h1-2"]
+    assert gpu_slots.gpu_ids({**host, "NVIDIA_VISIBLE_DEVICES": "all"}, dev_glob=nodes, smi=no_smi) == ["h1-0", "h1-1", "h1-2"]
+    assert gpu_slots.gpu_ids({**host, "NVIDIA_VISIBLE_DEVICES": "1,3,5"}, dev_glob=nodes, smi=no_smi) == ["h1-1", "h1-3", "h1-5"]
     uuid = "GPU-2f5a8f1e-0000-1111-2222-333344445555"
-    assert gpu_slots.gpu_ids({"NVIDIA_VISIBLE_DEVICES": uuid, "GPU_COUNT": "1"}, dev_glob=nodes) == [uuid]
+    assert gpu_slots.gpu_ids({**host, "NVIDIA_VISIBLE_DEVICES": uuid, "GPU_COUNT": "1"}, dev_glob=nodes) == [uuid]
+    uuids = ["GPU-aaaa-0001", "GPU-aaaa-0002", "GPU-aaaa-0003"]
+    assert gpu_slots.gpu_ids(host, dev_glob=nodes, smi=lambda: uuids) == uuids  # the driver's UUIDs win
     empty = str(tmp_path / "none" / "nvidia[0-9]*")
-    assert gpu_slots.gpu_ids({}, dev_glob=empty, smi_count=lambda: 2) == ["0", "1"]  # nvidia-smi -L as fallback
-    assert gpu_slots.gpu_ids({}, dev_glob=empty, smi_count=lambda: 0) == []
+    assert gpu_slots.gpu_ids(host, dev_glob=empty, smi=lambda: ["", ""]) == ["h1-0", "h1-1"]  # nvidia-smi -L as fallback
+    assert gpu_slots.gpu_ids(host, dev_glob=empty, smi=no_smi) == []
     assert gpu_slots.gpu_ids({"GPU_COUNT": "0"}, dev_glob=nodes) == []
+    # the host id: GPU_HOST_ID, else the machine id, else (outside a container) the hostname
+    machine_id = tmp_path / "machine-id"
+    machine_id.write_text("3d1219c7c4c5404aaa1f6d2a48adfda4\n")
+    assert gpu_slots.host_id({}, machine_id) == "3d1219c7c4c5"
+    assert gpu_slots.host_id({"GPU_HOST_ID": "node07"}, machine_id) == "node07"
+    assert gpu_slots.gpu_ids({"GPU_COUNT": "1"}, machine_id=machine_id) == ["3d1219c7c4c5-0"]
     with pytest.raises(UserError, match="GPU_COUNT='two' must be a whole number"):
         gpu_slots.gpu_ids({"GPU_COUNT": "two"})
 
 
-def test_no_gpu_or_a_hand_set_pin_leaves_the_environment_alone(tmp_path: Path):
+def test_no_gpu_or_a_hand_set_pin_leaves_the_environment_alone(tmp_path: Path, capsys):
     base = {"GPU_SLOTS_DIR": str(tmp_path / "slots")}
     assert gpu_slots.assign(base, gpus=[]) == base
     pinned = {**base, "CUDA_VISIBLE_DEVICES": "1"}
     assert gpu_slots.assign(pinned, gpus=["0", "1"]) == pinned
+    # Slurm's GRES chose the GPU: used as given
+    by_slurm = {**pinned, "SLURM_JOB_ID": "17"}
+    assert gpu_slots.assign(by_slurm, gpus=["0", "1"]) == by_slurm
+    assert "CUDA_VISIBLE_DEVICES=1 was set by Slurm" in capsys.readouterr().err
     assert not (tmp_path / "slots").exists()
 
 
@@ -159,7 +202,8 @@ def test_memory_share_respects_a_chosen_fraction_and_replaces_zero(tmp_path: Pat
     try:
         base = {"GPU_SLOTS_DIR": str(tmp_path / "slots"), "GPU_MEMORY_FRACTION": "0"}  # .env.example's value
         gpu_slots.assign(base, gpus=["0"])
-        assert gpu_slots.assign(base, gpus=["0"])["GPU_MEMORY_FRACTION"] == "0.5000"
+        second = gpu_slots.assign(base, gpus=["0"])
+        assert second["GPU_MEMORY_FRACTION"] == "0" and gpu_slots.run_share(second) == 0.5  # 0: chosen by the run
         chosen = gpu_slots.assign({**base, "GPU_MEMORY_FRACTION": "0.2"}, gpus=["0"])
         assert chosen["GPU_MEMORY_FRACTION"] == "0.2" and chosen["GPU_SLOT"] == "gpu-0.slot-2"
     finally:

@@ -4,7 +4,15 @@ Called by the container entrypoint before it becomes `wandb agent`. Every agent 
 GPU reservation gives each replica the same devices), so the agents agree on who trains where through
 lock files in a folder they all mount (GPU_SLOTS_DIR, default $WANDB_DIR/.gpu-slots):
 
-    gpu-<id>.slot-<k>.lock   held (flock) by the agent in slot k of GPU <id> for as long as it lives
+    gpu-<key>.slot-<k>.lock  held (flock) by the agent in slot k of the GPU <key> for as long as it lives
+
+The key names one physical GPU wherever the folder is mounted: its UUID when known (nvidia-smi, or
+NVIDIA_VISIBLE_DEVICES=GPU-<uuid> as the Kubernetes device plugin sets it), else <host id>-<index>
+(GPU_HOST_ID, else /etc/machine-id, else the hostname outside a container). So agents on two hosts
+sharing one runs folder never count each other's GPU 0 as their own.
+
+When a scheduler already chose the GPU (Slurm's GRES sets CUDA_VISIBLE_DEVICES), nothing is claimed:
+the agent trains on what it was given.
 
 A new agent takes the GPU with the fewest live holders (4 agents on 2 GPUs -> 2 each). The lock is
 taken on a file descriptor that survives `exec` into `wandb agent`, so it is held exactly as long as the
@@ -14,14 +22,17 @@ next agent to start takes the free slot. No stale state to clean up, no PIDs com
 Settings (environment):
   GPU_SLOTS_DIR         shared folder for the slot locks (default $WANDB_DIR/.gpu-slots)
   AGENTS_PER_GPU        agents that will share one GPU: caps the slots and fixes each agent's memory
-                        share at 1/AGENTS_PER_GPU from the start (unset: 1/agents on it when it starts)
-  CUDA_VISIBLE_DEVICES  set by hand: no slot is claimed, the agent uses what it names
+                        share at 1/AGENTS_PER_GPU from the start (unset: each run, when it starts, takes
+                        1/(agents holding a slot on its GPU then): see run_share)
+  CUDA_VISIBLE_DEVICES  set by hand or by the scheduler: no slot is claimed, the agent uses what it names
   GPU_COUNT             use GPUs 0..N-1 without looking for devices (also: fake devices for tests)
+  GPU_HOST_ID           this host's name in slot keys when the GPUs have no UUID (default: machine id)
   NVIDIA_VISIBLE_DEVICES a list such as 0,1 or GPU-<uuid>: the host's ids of the container's GPUs, so
                         agents pinned to different GPUs (python -m app launch) never share a slot file
-Exports: CUDA_VISIBLE_DEVICES (the chosen GPU), GPU_MEMORY_FRACTION (the config key gpu_memory_fraction,
-when the GPU is shared and the user set none or 0), GPU_SLOT (gpu-<id>.slot-<k>), AGENT_INDEX (how many
-agents held slots when this one started: 0 for the first, used to stagger starts).
+Exports: CUDA_VISIBLE_DEVICES (the chosen GPU), GPU_MEMORY_FRACTION (1/AGENTS_PER_GPU when that is set
+and the user chose no fraction), GPU_SLOT (gpu-<key>.slot-<k>), GPU_SLOTS_DIR (where the slots are, for
+run_share), AGENT_INDEX (how many agents held slots when this one started: 0 for the first, used to
+stagger starts).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import glob
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -41,6 +53,8 @@ from typing import Callable, Iterator, Mapping
 from app.errors import UserError
 
 DEV_GLOB = "/dev/nvidia[0-9]*"
+MACHINE_ID = Path("/etc/machine-id")
+UUID = re.compile(r"(GPU|MIG)-[0-9A-Fa-f-]+(/\d+/\d+)?")
 _held: list[int] = []  # this process's slot lock fds: kept open (and inherited across exec) on purpose
 
 
@@ -59,34 +73,64 @@ class Slot:
         return self.path.stem
 
 
-def _smi_count() -> int:
-    """`nvidia-smi -L` lists one GPU a line; used when the device nodes aren't where we look."""
+def smi_gpus() -> list[str]:
+    """One entry per GPU `nvidia-smi -L` lists, in CUDA order: its UUID, or "" when the line shows none."""
     smi = shutil.which("nvidia-smi")
     if not smi:
-        return 0
+        return []
     try:
         out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+        return []
+    lines = [line for line in out.splitlines() if line.startswith("GPU ")]
+    return [m.group(0) if (m := re.search(r"GPU-[0-9A-Fa-f-]+", line)) else "" for line in lines]
+
+
+def smi_count() -> int:
+    """GPUs `nvidia-smi -L` lists (0 without a driver)."""
+    return len(smi_gpus())
+
+
+def host_id(environ: Mapping[str, str], machine_id: Path = MACHINE_ID) -> str:
+    """This host's name in slot keys: GPU_HOST_ID, the machine id, or the hostname ("" in a container
+    without a machine id: its hostname is the container's, and containers on one host must agree)."""
+    chosen = environ.get("GPU_HOST_ID", "").strip()
+    if chosen:
+        return chosen
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        text = machine_id.read_text().strip()
+        if text:
+            return text[:12]  # 48 bits of a random 128-bit id: plenty for the hosts of one cluster
+    in_container = os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv")
+    return "" if in_container else socket.gethostname()
 
 
 def gpu_ids(environ: Mapping[str, str], dev_glob: str = DEV_GLOB,
-            smi_count: Callable[[], int] = _smi_count) -> list[str]:
-    """The host's ids of the GPUs this container can use, in CUDA order ([] = none)."""
+            smi: Callable[[], list[str]] = smi_gpus, machine_id: Path = MACHINE_ID) -> list[str]:
+    """Keys of the GPUs this container can use, in CUDA order ([] = none): a UUID where one is known,
+    else <host id>-<the host's index>, so the same key never means two GPUs on two hosts."""
     count_text = environ.get("GPU_COUNT", "").strip()
+    listed_by_smi: list[str] = []
     if count_text:
         if not count_text.isdigit():
             raise UserError(f"GPU_COUNT={count_text!r} must be a whole number of GPUs (0 = none)")
         count = int(count_text)
     else:
         nodes = [p for p in glob.glob(dev_glob) if re.search(r"nvidia\d+$", p)]
-        count = len(nodes) or smi_count()
+        listed_by_smi = smi()
+        count = len(nodes) or len(listed_by_smi)
+    if not count:
+        return []
     visible = environ.get("NVIDIA_VISIBLE_DEVICES", "").strip()
     listed = [v.strip() for v in visible.split(",") if v.strip()]
-    if listed and visible.lower() not in ("all", "none", "void") and len(listed) == count:
-        return listed
-    return [str(i) for i in range(count)]
+    if not (listed and visible.lower() not in ("all", "none", "void") and len(listed) == count):
+        listed = [str(i) for i in range(count)]
+    if all(UUID.fullmatch(g) for g in listed):
+        return listed  # the device plugin's or the launcher's UUIDs: unique on every host
+    if len(listed_by_smi) == count and all(listed_by_smi):
+        return listed_by_smi  # the driver's UUIDs, the same whichever container or host asks
+    host = host_id(environ, machine_id)
+    return [f"{host}-{g}" if host else g for g in listed]
 
 
 def slots_dir(environ: Mapping[str, str]) -> Path:
@@ -183,27 +227,46 @@ def assign(environ: Mapping[str, str], gpus: list[str] | None = None) -> dict[st
     """The agent's environment with its GPU slot exported; unchanged when there is no GPU."""
     environ = dict(environ)
     if environ.get("CUDA_VISIBLE_DEVICES", "").strip():
-        print(f"gpu slot: none claimed, CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']} was set by hand",
+        by = "Slurm" if environ.get("SLURM_JOB_ID", "").strip() else "hand"
+        print(f"gpu slot: none claimed, CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']} was set by {by}",
               file=sys.stderr, flush=True)
-        return environ  # a user's explicit pin wins over the shared assignment
+        return environ  # the user's or the scheduler's choice wins over the shared assignment
     gpus = gpu_ids(environ) if gpus is None else gpus
     if not gpus:
         return environ
     per_gpu = _agents_per_gpu(environ)
-    slot = claim(gpus, slots_dir(environ), per_gpu)
+    folder = slots_dir(environ)
+    slot = claim(gpus, folder, per_gpu)
     _held.append(slot.fd)
     environ["CUDA_VISIBLE_DEVICES"] = str(slot.ordinal)
     environ["GPU_SLOT"] = slot.name
+    environ["GPU_SLOTS_DIR"] = str(folder.resolve())
     environ["AGENT_INDEX"] = str(slot.agent_index)
-    sharers = per_gpu or slot.holders
-    if sharers > 1 and not _explicit_fraction(environ):
+    if per_gpu and per_gpu > 1 and not _explicit_fraction(environ):
         # each run caps its allocator at this share (config key gpu_memory_fraction), so one agent's
         # run can't take the memory the others on the same GPU need
-        environ["GPU_MEMORY_FRACTION"] = f"{1 / sharers:.4f}"
-    share = environ["GPU_MEMORY_FRACTION"] if _explicit_fraction(environ) else "uncapped"
+        environ["GPU_MEMORY_FRACTION"] = f"{1 / per_gpu:.4f}"
+    # without AGENTS_PER_GPU the share is taken when each run starts (run_share): agents started
+    # together have all claimed by then, so the first one is capped like the last
+    share = environ["GPU_MEMORY_FRACTION"] if _explicit_fraction(environ) else "1/(agents on it when a run starts)"
     print(f"gpu slot: GPU {slot.gpu} (CUDA_VISIBLE_DEVICES={slot.ordinal}), slot {slot.index}, "
           f"{slot.holders} agent(s) on it now, memory share {share}", file=sys.stderr, flush=True)
     return environ
+
+
+def run_share(environ: Mapping[str, str]) -> float | None:
+    """A run's fair share of its GPU's memory: 1/(agents holding a slot on that GPU now), None when alone
+    or without a slot. Read when each run starts, so agents that joined after this one are counted."""
+    slot = environ.get("GPU_SLOT", "").strip()
+    m = re.fullmatch(r"(gpu-.+)\.slot-\d+", slot)
+    if not m:
+        return None
+    folder = slots_dir(environ)
+    try:
+        holders = sum(1 for p in folder.glob(f"{glob.escape(m.group(1))}.slot-*.lock") if _is_held(p))
+    except OSError:
+        return None  # the folder went away: no one to share with that we can see
+    return 1 / holders if holders > 1 else None
 
 
 def release_all() -> None:

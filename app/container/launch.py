@@ -3,6 +3,9 @@
     python -m app launch --agents 4 --gpus 0,1     # agents 1,3 on GPU 0 and agents 2,4 on GPU 1
     python -m app launch --agents 2 --cpu          # no NVIDIA runtime: CPU agents (ALLOW_CPU=true)
 
+The agents serve SWEEP_ID (a W&B sweep, through `wandb agent`) or, without one, SWEEP_CONFIG (an
+offline sweep, e.g. SWEEP_CONFIG=/app/sweeps/grid.yaml: its journal on the shared ./runs), from --env-file.
+
 `docker compose up --scale agent=N` gives every replica the same GPUs; here each container gets a device
 request for its own GPU (round robin over --gpus), so the runtime exposes only that GPU to it. Agents
 sharing a GPU are told how many they are (AGENTS_PER_GPU), which sets each one's memory share. The
@@ -75,9 +78,9 @@ def parse_gpus(text: str) -> list[str]:
 
 def host_gpus() -> list[str]:
     """GPU indexes `nvidia-smi -L` lists on this host ([] without a driver)."""
-    from app.container.gpu_slots import _smi_count
+    from app.container.gpu_slots import smi_count
 
-    return [str(i) for i in range(_smi_count())]
+    return [str(i) for i in range(smi_count())]
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -123,10 +126,12 @@ def container_env(args: argparse.Namespace, project_dir: Path) -> dict[str, str]
         if not eq or not k:
             raise UserError(f"-e {item!r} must be KEY=VALUE")
         env[k] = v
-    if not (env.get("SWEEP_ID") or "").strip():
-        raise UserError(f"SWEEP_ID is not set in {args.env_file} (or -e): create the sweep with "
-                        "`python -m app sweep create sweeps/grid.yaml` and put its SWEEP_ID line there")
+    if not (env.get("SWEEP_ID") or "").strip() and not (env.get("SWEEP_CONFIG") or "").strip():
+        raise UserError(f"neither SWEEP_ID nor SWEEP_CONFIG is set in {args.env_file} (or -e): for a W&B sweep "
+                        "run `python -m app sweep create sweeps/grid.yaml` and put its SWEEP_ID line there; for an "
+                        "offline sweep set SWEEP_CONFIG=/app/sweeps/grid.yaml")
     env.update(CONTAINER_DIRS)  # a host .env's DATA_DIR=data must not redirect the container's mounts
+    # the entrypoint's agent mode serves SWEEP_ID through `wandb agent` and SWEEP_CONFIG as an offline sweep
     env.setdefault("APP_MODE", "agent")
     if args.cpu:
         env["ALLOW_CPU"] = "true"
