@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from dataclasses import dataclass
+from typing import MutableMapping
 
 from app import config as cfg
+from app import env, interrupts
 from app.errors import UserError
 
 USAGE = """usage: python -m app <command> [options]
@@ -17,12 +20,13 @@ commands:
   launch ...                start N agent containers pinned to GPUs (docker SDK)
   offline-agent ...         run trials of a sweep YAML with no W&B server (Optuna)
   sweep-status ...          the trials table and best trial of an offline sweep
+  sweep-repair JOURNAL      repair an offline sweep's journal damaged by a crash (keeps a copy)
   sync [PATH]               upload unsynced offline runs with `wandb sync`
   report ...                render offline runs and sweeps to SVG / HTML
   bundle save|load ...      carry image + data + settings to an air-gapped host
 
-Settings for `train` (lowest precedence first): defaults < .env < environment (KEY in upper case,
-e.g. EPOCHS=3) < --key=value < a W&B sweep's values. `python -m app train --help` lists them.
+Settings for `train` (lowest precedence first): {precedence}.
+`python -m app train --help` lists them. An empty value (KEY=) is unset.
 W&B: WANDB_MODE=online|offline|disabled (default: online with an API key, else offline), WANDB_DIR,
 WANDB_PROJECT, WANDB_ENTITY.
 """
@@ -32,30 +36,51 @@ def train_help() -> str:
     return (
         "usage: python -m app train [--key=value ...]\n\n"
         "One W&B-tracked training run. Each key can also be set in .env or the environment in upper case\n"
-        "(EPOCHS=3); --key=value wins over both, and a W&B sweep's values win over everything.\n\n"
+        f"(EPOCHS=3). Precedence, lowest first: {cfg.PRECEDENCE}.\n\n"
         f"keys (with defaults):\n{cfg.describe()}\n"
     )
 
 
-def cmd_train(args: list[str]) -> int:
-    if "-h" in args or "--help" in args:
-        print(train_help())
-        return 0
-    from dotenv import load_dotenv
+@dataclass
+class Start:
+    """What `prepare` checked, for `run`: the one way into a training run (CLI and container)."""
+    args: list[str]
+    config: cfg.Config
+    environ: MutableMapping[str, str]
+    ready: object  # preflight.Ready (imported with the run: keeps `--help` light)
 
-    load_dotenv(".env", override=False)  # WANDB_* settings in .env apply too; the real environment wins
-    config = cfg.load(args, os.environ, dotenv_path=".env")
+
+def prepare(args: list[str], environ: MutableMapping[str, str] | None = None,
+            dotenv_path: str | None = ".env") -> Start:
+    """Read .env once, load the config once, resolve the W&B mode and check WANDB_DIR / OUTPUT_DIR once.
+
+    .env's other settings (WANDB_*) apply as if exported, under the real environment; empty values
+    are unset and are dropped before W&B could read them."""
+    from app import preflight
+
+    environ = os.environ if environ is None else environ
+    dotenv = cfg.read_dotenv(dotenv_path) if dotenv_path and os.path.exists(dotenv_path) else {}
+    config = cfg.load(args, environ, dotenv_path=dotenv_path, dotenv=dotenv)
+    for key, value in dotenv.items():
+        if not env.is_set(key, environ=environ):
+            environ[key] = value
+    env.drop_empty_wandb(environ)
+    return Start(args, config, environ, preflight.check_environment(config, environ))
+
+
+def run(start: Start) -> int:
+    """The checked run: a sweep's duplicate guard, then train(); exit code as `wandb agent` expects."""
     from app.sweep import dedupe
 
     # a sweep run first claims its parameters: W&B may have handed the same ones to another agent
-    with dedupe.guard(os.environ, args) as claim:
+    with dedupe.guard(start.environ, start.args) as claim:
         if claim and claim.duplicate_of:
             print(dedupe.skip_message(claim), file=sys.stderr)
             return 0  # exit 0: a finished trial to the agent, not a failure that could stop it
         from app.train import Preempted, train  # after the check: a skipped duplicate never loads torch
 
         try:
-            result = train(config)
+            result = train(start.config, start.environ, ready=start.ready)
         except Preempted as stop:
             if claim:
                 claim.close(dedupe.PREEMPTED)  # the requeued run (same id) takes the params back
@@ -63,8 +88,20 @@ def cmd_train(args: list[str]) -> int:
             return 128 + stop.signum
         if claim:
             claim.close(dedupe.FINISHED)
-    print(f"done: run {result['run_id']} test_accuracy {result['test_accuracy']:.4f} onnx {result['onnx']}")
+    print(f"done: run {result['run_id']} test_accuracy {result['test_accuracy']:.4f} onnx {result['onnx']}", flush=True)
+    interrupts.finished()  # the run is recorded: a stop from here on is no failure
     return 0
+
+
+def cmd_train(args: list[str]) -> int:
+    if "-h" in args or "--help" in args:
+        print(train_help())
+        return 0
+    return run(prepare(args))
+
+
+def stopped_line(stop: interrupts.Stopped) -> str:
+    return f"{stop} before training started or after it ended: nothing to checkpoint (exit {stop.exit_code})"
 
 
 # each command lives in its own module, imported only when called: `train` must not pay for docker or optuna
@@ -72,8 +109,9 @@ COMMANDS = {
     "train": "app.cli:cmd_train",
     "sweep": "app.sweep.wandb_sweep:main",
     "launch": "app.container.launch:main",
-    "offline-agent": "app.sweep.offline:main",
-    "sweep-status": "app.sweep.offline:status_main",
+    "offline-agent": "app.sweep.agent:main",
+    "sweep-status": "app.sweep.status:main",
+    "sweep-repair": "app.sweep.journal:main",
     "sync": "app.runs.sync:main",
     "report": "app.runs.report:main",
     "bundle": "app.container.bundle:main",
@@ -81,17 +119,26 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    interrupts.install()  # a stop during start-up: one line, not a KeyboardInterrupt traceback
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(USAGE.replace("{precedence}", cfg.PRECEDENCE))
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module, _, func = COMMANDS[command].partition(":")
+    return handle(lambda: getattr(importlib.import_module(module), func)(rest))
+
+
+def handle(command, *args) -> int:
+    """Run a command; a UserError is one `error:` line and exit 2, a stop one line and 128+signal."""
     try:
-        return getattr(importlib.import_module(module), func)(rest)
+        return command(*args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except interrupts.Stopped as stop:
+        print(stopped_line(stop), file=sys.stderr)
+        return stop.exit_code

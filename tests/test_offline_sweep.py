@@ -29,7 +29,9 @@ from optuna.trial import TrialState, create_trial
 from app import runlog
 from app.errors import UserError
 from app.sweep import ledger as sweep_ledger
-from app.sweep import offline as osw
+from app.sweep import agent
+from app.sweep import plan as osw
+from app.sweep import study as study_mod
 from app.sweep import spec as sweep_spec
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15
@@ -117,12 +119,12 @@ def test_the_repository_sweeps_map_onto_optuna(tmp_path):
     grid = osw.plan({**env, "SWEEP_CONFIG": str(REPO / "sweeps/grid.yaml")})
     assert grid.grid_size == 6 and grid.goal == "maximize" and grid.metric == "val_accuracy"
     assert grid.storage_url == str(tmp_path / "sweeps" / "mnist-grid.journal")
-    assert isinstance(osw.sampler(grid), optuna.samplers.GridSampler)
+    assert isinstance(study_mod.sampler(grid), optuna.samplers.GridSampler)
     rand = osw.plan({**env, "SWEEP_CONFIG": str(REPO / "sweeps/random.yaml")})
-    assert isinstance(osw.sampler(rand), optuna.samplers.RandomSampler) and rand.spec.run_cap == 20
+    assert isinstance(study_mod.sampler(rand), optuna.samplers.RandomSampler) and rand.spec.run_cap == 20
     bayes = osw.plan({**env, "SWEEP_CONFIG": str(REPO / "sweeps/bayes-hyperband.yaml")})
-    assert isinstance(osw.sampler(bayes), optuna.samplers.TPESampler) and bayes.goal == "minimize"
-    hb = osw.pruner(bayes)
+    assert isinstance(study_mod.sampler(bayes), optuna.samplers.TPESampler) and bayes.goal == "minimize"
+    hb = study_mod.pruner(bayes)
     assert isinstance(hb, optuna.pruners.HyperbandPruner)
     # min_iter -> min_resource, eta -> reduction_factor, the sweep's constant epochs -> max_resource
     assert (hb._min_resource, hb._reduction_factor, hb._max_resource) == (1, 3, 9)
@@ -141,7 +143,7 @@ def test_the_repository_sweeps_map_onto_optuna(tmp_path):
 def test_bad_settings_are_one_line_before_any_work(tmp_path, env, needle):
     base = {"SWEEP_CONFIG": str(REPO / "sweeps/grid.yaml"), "WANDB_DIR": str(tmp_path)}
     with pytest.raises(UserError) as err:
-        osw.check_environment({**base, **env})
+        agent.check_environment({**base, **env})
     assert needle in str(err.value) and "\n" not in str(err.value)
     assert "secret" not in str(err.value)  # a password in a URL never reaches a message
 
@@ -149,7 +151,7 @@ def test_bad_settings_are_one_line_before_any_work(tmp_path, env, needle):
 def test_cli_refuses_a_changed_sweep_with_exit_2(tmp_path):
     env = clean_env(tmp_path, WANDB_DIR=str(tmp_path / "runs"))
     cfg = write_yaml(tmp_path / "s.yaml", "name: s\nmethod: grid\nparameters:\n  learning_rate: {values: [0.1, 0.2]}\n")
-    osw.check_environment({"SWEEP_CONFIG": str(cfg), "WANDB_DIR": str(tmp_path / "runs")})  # creates the study
+    agent.check_environment({"SWEEP_CONFIG": str(cfg), "WANDB_DIR": str(tmp_path / "runs")})  # creates the study
     cfg.write_text("name: s\nmethod: grid\nparameters:\n  learning_rate: {values: [0.1, 0.3]}\n")
     proc = run_app(["offline-agent", "--config", str(cfg)], env, tmp_path)
     assert proc.returncode == 2
@@ -267,7 +269,7 @@ def wait_all(procs, folder: Path, timeout: float) -> list[int]:
 
 
 def load_study(storage_url: str, name: str):
-    return optuna.load_study(study_name=name, storage=osw.open_storage(storage_url))
+    return optuna.load_study(study_name=name, storage=study_mod.open_storage(storage_url))
 
 
 def wait_for_trial_mid_training(study, agent: subprocess.Popen, outputs: Path, folder: Path, timeout: float = 240):

@@ -21,7 +21,7 @@ from containers import app_image, compose, docker, give_to_container, project_di
 from optuna.trial import TrialState
 
 from app import data, runlog
-from app.sweep import offline as osw
+from app.sweep import study as study_mod
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
@@ -56,7 +56,7 @@ def container_logs(project: Path) -> str:
 
 def study_of(project: Path):
     journal = project / "runs" / "sweeps" / f"{SWEEP}.journal"
-    return optuna.load_study(study_name=SWEEP, storage=osw.open_storage(str(journal)))
+    return optuna.load_study(study_name=SWEEP, storage=study_mod.open_storage(str(journal)))
 
 
 def wait_until(predicate, timeout: float, what: str, project: Path):

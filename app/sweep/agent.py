@@ -1,0 +1,242 @@
+"""The offline sweep agent: asks the study for a trial, trains it as an offline W&B run, tells the result.
+
+    python -m app offline-agent --config sweeps/grid.yaml [--storage URL] [--count N]
+    docker compose up agent --scale agent=3      (with SWEEP_CONFIG=/app/sweeps/grid.yaml, WANDB_MODE=offline)
+
+Each trial is an offline W&B run grouped under the sweep's name, its values in the run's config;
+`python -m app sync` uploads them later. run_cap -> at most that many distinct trials.
+
+A killed agent (kill -9, OOM, a lost host) leaves its trial RUNNING. Every agent beats a heartbeat
+into its trial's system attributes (SWEEP_HEARTBEAT_S, default 10 s); any other agent that sees a
+trial's heartbeat unchanged for 4 intervals (measured on its own monotonic clock, so hosts' clocks
+may disagree) fails it and queues a retry with the same values, which resumes from the dead run's
+checkpoint when the outputs folder is shared. Optuna's own heartbeat exists only for RDBStorage; one
+mechanism for both storages keeps the recovery path the same everywhere.
+
+No grid point (or random/bayes trial) runs twice to completion: app.sweep.ledger holds the rule and
+why it holds. The W&B parameter forms map onto Optuna distributions in app.sweep.space; the storage
+and the study are app.sweep.study, the plan app.sweep.plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import sys
+import time
+from typing import Any, Mapping
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+
+from app import tracking
+from app.errors import UserError
+from app.sweep.ledger import STALE_BEATS, Heartbeat, Ledger, StaleWatch, key_of, outcome
+from app.sweep.plan import Plan, plan, redact
+from app.sweep.study import open_storage, open_study
+from app.sweep.trial import Dropped, say, train_trial
+
+MAX_ERRORS_IN_A_ROW = 3  # an agent whose trials keep raising stops (like `wandb agent`)
+
+
+class Agent:
+    def __init__(self, p: Plan, environ: Mapping[str, str]):
+        self.p = p
+        self.environ = dict(environ)
+        self.storage = open_storage(p.storage_url)
+        self.study = open_study(p, self.storage)
+        self.watch = StaleWatch(p.heartbeat_s)
+        self.who = f"{socket.gethostname()}:{os.getpid()}"
+        self.mine: set[int] = set()
+        self.runs_root = tracking.runs_root(environ)
+
+    def ledger(self) -> Ledger:
+        trials = self.study.get_trials(deepcopy=False)
+        return Ledger(trials, self.p.spec.method == "grid", self.p.grid_size, self.p.spec.run_cap)
+
+    # --- housekeeping: fail dead trials, queue retries ---
+    def fail_stale(self, ledger: Ledger) -> bool:
+        failed = False
+        for t in self.watch.stale(ledger.trials, self.mine):
+            try:
+                self.storage.set_trial_system_attr(t._trial_id, "sweep_outcome", "stale")
+                self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except UpdateFinishedTrialError:
+                continue  # it finished, or another agent failed it first
+            failed = True
+            say(f"trial {t.number} ({key_of(t, ledger.grid)}) stopped beating for {self.watch.grace:.0f} s "
+                 f"(agent {t.user_attrs.get('agent', '?')} is gone): failed it, queueing a retry")
+        return failed
+
+    def queue_retries(self, ledger: Ledger) -> None:
+        for key in ledger.needs_retry():
+            last = max(ledger.by_key[key], key=lambda t: t.number)
+            system = {"sweep_key": key, "retry_of": last.number,
+                      "attempt": len([t for t in ledger.by_key[key] if outcome(t) != "void"]) + 1}
+            for k in ("grid_id", "search_space"):  # GridSampler then leaves the queued values alone
+                if k in last.system_attrs:
+                    system[k] = last.system_attrs[k]
+            user = {"resume_run": last.user_attrs["run_id"]} if "run_id" in last.user_attrs else {}
+            self.study.add_trial(optuna.trial.create_trial(
+                state=TrialState.WAITING, params=last.params, distributions=last.distributions,
+                system_attrs=system, user_attrs=user))
+
+    def mark(self, trial, key: str, value: Any) -> None:
+        self.storage.set_trial_system_attr(trial._trial_id, key, value)
+
+    # --- one trial ---
+    def _settle(self, trial, grid: bool) -> Ledger:
+        """Wait until every lower-numbered unfinished trial shows its key (a grid trial gets it just after creation)."""
+        deadline = time.monotonic() + max(30.0, 2 * STALE_BEATS * self.p.heartbeat_s)
+        while True:
+            ledger = self.ledger()
+            pending = [t for t in ledger.trials if t.number < trial.number and outcome(t) == "live"
+                       and key_of(t, grid) is None]
+            if not pending or time.monotonic() > deadline:
+                if pending:
+                    raise Dropped("duplicate")  # can't prove it's unique: safer not to train
+                return ledger
+            time.sleep(0.2)
+
+    def run_trial(self, trial) -> str:
+        grid = self.p.spec.method == "grid"
+        self.mine.add(trial._trial_id)
+        beat = Heartbeat(self.storage, trial._trial_id, self.p.heartbeat_s)
+        beat.start()
+        try:
+            params = {d.name: d.suggest(trial) for d in self.p.space.dimensions}
+            key = key_of(self.storage.get_trial(trial._trial_id), grid)
+            if key is None:
+                raise Dropped("duplicate")  # a grid trial without a grid point (not expected): never train it
+            ledger = self._settle(trial, grid)
+            reason = ledger.verdict(self.storage.get_trial(trial._trial_id))
+            if reason:
+                raise Dropped(reason)
+            self.mark(trial, "sweep_key", key)
+            values = self.p.space.values(params)
+            outcome_, value = train_trial(self, trial, key, values, beat)
+        except Dropped as drop:
+            reason = str(drop)
+            with contextlib.suppress(UpdateFinishedTrialError):
+                self.mark(trial, "sweep_outcome", reason)
+                self.study.tell(trial, state=TrialState.FAIL)
+            if reason == "lost":
+                say(f"trial {trial.number} was declared dead by another agent and rerun there; dropped this result")
+            elif reason != "capped":
+                say(f"trial {trial.number}: {reason}, not trained")
+            return reason
+        finally:
+            beat.stop()
+            self.mine.discard(trial._trial_id)
+        try:
+            if outcome_ == "pruned":
+                self.study.tell(trial, state=TrialState.PRUNED)
+            elif outcome_ == "complete":
+                self.study.tell(trial, value)
+        except UpdateFinishedTrialError:
+            say(f"trial {trial.number} was declared dead by another agent while finishing; its rerun counts")
+            return "lost"
+        return outcome_
+
+    def run(self) -> int:
+        from app.train import Preempted
+
+        p = self.p
+        where = redact(p.storage_url)
+        say(f"sweep {p.name}: {p.spec.method}, {p.goal} {p.metric}; storage {where}; agent {self.who}")
+        unused = sorted(set(p.spec.early_terminate or ()) & {"s", "strict"})
+        if unused:
+            say(f"note: early_terminate {', '.join(unused)} not used: Optuna's Hyperband derives its brackets "
+                 "from min_iter, max_iter (default: epochs) and eta")
+        trained = errors_in_a_row = 0
+        waiting_said = False
+        while p.count is None or trained < p.count:
+            ledger = self.ledger()
+            if self.fail_stale(ledger):
+                ledger = self.ledger()
+            self.queue_retries(ledger)
+            if ledger.finished():
+                say(f"sweep {p.name} is done ({len(ledger.counted())} trials); agent exits")
+                break
+            if not ledger.work_available():
+                running = sum(1 for t in ledger.trials if outcome(t) == "live")
+                if not waiting_said:
+                    say(f"nothing to start; waiting for {running} trial(s) running on other agents")
+                    waiting_said = True
+                time.sleep(min(p.heartbeat_s, 5.0))
+                continue
+            waiting_said = False
+            trial = self.study.ask()
+            try:
+                result = self.run_trial(trial)
+            except Preempted as stop:
+                say(f"trial {trial.number} stopped by {stop}; checkpoint kept, another agent will resume it")
+                return 128 + stop.signum
+            except UpdateFinishedTrialError:
+                say(f"trial {trial.number} was declared dead by another agent; its rerun counts")
+                continue
+            except UserError:
+                raise
+            except Exception as exc:
+                errors_in_a_row += 1
+                say(f"trial {trial.number} failed: {type(exc).__name__}: {exc}")
+                if errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
+                    say(f"{errors_in_a_row} trials in a row failed; stopping this agent")
+                    return 1
+                trained += 1
+                continue
+            if result == "capped":
+                continue  # the loop sees cap_reached next time round
+            if result in ("complete", "pruned", "failed"):  # failed: the metric came out NaN (diverged)
+                if result != "failed":
+                    errors_in_a_row = 0
+                trained += 1
+        else:
+            say(f"ran {trained} trial(s) (AGENT_COUNT); agent exits")
+        return 0
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Every problem an offline sweep can find before training, as one UserError line."""
+    p = plan(environ)
+    open_study(p)  # reaches the storage; a wrong URL, password or a changed sweep fails here
+
+
+def run_agent(environ: Mapping[str, str]) -> int:
+    try:
+        return Agent(plan(environ), environ).run()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C between trials: nothing is running, nothing to save
+        return 130
+
+
+def _environ_with(args: argparse.Namespace) -> dict[str, str]:
+    from dotenv import load_dotenv
+
+    load_dotenv(".env", override=False)  # WANDB_* and training settings in .env apply; the environment wins
+    environ = dict(os.environ)
+    for key, value in (("SWEEP_CONFIG", getattr(args, "config", None)), ("SWEEP_STORAGE", args.storage),
+                       ("AGENT_COUNT", getattr(args, "count", None))):
+        if value is not None:
+            environ[key] = str(value)
+    return environ
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m app offline-agent",
+        description="Run trials of a sweep YAML with no W&B server (Optuna); each trial is an offline W&B run. "
+                    "Start several agents on the same storage to share the work.")
+    parser.add_argument("--config", help="sweep YAML (default: $SWEEP_CONFIG)")
+    parser.add_argument("--storage", help="journal file path or postgresql:// URL "
+                                          "(default: $SWEEP_STORAGE, else $WANDB_DIR/sweeps/<name>.journal)")
+    parser.add_argument("--count", type=int, help="trials for this agent, then exit (default: $AGENT_COUNT, else until done)")
+    args = parser.parse_args(argv)
+    environ = _environ_with(args)
+    check_environment(environ)
+    return run_agent(environ)

@@ -1,0 +1,241 @@
+"""The offline sweep's journal file: found damaged before anything is written on it, and repaired.
+
+    python -m app sweep-repair RUNS/sweeps/NAME.journal [--dry-run]
+
+Optuna's JournalFileBackend appends one JSON line per change under an O_EXCL lock file
+(`<journal>.lock`) and replays the file on read. A host crash or a full disk mid-append leaves a
+partial last line; Optuna's reader skips a partial last line, but the next append lands right after it,
+turns it into a garbage line in the middle, and from then on every reader dies in a JSON error.
+
+The rules here:
+- An incomplete last line (no newline) found while holding the journal's lock is a crashed append:
+  every writer appends whole lines under that lock, so nobody is still writing it, and no reader ever
+  saw it (Optuna yields complete lines only). Cutting it away loses nothing; every append does that
+  first (`SafeJournalBackend`), so an agent never writes behind one.
+- A complete line that is not a JSON operation (disk damage, a hand edit), or a line longer than
+  MAX_LINE, is real damage: nothing is written, every command refuses with one line naming the line
+  and the repair command. `sweep-repair` keeps a copy of the damaged file, drops the damaged lines if
+  the rest replays cleanly in Optuna, else keeps the part before the first damaged line (the trials
+  recorded after it are forgotten; their W&B runs stay on disk). Stop every agent before repairing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generator
+
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.storages.journal._file import get_lock_file
+
+from app.errors import UserError
+
+MAX_LINE = 16 * 1024 * 1024  # one Optuna operation; far above any real one (attrs are a few KB)
+TAIL_READ = 1024 * 1024  # how far back an append looks for the start of the last line
+
+
+class JournalDamaged(UserError):
+    pass
+
+
+@dataclass
+class Scan:
+    operations: int = 0
+    bad: list[int] = field(default_factory=list)  # 1-based numbers of damaged complete lines
+    tail_at: int | None = None  # byte offset of an incomplete last line
+    bad_offsets: list[tuple[int, int]] = field(default_factory=list)  # (start, end) of each damaged line
+
+
+def _is_operation(line: bytes) -> bool:
+    try:
+        op = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(op, dict) and "op_code" in op
+
+
+def scan(path: str | Path) -> Scan:
+    """Read the journal once, line by line (each bounded by MAX_LINE), and say what is damaged."""
+    s = Scan()
+    with open(path, "rb") as f:
+        number, offset = 0, 0
+        while True:
+            line = f.readline(MAX_LINE + 1)
+            if not line:
+                return s
+            number += 1
+            start, offset = offset, offset + len(line)
+            if len(line) > MAX_LINE:  # an endless line: skip to its end, in bounded reads
+                while line and not line.endswith(b"\n"):
+                    line = f.readline(MAX_LINE)
+                    offset += len(line)
+                s.bad.append(number)
+                s.bad_offsets.append((start, offset))
+                continue
+            if not line.endswith(b"\n"):
+                s.tail_at = start
+                return s
+            if _is_operation(line):
+                s.operations += 1
+            else:
+                s.bad.append(number)
+                s.bad_offsets.append((start, offset))
+
+
+def repair_hint(path: str | Path) -> str:
+    return f"stop the agents and run: python -m app sweep-repair {path}"
+
+
+def damage_message(path: str | Path, s: Scan) -> str:
+    more = f" and {len(s.bad) - 1} more" if len(s.bad) > 1 else ""
+    return (f"sweep storage {str(path)[:80]} is damaged at line {s.bad[0]}{more} (not an Optuna operation); "
+            f"nothing was written; {repair_hint(path)}")
+
+
+def _lock(path: str | Path) -> JournalFileOpenLock:
+    return JournalFileOpenLock(str(path))
+
+
+def _cut_tail(path: str | Path) -> int:
+    """Under the journal's lock: remove an incomplete last line. Returns the bytes removed."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        back = min(size, TAIL_READ)
+        f.seek(size - back)
+        chunk = f.read(back)
+        cut = chunk.rfind(b"\n")
+        keep = size - back + cut + 1 if cut >= 0 else (0 if back == size else None)
+        if keep is None:
+            raise JournalDamaged(f"sweep storage {str(path)[:80]} ends in a line over {TAIL_READ} bytes; "
+                                 f"{repair_hint(path)}")
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+        return size - keep
+
+
+def check(path: str | Path, heal: bool) -> str | None:
+    """Refuse a damaged journal before anything writes on it; with `heal`, cut a crashed append away
+    (under the lock). Returns a note to print when something was cut."""
+    s = scan(path)
+    if s.bad:
+        raise JournalDamaged(damage_message(path, s))
+    if s.tail_at is None or not heal:
+        return None  # readers skip an incomplete last line: a read-only look needs no repair
+    with get_lock_file(_lock(path)):
+        removed = _cut_tail(path)
+    return (f"sweep storage {path}: removed an incomplete last line ({removed} bytes, an append cut short by "
+            "a crash; no reader had seen it)") if removed else None
+
+
+class SafeJournalBackend(JournalFileBackend):
+    """Optuna's journal file, which never appends behind a crashed partial line and turns a damaged
+    line met while reading into one error line instead of a JSON traceback."""
+
+    def __init__(self, file_path: str):
+        super().__init__(file_path, lock_obj=_lock(file_path))
+
+    def read_logs(self, log_number_from: int) -> Generator[dict[str, Any], None, None]:
+        try:
+            yield from super().read_logs(log_number_from)
+        except ValueError:  # json.JSONDecodeError, or Optuna's "Invalid log format."
+            s = scan(self._file_path)
+            raise JournalDamaged(damage_message(self._file_path, s) if s.bad else
+                                 f"sweep storage {self._file_path} changed under this agent; "
+                                 f"{repair_hint(self._file_path)}") from None
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        what = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode()
+        with get_lock_file(self._lock):
+            _cut_tail(self._file_path)  # a crashed append's remains: nobody else holds the lock, so it is dead
+            with open(self._file_path, "ab") as f:
+                f.write(what)
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def _replays(path: Path) -> bool:
+    """Whether Optuna replays the journal without an error (every study, every trial)."""
+    import optuna
+
+    try:
+        storage = optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=_lock(path)))
+        for study in storage.get_all_studies():
+            storage.get_all_trials(study._study_id, deepcopy=False)
+    except Exception:  # any replay failure means this candidate is not a consistent journal
+        return False
+    return True
+
+
+def repair(path: Path, dry_run: bool = False) -> str:
+    if not path.is_file():
+        raise UserError(f"no sweep journal at {str(path)[:120]!r}")
+    with get_lock_file(_lock(path)):
+        s = scan(path)
+        if not s.bad and s.tail_at is None:
+            return f"{path}: intact ({s.operations} operations); nothing to repair"
+        blob_size = path.stat().st_size
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            dropped = Path(tmp) / "dropped.journal"
+            prefix = Path(tmp) / "prefix.journal"
+            end = s.tail_at if s.tail_at is not None else blob_size
+            first_bad = s.bad_offsets[0][0] if s.bad_offsets else end
+            with open(path, "rb") as src, open(dropped, "wb") as a, open(prefix, "wb") as b:
+                pos = 0
+                for start, stop in [*s.bad_offsets, (end, end)]:
+                    src.seek(pos)
+                    shutil.copyfileobj(_Limited(src, start - pos), a)
+                    pos = stop
+                src.seek(0)
+                shutil.copyfileobj(_Limited(src, first_bad), b)
+            if _replays(dropped):
+                chosen, how = dropped, f"dropped {len(s.bad)} damaged line(s) ({', '.join(map(str, s.bad[:5]))})"
+            elif _replays(prefix):
+                chosen, how = prefix, f"kept the {s.bad[0] - 1} line(s) before the first damaged line {s.bad[0]}"
+            else:
+                raise UserError(f"{path}: no consistent journal could be recovered; start the sweep under a new name")
+            if s.tail_at is not None:
+                how += "; removed an incomplete last line"
+            if dry_run:
+                return f"{path}: would repair: {how}"
+            backup = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+            shutil.copy2(path, backup)
+            with open(chosen, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(chosen, path)
+    return f"{path}: repaired: {how}; the damaged file is kept as {backup.name}"
+
+
+class _Limited:
+    """A file-like view of the next `n` bytes of `f`, for copyfileobj."""
+
+    def __init__(self, f, n: int):
+        self.f, self.left = f, n
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        data = self.f.read(size)
+        self.left -= len(data)
+        return data
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app sweep-repair",
+                                     description="Repair an offline sweep's journal file damaged by a crash or a full "
+                                                 "disk (stop every agent of that sweep first). The damaged file is kept.")
+    parser.add_argument("journal", help="the journal file, e.g. runs/sweeps/grid.journal")
+    parser.add_argument("--dry-run", action="store_true", help="say what would be repaired; change nothing")
+    args = parser.parse_args(argv)
+    print(repair(Path(args.journal), dry_run=args.dry_run))
+    return 0

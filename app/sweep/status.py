@@ -1,0 +1,145 @@
+"""`python -m app sweep-status`: the trials table and the best trial of offline sweeps.
+
+    python -m app sweep-status [RUNS] [--config sweeps/grid.yaml | --name NAME] [--storage URL]
+
+Read-only: it never creates a study or writes on a journal (a damaged one is refused in one line
+with its repair command). `read_sweep` is the same look for other tools (the report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import optuna
+
+from app import tracking
+from app.errors import UserError
+from app.sweep import spec as sweep_spec
+from app.sweep.ledger import key_of, outcome
+from app.sweep.plan import storage_url, sweep_name
+from app.sweep.space import SearchSpace
+from app.sweep.study import load_study, open_storage
+
+
+
+def trial_rows(study, space: SearchSpace | None = None) -> list[dict[str, Any]]:
+    """One row per trial that trained or is queued (duplicates never trained are left out)."""
+    grid = study.user_attrs.get("method") == "grid"
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if outcome(t) == "void":
+            continue
+        values = t.user_attrs.get("values")
+        if values is None:
+            values = space.values(t.params) if space else dict(t.params)
+        state = t.state.name
+        if state == "FAIL":
+            state = {"stale": "DIED", "preempted": "STOPPED", "interrupted": "STOPPED"}.get(
+                t.system_attrs.get("sweep_outcome"), "FAIL")
+        rows.append({"trial": t.number, "state": state, "key": key_of(t, grid) or "", "values": values,
+                     "value": t.value, "run": t.user_attrs.get("run_id", ""),
+                     "attempt": t.system_attrs.get("attempt", 1), "agent": t.user_attrs.get("agent", ""),
+                     "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
+                     if t.datetime_complete and t.datetime_start else None,
+                     "run_folder": t.user_attrs.get("run_folder", "")})
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def format_status(study) -> str:
+    metric = study.user_attrs.get("metric", "value")
+    goal = study.user_attrs.get("goal", "minimize")
+    rows = trial_rows(study)
+    names = sorted({k for r in rows for k in r["values"]})
+    header = ["trial", "state", *names, metric, "run", "attempt", "seconds", "agent"]
+    table = [[str(r["trial"]), r["state"], *[_fmt(r["values"].get(n)) for n in names], _fmt(r["value"]),
+              r["run"] or "-", str(r["attempt"]), _fmt(r["seconds"]), r["agent"] or "-"] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
+    lines = [f"sweep {study.study_name}: {study.user_attrs.get('method', '?')}, {goal} {metric}"]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    states = [r["state"] for r in rows]
+    summary = ", ".join(f"{states.count(s)} {s.lower()}" for s in dict.fromkeys(states)) or "no trials yet"
+    size = study.user_attrs.get("grid_size")
+    done_points = len({r["key"] for r in rows if r["state"] in ("COMPLETE", "PRUNED")})
+    lines.append(summary + (f"; {done_points} of {size} grid points done" if size else ""))
+    complete = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
+    if complete:
+        best = (max if goal == "maximize" else min)(complete, key=lambda r: r["value"])
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in best["values"].items())
+        lines.append(f"best: trial {best['trial']} {metric} {best['value']:.4f}  {shown}  (W&B run {best['run']})")
+    else:
+        lines.append("best: none complete yet")
+    return "\n".join(lines)
+
+
+def find_studies(environ: Mapping[str, str], config: str | None, name: str | None, storage: str | None):
+    """(storage url, study name) pairs that sweep-status should show."""
+    if config:
+        p_name = sweep_name(sweep_spec.load(config), config)
+        return [(storage_url({**environ, "SWEEP_STORAGE": storage or environ.get("SWEEP_STORAGE", "")}, p_name), p_name)]
+    if storage or environ.get("SWEEP_STORAGE", "").strip():
+        url = storage_url({**environ, "SWEEP_STORAGE": storage or environ["SWEEP_STORAGE"]}, "x")
+        if name:
+            return [(url, name)]
+
+        return [(url, s.study_name) for s in optuna.get_all_study_summaries(open_storage(url, write=False), include_best_trial=False)]
+    folder = tracking.runs_root(environ) / "sweeps"
+    if name:
+        return [(str(folder / f"{name}.journal"), name)]
+    return [(str(f), f.stem) for f in sorted(folder.glob("*.journal"))]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app sweep-status",
+                                     description="The trials table and the best trial of offline sweeps.")
+    parser.add_argument("path", nargs="?", help="runs folder holding sweeps/*.journal (default: $WANDB_DIR, else .)")
+    parser.add_argument("--config", help="the sweep YAML (its name: picks the study)")
+    parser.add_argument("--name", help="the sweep name (default: every sweep in the storage)")
+    parser.add_argument("--storage", help="journal file or postgresql:// URL (default: $SWEEP_STORAGE, "
+                                          "else every $WANDB_DIR/sweeps/*.journal)")
+    args = parser.parse_args(argv)
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    environ = {**os.environ, **({"WANDB_DIR": args.path} if args.path else {})}
+    found = find_studies(environ, args.config, args.name, args.storage)
+    if not found:
+        raise UserError(f"no offline sweep found under {tracking.runs_root(environ) / 'sweeps'}; "
+                        "pass the runs folder, --config, --name or --storage")
+    for i, (url, study_name) in enumerate(found):
+        study = load_study(url, study_name)
+        if i:
+            print()
+        print(format_status(study))
+    return 0
+
+
+@dataclass(frozen=True)
+class SweepSummary:
+    """What another tool needs to know about an offline sweep (the report's chart and its table of
+    trials that did not finish)."""
+
+    metric: str
+    goal: str
+    unfinished: list[dict[str, Any]]  # trial_rows of trials that died, were stopped or failed
+
+
+def read_sweep(journal: str | Path, name: str) -> SweepSummary:
+    """An offline sweep's metric, goal and unfinished trials, read without writing anything.
+    Raises UserError (one line) when the journal is missing, damaged or lacks the sweep."""
+    study = load_study(str(journal), name)
+    rows = [r for r in trial_rows(study) if r["state"] in ("DIED", "STOPPED", "FAIL")]
+    return SweepSummary(study.user_attrs.get("metric", "val_loss"), study.user_attrs.get("goal", "minimize"), rows)

@@ -1,0 +1,122 @@
+"""Where an offline sweep lives and how its Optuna study is opened.
+
+Storage (SWEEP_STORAGE): by default an Optuna journal file on the runs volume,
+$WANDB_DIR/sweeps/<name>.journal. Optuna's JournalFileBackend is built for several processes sharing a
+file system: every change is one appended line written under an O_EXCL lock file, and readers replay
+the log, so the order of the log decides every race (two agents popping the same queued trial: the
+first line wins). It needs no fcntl locks (unreliable on Docker Desktop file shares and NFS, which is
+what SQLite depends on), and Optuna's RDBStorage on SQLite does not lock rows, so two agents can pop
+the same trial there. For agents on several hosts: SWEEP_STORAGE=postgresql://user:pass@host/db
+(RDBStorage; rows are locked FOR UPDATE). A journal is checked for damage before anything writes on it
+(app.sweep.journal).
+
+Mapping: grid -> GridSampler, random -> RandomSampler, bayes -> TPESampler, early_terminate hyperband
+-> HyperbandPruner, metric.goal -> study direction.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import optuna
+
+from app.errors import UserError
+from app.sweep import journal
+from app.sweep.plan import Plan, redact
+from app.sweep.spec import SweepSpec
+
+
+def open_storage(url: str, *, write: bool = True):
+    """The Optuna storage behind `url`. A journal file is scanned first: damage is one error line, and
+    (when this process will write) a crashed append's partial last line is cut away under the lock."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # agents print their own one-line records
+
+    if "://" in url:
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except Exception as exc:  # sqlalchemy/psycopg2 errors: bad host, password, database
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"SWEEP_STORAGE={redact(url)}: cannot open the database ({redact(first)[:160]})") from None
+
+    path = Path(url)
+    if path.exists() and not path.is_file():
+        raise UserError(f"sweep storage {str(path)[:120]!r} is not a file; set SWEEP_STORAGE to a journal file path")
+    try:
+        if write:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.is_file():
+            raise UserError(f"no offline sweep storage at {str(path)[:120]!r}; has an agent run yet?")
+        if path.is_file():
+            note = journal.check(path, heal=write)
+            if note:
+                print(f"[offline-sweep] {note}", file=sys.stderr, flush=True)
+        return optuna.storages.JournalStorage(journal.SafeJournalBackend(str(path)))
+    except OSError as exc:
+        raise UserError(f"sweep storage {str(path)[:120]!r} is not {'writable' if write else 'readable'} "
+                        f"({exc.strerror or exc}); check the runs volume or set SWEEP_STORAGE") from None
+
+
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler without its end-of-grid `study.stop()`, which works only inside
+    `study.optimize`: these agents use ask/tell and decide themselves when the sweep is over (they
+    must also wait for trials running elsewhere)."""
+
+    def after_trial(self, study, trial, state, values):
+        pass
+
+
+def sampler(p: Plan):
+    if p.spec.method == "grid":
+        return GridSampler(p.space.grid_space(), seed=0)
+    if p.spec.method == "random":
+        return optuna.samplers.RandomSampler()
+    return optuna.samplers.TPESampler()
+
+
+def pruner(p: Plan):
+    """W&B's hyperband settings as Optuna's HyperbandPruner; one resource unit = one epoch."""
+    et = p.spec.early_terminate
+    if not et:
+        return optuna.pruners.NopPruner()
+    epochs = p.space.constants.get("epochs")
+    swept_epochs = any(d.name == "epochs" for d in p.space.dimensions)
+    max_resource = et.get("max_iter") or ("auto" if swept_epochs else int(epochs or p.base.epochs))
+    return optuna.pruners.HyperbandPruner(min_resource=et.get("min_iter", 1), max_resource=max_resource,
+                                          reduction_factor=et.get("eta", 3))
+
+
+def fingerprint(spec: SweepSpec) -> str:
+    """What a sweep's study is bound to: changing any of these needs a new sweep name."""
+    keys = ("method", "metric", "parameters", "early_terminate", "run_cap")
+    return json.dumps({k: spec.raw.get(k) for k in keys}, sort_keys=True, default=str)
+
+
+def open_study(p: Plan, storage=None):
+    storage = storage if storage is not None else open_storage(p.storage_url)
+    study = optuna.create_study(study_name=p.name, storage=storage, load_if_exists=True,
+                                direction="maximize" if p.goal == "maximize" else "minimize",
+                                sampler=sampler(p), pruner=pruner(p))
+    stored = study.user_attrs.get("sweep_config")
+    if stored is None:
+        study.set_user_attr("sweep_config", fingerprint(p.spec))
+        study.set_user_attr("method", p.spec.method)
+        study.set_user_attr("metric", p.metric)
+        study.set_user_attr("goal", p.goal)
+        if p.grid_size:
+            study.set_user_attr("grid_size", p.grid_size)
+    elif stored != fingerprint(p.spec):
+        raise UserError(f"sweep {p.name!r} in {redact(p.storage_url)} was started from a different config "
+                        "(method, metric, parameters, early_terminate or run_cap changed); give the sweep a new "
+                        "name: in the YAML, or remove that storage to start over")
+    return study
+
+
+def load_study(url: str, name: str):
+    """An existing study, for reading only (sweep-status, report): never creates or heals anything."""
+    storage = open_storage(url, write=False)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise UserError(f"sweep {name!r} is not in {redact(url)}") from None

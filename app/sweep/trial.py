@@ -1,0 +1,166 @@
+"""One offline-sweep trial as one offline W&B run: config, resume, train, read the metric back.
+
+Used by app.sweep.agent (`python -m app offline-agent`); nothing here decides which trial runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Mapping
+
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+
+from app import checkpoint, tracking
+from app.config import Config, ConfigError
+from app.errors import UserError
+from app.sweep.ledger import Heartbeat
+
+JOB_TYPE = "sweep-trial"
+TAG = "offline-sweep"
+
+
+class Dropped(Exception):
+    """This trial must not train (a duplicate, over the cap, or taken over by another agent)."""
+
+
+def say(msg: str) -> None:
+    print(f"[offline-sweep] {msg}", flush=True)
+
+
+def _run_folder(root: Path, run_id: str) -> Path | None:
+    found = sorted((root / "wandb").glob(f"*run-*-{run_id}"))
+    return found[-1] if found else None
+
+
+@contextlib.contextmanager
+def _wandb_environment(values: Mapping[str, str]):
+    """W&B reads these once per process: set them for one trial, and tear W&B down after it."""
+    try:
+        with tracking.environment(**values):
+            yield
+    finally:
+        import wandb
+
+        wandb.teardown()  # the next trial's wandb.init starts fresh and reads the new group/tags
+
+
+def train_trial(agent, trial, key: str, values: dict, beat: Heartbeat) -> tuple[str, float | None]:
+    from app.train import Preempted, train
+
+    p = agent.p
+    run_id = tracking.new_run_id()
+    try:
+        config = p.base.replace(**values)
+    except ConfigError as exc:  # e.g. q rounding a draw to 0: these values can't train, others can
+        agent.mark(trial, "sweep_outcome", "error")
+        trial.set_user_attr("error", str(exc)[:500])
+        agent.study.tell(trial, state=TrialState.FAIL)
+        say(f"trial {trial.number} failed: {exc}")
+        return "failed", None
+    attempt = agent.storage.get_trial(trial._trial_id).system_attrs.get("attempt", 1)
+    trial.set_user_attr("run_id", run_id)
+    trial.set_user_attr("agent", agent.who)
+    trial.set_user_attr("values", values)
+    resumed = _resume_from(trial, config, run_id)
+    shown = " ".join(f"{k}={v}" for k, v in values.items())
+    say(f"trial {trial.number} ({key}, attempt {attempt}): {shown} -> W&B run {run_id}{resumed}")
+    notes = f"Optuna trial {trial.number} of offline sweep {p.name} ({key}, attempt {attempt}){resumed}"
+    wandb_env = {"WANDB_RUN_GROUP": p.name, "WANDB_JOB_TYPE": JOB_TYPE, "WANDB_TAGS": TAG,
+                 "WANDB_NAME": f"{p.name}-{trial.number}", "WANDB_NOTES": notes,
+                 "WANDB_SYMLINK": "false"}  # no latest-run / debug.log links in the shared runs folder
+    environ = {**agent.environ, "WANDB_MODE": "offline", "WANDB_RUN_ID": run_id}
+
+    pruned = False
+
+    def on_epoch(epoch: int, metrics: Mapping[str, float]) -> bool:
+        """After each epoch: stop when another agent took the trial over, or Hyperband prunes it."""
+        nonlocal pruned
+        if beat.lost.is_set():
+            return True
+        if p.metric in metrics and p.spec.early_terminate:
+            trial.report(float(metrics[p.metric]), epoch + 1)  # resource = epochs done (W&B's min_iter unit)
+            pruned = trial.should_prune()
+        return pruned
+
+    started = time.monotonic()
+    try:
+        with _wandb_environment(wandb_env):
+            result = train(config, environ, on_epoch=on_epoch)
+    except BaseException as exc:
+        _after_run(agent, trial, run_id)
+        # Preempted (SIGTERM/SIGINT, checkpoint written): rerun at once; a UserError is the setup, not the
+        # values: rerun later; anything else is this trial failing, like a failed W&B run
+        reason = ("preempted" if isinstance(exc, Preempted) else "interrupted" if isinstance(exc, UserError)
+                  else "error" if isinstance(exc, Exception) else None)
+        if reason is not None:
+            with contextlib.suppress(UpdateFinishedTrialError):  # already failed by another agent
+                agent.mark(trial, "sweep_outcome", reason)
+                if reason == "error":
+                    trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+                agent.study.tell(trial, state=TrialState.FAIL)
+        raise
+    _after_run(agent, trial, run_id)
+    if beat.lost.is_set():
+        raise Dropped("lost")
+    value = result.get(p.metric)
+    if value is None and not pruned:  # `loss` is in the run's summary only: read it back from the run log
+        run = _read_run(agent.runs_root, run_id)
+        value = run.summary.get(p.metric) if run is not None else None
+    seconds = time.monotonic() - started
+    if pruned:
+        say(f"trial {trial.number} pruned by hyperband ({seconds:.0f} s)")
+        return "pruned", None
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        agent.mark(trial, "sweep_outcome", "error")
+        trial.set_user_attr("error", f"{p.metric} is {value} (diverged, or never logged)")
+        agent.study.tell(trial, state=TrialState.FAIL)
+        say(f"trial {trial.number} failed: {p.metric} is {value}")
+        return "failed", None
+    say(f"trial {trial.number} complete: {p.metric} {value:.4f} ({seconds:.0f} s)")
+    return "complete", float(value)
+
+def _after_run(agent, trial, run_id: str) -> None:
+    """Make the run folder self-contained and note it in the trial, while the trial can still change."""
+    folder = _run_folder(agent.runs_root, run_id)
+    if folder is not None:
+        tracking.materialize_links(folder)
+        with contextlib.suppress(ValueError, UpdateFinishedTrialError):
+            trial.set_user_attr("run_folder", str(folder.relative_to(agent.runs_root)))
+
+
+def _resume_from(trial, config: Config, run_id: str) -> str:
+    """A retry starts from the dead attempt's last epoch checkpoint when the outputs folder has it."""
+    old = trial.user_attrs.get("resume_run")
+    if not old or not config.resume:
+        return ""
+    src = Path(config.output_dir) / old / checkpoint.FILE
+    if not src.is_file():
+        return ""
+    try:
+        done = checkpoint.epochs_done(src)
+    except UserError:
+        return ""  # a damaged checkpoint of a dead attempt: train this one from the start
+    if done >= config.epochs:
+        # killed after its last epoch: train() would skip straight to test with no val metric to report
+        return ""
+    dst = Path(config.output_dir) / run_id
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst / checkpoint.FILE)
+    return f", resuming from run {old}'s checkpoint after epoch {done}"
+
+
+def _read_run(root: Path, run_id: str):
+    from app import runlog
+
+    folder = _run_folder(root, run_id)
+    if folder is None:
+        return None
+    try:
+        return runlog.read(folder)
+    except runlog.RunLogError:
+        return None
