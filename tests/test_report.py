@@ -17,7 +17,7 @@ import pytest
 from conftest import clean_env, error_lines, run_app
 
 from app import runlog
-from app.runs import report
+from app.runs import report, svg
 
 SVG = "{http://www.w3.org/2000/svg}"
 SWEEP = """name: tiny-report
@@ -170,7 +170,7 @@ def test_user_text_is_escaped_and_bad_values_are_skipped():
     ([0.7, 0.7], False, False, ["0.65", "0.7", "0.75"]),  # one value: still an axis
 ])
 def test_axis_ticks_cover_the_data_with_readable_labels(values, log, integer, labels):
-    axis = report.Axis.fit(values, log=log, integer=integer)
+    axis = svg.Axis.fit(values, log=log, integer=integer)
     assert [label for _, label in axis.ticks()] == labels
     assert all(0 <= axis.frac(v) <= 1 for v in values)
 

@@ -5,26 +5,28 @@ writes, per group of runs (an offline sweep's trials share its name as their gro
   <group>-curves.svg   training loss and the per-epoch val_loss / val_accuracy of every run
   <group>-params.svg   each swept setting against the sweep's metric (one point per finished run)
 and index.html, which shows the same charts inline (hover a line or point for its run) with a table of
-the runs sorted by the metric. When the sweep's journal ($WANDB_DIR/sweeps/<group>.journal) came along
-with the runs, its metric and goal are used, and attempts that died are listed too.
+the runs sorted by the metric, each with its model artifact (name, aliases, size). When the sweep's
+journal ($WANDB_DIR/sweeps/<group>.journal) came along with the runs, its metric and goal are used,
+and attempts that died are listed too.
 
-The charts are plain SVG written here: a plotting library would add ~70 MB to the image for six kinds
-of shape. Every text in them (run ids, config values, group names) is escaped: users choose those.
+An offline artifact has no version number yet: W&B numbers versions (v0, v1, ...) when `sync`
+uploads them, so the table shows the aliases the run asked for and the artifact's content digest.
+The charts come from app.runs.svg; every text (run ids, config values, group names) is escaped.
 """
 
 from __future__ import annotations
 
 import argparse
 import html
-import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from app import runlog, tracking
 from app.errors import UserError
+from app.runs import svg
 
 DEFAULT_METRIC, DEFAULT_GOAL = "val_accuracy", "maximize"
 NOT_PARAMS = {"data_dir", "output_dir", "device"}  # differ between hosts, not between trials
@@ -54,16 +56,44 @@ def _sweep_info(root: Path, group: str) -> tuple[str, str, list[dict]]:
                     if (d / "sweeps" / f"{group}.journal").is_file()), None)
     if not group or journal is None:
         return DEFAULT_METRIC, DEFAULT_GOAL, []
-    import optuna
-
-    from app.sweep import status as offline_sweep
+    from app.sweep import status
 
     try:
-        study = optuna.load_study(study_name=group, storage=offline_sweep.open_storage(str(journal)))
-    except (KeyError, ValueError, UserError):
+        sweep = status.read_sweep(journal, group)
+    except UserError:  # damaged or another sweep's: the runs still make a report
         return DEFAULT_METRIC, DEFAULT_GOAL, []
-    died = [r for r in offline_sweep.trial_rows(study) if r["state"] in ("DIED", "STOPPED", "FAIL")]
-    return study.user_attrs.get("metric", DEFAULT_METRIC), study.user_attrs.get("goal", DEFAULT_GOAL), died
+    return sweep.metric, sweep.goal, sweep.unfinished
+
+
+@dataclass
+class ModelArtifact:
+    name: str
+    aliases: list[str]
+    size: int  # bytes, all files
+    digest: str
+    files: list[str]
+
+    def label(self) -> str:
+        return f"{self.name}:{','.join(self.aliases) or '-'} ({_size(self.size)})"
+
+
+def artifacts(run) -> list[ModelArtifact]:
+    """The model artifacts a run logged, read from its log (a second pass: runlog keeps no artifacts)."""
+    found = []
+    try:
+        for record in runlog.records(next(run.path.glob("run-*.wandb"))):
+            if record.WhichOneof("record_type") == "artifact" and record.artifact.type == "model":
+                a = record.artifact
+                contents = a.manifest.contents
+                found.append(ModelArtifact(a.name, list(a.aliases), sum(c.size for c in contents), a.digest,
+                                           [c.path for c in contents]))
+    except (runlog.RunLogError, OSError, StopIteration):
+        pass  # the run's own problems are reported by collect()
+    return found
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def collect(root: Path) -> tuple[list[Group], list[str]]:
@@ -195,18 +225,20 @@ def params_svg(group: Group) -> str | None:
 
 
 def _table(group: Group) -> str:
-    head = ["run", "state", *group.params, group.metric, "epochs", "test_accuracy", "folder"]
+    # "epochs done" (history), not "epochs": that is also the setting's name when a sweep varies it
+    head = ["run", "state", *group.params, group.metric, "epochs done", "test_accuracy", "model artifact", "folder"]
     rows = []
     for r in group.runs:
         epochs = len([row for row in r.history if "val_loss" in row])
         state = "finished" if r.finished and r.exit_code == 0 else ("pruned" if r.summary.get("pruned") else
                                                                      "killed" if not r.finished else f"exit {r.exit_code}")
+        models = "; ".join(a.label() for a in artifacts(r)) or "-"
         cells = [r.run_id, state, *[_short(r.config.get(k)) for k in group.params],
-                 _fmt(_value(r, group.metric)), str(epochs), _fmt(r.summary.get("test_accuracy")), r.path.name]
+                 _fmt(_value(r, group.metric)), str(epochs), _fmt(r.summary.get("test_accuracy")), models, r.path.name]
         rows.append(cells)
     for d in group.died:
         if not any(d["run"] == r.run_id for r in group.runs):
-            rows.append([d["run"] or "-", d["state"].lower(), *["" for _ in group.params], "", "", "", "(no run folder)"])
+            rows.append([d["run"] or "-", d["state"].lower(), *["" for _ in group.params], "", "", "", "", "(no run folder)"])
     body = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) +
             f"</tr></thead><tbody>\n{body}\n</tbody></table>")
@@ -253,8 +285,8 @@ def render(root: Path, out: Path) -> Path:
         raise UserError(f"no offline runs under {root}: pass the folder that holds wandb/offline-run-* (or WANDB_DIR)")
     index, charts = page(root, groups, problems)
     out.mkdir(parents=True, exist_ok=True)
-    for name, svg in charts.items():
-        (out / name).write_text(svg, encoding="utf-8")
+    for name, chart in charts.items():
+        (out / name).write_text(chart, encoding="utf-8")
     (out / "index.html").write_text(index, encoding="utf-8")
     return out / "index.html"
 
