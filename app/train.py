@@ -11,17 +11,19 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from torch import nn
 
-from app import artifact, data, tracking
+from app import artifact, data, interrupts, preflight, tracking
+from app import checkpoint as checkpoints
+from app.checkpoint import save as save_checkpoint
 from app.config import Config
 from app.errors import UserError
 from app.export import export_onnx
 from app.model import ConvNet
-from app.progress import Progress
+from app.progress import LossReadout, Progress
 from app.step import EagerStep, GraphedStep
 
 
@@ -66,13 +68,6 @@ def pick_device(config: Config) -> torch.device:
             raise UserError(f"device={config.device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
         device = torch.device("cuda", device.index or 0)
     return device
-
-
-def save_checkpoint(path: Path, **state: Any) -> None:
-    """Write-then-rename: a stop or crash mid-write leaves the previous checkpoint intact."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def evaluate(model: nn.Module, batches: data.Batches, criterion: nn.Module, autocast) -> tuple[float, float]:
@@ -129,43 +124,19 @@ def make_steps(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn
     return eager, GraphedStep(model, optimizer, x, y, bf16=config.amp == "bf16")
 
 
-EpochHook = Callable[[int, dict[str, float]], bool]
+class Setup(NamedTuple):
+    device: torch.device
+    ds: data.Dataset
+    gen: torch.Generator  # the training order's generator (checkpointed)
+    fmt: dict  # how Batches normalise and lay out images
+    train: data.Batches
+    val: data.Batches
+    test: data.Batches
 
 
-def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: EpochHook | None = None) -> dict[str, Any]:
-    """One tracked run. `on_epoch(epoch, metrics)` is told each epoch's val metrics; True stops the run
-    early (an offline sweep's pruner uses it), skipping test and export."""
-    environ = os.environ if environ is None else environ
-
-    # --- the run: exactly one wandb.init; a sweep's values are the last layer of config ---
-    tracking.resolve_mode(environ)  # WANDB_MODE / API key problems come before any download or folder
-    tracking.check_writable(tracking.runs_root(environ), "WANDB_DIR")
-    output_root = Path(config.output_dir)
-    tracking.check_writable(output_root, "OUTPUT_DIR")
-    data.ensure(config.dataset, config.data_dir)  # a missing dataset fails before a W&B run exists
-    run, config = tracking.start(config, environ)
-    exit_code = 1  # anything that escapes below is a failed run, not a finished one
-    try:
-        result = _train(run, config, output_root, environ, on_epoch)
-        exit_code = 0
-        return result
-    except Preempted as stop:
-        exit_code = 128 + stop.signum
-        raise
-    except UserError:
-        exit_code = 2
-        raise
-    finally:
-        run.finish(exit_code=exit_code)
-        if not run.disabled:
-            tracking.materialize_links(Path(run.dir).parent)  # the runs folder must survive a move
-
-
-def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], on_epoch: EpochHook | None) -> dict[str, Any]:
-    # --- device and data ---
+def setup(config: Config) -> Setup:
+    """Device, seeds and data exactly as train() prepares them (bench/ measures the same setup)."""
     device = pick_device(config)
-    # which GPU slot an agent was given: recorded so a sweep's runs can be traced to their device
-    run.summary.update({"device": str(device), "cuda_visible_devices": environ.get("CUDA_VISIBLE_DEVICES", "")})
     torch.manual_seed(config.seed)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -176,10 +147,58 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
     gen = torch.Generator(device=device)
     gen.manual_seed(config.seed)
     fmt = dict(mean=ds.mean, std=ds.std, channels_last=config.channels_last)
-    train_batches = data.Batches(ds.train, config.batch_size, shuffle=True, generator=gen, **fmt)
     eval_size = max(config.batch_size, 1000)  # evaluation has no gradients: bigger batches are free speed
-    val_batches = data.Batches(ds.val, eval_size, shuffle=False, **fmt)
-    test_batches = data.Batches(ds.test, eval_size, shuffle=False, **fmt)
+    return Setup(device, ds, gen, fmt, data.Batches(ds.train, config.batch_size, shuffle=True, generator=gen, **fmt),
+                 data.Batches(ds.val, eval_size, shuffle=False, **fmt), data.Batches(ds.test, eval_size, shuffle=False, **fmt))
+
+
+EpochHook = Callable[[int, dict[str, float]], bool]
+
+
+def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: EpochHook | None = None,
+          ready: preflight.Ready | None = None) -> dict[str, Any]:
+    """One tracked run. `on_epoch(epoch, metrics)` is told each epoch's val metrics; True stops the run
+    early (an offline sweep's pruner uses it), skipping test and export. `ready`: the environment
+    checks a caller already made (`preflight.check_environment`); the data checks are made here."""
+    environ = os.environ if environ is None else environ
+
+    # --- every check first (no W&B run is left for a setting that can't work), then one wandb.init ---
+    ready = ready or preflight.check_environment(config, environ)
+    preflight.check_data(config)
+    if environ.get("WANDB_RUN_ID"):  # an existing run id: a resume that can't continue it is refused before W&B opens it
+        checkpoints.check_resume(config, ready.output_root / environ["WANDB_RUN_ID"], environ["WANDB_RUN_ID"])
+    checked = config
+    run, config = tracking.start(config, environ, mode=ready.mode)  # a sweep's values: the last layer
+    exit_code = 1  # anything that escapes below is a failed run, not a finished one
+    try:
+        if config != checked:
+            preflight.check_data(config)
+        result = _train(run, config, ready.output_root, environ, on_epoch)
+        exit_code = 0
+        return result
+    except (Preempted, interrupts.Stopped) as stop:
+        exit_code = 128 + stop.signum
+        raise
+    except UserError:
+        exit_code = 2
+        raise
+    finally:
+        with interrupts.deferred():  # a stop now must not cut the exit record short
+            run.finish(exit_code=exit_code)
+        if not run.disabled:
+            tracking.materialize_links(Path(run.dir).parent)  # the runs folder must survive a move
+
+
+def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], on_epoch: EpochHook | None) -> dict[str, Any]:
+    # --- device and data ---
+    if not config.gpu_memory_fraction:
+        from app.container.gpu_slots import run_share
+
+        # agents sharing this GPU through slots: an equal share among those on it as this run starts
+        config = config.replace(gpu_memory_fraction=round(run_share(environ) or 0.0, 4))
+    device, ds, gen, fmt, train_batches, val_batches, test_batches = setup(config)
+    # which GPU slot an agent was given: recorded so a sweep's runs can be traced to their device
+    run.summary.update({"device": str(device), "cuda_visible_devices": environ.get("CUDA_VISIBLE_DEVICES", "")})
 
     # --- model, optimizer, resume ---
     model, optimizer = build_model(config, device)
@@ -187,19 +206,23 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
     run_dir = output_root / run.id
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
-    start_epoch, example_ct = 0, 0
-    if config.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    start_epoch, example_ct, resume_at = 0, 0, 0
+    ckpt = checkpoints.check_resume(config, run_dir, run.id, device)  # refuses a finished run or other settings
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         set_optimizer_flags(optimizer, config, device)
         gen.set_state(ckpt["generator"].to(gen.get_state().device))
         start_epoch, example_ct = ckpt["epoch"], ckpt["examples_seen"]
-        print(f"resuming run {run.id} from {ckpt_path}: {start_epoch} epoch(s) done, {example_ct} examples seen", flush=True)
+        resume_at = ckpt.get("epoch_examples", 0)  # a stop mid-epoch: the epoch goes on from there
+        print(f"resuming run {run.id} from {ckpt_path}: {start_epoch} epoch(s) done, {example_ct} examples seen"
+              + (f" ({resume_at} of epoch {start_epoch + 1})" if resume_at else ""), flush=True)
 
-    def checkpoint(epochs_done: int) -> None:
+    def checkpoint(epochs_done: int, generator: torch.Tensor | None = None, epoch_examples: int = 0) -> None:
         save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epochs_done,
-                        examples_seen=example_ct, generator=gen.get_state(), config=config.to_dict(), run_id=run.id)
+                        examples_seen=example_ct, epoch_examples=epoch_examples,
+                        generator=gen.get_state() if generator is None else generator,
+                        config=config.to_dict(), run_id=run.id)
 
     step_model = torch.compile(model, mode=config.compile) if config.compile != "none" else model
     use_bf16 = config.amp == "bf16" and device.type == "cuda"
@@ -221,42 +244,57 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
     val_loss = val_acc = float("nan")
     train_time = 0.0
     examples_this_run = 0
+    # losses cross to the host without a sync (one interval late at most on CUDA, at once on the CPU)
+    readout = LossReadout(device)
+
+    def log_losses(readings) -> None:
+        for loss_total, (epoch_, step_, seen_, batches_, progress_) in readings:
+            run.log({"epoch": epoch_, "loss": loss_total / batches_}, step=step_)
+            progress_.update(seen_, loss_total / batches_)
+
     with StopRequest() as stop:
         for epoch in range(start_epoch, config.epochs):
             progress = Progress(epoch + 1, config.epochs, len(ds.train))
             loss_sum = torch.zeros((), device=device)  # summed on the device; read at log points only
             batches_in_sum = 0
-            seen = 0
+            # a run resumed mid-epoch draws the epoch's order again and starts where it stopped
+            epoch_start_gen, first = gen.get_state(), resume_at
+            seen, resume_at = first, 0
             t0 = time.perf_counter()
-            for batch_idx, (x, y) in enumerate(train_batches):
+            for batch_idx, (x, y) in enumerate(train_batches.iter_from(first), start=first // config.batch_size):
                 batches_run += 1
                 loss_sum += (eager_step if watch_every and batches_run % watch_every == 0 else step)(x, y)
                 batches_in_sum += 1
                 seen += y.shape[0]
                 example_ct += y.shape[0]
                 if (batch_idx + 1) % config.log_interval == 0:
-                    mean_loss = loss_sum.item() / batches_in_sum
-                    run.log({"epoch": epoch, "loss": mean_loss}, step=example_ct)
-                    progress.update(seen, mean_loss)
+                    readout.push(loss_sum, (epoch, example_ct, seen, batches_in_sum, progress))
                     loss_sum.zero_()
                     batches_in_sum = 0
+                    log_losses(readout.ready())
                 if stop.signum is not None:
-                    checkpoint(epoch)  # weights so far; the epoch itself is redone on resume
+                    log_losses(readout.drain())
+                    # the weights so far and where this epoch's order stands: the resumed run goes on from
+                    # here, so the step axis counts every example trained exactly once
+                    checkpoint(epoch, generator=epoch_start_gen, epoch_examples=seen)
                     progress.close(f"stopped at {seen}/{len(ds.train)} examples; checkpoint {ckpt_path}", seen)
                     run.mark_preempting()
                     raise Preempted(stop.signum)
+            log_losses(readout.drain())
             if device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_time = time.perf_counter() - t0
             train_time += epoch_time
-            examples_this_run += seen
+            examples_this_run += seen - first
             val_loss, val_acc = evaluate(step_model, val_batches, criterion, autocast) if len(ds.val) else (val_loss, val_acc)
             run.log({"epoch": epoch, "val_loss": val_loss, "val_accuracy": val_acc,
-                     "examples_per_s": seen / epoch_time}, step=example_ct)
+                     "examples_per_s": (seen - first) / epoch_time}, step=example_ct)
             checkpoint(epoch + 1)
             progress.close(f"done: val_loss {val_loss:.4f} val_accuracy {val_acc:.4f}", seen)
+            # epoch_seconds/examples: the training loop's own time and work (bench/ times runs with them)
             if on_epoch is not None and on_epoch(epoch, {"val_loss": val_loss, "val_accuracy": val_acc,
-                                                        "examples_per_s": seen / epoch_time}):
+                                                        "examples_per_s": (seen - first) / epoch_time,
+                                                        "epoch_seconds": epoch_time, "examples": seen - first}):
                 run.summary["pruned"] = True
                 print(f"stopped early after epoch {epoch + 1}", flush=True)
                 return {"run_id": run.id, "pruned": True, "val_accuracy": val_acc, "val_loss": val_loss,

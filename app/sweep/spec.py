@@ -2,10 +2,17 @@
 
 W&B accepts many mistakes silently (a metric name the training never logs, a typo in a parameter
 name) and the sweep then optimises nothing. Each check here is one line naming the key at fault.
+
+A sweep YAML may come from anyone, so its size is bounded before and after YAML expands it: at most
+MAX_BYTES of text, at most MAX_NODES values once anchors and aliases are expanded (a few lines of
+aliases can stand for gigabytes), and a grid of at most MAX_GRID points, counted, never built.
+Messages quote at most a few dozen characters of any value.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +51,11 @@ DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
     "beta": (),
     "q_beta": (),
 }
+MAX_BYTES = 256 * 1024  # a real sweep YAML is a few hundred bytes
+MAX_NODES = 20_000  # values after expanding aliases
+MAX_GRID = 100_000  # grid points: each is a training run
+MAX_MESSAGE = 200
+
 PARAM_KEYS = ("distribution", "value", "values", "probabilities", "min", "max", "q", "mu", "sigma", "a", "b")
 
 
@@ -74,6 +86,11 @@ class SweepSpec:
     name: str | None
     raw: dict
 
+    @property
+    def grid_size(self) -> int:
+        """Grid points, counted without building them (parse refuses a grid over MAX_GRID)."""
+        return math.prod(1 if p.distribution == "constant" else len(p.values) for p in self.params)
+
     def grid(self) -> list[dict[str, Any]]:
         """Every grid point, in W&B's order (last parameter varies fastest)."""
         points: list[dict[str, Any]] = [{}]
@@ -83,8 +100,20 @@ class SweepSpec:
         return points
 
 
+def short(value: Any, width: int = 40) -> str:
+    """repr(value) cut to `width` characters, for error messages about untrusted input."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _first_unknown(keys, allowed) -> str:
+    return sorted((str(k) for k in keys if k not in allowed), key=str)[0][:40]
+
+
 def _infer(name: str, spec: dict) -> str:
     if "distribution" in spec:
+        if not isinstance(spec["distribution"], str):
+            raise SweepSpecError(f"parameters.{name}.distribution={short(spec['distribution'])} must be a name such as uniform")
         return spec["distribution"]
     if "value" in spec:
         return "constant"
@@ -97,28 +126,34 @@ def _infer(name: str, spec: dict) -> str:
 
 
 def _param(name: str, spec: Any) -> Param:
-    if name not in KEYS:
-        raise SweepSpecError(f"parameters.{name} is not a training setting; known: {', '.join(KEYS)}")
+    if not isinstance(name, str) or name not in KEYS:
+        close = difflib.get_close_matches(str(name), KEYS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        shown = name[:40] if isinstance(name, str) else short(name)
+        raise SweepSpecError(f"parameters.{shown} is not a training setting ({hint}`python -m app train --help` lists them)")
     if not isinstance(spec, dict):
         raise SweepSpecError(f"parameters.{name} must be a mapping such as {{values: [...]}} or {{min: .., max: ..}}")
     if "parameters" in spec:
         raise SweepSpecError(f"parameters.{name}: nested parameters are not used by this training job")
-    unknown = sorted(set(spec) - set(PARAM_KEYS))
-    if unknown:
-        raise SweepSpecError(f"parameters.{name}.{unknown[0]} is not a W&B parameter key; allowed: {', '.join(PARAM_KEYS)}")
+    if set(spec) - set(PARAM_KEYS):
+        raise SweepSpecError(f"parameters.{name}.{_first_unknown(spec, PARAM_KEYS)} is not a W&B parameter key; "
+                             f"allowed: {', '.join(PARAM_KEYS)}")
     dist = _infer(name, spec)
     if dist not in DISTRIBUTIONS:
-        raise SweepSpecError(f"parameters.{name}.distribution={dist!r} is not a W&B distribution; allowed: {', '.join(DISTRIBUTIONS)}")
+        raise SweepSpecError(f"parameters.{name}.distribution={short(dist)} is not a W&B distribution "
+                             "(uniform, categorical, log_uniform_values, q_uniform, int_uniform, ...)")
     for key in DISTRIBUTIONS[dist]:
         if key not in spec:
             raise SweepSpecError(f"parameters.{name}: distribution {dist} needs {key}")
+    if "values" in spec and not isinstance(spec["values"], list):
+        raise SweepSpecError(f"parameters.{name}.values must be a list such as [0.1, 0.01]")
     values = tuple(spec.get("values") or ())
     if dist == "categorical" and not values:
         raise SweepSpecError(f"parameters.{name}.values must be a non-empty list")
     lo, hi = spec.get("min"), spec.get("max")
     if lo is not None or hi is not None:
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)):
-            raise SweepSpecError(f"parameters.{name}: min and max must be numbers")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (lo, hi)):
+            raise SweepSpecError(f"parameters.{name}: min and max must be finite numbers")
         if lo >= hi:
             raise SweepSpecError(f"parameters.{name}: min ({lo}) must be below max ({hi})")
         if dist in ("log_uniform_values", "q_log_uniform_values", "inv_log_uniform_values") and lo <= 0:
@@ -126,7 +161,7 @@ def _param(name: str, spec: Any) -> Param:
         if dist == "int_uniform" and not (float(lo).is_integer() and float(hi).is_integer()):
             raise SweepSpecError(f"parameters.{name}: int_uniform needs integer min and max")
     q = spec.get("q")
-    if q is not None and not (isinstance(q, (int, float)) and q > 0):
+    if q is not None and not (isinstance(q, (int, float)) and not isinstance(q, bool) and 0 < q < math.inf):
         raise SweepSpecError(f"parameters.{name}.q must be a positive number")
     # every value the sweep can produce must be a valid setting: check the ones we can list
     for candidate in (values or ((spec["value"],) if "value" in spec else ())):
@@ -143,38 +178,48 @@ def _early_terminate(et: Any, metric: str | None) -> dict | None:
         return None
     if not isinstance(et, dict) or et.get("type") != "hyperband":
         raise SweepSpecError("early_terminate must be {type: hyperband, min_iter: N, eta: 3} (the only type W&B has)")
-    unknown = sorted(set(et) - {"type", "min_iter", "max_iter", "s", "eta", "strict"})
-    if unknown:
-        raise SweepSpecError(f"early_terminate.{unknown[0]} is not a hyperband key; allowed: min_iter, max_iter, s, eta, strict")
+    allowed = {"type", "min_iter", "max_iter", "s", "eta", "strict"}
+    if set(et) - allowed:
+        raise SweepSpecError(f"early_terminate.{_first_unknown(et, allowed)} is not a hyperband key; "
+                             "allowed: min_iter, max_iter, s, eta, strict")
     if "min_iter" not in et and "max_iter" not in et:
         raise SweepSpecError("early_terminate needs min_iter (or max_iter with s)")
     for key in ("min_iter", "max_iter", "s", "eta"):
-        if key in et and not (isinstance(et[key], int) and et[key] >= 1):
-            raise SweepSpecError(f"early_terminate.{key}={et[key]!r} must be a positive integer")
+        if key in et and not (isinstance(et[key], int) and not isinstance(et[key], bool) and et[key] >= 1):
+            raise SweepSpecError(f"early_terminate.{key}={short(et[key])} must be a positive integer")
     if metric not in PER_EPOCH:
-        raise SweepSpecError(f"early_terminate needs a per-epoch metric; metric.name={metric!r} is logged only once (use one of: {', '.join(PER_EPOCH)})")
+        raise SweepSpecError(f"early_terminate needs a per-epoch metric; metric.name={short(metric)} is logged only once (use one of: {', '.join(PER_EPOCH)})")
     return dict(et)
 
 
 def parse(doc: Any, source: str = "sweep") -> SweepSpec:
+    """The checked spec, or SweepSpecError: one line of at most MAX_MESSAGE characters."""
+    try:
+        return _parse(doc, source)
+    except ConfigError as exc:  # also a training setting's own check, quoting the value
+        text = str(exc).splitlines()[0] if str(exc) else "invalid sweep config"
+        raise SweepSpecError(text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "...") from None
+
+
+def _parse(doc: Any, source: str) -> SweepSpec:
+    count_nodes(doc, source)
     if not isinstance(doc, dict):
         raise SweepSpecError(f"{source}: a sweep config is a YAML mapping with method, metric and parameters")
-    unknown = sorted(set(doc) - set(TOP_KEYS))
-    if unknown:
-        raise SweepSpecError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(TOP_KEYS)}")
+    if set(doc) - set(TOP_KEYS):
+        raise SweepSpecError(f"{source}: unknown key {_first_unknown(doc, TOP_KEYS)!r}; allowed: {', '.join(TOP_KEYS)}")
     method = doc.get("method")
-    if method not in METHODS:
-        raise SweepSpecError(f"{source}: method={method!r} must be one of: {', '.join(METHODS)}")
+    if not isinstance(method, str) or method not in METHODS:
+        raise SweepSpecError(f"{source}: method={short(method)} must be one of: {', '.join(METHODS)}")
     metric = doc.get("metric")
     name, goal = None, "minimize"
     if metric is not None:
         if not isinstance(metric, dict) or "name" not in metric:
             raise SweepSpecError(f"{source}: metric must be {{name: val_accuracy, goal: maximize}}")
         name, goal = metric["name"], metric.get("goal", "minimize")
-        if name not in METRICS:
-            raise SweepSpecError(f"{source}: metric.name={name!r} is never logged by training; logged: {', '.join(METRICS)}")
-        if goal not in GOALS:
-            raise SweepSpecError(f"{source}: metric.goal={goal!r} must be minimize or maximize")
+        if not isinstance(name, str) or name not in METRICS:
+            raise SweepSpecError(f"{source}: metric.name={short(name)} is never logged by training; logged: {', '.join(METRICS)}")
+        if not isinstance(goal, str) or goal not in GOALS:
+            raise SweepSpecError(f"{source}: metric.goal={short(goal)} must be minimize or maximize")
     elif method == "bayes":
         raise SweepSpecError(f"{source}: method bayes needs a metric to optimise")
     params_doc = doc.get("parameters")
@@ -185,27 +230,70 @@ def parse(doc: Any, source: str = "sweep") -> SweepSpec:
         for p in params:
             if p.distribution not in ("constant", "categorical"):
                 raise SweepSpecError(f"{source}: grid search needs value or values for every parameter; parameters.{p.name} is {p.distribution}")
+        size = math.prod(1 if p.distribution == "constant" else len(p.values) for p in params)
+        if size > MAX_GRID:
+            raise SweepSpecError(f"{source}: the grid has {size:.3g} points, over the {MAX_GRID} a sweep may have; "
+                                 "use fewer values, or method random with a run_cap")
     run_cap = doc.get("run_cap")
-    if run_cap is not None and not (isinstance(run_cap, int) and run_cap >= 1):
-        raise SweepSpecError(f"{source}: run_cap={run_cap!r} must be a positive integer")
+    if run_cap is not None and not (isinstance(run_cap, int) and not isinstance(run_cap, bool) and run_cap >= 1):
+        raise SweepSpecError(f"{source}: run_cap={short(run_cap)} must be a positive integer")
     command = doc.get("command")
     if command is not None:
         if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
             raise SweepSpecError(f"{source}: command must be a list of strings")
         if not any(m in c for c in command for m in MACROS if m.startswith("${args")):
             raise SweepSpecError(f"{source}: command never passes the sweep's values: add ${{args}}")
+    sweep_name = doc.get("name")
+    if sweep_name is not None and not isinstance(sweep_name, (str, int, float)):
+        raise SweepSpecError(f"{source}: name={short(sweep_name)} must be a short text")
     return SweepSpec(method, name, goal, params, _early_terminate(doc.get("early_terminate"), name), run_cap,
-                     doc.get("name"), doc)
+                     None if sweep_name is None else str(sweep_name), doc)
+
+
+def count_nodes(doc: Any, source: str = "sweep") -> int:
+    """Values in `doc` with every alias expanded, refusing past MAX_NODES (an alias bomb, or an alias
+    that contains itself, which YAML allows and which never ends)."""
+    seen, stack = 0, [doc]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_NODES:
+            raise SweepSpecError(f"{source}: over {MAX_NODES} values once YAML anchors and aliases are expanded; "
+                                 "a sweep config is a few dozen")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return seen
 
 
 def load(path: str | Path) -> SweepSpec:
     path = Path(path)
+    shown = str(path)[:120]
     try:
-        doc = yaml.safe_load(path.read_text())
+        if path.is_dir():
+            raise SweepSpecError(f"sweep config {shown!r} is a folder; give a sweep YAML file such as sweeps/grid.yaml")
+        with open(path, "rb") as f:
+            blob = f.read(MAX_BYTES + 1)
     except FileNotFoundError:
-        raise SweepSpecError(f"sweep config {str(path)!r} does not exist") from None
+        raise SweepSpecError(f"sweep config {shown!r} does not exist") from None
+    except OSError as exc:
+        raise SweepSpecError(f"sweep config {shown!r} cannot be read ({exc.strerror or exc})") from None
+    if len(blob) > MAX_BYTES:
+        raise SweepSpecError(f"sweep config {shown!r} is over {MAX_BYTES // 1024} KiB: not a sweep YAML")
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        raise SweepSpecError(f"sweep config {shown!r} is not a text file (binary content); give a sweep YAML")
+    try:
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise SweepSpecError(f"{path} is not valid YAML{where}") from None
-    return parse(doc, source=str(path))
+        raise SweepSpecError(f"{shown} is not valid YAML{where}") from None
+    except RecursionError:  # thousands of nested brackets
+        raise SweepSpecError(f"{shown} nests too deeply to be a sweep config") from None
+    return parse(doc, source=shown)

@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def describe(spec: sweep_spec.SweepSpec) -> str:
     metric = f"{spec.goal} {spec.metric}" if spec.metric else "no metric"
-    size = f"{len(spec.grid())} grid points" if spec.method == "grid" else f"run_cap {spec.run_cap or 'none'}"
+    size = f"{spec.grid_size} grid points" if spec.method == "grid" else f"run_cap {spec.run_cap or 'none'}"
     return f"{spec.method} sweep over {', '.join(p.name for p in spec.params)}; {metric}; {size}"
 
 
