@@ -1,19 +1,27 @@
 """The one typed training config, and how it is assembled from its sources.
 
-Precedence, lowest first: defaults < `.env` < environment (the key in upper case, e.g. EPOCHS=3)
-< command line (`--epochs=3`, the form `wandb agent` passes with ${args}) < a W&B sweep's config.
-An unknown key or a bad value is a `ConfigError`: one line naming the key and what is allowed.
+PRECEDENCE (the one place it is written; --help and README quote it), lowest first:
+defaults < `.env` < environment (the key in upper case, e.g. EPOCHS=3) < command line (`--epochs=3`,
+the form `wandb agent` passes with ${args}) < a W&B sweep's config.
+An empty value (EPOCHS= in the environment or .env) is unset. An unknown key or a bad value is a
+`ConfigError`: one line naming the key and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from app import env
 from app.errors import UserError
+
+PRECEDENCE = ("defaults < .env < environment (KEY in upper case, e.g. EPOCHS=3) < --key=value "
+              "< a W&B sweep's values")
 
 
 class ConfigError(UserError):
@@ -74,6 +82,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 POSITIVE = ("epochs", "classes", "batch_size", "train_stride", "log_interval", "watch_log_freq")
 KEYS = tuple(f.name for f in fields(Config))
+ENV_NAMES = frozenset(k.upper() for k in KEYS)  # how each key is spelled in the environment and .env
 _TYPES = {f.name: f.type for f in fields(Config)}
 
 
@@ -87,14 +96,14 @@ def _check(c: Config) -> None:
     # each conv block halves the 28x28 image: more than three would leave nothing to pool
     if not 1 <= len(c.kernels) <= 3 or any(k < 1 for k in c.kernels):
         raise ConfigError(f"kernels={list(c.kernels)} must be 1 to 3 positive channel counts, e.g. 16,32")
-    if not c.learning_rate > 0:
-        raise ConfigError(f"learning_rate={c.learning_rate} must be > 0")
+    if not (c.learning_rate > 0 and math.isfinite(c.learning_rate)):
+        raise ConfigError(f"learning_rate={c.learning_rate} must be > 0 and finite")
     if c.val_size < 0:
         raise ConfigError(f"val_size={c.val_size} must be >= 0")
     if not 0.0 <= c.gpu_memory_fraction <= 1.0:
         raise ConfigError(f"gpu_memory_fraction={c.gpu_memory_fraction} must be between 0 and 1")
     dev = c.device
-    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+    if not (dev in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]{1,3}", dev)):
         raise ConfigError(f"device={dev!r} must be auto, cpu, cuda or cuda:N")
 
 
@@ -133,7 +142,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             text = value.strip()
             try:
                 items = json.loads(text) if text.startswith("[") else text.split(",")
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: "[[[[..." nested too deep
                 raise ConfigError(f"{where} is not a list of integers like 16,32") from None
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{where} is not a list of integers like 16,32")
@@ -153,8 +162,9 @@ def merge(base: Config, values: Mapping[str, Any], source: str) -> Config:
 
 
 def from_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    """The config keys an environment sets: each key in upper case (EPOCHS, BATCH_SIZE, ...)."""
-    return {k: environ[k.upper()] for k in KEYS if k.upper() in environ}
+    """The config keys an environment sets: each key in upper case (EPOCHS, BATCH_SIZE, ...); empty = unset."""
+    found = {k: env.text(k.upper(), environ=environ) for k in KEYS}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def parse_cli(args: list[str]) -> dict[str, str]:
@@ -183,17 +193,24 @@ def load(
     cli_args: list[str] | None = None,
     environ: Mapping[str, str] | None = None,
     dotenv_path: str | os.PathLike | None = ".env",
+    dotenv: Mapping[str, str] | None = None,
 ) -> Config:
-    """Defaults < .env < environment < command line. (The sweep's layer is applied in train.)"""
+    """Defaults < .env < environment < command line. (The sweep's layer is applied in train.)
+
+    `dotenv_path` is read here; `dotenv` passes a `.env` already read (`env.read_dotenv`) instead."""
     environ = os.environ if environ is None else environ
     cfg = Config()
-    if dotenv_path and os.path.isfile(dotenv_path):
-        from dotenv import dotenv_values
-
-        dot = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
-        cfg = merge(cfg, from_environ(dot), source=str(dotenv_path))
+    if dotenv is None and dotenv_path and os.path.exists(dotenv_path):
+        dotenv = read_dotenv(dotenv_path)
+    if dotenv:
+        cfg = merge(cfg, from_environ(dotenv), source=str(dotenv_path or ".env"))
     cfg = merge(cfg, from_environ(environ), source="environment")
     return merge(cfg, parse_cli(cli_args or []), source="command line")
+
+
+def read_dotenv(path: str | os.PathLike) -> dict[str, str]:
+    """A `.env` file's values; its training keys and the documented variables are the known names."""
+    return env.read_dotenv(path, extra_known=ENV_NAMES)
 
 
 def describe() -> str:

@@ -30,11 +30,13 @@ FALSE = ("0", "false", "no", "off")
 DOCUMENTED = frozenset({
     "APP_MODE", "SWEEP_ID", "SWEEP_CONFIG", "SWEEP_STORAGE", "SWEEP_HEARTBEAT_S", "SWEEP_DEDUPE",
     "SWEEP_CLAIMS_DIR", "AGENT_COUNT", "AGENT_RUN_MODE", "AGENT_START_STAGGER", "AGENT_INDEX",
-    "AGENTS_PER_GPU", "GPU_COUNT", "GPU_SLOTS_DIR", "ALLOW_CPU", "APP_IMAGE", "RUNS_HOST_DIR",
-    "UID", "GID", "NETRC", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "BASE_IMAGE",
+    "AGENTS_PER_GPU", "GPU_COUNT", "GPU_SLOTS_DIR", "GPU_HOST_ID", "ALLOW_CPU", "APP_IMAGE", "IMAGE",
+    "UID", "GID", "NETRC", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "BASE_IMAGE", "TORCH_SPEC",
+    "TORCH_INDEX_URL", "DATA_DIR_HOST", "RUNS_DIR_HOST", "OUTPUTS_DIR_HOST", "APP_IN_CONTAINER",
 })
 MAX_DOTENV_BYTES = 256 * 1024  # a settings file is a few KiB; anything bigger is the wrong file
-ALLOWED_PREFIXES = ("WANDB_", "COMPOSE_", "DOCKER_")  # W&B's own settings, compose's and docker's
+# W&B's own settings, compose's, docker's and pip's (build arguments)
+ALLOWED_PREFIXES = ("WANDB_", "COMPOSE_", "DOCKER_", "PIP_")
 
 
 def _environ(environ: Mapping[str, str] | None) -> Mapping[str, str]:

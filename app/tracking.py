@@ -14,10 +14,12 @@ import shlex
 import shutil
 import string
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 from urllib.parse import urlparse
 
+from app import env, interrupts
 from app.config import Config, merge
 from app.errors import UserError
 
@@ -27,10 +29,10 @@ DEFAULT_PROJECT = "pytorch-mnist"
 
 def has_api_key(environ: Mapping[str, str]) -> bool:
     """A key in WANDB_API_KEY, or one that `wandb login` stored in ~/.netrc for the W&B host."""
-    if environ.get("WANDB_API_KEY", "").strip():
+    if env.is_set("WANDB_API_KEY", environ=environ):
         return True
-    host = urlparse(environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or ""
-    path = environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    host = urlparse(env.text("WANDB_BASE_URL", "https://api.wandb.ai", environ=environ)).hostname or ""
+    path = env.text("NETRC", os.path.expanduser("~/.netrc"), environ=environ)
     try:
         return netrc.netrc(path).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
@@ -39,11 +41,9 @@ def has_api_key(environ: Mapping[str, str]) -> bool:
 
 def resolve_mode(environ: Mapping[str, str]) -> str:
     """WANDB_MODE if set and valid; otherwise online with an API key and offline without one."""
-    mode = environ.get("WANDB_MODE", "").strip().lower()
+    mode = env.choice("WANDB_MODE", (*MODES, "dryrun"), environ=environ)
     if mode == "dryrun":  # W&B's old name for offline
         mode = "offline"
-    if mode and mode not in MODES:
-        raise UserError(f"WANDB_MODE={mode!r} must be one of: {', '.join(MODES)}")
     if not mode:
         return "online" if has_api_key(environ) else "offline"
     if mode == "online" and not has_api_key(environ):
@@ -51,9 +51,16 @@ def resolve_mode(environ: Mapping[str, str]) -> str:
     return mode
 
 
-def runs_root(environ: Mapping[str, str]) -> Path:
-    """Where W&B writes its `wandb/` folder of runs: WANDB_DIR, else the working directory."""
-    return Path(environ.get("WANDB_DIR") or ".")
+def require_server(environ: Mapping[str, str], needs: str, instead: str) -> None:
+    """The one refusal of a W&B mode that cannot reach the server for something that needs it (a W&B
+    sweep is served and created by the server). `needs`: what is being done; `instead`: the way out."""
+    mode = env.choice("WANDB_MODE", (*MODES, "dryrun"), environ=environ)
+    if mode in ("offline", "dryrun", "disabled"):
+        raise UserError(f"{needs} but WANDB_MODE={mode}: a W&B sweep lives on the W&B server and cannot run "
+                        f"offline; unset WANDB_MODE ({instead})")
+
+
+runs_root = env.runs_root  # WANDB_DIR, else the working directory
 
 
 @contextlib.contextmanager
@@ -76,9 +83,11 @@ def check_writable(path: Path, setting: str) -> None:
     """W&B silently falls back to a temp folder when WANDB_DIR is unwritable, and the run is lost."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # a fresh name created with O_EXCL: process ids repeat across containers sharing a volume, and
+        # a probe named by pid was deleted under another agent's feet
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise UserError(f"{setting}={str(path)!r} is not writable ({exc.strerror or exc}); mount or choose a writable folder") from None
 
@@ -88,31 +97,41 @@ def new_run_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
-def start(config: Config, environ: Mapping[str, str] | None = None, **init_kwargs: Any):
+def start(config: Config, environ: Mapping[str, str] | None = None, mode: str | None = None,
+          **init_kwargs: Any):
     """`wandb.init` once for this process; returns the run and the config with a sweep's values applied.
 
+    `mode` is the one `resolve_mode` gave (the caller has checked the folders); None resolves it here.
     Under `wandb agent` the sweep's parameters arrive both as --key=value arguments and in
     `run.config`; W&B keeps the sweep's values over ours, so reading `run.config` back gives the
     last layer of precedence. Keys the sweep sets that the config doesn't know are an error.
     """
     environ = os.environ if environ is None else environ
-    mode = resolve_mode(environ)
-    root = runs_root(environ)
-    check_writable(root, "WANDB_DIR")
+    mode = mode or resolve_mode(environ)
+    env.drop_empty_wandb()  # W&B reads os.environ itself and rejects some empty values (WANDB_MODE=)
 
     import wandb
 
     # our own id up front: the output folder and checkpoint are keyed by it before W&B starts
-    run_id = environ.get("WANDB_RUN_ID") or new_run_id()
-    run = wandb.init(
-        project=environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-        dir=str(root),
-        mode=mode,
-        id=run_id,
-        resume="allow",  # a requeued sweep run (same id) continues instead of failing
-        config=config.to_dict(),
-        **init_kwargs,
-    )
+    run_id = env.text("WANDB_RUN_ID", environ=environ) or new_run_id()
+    ids: dict[str, Any] = {"project": env.text("WANDB_PROJECT", DEFAULT_PROJECT, environ=environ), "id": run_id}
+    if env.is_set("WANDB_SWEEP_ID") and env.text("WANDB_RUN_ID") == run_id:
+        ids = {}  # a `wandb agent` run: W&B takes id and project from the agent and warns it ignores ours
+    run = None
+    try:
+        with interrupts.deferred():  # a stop inside wandb.init would leave a run with no exit record
+            run = wandb.init(
+                dir=str(runs_root(environ)),
+                mode=mode,
+                resume="allow",  # a requeued sweep run (same id) continues instead of failing
+                config=config.to_dict(),
+                **ids,
+                **init_kwargs,
+            )
+    except interrupts.Stopped as stop:
+        if run is not None:
+            run.finish(exit_code=stop.exit_code)
+        raise
     try:
         effective = merge(config, {k: v for k, v in dict(run.config).items() if not k.startswith("_")}, source="W&B sweep")
     except UserError:
@@ -142,10 +161,32 @@ def save_file(run, path: Path) -> Path:
     return target
 
 
-def offline_hint(run) -> str:
-    """Where an offline run is and the exact command that uploads it."""
+CONTAINER_MARK = "APP_IN_CONTAINER"  # set by the image's entrypoint for everything it starts
+
+
+def in_container(environ: Mapping[str, str] | None = None) -> bool:
+    """Started by the image's entrypoint. (Not /.dockerenv: a developer's own shell may run in a
+    container where the paths printed are the right ones.)"""
+    return env.flag(CONTAINER_MARK, environ=environ)
+
+
+def offline_hint(run, environ: Mapping[str, str] | None = None, container: bool | None = None) -> str:
+    """Where an offline run is and the exact command that uploads it, from where it can be run.
+
+    In a container the run's path exists only inside it: name the runs volume's folder on the host
+    (RUNS_DIR_HOST, the compose setting for it, else compose's default ./runs) and what to run there."""
     folder = Path(run.dir).parent
-    return f"W&B offline run saved in {folder}\n  upload it with: wandb sync {shlex.quote(str(folder))}"
+    container = in_container(environ) if container is None else container
+    if not container:
+        return f"W&B offline run saved in {folder}\n  upload it with: wandb sync {shlex.quote(str(folder))}"
+    host = env.text("RUNS_DIR_HOST", "runs", environ=environ)
+    try:
+        inside = folder.relative_to(runs_root(environ))
+    except ValueError:
+        inside = Path("wandb") / folder.name
+    return (f"W&B offline run saved in the runs volume as {inside} (host folder {host})\n"
+            f"  upload it on the host with: python -m app sync {shlex.quote(host)}"
+            f"  (or: wandb sync {shlex.quote(str(Path(host) / inside))})")
 
 
 def log_hint(run, stream=sys.stderr) -> None:

@@ -114,7 +114,7 @@ def test_missing_data_without_network_is_one_line_and_quick(tmp_path: Path):
 def test_unknown_sweep_key_fails_and_the_run_is_marked_failed(tmp_path: Path, small_data: Path):
     params = tmp_path / "config-sweep1.yaml"
     params.write_text("wandb_version: 1\n\nlearning_rate:\n  value: 0.01\ndropout:\n  value: 0.5\n")
-    env = clean_env(tmp_path, DATA_DIR=str(small_data), OUTPUT_DIR=str(tmp_path / "outputs"),
+    env = clean_env(tmp_path, DATA_DIR=str(small_data), OUTPUT_DIR=str(tmp_path / "outputs"), VAL_SIZE="200",
                     WANDB_DIR=str(tmp_path / "runs"), WANDB_RUN_ID="sweep1", WANDB_SWEEP_ID="s",
                     WANDB_SWEEP_PARAM_PATH=str(params))
     # a sweep command without ${args} (or with keys the CLI would also refuse): only the sweep layer sees it

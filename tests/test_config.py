@@ -12,6 +12,7 @@ from conftest import LAYERED_RUN_ID, REPO
 
 from app import runlog
 from app.config import KEYS, Config, ConfigError, describe, load, merge, parse_cli
+from app.errors import UserError
 
 
 def test_defaults_are_the_tutorials():
@@ -117,9 +118,32 @@ def test_unknown_key_in_replace():
 
 
 def test_environment_and_dotenv_only_read_config_keys(tmp_path: Path):
-    # both hold everything else too (PATH, WANDB_*): only the upper-case config keys are settings
-    (tmp_path / ".env").write_text("WANDB_MODE=offline\nSOMETHING_ELSE=1\n")
+    # both hold other settings too (PATH, WANDB_*, the container's): only the upper-case config keys
+    # are training settings; the environment may hold anything, .env only what something reads
+    (tmp_path / ".env").write_text("WANDB_MODE=offline\nSWEEP_ID=\nALLOW_CPU=true\nCOMPOSE_PROJECT_NAME=x\n")
     assert load([], {"PATH": "/bin", "EPOCH": "3"}, dotenv_path=tmp_path / ".env") == Config()
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("EPOCH=3", ".env:2: unknown setting EPOCH; did you mean EPOCHS?"),
+    ("BATCHSIZE=3", ".env:2: unknown setting BATCHSIZE; did you mean BATCH_SIZE?"),
+    ("SOMETHING_ELSE=1", ".env:2: unknown setting SOMETHING_ELSE"),
+    ("epochs 3", ".env:2: 'epochs 3' is not a KEY=value line"),
+    ("EPOCHS='3", ".env:2: \"EPOCHS='3\" is not a KEY=value line"),
+])
+def test_dotenv_typos_and_broken_lines_are_named(tmp_path: Path, line: str, fragment: str):
+    (tmp_path / ".env").write_text(f"SEED=1\n{line}\nEPOCHS=2\n")
+    with pytest.raises(UserError) as caught:
+        load([], {}, dotenv_path=tmp_path / ".env")
+    assert fragment in str(caught.value) and "\n" not in str(caught.value), caught.value
+
+
+@pytest.mark.parametrize("environ, dotenv", [({"EPOCHS": ""}, ""), ({"EPOCHS": "  "}, ""), ({}, "EPOCHS=\n"),
+                                             ({"EPOCHS": ""}, "EPOCHS=3\n")])
+def test_empty_values_are_unset(tmp_path: Path, environ, dotenv):
+    (tmp_path / ".env").write_text(dotenv)
+    expected = 3 if "3" in dotenv else Config().epochs
+    assert load([], environ, dotenv_path=tmp_path / ".env").epochs == expected
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -135,7 +159,6 @@ def test_malformed_command_line(args, fragment):
 @pytest.mark.parametrize("key, value, fragment", [
     ("EPOCHS", "three", "epochs='three' (from environment) is not an integer"),
     ("EPOCHS", "1.5", "is not an integer"),
-    ("EPOCHS", "", "is not an integer"),
     ("LEARNING_RATE", "fast", "learning_rate='fast' (from environment) is not a number"),
     ("CHANNELS_LAST", "maybe", "channels_last='maybe' (from environment) is not a boolean"),
     ("KERNELS", "16,x", "is not a list of integers"),

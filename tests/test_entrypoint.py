@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from app.container import entrypoint
-from app.container.entrypoint import check_agent, check_folders, check_gpu, choose_mode, flag
+from app.container.entrypoint import check_agent, check_folders, check_gpu, choose_mode
 from app.errors import UserError
 
 KEY = "k" * 40
@@ -37,18 +37,6 @@ def test_choose_mode(environ, mode):
 def test_choose_mode_rejects_unknown_modes():
     with pytest.raises(UserError, match=r"APP_MODE='sweep' must be one of: auto, run, agent, offline-sweep"):
         choose_mode({"APP_MODE": "sweep"})
-
-
-@pytest.mark.parametrize("value, expected", [("true", True), ("1", True), (" YES ", True), ("on", True),
-                                             ("false", False), ("0", False), ("", False), ("off", False)])
-def test_flag(value, expected):
-    assert flag({"ALLOW_CPU": value}, "ALLOW_CPU") is expected
-    assert flag({}, "ALLOW_CPU") is False
-
-
-def test_flag_rejects_other_words():
-    with pytest.raises(UserError, match="ALLOW_CPU='maybe' must be true or false"):
-        flag({"ALLOW_CPU": "maybe"}, "ALLOW_CPU")
 
 
 # --- GPU ---

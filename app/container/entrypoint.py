@@ -163,6 +163,8 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if environ is None:  # what runs in the image says so in its hints (the paths it prints exist only inside)
+        os.environ[tracking.CONTAINER_MARK] = "1"
     environ = dict(os.environ if environ is None else environ)
     if argv and not argv[0].startswith("-"):
         os.execvp(argv[0], argv)  # `docker run IMAGE bash` and friends

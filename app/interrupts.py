@@ -1,0 +1,76 @@
+"""SIGINT/SIGTERM outside the training loop: one line and exit 128+signum, never a traceback.
+
+    interrupts.install()        # first thing in a command: a stop now raises `Stopped`
+    with interrupts.deferred(): # around wandb.init / run.finish: a stop is raised when the block ends,
+        run = wandb.init(...)   #   so W&B never stops half-way and every run gets its exit record
+    interrupts.finished()       # after "done:": the work is saved, a stop now exits 0
+
+The training loop replaces these handlers with its own while it runs (checkpoint, then `Preempted`)
+and puts them back when it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from typing import Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_state = {"deferring": False, "pending": None}
+
+
+class Stopped(BaseException):
+    """A stop before training started or after it ended (BaseException: `except Exception` lets it by)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _raise(signum, frame) -> None:
+    if _state["deferring"]:
+        _state["pending"] = signum
+        return
+    raise Stopped(signum)
+
+
+def _exit_zero(signum, frame) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the run is finished and recorded: a stop while W&B's service winds down is no failure
+
+
+def _set(handler) -> None:
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        for sig in SIGNALS:
+            signal.signal(sig, handler)
+
+
+def install() -> None:
+    _set(_raise)
+
+
+def finished() -> None:
+    _set(_exit_zero)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold a stop until the block ends. (Blocking the signals instead would be inherited by the
+    processes W&B starts meanwhile: its service would never see a SIGTERM.)"""
+    outer = _state["deferring"]
+    _state["deferring"] = True
+    try:
+        yield
+    finally:
+        _state["deferring"] = outer
+    if not outer and _state["pending"] is not None:
+        signum, _state["pending"] = _state["pending"], None
+        raise Stopped(signum)
