@@ -4,8 +4,8 @@ run is left to sync for it.
     ready = preflight.check(config, environ)       # W&B mode, writable folders, settings vs the data
     train(config, environ, ready=ready)            # train() calls check() itself when not given one
 
-Settings vs the data: `classes` must exceed every label in the files, `val_size` must leave training
-images, `train_stride` must not skip past all of them. Only the label files are read (60 kB), from
+Settings vs the data: `classes` must exceed every label in the files, `train_stride` must not step
+past the whole set, `val_size` must fit in the images held out (data.split_indices decides). Only the label files are read (60 kB), from
 the dataset's raw folder (unpacked or fetched by `data.ensure` first).
 """
 
@@ -67,12 +67,10 @@ def check_data(config: Config) -> None:
             raise UserError(f"classes={config.classes} but {folder / name} has label {top}: "
                             f"classes must be at least {top + 1} for {config.dataset}")
     n = len(labels[LABEL_FILES[0]])
-    if config.val_size >= n:
-        raise UserError(f"val_size={config.val_size} must be smaller than the {n} training images of {config.dataset}")
-    left = n - config.val_size
-    if config.train_stride > left:
-        raise UserError(f"train_stride={config.train_stride} skips past all {left} training images "
-                        f"({n} minus val_size={config.val_size}): must be at most {left}")
+    if config.train_stride > n:
+        raise UserError(f"train_stride={config.train_stride} is more than the {n} training images of {config.dataset}: "
+                        f"must be at most {n}")
+    data.split_indices(n, config.val_size, config.train_stride, config.dataset)  # val_size vs what is left
 
 
 def check(config: Config, environ: Mapping[str, str]) -> Ready:
