@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -93,11 +95,56 @@ def test_a_log_cut_anywhere_reads_up_to_the_cut(finished: Path, tmp_path: Path):
     assert unfinished_with_history > 0
 
 
-def test_corrupted_log_is_an_error(finished: Path, tmp_path: Path):
+def test_a_flipped_byte_is_skipped_and_flagged(finished: Path, tmp_path: Path):
+    """A damaged block is skipped (its records dropped) and named; what is around it still reads."""
     blob = bytearray(next(finished.glob("run-*.wandb")).read_bytes())
-    blob[len(blob) // 2] ^= 0xFF
-    with pytest.raises(RunLogError, match="checksum mismatch"):
-        runlog.read(_copy_log(finished, tmp_path / "flipped", bytes(blob)))
+    full = runlog.read(finished)
+    blob[-300] ^= 0xFF  # past the run record (which spans the first blocks)
+    run = runlog.read(_copy_log(finished, tmp_path / "flipped", bytes(blob)))
+    assert run.damaged and "checksum mismatch at byte" in run.damaged[0]
+    assert run.run_id == "rlfinish" and len(run.history) <= len(full.history)
+    assert not full.damaged
+
+
+def _chunk(kind: int, payload: bytes) -> bytes:
+    return struct.pack("<IHB", zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF, len(payload), kind) + payload
+
+
+@pytest.mark.parametrize("payload, note", [
+    (b"\xff\xff\xff\xff not a protobuf", "does not decode"),
+    (None, "is not JSON"),  # a valid record whose history value is not JSON
+])
+def test_a_checksummed_but_undecodable_record_is_skipped(finished: Path, tmp_path: Path, payload, note):
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    if payload is None:
+        rec = pb.Record()
+        item = rec.history.item.add()
+        item.key, item.value_json = "loss", "{not json"
+        payload = rec.SerializeToString()
+    blob = next(finished.glob("run-*.wandb")).read_bytes()
+    head = blob[:len(runlog.HEADER) + 1]
+    run = runlog.read(_copy_log(finished, tmp_path / "bad", head + _chunk(runlog.FULL, payload)))
+    assert any(note in d for d in run.damaged), run.damaged
+
+
+def test_an_endless_record_is_bounded(finished: Path, tmp_path: Path, monkeypatch):
+    """FIRST then MIDDLE chunks forever: the reader gives the record up at MAX_RECORD, not at memory's end."""
+    monkeypatch.setattr(runlog, "MAX_RECORD", 100_000)
+    blob = next(finished.glob("run-*.wandb")).read_bytes()
+    body = bytearray(blob[:len(runlog.HEADER) + 1])
+    body += _chunk(runlog.FIRST, b"a" * 1000)
+    while len(body) < 400_000:
+        room = runlog.BLOCK - len(body) % runlog.BLOCK - runlog.CHUNK_HEADER
+        body += _chunk(runlog.MIDDLE, b"b" * room) if room > 0 else b"\0" * (room + runlog.CHUNK_HEADER)
+    run = runlog.read(_copy_log(finished, tmp_path / "endless", bytes(body)))
+    assert any("over" in d for d in run.damaged), run.damaged
+
+
+def test_a_zero_byte_log_is_empty_not_an_error(tmp_path: Path):
+    (tmp_path / "run-abc.wandb").write_bytes(b"")
+    run = runlog.read(tmp_path)
+    assert run.empty and not run.run_id and not run.damaged
 
 
 def test_not_a_run_log(tmp_path: Path):
