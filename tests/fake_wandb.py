@@ -285,6 +285,8 @@ class FakeWandb:
                 return self._create_artifact_files((v.get("input") or v).get("artifactFiles") or v.get("artifactFiles") or [])
             if op == "CommitArtifact":
                 art = next(a for a in self.artifacts if a.id == v.get("artifactID"))
+                # versions are numbered as they are committed (uploads of one collection may run in parallel)
+                art.version = sum(1 for a in self.artifacts if a.name == art.name and a.state == "COMMITTED")
                 art.state = "COMMITTED"
                 for other in self.artifacts:  # an alias names one version of a collection at a time
                     if other.name == art.name and other is not art:
@@ -298,11 +300,11 @@ class FakeWandb:
         same = [a for a in self.artifacts if a.name == name]
         committed = [a for a in same if a.state == "COMMITTED"]
         existing = next((a for a in committed if a.digest == v.get("digest")), None)
-        if existing is None:  # a new version; the real server numbers committed versions, close enough here
+        if existing is None:  # a new version, numbered when committed
             aliases = [a.get("alias") for a in v.get("aliases") or [] if isinstance(a, dict)]
             metadata = json.loads(v["metadata"]) if v.get("metadata") else {}
             existing = FakeArtifact(_id(12), name, v.get("artifactTypeName") or "", v.get("digest") or "",
-                                    v.get("runName") or "", metadata, aliases, version=len(committed))
+                                    v.get("runName") or "", metadata, aliases)
             self.artifacts.append(existing)
         latest = committed[-1] if committed else None
         sequence = {"id": "c2VxOjE=", "latestArtifact": {"id": latest.id, "versionIndex": latest.version} if latest else None}

@@ -74,7 +74,9 @@ class ModelArtifact:
     files: list[str]
 
     def label(self) -> str:
-        return f"{self.name}:{','.join(self.aliases) or '-'} ({_size(self.size)})"
+        """`name:latest +best-sweep (479 kB)`: the version number comes from W&B at sync time."""
+        first, *more = sorted(self.aliases, key=lambda a: a != "latest") or ["(no alias)"]
+        return f"{self.name}:{first}" + "".join(f" +{a}" for a in more) + f" ({_size(self.size)})"
 
 
 def artifacts(run) -> list[ModelArtifact]:
