@@ -6,8 +6,11 @@
 `save` puts `docker save IMAGE`, the compose files, the sweep YAMLs, an optional dataset folder and
 an optional .env into OUT.tar (OUT.tar.gz compresses), with a manifest of sha256 sums. A W&B API key
 is never carried: the air-gapped host runs offline, and the copy of .env gets an empty WANDB_API_KEY.
-`load` checks every sum, `docker load`s the image and lays the files out as a compose project folder
-(data/, runs/, outputs/), keeping an existing .env. The steps around it are in docs/airgap.md.
+`load` checks the whole archive before it writes anything or runs `docker load`: only regular files
+and folders, every name confined under the target folder, nothing the manifest does not list, the
+sizes against a cap and the free space, every sha256. Then it `docker load`s the image and lays the
+files out as a compose project folder (data/, runs/, outputs/), keeping an existing .env. The steps
+around it are in docs/airgap.md.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 from app.errors import UserError
@@ -31,6 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("docker-compose.yml", "docker-compose.cpu.yml", ".env.example")
 MANIFEST = "bundle.json"
 IMAGE_MEMBER = "image.tar"
+MAX_MEMBERS = 100_000  # the image, compose files, sweeps and a dataset: a few hundred
+MAX_BYTES = 64 << 30  # everything in a bundle: the image (a few GB) and a dataset
+MAX_MANIFEST = 16 << 20
+FREE_MARGIN = 256 << 20  # left free under --into after unpacking
 SECRET = re.compile(r"^(\s*(?:export\s+)?WANDB_API_KEY\s*=).*$", re.M)
 
 
@@ -111,23 +119,83 @@ def _member_sha(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
     return h.hexdigest()
 
 
+def _safe_name(name: str) -> bool:
+    """A relative POSIX path with no `..`, no empty or `.` parts, nothing a shell or Windows reads oddly."""
+    parts = name.split("/")
+    return (bool(name) and not name.startswith("/") and "\\" not in name and "\0" not in name
+            and all(part not in ("", ".", "..") for part in parts) and len(name) <= 1000)
+
+
+def check_archive(tar: tarfile.TarFile, archive: Path, into: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
+    """Every member checked before anything is written or loaded: only regular files and folders, each
+    name confined under the target (no absolute path, no `..`), no name twice, nothing the manifest does
+    not list, sizes within MAX_BYTES and the free space under `into`, and every sha256 as recorded."""
+    members: dict[str, tarfile.TarInfo] = {}
+    total = 0
+    for i, m in enumerate(tar):
+        if i >= MAX_MEMBERS:
+            raise UserError(f"{archive}: over {MAX_MEMBERS} members; not a bundle")
+        name = m.name[:-1] if m.isdir() and m.name.endswith("/") else m.name
+        if not _safe_name(name):
+            raise UserError(f"{archive}: member {name[:80]!r} has an unsafe path (absolute, `..` or odd); refused, "
+                            "nothing written")
+        if not (m.isreg() or m.isdir()):
+            kind = "link" if m.issym() or m.islnk() else "device or fifo" if m.isdev() else "special file"
+            raise UserError(f"{archive}: member {name[:80]!r} is a {kind}; a bundle holds only files and folders")
+        if name in members:
+            raise UserError(f"{archive}: member {name[:80]!r} appears twice; refused, nothing written")
+        members[name] = m
+        total += m.size
+        if total > MAX_BYTES:
+            raise UserError(f"{archive}: members add up to over {MAX_BYTES >> 30} GiB; not a bundle")
+    if MANIFEST not in members or members[MANIFEST].size > MAX_MANIFEST:
+        raise UserError(f"{archive} has no {MANIFEST} (or one over {MAX_MANIFEST >> 10} KiB): "
+                        "not made by `python -m app bundle save`")
+    try:
+        manifest = json.loads(tar.extractfile(members[MANIFEST]).read())
+        files = manifest["files"]
+        assert isinstance(files, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())
+        assert isinstance(manifest["image"], str) and isinstance(manifest["image_id"], str)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(f"{archive}: {MANIFEST} is not a bundle manifest") from None
+    extra = sorted(n for n, m in members.items() if m.isreg() and n != MANIFEST and n not in files)
+    if extra:
+        raise UserError(f"{archive}: member {extra[0][:80]!r} is not in {MANIFEST}; refused, nothing written")
+    if IMAGE_MEMBER not in files or any(n != IMAGE_MEMBER and not n.startswith("project/") for n in files):
+        raise UserError(f"{archive}: {MANIFEST} lists files outside image.tar and project/; not a bundle")
+    project_bytes = sum(members[n].size for n in files if n in members and n.startswith("project/"))
+    free = shutil.disk_usage(_existing_parent(into)).free
+    if project_bytes + FREE_MARGIN > free:
+        raise UserError(f"{archive}: unpacking needs {project_bytes / 1e9:.2f} GB in {into} but "
+                        f"{free / 1e9:.2f} GB are free; free some space or pick --into elsewhere")
+    for name, digest in files.items():
+        if name not in members or not members[name].isreg() or _member_sha(tar, members[name]) != digest:
+            raise UserError(f"{archive}: {name[:80]} is missing or damaged (sha256 differs); copy the bundle again")
+    return manifest, members
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def load(archive: Path, into: Path) -> dict:
     docker = _docker()
     if not archive.is_file():
         raise UserError(f"bundle {str(archive)!r} does not exist")
+    if into.exists() and not into.is_dir():
+        raise UserError(f"--into {str(into)!r} is not a folder")
     try:
         tar = tarfile.open(archive)
-    except tarfile.TarError as exc:
+    except (tarfile.TarError, OSError, EOFError) as exc:
         raise UserError(f"{archive} is not a bundle archive ({exc})") from None
     with tar:
         try:
-            manifest = json.load(tar.extractfile(MANIFEST))
-        except KeyError:
-            raise UserError(f"{archive} has no {MANIFEST}: not made by `python -m app bundle save`") from None
-        members = {m.name: m for m in tar.getmembers() if m.isfile()}
-        for name, digest in manifest["files"].items():
-            if name not in members or _member_sha(tar, members[name]) != digest:
-                raise UserError(f"{archive}: {name} is missing or damaged (sha256 differs); copy the bundle again")
+            manifest, members = check_archive(tar, archive, into)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # cut short or corrupt compression
+            raise UserError(f"{archive} is damaged ({type(exc).__name__}); copy the bundle again") from None
         # the image streams from the archive into the engine: no second copy on disk
         with tempfile.TemporaryFile() as err:
             proc = subprocess.Popen([docker, "load"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
@@ -140,21 +208,22 @@ def load(archive: Path, into: Path) -> dict:
             if proc.wait() != 0:
                 err.seek(0)
                 lines = err.read().decode(errors="replace").strip().splitlines() or ["?"]
-                raise UserError(f"docker load failed: {lines[-1]}")
+                raise UserError(f"docker load failed: {lines[-1][:200]}")
         into.mkdir(parents=True, exist_ok=True)
         kept = []
         for name in manifest["files"]:
             if not name.startswith("project/"):
                 continue
             target = into / name[len("project/"):]
-            if ".." in Path(name).parts:
-                raise UserError(f"{archive}: unsafe path {name}")
             if name == "project/.env" and target.exists():
                 target = into / ".env.bundle"  # never overwrite the host's own settings
                 kept.append(".env (the bundled one is .env.bundle)")
             target.parent.mkdir(parents=True, exist_ok=True)
-            with tar.extractfile(members[name]) as src, open(target, "wb") as dst:
+            # write beside, then rename: an existing symlink at the target is replaced, never followed
+            tmp = target.with_name(f".{target.name}.bundle-tmp")
+            with tar.extractfile(members[name]) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)
+            os.replace(tmp, target)
         for folder in ("data", "runs", "outputs"):
             (into / folder).mkdir(exist_ok=True)
     if _image_id(docker, manifest["image"]) != manifest["image_id"]:
