@@ -86,13 +86,23 @@ ENV_NAMES = frozenset(k.upper() for k in KEYS)  # how each key is spelled in the
 _TYPES = {f.name: f.type for f in fields(Config)}
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """A value as an error line shows it: repr, cut short (a sweep or a paste can hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
 def _check(c: Config) -> None:
     for key in POSITIVE:
         if getattr(c, key) < 1:
             raise ConfigError(f"{key}={getattr(c, key)} must be >= 1")
     for key, allowed in CHOICES.items():
         if getattr(c, key) not in allowed:
-            raise ConfigError(f"{key}={getattr(c, key)!r} must be one of: {', '.join(allowed)}")
+            raise ConfigError(f"{key}={shown(getattr(c, key))} must be one of: {', '.join(allowed)}")
     # each conv block halves the 28x28 image: more than three would leave nothing to pool
     if not 1 <= len(c.kernels) <= 3 or any(k < 1 for k in c.kernels):
         raise ConfigError(f"kernels={list(c.kernels)} must be 1 to 3 positive channel counts, e.g. 16,32")
@@ -104,13 +114,13 @@ def _check(c: Config) -> None:
         raise ConfigError(f"gpu_memory_fraction={c.gpu_memory_fraction} must be between 0 and 1")
     dev = c.device
     if not (dev in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]{1,3}", dev)):
-        raise ConfigError(f"device={dev!r} must be auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"device={shown(dev)} must be auto, cpu, cuda or cuda:N")
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
     """Turn a value from a source (a string from env/CLI, or JSON-ish from W&B) into the key's type."""
     kind = _TYPES[key]
-    where = f"{key}={value!r} (from {source})"
+    where = f"{key}={shown(value)} (from {source})"
     if kind in ("int", int):
         if isinstance(value, bool):
             raise ConfigError(f"{where} is not an integer")
@@ -156,7 +166,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
 def merge(base: Config, values: Mapping[str, Any], source: str) -> Config:
     unknown = sorted(set(values) - set(KEYS))
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r} (from {source}); known keys: {', '.join(KEYS)}")
+        raise ConfigError(f"unknown config key {shown(unknown[0])} (from {source}); known keys: {', '.join(KEYS)}")
     changes = {k: _coerce(k, v, source) for k, v in values.items()}
     return dataclasses.replace(base, **changes)
 
@@ -174,16 +184,16 @@ def parse_cli(args: list[str]) -> dict[str, str]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: settings are given as --key=value")
+            raise ConfigError(f"unexpected argument {shown(arg)}: settings are given as --key=value")
         name, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(args):
-                raise ConfigError(f"--{name} needs a value: --{name}=VALUE")
+                raise ConfigError(f"--{_cut(name)} needs a value: --{_cut(name)}=VALUE")
             value = args[i + 1]
             i += 1
         key = name.replace("-", "_")
         if key not in KEYS:
-            raise ConfigError(f"unknown option --{name}; known keys: {', '.join(KEYS)}")
+            raise ConfigError(f"unknown option --{_cut(name)}; known keys: {', '.join(KEYS)}")
         out[key] = value
         i += 1
     return out

@@ -261,3 +261,59 @@ def test_every_layer_in_a_real_sweep_run(layered_run):
     assert {k: ckpt["config"][k] for k in c} == c  # the checkpoint holds the effective config
     # 1000 train images / stride 5 = 200, batches of 32, a loss point every 3 batches
     assert [step for step, _ in run.metric("loss")] == [96, 192]
+
+
+# --- property-based: whatever a user, an environment or a sweep passes, a Config or one error line ---
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_values = st.one_of(
+    st.text(max_size=30), st.integers(), st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.none(),
+    st.lists(st.one_of(st.integers(), st.text(max_size=5), st.floats()), max_size=5),
+    st.sampled_from(["", " ", "nan", "inf", "-inf", "1e999", "[[[[[[", "[" * 5000, "9" * 5000, "cuda:²",
+                     "16,32", "[16, 32]", "true", "0", "-1", "mnist", "bf16", "cuda:0", "\x00", "١٢"]),
+)
+_keys = st.one_of(st.sampled_from(KEYS), st.text(max_size=12))
+
+
+def _is_one_line_error(exc: Exception) -> bool:
+    return isinstance(exc, UserError) and "\n" not in str(exc) and len(str(exc)) < 2000
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(_keys, _values, max_size=6))
+def test_any_sweep_values_give_a_config_or_a_config_error(values):
+    try:
+        c = merge(Config(), values, source="W&B sweep")
+    except ConfigError as exc:
+        assert _is_one_line_error(exc)
+    else:
+        assert isinstance(c, Config) and merge(Config(), c.to_dict(), source="again") == c  # round trip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=20), st.sampled_from([f"--{k}" for k in KEYS]),
+                          st.builds(lambda k, v: f"--{k}={v}", st.sampled_from(KEYS), st.text(max_size=12))),
+                max_size=6),
+       st.dictionaries(st.sampled_from(sorted(k.upper() for k in KEYS)), st.text(max_size=12), max_size=4))
+def test_any_command_line_and_environment(args, environ):
+    try:
+        c = load(args, environ, dotenv_path=None)
+    except ConfigError as exc:
+        assert _is_one_line_error(exc)
+    else:
+        assert isinstance(c, Config)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=200))
+def test_any_dotenv_text(tmp_path: Path, text: str):
+    f = tmp_path / ".env"
+    f.write_text(text, encoding="utf-8", errors="surrogatepass") if "\ud800" not in text else f.write_bytes(b"\xff")
+    try:
+        c = load([], {}, dotenv_path=f)
+    except UserError as exc:
+        assert _is_one_line_error(exc)
+    else:
+        assert isinstance(c, Config)
