@@ -76,6 +76,7 @@ def run(start: Start) -> int:
     with dedupe.guard(start.environ, start.args) as claim:
         if claim and claim.duplicate_of:
             print(dedupe.skip_message(claim), file=sys.stderr)
+            dedupe.record_duplicate(claim, start.ready.mode)  # visible in the sweep: it used up a hand-out
             return 0  # exit 0: a finished trial to the agent, not a failure that could stop it
         from app.train import Preempted, train  # after the check: a skipped duplicate never loads torch
 

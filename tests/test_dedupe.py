@@ -113,7 +113,8 @@ def test_stagger(tmp_path: Path):
 
 
 def test_train_skips_a_duplicate_and_records_a_finished_run(tmp_path: Path, small_data: Path):
-    """`python -m app train` as `wandb agent` starts it: the skip exits 0 without a W&B run."""
+    """`python -m app train` as `wandb agent` starts it: the skip exits 0, trains nothing, and leaves a W&B
+    run tagged `duplicate` that names the run holding its values (it used up one of run_cap)."""
     claims = tmp_path / "claims"
     env = clean_env(tmp_path, WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "runs"), OUTPUT_DIR=str(tmp_path / "out"),
                     DATA_DIR=str(small_data), EPOCHS="1", VAL_SIZE="200", TRAIN_STRIDE="1", WATCH_LOG="none",
@@ -128,5 +129,10 @@ def test_train_skips_a_duplicate_and_records_a_finished_run(tmp_path: Path, smal
     dup = run_app(args, {**env, "WANDB_RUN_ID": "rundupe1"}, tmp_path, timeout=120)
     assert dup.returncode == 0, dup.stderr[-2000:]
     assert "skipping duplicate sweep run rundupe1: run runfirst already finished the same parameters" in dup.stderr
-    assert runlog.find(tmp_path / "runs") == [folder]  # no W&B run for the duplicate
-    assert not (tmp_path / "out" / "rundupe1").exists()
+    assert not (tmp_path / "out" / "rundupe1").exists()  # nothing trained
+    (dup_folder,) = [f for f in runlog.find(tmp_path / "runs") if f != folder]
+    recorded = runlog.read(dup_folder)
+    assert recorded.run_id == "rundupe1" and recorded.exit_code == 0 and recorded.sweep_id == SWEEP
+    assert recorded.summary["duplicate_of"] == "runfirst" and recorded.summary["duplicate_state"] == "finished"
+    assert not recorded.history  # no metric: bayes and hyperband never read it as a result
+    assert b"duplicate" in next(dup_folder.glob("run-*.wandb")).read_bytes()  # job type and tag

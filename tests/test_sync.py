@@ -97,21 +97,21 @@ def test_dry_run_lists_exactly_the_runs_not_yet_uploaded(runs_folder, tmp_path):
     proc = run_app(["sync", "--dry-run", str(runs_folder)], clean_env(tmp_path), tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "found 7 offline run(s)" in out and "2 already synced, 1 still being written, 1 empty, 3 to upload" in out
+    assert "found 7 offline run(s)" in out and "2 already synced, 1 still being written, 1 empty, 0 unreadable, 3 to upload" in out
     would = {Path(line.split(": ", 1)[1].split()[0]).name for line in out.splitlines() if "would upload: " in line}
     expected = {r.folder.name for r in runs if r not in done and r not in live and r not in empty}
     assert would == expected
     assert "(no exit record: the run was killed; uploads as crashed)" in out
-    assert "skipped (empty: killed before W&B wrote anything" in out
+    assert "skipped (empty: W&B wrote no run record" in out
     # W&B's own rules agree: it lists the same runs, plus the live and the empty one it cannot tell apart
     assert wandb_would_sync(runs_folder, tmp_path) == expected | {live[0].folder.name, empty[0].folder.name}
 
     # after an interruption the markers are the record: a run uploaded since drops off the list
     next(r for r in runs if r.folder.name in expected and r.finished).log.with_suffix(".wandb.synced").touch()
     again = run_app(["sync", "--dry-run", str(runs_folder)], clean_env(tmp_path), tmp_path)
-    assert "3 already synced, 1 still being written, 1 empty, 2 to upload" in again.stdout
+    assert "3 already synced, 1 still being written, 1 empty, 0 unreadable, 2 to upload" in again.stdout
     unfinished = run_app(["sync", "--dry-run", "--include-unfinished", str(runs_folder)], clean_env(tmp_path), tmp_path)
-    assert "3 already synced, 0 still being written, 1 empty, 3 to upload" in unfinished.stdout
+    assert "3 already synced, 0 still being written, 1 empty, 0 unreadable, 3 to upload" in unfinished.stdout
     for r in runs:
         r.log.with_suffix(".wandb.synced").unlink(missing_ok=True)
 

@@ -12,11 +12,14 @@ disappears with the process (crash, kill -9, container removed) instead of a sta
 which run holds or finished the parameters. A run that finds the lock held, or a record finished by
 another run, is a duplicate: it prints one line and exits 0 without calling wandb.init.
 
-Why exit 0 without a W&B run: the agent counts a non-zero exit as a failed run, and a few failures in
-its first minute make it stop for good ("flapping"); exit 0 counts as a finished trial, and the agent
-asks for the next configuration. Starting no W&B run keeps an empty duplicate (no metric) out of the
-sweep, where it would clutter the table and could be read as a result by bayes/hyperband; the server
-already counts the hand-out against the grid point, so it is not handed out again.
+Why exit 0: the agent counts a non-zero exit as a failed run, and a few failures in its first minute
+make it stop for good ("flapping"); exit 0 counts as a finished trial, and the agent asks for the next
+configuration. The server has already counted the hand-out (against the grid point, and against
+`run_cap`), so the skip is made visible instead of silent: the duplicate is recorded as a W&B run that
+trains nothing, with job type and tag `duplicate` and `duplicate_of` (the run that has these values)
+in its summary, and no metric, so bayes and hyperband never read it as a result. A random or bayes
+sweep over discrete values can draw the same values twice; each such draw uses up one of `run_cap`
+and shows up as one `duplicate` run (raise run_cap, or sweep those values as a grid, to train more).
 
 A run that comes back with its own run id (a requeued, preempted run) owns its record and resumes.
 A run that failed or was preempted gives its parameters up, so a later hand-out may retry them.
@@ -167,6 +170,21 @@ def skip_message(c: Claim) -> str:
     what = "is running" if c.other_state == RUNNING else "already finished"
     return (f"skipping duplicate sweep run {c.run_id}: run {c.duplicate_of} {what} the same parameters "
             f"{json.dumps(c.params, sort_keys=True)}")
+
+
+def record_duplicate(c: Claim, mode: str) -> None:
+    """The skipped run as a finished W&B run with no metric: tagged and job type `duplicate`,
+    `duplicate_of` in its summary (best effort: a failure here never turns the skip into a failure)."""
+    import wandb
+
+    try:
+        run = wandb.init(id=c.run_id, mode=mode, job_type="duplicate", tags=["duplicate"], config=c.params,
+                         notes=f"skipped: run {c.duplicate_of} {c.other_state} the same parameters")
+        run.summary.update({"duplicate_of": c.duplicate_of, "duplicate_state": c.other_state})
+        run.finish(exit_code=0)
+    except Exception as exc:  # wandb's own errors (network, settings) are many types; the skip stands
+        print(f"note: could not record the duplicate run in W&B ({type(exc).__name__}: {str(exc)[:120]})",
+              file=sys.stderr)
 
 
 def stagger(environ: Mapping[str, str]) -> float:
