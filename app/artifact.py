@@ -18,8 +18,10 @@ Offline runs and later syncs: W&B records each artifact file by its local path a
 it. So the files are copied into the run folder itself (`offline-run-*/model-artifact/`) and recorded
 by a path relative to the folder that holds the run folder: `python -m app sync` runs `wandb sync`
 from there, wherever the runs folder is mounted or copied (with plain `wandb sync`, run it inside the
-`wandb/` folder). W&B's staging folder (WANDB_DATA_DIR, default ~/.local/share/wandb, gone with a
-container) is pointed under WANDB_DIR when unset, so nothing a sync needs lives outside the runs folder.
+`wandb/` folder). The files are added with W&B's "immutable" policy, so nothing is staged in W&B's
+data folder (WANDB_DATA_DIR, default ~/.local/share/wandb: gone with a container) and nothing a later
+sync needs lives outside the run folder. An online run still names a staging folder while it uploads:
+it is pointed under WANDB_DIR when WANDB_DATA_DIR is unset, so hosts and containers behave the same.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import clean_env, run_app
-from containers import app_image, compose  # noqa: F401  (session fixture)
+from containers import app_image, compose  # noqa: F401,F811  (session fixture)
 from fake_wandb import FakeWandb
 from sweep_project import fashion_project
 
@@ -57,12 +57,12 @@ def test_an_offline_run_in_a_removed_container_uploads_its_model_from_the_host(a
     onnx = (project / "outputs" / run.run_id / "model.onnx").read_bytes()
     ckpt = (project / "outputs" / run.run_id / "checkpoint.pt").read_bytes()
     (record,) = recorded_artifacts(folder)
-    # recorded relative to the folder holding the run folder, so the host finds them under its own path
+    # recorded relative to the folder holding the run folder, so the host finds them under its own path;
+    # all inside the run folder: nothing in W&B's staging folder (the container's home, gone by now)
     for entry in record.manifest.contents:
         assert not os.path.isabs(entry.local_path), entry.local_path
-        assert (folder.parent / entry.local_path).is_file()
-    # W&B's staging folder was pointed at the runs volume, not the container's home (gone by now)
-    assert (project / "runs" / artifact.DATA_DIR / "artifacts" / "staging").is_dir()
+        path = folder.parent / entry.local_path
+        assert path.is_file() and path.parent == folder / artifact.FOLDER
 
     with FakeWandb() as api:
         first, seconds = sync(project / "runs", api, tmp_path)
