@@ -88,7 +88,9 @@ class Claim:
         doc = {"sweep_id": self.sweep_id, "run_id": self.run_id, "state": state, "params": self.params,
                "host": socket.gethostname(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                "updated": time.time()}
-        tmp = self.record.with_name(f"{self.record.name}.{os.getpid()}.tmp")
+        # a random name: pids repeat across containers sharing the volume (a requeued run id can be
+        # claimed by two agents at once)
+        tmp = self.record.with_name(f"{self.record.name}.{os.urandom(6).hex()}.tmp")
         tmp.write_text(json.dumps(doc, sort_keys=True))
         os.replace(tmp, self.record)  # readers never see half a record
 
