@@ -186,9 +186,14 @@ class Batches:
         return -(-len(self.split) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This pass's batches from its example `first` on: a run resumed mid-epoch restores the generator
+        to the epoch's start, draws the same order and skips the examples it trained before the stop."""
         n, device = len(self.split), self.split.labels.device
         order = torch.randperm(n, device=device, generator=self.generator) if self.shuffle else None
-        for start in range(0, n, self.batch_size):
+        for start in range(first, n, self.batch_size):
             if order is None:
                 x, y = self.split.images[start:start + self.batch_size], self.split.labels[start:start + self.batch_size]
             else:

@@ -46,3 +46,69 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
         self.line(f"{summary} {self.rate():.0f} ex/s")
+
+
+class _Ready:
+    """The CPU's stand-in for a CUDA event: a copy on the CPU is done when `copy_` returns."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+class LossReadout:
+    """Brings each log interval's loss sum to the host without making the host wait for the device.
+
+    `push` queues a non-blocking copy of the sum into pinned memory and records a CUDA event after it;
+    `ready` hands back, oldest first, the readings whose copy has landed. The host never blocks on work
+    queued after the previous log point: a reading older than the newest is waited for (it is one
+    interval old, so in practice long done), which bounds every value to one interval late. Values and
+    their `meta` (step, epoch, ...) are exactly what a blocking `.item()` at the push would have given.
+    On the CPU the same code runs with an always-ready event, so each value comes back at its own push.
+    """
+
+    def __init__(self, device, slots: int = 3):
+        import torch  # progress stays importable without torch for the plain bar
+
+        self.cuda = device.type == "cuda"
+        # a ring of host buffers: at most two readings are pending (the newest and its predecessor)
+        self.buffers = [torch.zeros((), pin_memory=self.cuda) for _ in range(slots)]
+        self.next = 0
+        self.pending: list[tuple[object, object, object]] = []  # (event, host buffer, meta)
+
+    def push(self, value, meta) -> None:
+        """Queue a reading of the 0-d tensor `value`; the caller may change `value` right after (stream order)."""
+        if len(self.pending) >= len(self.buffers) - 1:
+            self.ready(wait_all_but_newest=True)  # keep one slot free: never overwrite an unread buffer
+        buffer = self.buffers[self.next]
+        self.next = (self.next + 1) % len(self.buffers)
+        buffer.copy_(value.detach(), non_blocking=self.cuda)
+        if self.cuda:
+            import torch
+
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            event = _Ready()
+        self.pending.append((event, buffer, meta))
+
+    def ready(self, wait_all_but_newest: bool = True) -> list[tuple[float, object]]:
+        """(value, meta) of every reading that has landed, oldest first; older ones than the newest are waited for."""
+        out = []
+        while self.pending:
+            event, buffer, meta = self.pending[0]
+            if not event.query():
+                if not wait_all_but_newest or len(self.pending) == 1:
+                    break
+                event.synchronize()
+            out.append((buffer.item(), meta))
+            self.pending.pop(0)
+        return out
+
+    def drain(self) -> list[tuple[float, object]]:
+        """Every pending reading, waiting for all of them (at an epoch's end, before a checkpoint)."""
+        for event, _, _ in self.pending:
+            event.synchronize()
+        return self.ready()

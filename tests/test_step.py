@@ -1,17 +1,21 @@
-"""The training step: when the CUDA graph is used, and that a replayed graph trains exactly like eager steps."""
+"""The training step: when the CUDA graph is used, that a replayed graph trains exactly like eager steps,
+and that losses reach the log without a device sync yet with the values and steps a blocking read gives."""
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import clean_env, run_app
 from torch import nn
 
-from app import data
+from app import data, runlog
 from app.config import Config
+from app.progress import LossReadout
 from app.step import EagerStep, GraphedStep
-from app.train import build_model, make_steps, set_optimizer_flags, uses_cuda_graph
+from app.train import build_model, make_steps, set_optimizer_flags, setup, uses_cuda_graph
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -97,3 +101,71 @@ def test_auto_picks_an_indexed_cuda_device_that_set_device_accepts():
     device = pick_device(Config(device="auto"))
     assert device == torch.device("cuda", 0)
     torch.cuda.set_device(device)  # refuses a bare torch.device("cuda") on torch 2.11 and later
+
+
+# --- losses read without a sync ---
+
+def _reference_losses(cfg: Config) -> list[tuple[int, int, float]]:
+    """(step, epoch, loss) as a loop that blocks on `.item()` at every log point logs them, from train()'s
+    own setup and model: the history train() wrote before its reads stopped waiting for the device."""
+    s = setup(cfg)
+    model, optimizer = build_model(cfg, s.device)
+    step = EagerStep(model, optimizer, nn.CrossEntropyLoss(), contextlib.nullcontext)
+    rows, examples = [], 0
+    for epoch in range(cfg.epochs):
+        loss_sum, n = torch.zeros(()), 0
+        for i, (x, y) in enumerate(s.train):
+            loss_sum += step(x, y)
+            n += 1
+            examples += y.shape[0]
+            if (i + 1) % cfg.log_interval == 0:
+                rows.append((examples, epoch, loss_sum.item() / n))
+                loss_sum.zero_()
+                n = 0
+    return rows
+
+
+def test_logged_losses_equal_a_blocking_read_at_every_log_point(tmp_path: Path, small_data: Path):
+    settings = dict(DATA_DIR=str(small_data), EPOCHS="2", TRAIN_STRIDE="1", VAL_SIZE="200", BATCH_SIZE="32",
+                    LOG_INTERVAL="4", SEED="3", WATCH_LOG="none", DEVICE="cpu")
+    env = clean_env(tmp_path, **settings, WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "runs"),
+                    OUTPUT_DIR=str(tmp_path / "outputs"))
+    proc = run_app(["train"], env, tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [folder] = runlog.find(tmp_path / "runs")
+    logged = [(row["_step"], row["epoch"], row["loss"]) for row in runlog.read(folder).history if "loss" in row]
+    cfg = Config().replace(**{k.lower(): v for k, v in settings.items()})
+    expected = _reference_losses(cfg)
+    assert len(expected) == 2 * 8  # 31 full batches + 1 short per epoch: 8 log points each
+    assert logged == expected  # exactly: same values, same steps, same order
+
+
+def test_cpu_readings_come_back_at_their_own_push():
+    readout = LossReadout(torch.device("cpu"))
+    value = torch.tensor(2.5)
+    for i in range(5):
+        readout.push(value, i)
+        value.zero_()  # the caller reuses its accumulator at once
+        value += i
+        assert readout.ready() == [(2.5 if i == 0 else float(i - 1), i)]
+    assert readout.drain() == []
+
+
+@needs_cuda
+def test_cuda_readings_never_wait_for_the_newest_and_lag_one_interval_at_most():
+    readout = LossReadout(CUDA)
+    total = torch.zeros((), device=CUDA)
+    big = torch.randn(4096, 4096, device=CUDA)
+    values = []
+    for i in range(4):
+        total += i + 0.5
+        values.append(i + 0.5)
+        readout.push(total, i)
+        total.zero_()
+        for _ in range(20):  # keep the device busy well past the host
+            big = (big @ big).tanh_()
+        got = readout.ready()
+        # everything older than the newest has been waited for; the newest is still queued behind the work
+        assert [meta for _, meta in got] == ([] if i == 0 else [i - 1])
+        assert [v for v, _ in got] == values[i - 1:i]
+    assert readout.drain() == [(3.5, 3)]
