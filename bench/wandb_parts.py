@@ -46,7 +46,7 @@ def measure(args, data_dir: Path, work: Path) -> dict:
     cfg = Config(dataset="fashion_mnist", data_dir=str(data_dir), device=str(device))
     loop = bare_loop(cfg)
     model, step = loop.model, loop.step
-    batches = list(data.Batches(loop.ds.train, cfg.batch_size, shuffle=False, **loop.fmt))[:args.steps]
+    batches = list(data.Batches(loop.setup.ds.train, cfg.batch_size, shuffle=False, **loop.setup.fmt))[:args.steps]
 
     def window() -> float:
         """Seconds per step over one pass of the batches."""
