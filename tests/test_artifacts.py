@@ -86,6 +86,23 @@ def test_an_offline_run_in_a_removed_container_uploads_its_model_from_the_host(a
         assert api.puts == puts and api.operations.count("CreateArtifact") == creates
 
 
+def test_an_online_run_uploads_its_model_as_it_finishes(small_data, tmp_path: Path):
+    with FakeWandb() as api:
+        env = clean_env(tmp_path, WANDB_BASE_URL=api.url, WANDB_API_KEY="k" * 40, WANDB_MODE="online",
+                        DATA_DIR=str(small_data), EPOCHS="1", VAL_SIZE="200", WATCH_LOG="none",
+                        WANDB_DIR=str(tmp_path / "runs"), OUTPUT_DIR=str(tmp_path / "outputs"))
+        proc = run_app(["train"], env, tmp_path, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (model,) = api.versions("mnist-convnet")
+        outputs = tmp_path / "outputs" / model.run_id
+        assert model.files == {"model.onnx": (outputs / "model.onnx").read_bytes(),
+                               "checkpoint.pt": (outputs / "checkpoint.pt").read_bytes()}
+        assert model.metadata["dataset"] == "mnist" and model.metadata["config"]["epochs"] == 1
+        assert "latest" in model.aliases and "sweep" not in model.metadata  # a single run: no sweep alias
+    # W&B's staging folder for the upload: on the runs folder, as in a container, not in ~/.local/share
+    assert (tmp_path / "runs" / artifact.DATA_DIR / "artifacts" / "staging").is_dir()
+
+
 @pytest.fixture(scope="module")
 def sweep_runs(tmp_path_factory, fashion_dir) -> Path:
     """An offline sweep of three trials (one agent, real Fashion-MNIST, one epoch each)."""
