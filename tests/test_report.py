@@ -179,3 +179,20 @@ def test_report_without_runs_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = run_app(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")], clean_env(tmp_path), tmp_path)
     assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1 and "no offline runs" in proc.stderr
+
+
+def test_the_epochs_setting_and_the_epochs_done_are_two_columns():
+    runs = []
+    for i, epochs in enumerate((1, 3)):
+        run = runlog.OfflineRun(path=Path(f"offline-run-{i}"), run_id=f"run{i}", group="g",
+                                config={"epochs": epochs}, exit_code=0)
+        run.history = [{"_step": e, "epoch": e, "val_loss": 1.0 / (e + 1)} for e in range(epochs)]
+        runs.append(run)
+    index, _ = report.page(Path("runs"), [report.make_group("g", runs)], [])
+    head = re.search(r"<thead><tr>(.*?)</tr></thead>", index).group(1)
+    headers = re.findall(r"<th>(.*?)</th>", head)
+    assert len(headers) == len(set(headers)) and "epochs" in headers and "epochs done" in headers
+    done = headers.index("epochs done")
+    cells = {r[0]: r for r in (re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr><td>.*?</tr>", index))}
+    assert cells["run0"][done] == "1" and cells["run1"][done] == "3"
+    assert cells["run0"][headers.index("model artifact")] == "-"  # logged no artifact
