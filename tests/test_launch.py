@@ -55,7 +55,7 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path: Path, env):
         (["--agents", "2", "--gpus", "1,1"], env, "--gpus='1,1' names a GPU twice"),
         (["--agents", "2", "--gpus", "0", "--cpu"], env, "--cpu and --gpus exclude each other"),
         (["--agents", "2", "--cpu"], env, "--env-file '.env' not found: copy .env.example to .env"),
-        (["--agents", "2", "--cpu", "--env-file", "nosweep.env"], env, "SWEEP_ID is not set in nosweep.env"),
+        (["--agents", "2", "--cpu", "--env-file", "nosweep.env"], env, "neither SWEEP_ID nor SWEEP_CONFIG is set in nosweep.env"),
         (["--agents", "2", "--cpu", "--env-file", "agents.env", "-e", "EPOCHS"], env, "-e 'EPOCHS' must be KEY=VALUE"),
         (["--agents", "2", "--cpu", "--env-file", "agents.env"], no_engine, "cannot reach the Docker engine"),
     ]
@@ -194,3 +194,38 @@ def test_ctrl_c_stops_every_agent_and_a_relaunch_finishes_the_sweep(app_image: s
     done = [r for r in finals if r.exit_code == 0 and "test_accuracy" in r.summary]
     assert sorted(r.run_id for r in done) == sorted({a.run_id for a in api.assignments})
     print(f"\nlaunch: Ctrl-C stopped 2 agents in {stop_s:.1f}s; relaunch resumed and finished both runs")
+
+
+OFFLINE_GRID = """name: launch-grid
+method: grid
+metric: {name: val_accuracy, goal: maximize}
+parameters:
+  learning_rate: {values: [0.003, 0.01, 0.03]}
+"""
+
+
+@pytest.mark.container
+@pytest.mark.slow
+def test_launch_serves_an_offline_sweep(app_image: str, tmp_path: Path):
+    """SWEEP_CONFIG instead of SWEEP_ID (the air-gapped case): the same launcher starts offline-sweep agents,
+    coordinated through the journal on the shared ./runs; every grid point trains exactly once."""
+    project = fashion_project(tmp_path / "project")
+    (project / "runs" / "grid.yaml").write_text(OFFLINE_GRID)  # /runs/grid.yaml in the containers
+    (project / ".env").write_text("SWEEP_CONFIG=/runs/grid.yaml\nWANDB_MODE=offline\nDATASET=fashion_mnist\n"
+                                  "EPOCHS=1\nTRAIN_STRIDE=50\nVAL_SIZE=1000\nWATCH_LOG=none\nOMP_NUM_THREADS=1\n")
+    name = f"launch-offline-{os.getpid()}"
+    log = tmp_path / "launch.log"
+    proc = run_launch(project, name, clean_env(tmp_path), log)
+    try:
+        proc.wait(timeout=600)
+    finally:
+        left = finish(proc, name)
+    out = log.read_text()
+    assert proc.returncode == 0, out[-4000:]
+    assert left == []
+    for number in (1, 2):
+        assert f"agent-{number} | exited with code 0" in out
+    assert "sweep launch-grid: grid" in out and "SWEEP_ID" not in out
+    runs = [runlog.read(f) for f in runlog.find(project / "runs")]
+    done = sorted(r.config["learning_rate"] for r in runs if r.exit_code == 0 and r.group == "launch-grid")
+    assert done == [0.003, 0.01, 0.03], out[-4000:]
