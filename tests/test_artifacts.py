@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -101,6 +102,32 @@ def test_an_online_run_uploads_its_model_as_it_finishes(small_data, tmp_path: Pa
         assert "latest" in model.aliases and "sweep" not in model.metadata  # a single run: no sweep alias
     # W&B's staging folder for the upload: on the runs folder, as in a container, not in ~/.local/share
     assert (tmp_path / "runs" / artifact.DATA_DIR / "artifacts" / "staging").is_dir()
+
+
+ONE_POINT = {"method": "grid", "parameters": {"learning_rate": {"values": [0.003]}},
+             "command": ["${env}", "${interpreter}", "-m", "app", "train", "${args}"]}
+
+
+def test_a_wandb_agent_trial_logs_its_model_with_the_sweep(small_data, tmp_path: Path):
+    """The unmodified `wandb agent` starts the trial; the run goes online to the stand-in."""
+    with FakeWandb(ONE_POINT) as api:
+        env = clean_env(tmp_path, WANDB_BASE_URL=api.url, WANDB_API_KEY="k" * 40, DATA_DIR=str(small_data),
+                        EPOCHS="1", VAL_SIZE="200", WATCH_LOG="none", WANDB_DIR=str(tmp_path / "runs"),
+                        OUTPUT_DIR=str(tmp_path / "outputs"))
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # ${interpreter} is `python`
+        wandb_cli = Path(sys.executable).with_name("wandb")
+        proc = subprocess.run([str(wandb_cli), "agent", api.sweep_path], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (assignment,) = api.assignments
+        models = api.versions("mnist-convnet")
+        assert len(models) == 1, proc.stderr[-3000:]
+        (model,) = models
+        assert model.run_id == assignment.run_id
+        assert model.metadata["wandb_sweep"] == api.sweep_id and model.metadata["config"]["learning_rate"] == 0.003
+        # the sweep's best is the W&B server's to know: no best alias from a trial
+        assert model.requested_aliases == ["latest"] and "sweep" not in model.metadata
+        assert model.files["model.onnx"] == (tmp_path / "outputs" / model.run_id / "model.onnx").read_bytes()
 
 
 @pytest.fixture(scope="module")
