@@ -89,8 +89,8 @@ def run(start: Start) -> int:
             return 128 + stop.signum
         if claim:
             claim.close(dedupe.FINISHED)
-    print(f"done: run {result['run_id']} test_accuracy {result['test_accuracy']:.4f} onnx {result['onnx']}", flush=True)
     interrupts.finished()  # the run is recorded: a stop from here on is no failure
+    print(f"done: run {result['run_id']} test_accuracy {result['test_accuracy']:.4f} onnx {result['onnx']}", flush=True)
     return 0
 
 

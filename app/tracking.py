@@ -109,6 +109,9 @@ def start(config: Config, environ: Mapping[str, str] | None = None, mode: str | 
     environ = os.environ if environ is None else environ
     mode = mode or resolve_mode(environ)
     env.drop_empty_wandb()  # W&B reads os.environ itself and rejects some empty values (WANDB_MODE=)
+    if in_container(environ):
+        # W&B's own end-of-run lines say `wandb sync /runs/...`, a path only the container has; ours name the host's
+        os.environ.setdefault("WANDB_QUIET", "true")
 
     import wandb
 

@@ -165,8 +165,6 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     argv = sys.argv[1:] if argv is None else argv
     if environ is None:  # what runs in the image says so in its hints (the paths it prints exist only inside)
         os.environ[tracking.CONTAINER_MARK] = "1"
-        # W&B's own end-of-run lines would say `wandb sync /runs/...`, a path only the container has
-        os.environ.setdefault("WANDB_QUIET", "true")
     environ = dict(os.environ if environ is None else environ)
     if argv and not argv[0].startswith("-"):
         os.execvp(argv[0], argv)  # `docker run IMAGE bash` and friends

@@ -1,0 +1,220 @@
+"""Fault matrix: settings, environment values and modes a user gets wrong, through `python -m app` and
+the container entrypoint run on the host, as a user starts them.
+
+Each refusal: exit 2, exactly one `error:` line naming the setting, no traceback, and nothing on disk
+(no W&B run folder to sync, no run folder under OUTPUT_DIR). Signals: one line, 128+signal, and every
+W&B run that was opened has its exit record. Run: pytest -q tests/test_faults_settings.py
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import clean_env, error_lines, run_app
+from idx import write_dataset, write_idx
+
+from app import runlog
+from app.data import FILES
+
+KEY = "k" * 40
+
+
+@pytest.fixture(scope="module")
+def bad_labels(tmp_path_factory) -> Path:
+    """A 10-class-sized dataset whose training labels include 12 (a labels file from another task)."""
+    root = tmp_path_factory.mktemp("bad-labels")
+    arrays = write_dataset(root, "mnist", n_train=600, n_test=100)
+    labels = arrays[FILES[1]].copy()
+    labels[7] = 12
+    write_idx(root / "MNIST" / "raw" / FILES[1], labels)
+    return root
+
+
+@pytest.fixture(scope="module")
+def foreign_labels(tmp_path_factory) -> Path:
+    """A labels file that is not IDX (wrong magic number)."""
+    root = tmp_path_factory.mktemp("foreign-labels")
+    write_dataset(root, "mnist", n_train=600, n_test=100)
+    (root / "MNIST" / "raw" / FILES[3]).write_bytes(b"\x00\x00\x09\x99" + bytes(104))
+    return root
+
+
+def _env(tmp: Path, data: Path, **extra: str) -> dict[str, str]:
+    base = dict(DATA_DIR=str(data), WANDB_DIR=str(tmp / "runs"), OUTPUT_DIR=str(tmp / "outputs"),
+                VAL_SIZE="100", TRAIN_STRIDE="10", EPOCHS="1", WATCH_LOG="none")
+    return clean_env(tmp, **{**base, **extra})
+
+
+def _nothing_on_disk(tmp: Path) -> None:
+    runs = list((tmp / "runs").glob("wandb/*run-*")) if (tmp / "runs").exists() else []
+    assert not runs, f"a W&B run was left for a refused setting: {runs}"
+    outputs = list((tmp / "outputs").iterdir()) if (tmp / "outputs").exists() else []
+    assert not outputs, f"a run folder was left: {outputs}"
+
+
+def _one_refusal(proc: subprocess.CompletedProcess, fragment: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1 and fragment in errors[0], proc.stderr[-3000:]
+    assert len(errors[0]) < 400, errors[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+# --- class 1: settings that pass the type checks but can't work; class 2: empty and odd values ---
+# (args, environment, .env text, data fixture name, the error's fragment)
+TRAIN_CASES = {
+    "lr-inf": (["--learning_rate=inf"], {}, "", "small_data", "learning_rate=inf must be > 0 and finite"),
+    "lr-nan": (["--learning_rate=nan"], {}, "", "small_data", "learning_rate=nan must be > 0 and finite"),
+    "lr-minus-inf": (["--learning_rate=-inf"], {}, "", "small_data", "learning_rate=-inf must be > 0"),
+    "lr-overflow-env": ([], {"LEARNING_RATE": "1e999"}, "", "small_data", "learning_rate=inf must be > 0 and finite"),
+    "gpu-fraction-nan": (["--gpu_memory_fraction=nan"], {}, "", "small_data", "gpu_memory_fraction=nan must be between 0 and 1"),
+    "classes-3": (["--classes=3"], {}, "", "small_data", "classes=3 but"),
+    "classes-9": ([], {"CLASSES": "9"}, "", "small_data", "has label 9: classes must be at least 10"),
+    "label-beyond-classes": ([], {}, "", "bad_labels", "has label 12: classes must be at least 13"),
+    "labels-not-idx": ([], {}, "", "foreign_labels", "is not a valid IDX label file"),
+    "val-size-whole-set": (["--val_size=1200", "--train_stride=1"], {}, "", "small_data",
+                           "val_size=1200 must be smaller than the 1200 training images"),
+    "val-size-default-on-small-data": ([], {"VAL_SIZE": "5000"}, "", "small_data", "val_size=5000 must be at most"),
+    "stride-past-the-set": (["--train_stride=5000"], {}, "", "small_data",
+                            "train_stride=5000 is more than the 1200 training images"),
+    "kernels-4-blocks": (["--kernels=8,16,32,64"], {}, "", "small_data", "kernels=[8, 16, 32, 64] must be 1 to 3"),
+    "device-odd-digit": (["--device=cuda:²"], {}, "", "small_data", "device='cuda:²' must be auto, cpu, cuda or cuda:N"),
+    "huge-value-cut-short": ([f"--epochs={'9' * 100_000}"], {}, "", "small_data", "is not an integer"),
+    "empty-values-are-unset": ([], {"EPOCHS": "", "SEED": " ", "LEARNING_RATE": "inf"}, "", "small_data",
+                               "learning_rate=inf"),
+    "dotenv-typo": ([], {}, "EPOCH=3\n", "small_data", ".env:1: unknown setting EPOCH; did you mean EPOCHS?"),
+    "dotenv-typo-2": ([], {}, "SEED=1\nLERNING_RATE=0.1\n", "small_data", ".env:2: unknown setting LERNING_RATE"),
+    "dotenv-broken-line": ([], {}, "SEED=1\nepochs 3\n", "small_data", ".env:2: 'epochs 3' is not a KEY=value line"),
+    "dotenv-open-quote": ([], {}, "EPOCHS='3\n", "small_data", "is not a KEY=value line"),
+    "dotenv-bad-value": ([], {}, "EPOCHS=many\n", "small_data", "epochs='many' (from .env) is not an integer"),
+    "dotenv-lr-inf": ([], {}, "LEARNING_RATE=inf\n", "small_data", "learning_rate=inf must be > 0 and finite"),
+    "wandb-mode-odd": ([], {"WANDB_MODE": "cloud"}, "", "small_data", "WANDB_MODE='cloud' must be one of"),
+    "wandb-mode-online-no-key": ([], {"WANDB_MODE": "online"}, "", "small_data", "WANDB_MODE=online needs an API key"),
+    "dotenv-wandb-online-no-key": ([], {}, "WANDB_MODE=online\n", "small_data", "WANDB_MODE=online needs an API key"),
+}
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES, ids=list(TRAIN_CASES))
+def test_train_refuses_in_one_line_before_any_run(request, tmp_path: Path, case: str):
+    args, environ, dotenv, data, fragment = TRAIN_CASES[case]
+    if dotenv:
+        (tmp_path / ".env").write_text(dotenv)
+    proc = run_app(["train", *args], _env(tmp_path, request.getfixturevalue(data), **environ), tmp_path)
+    _one_refusal(proc, fragment)
+    _nothing_on_disk(tmp_path)
+
+
+def test_a_binary_dotenv_is_one_line(tmp_path: Path, small_data: Path):
+    (tmp_path / ".env").write_bytes(bytes(range(256)))
+    _one_refusal(run_app(["train"], _env(tmp_path, small_data), tmp_path), ".env is not a text file")
+    _nothing_on_disk(tmp_path)
+
+
+# --- class 3: every container mode checks the training settings before it starts anything ---
+
+def run_entrypoint(env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app.container.entrypoint"], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+AGENT = {"SWEEP_ID": "ent/proj/sweep1", "WANDB_API_KEY": KEY, "ALLOW_CPU": "true"}
+ENTRY_CASES = {
+    "agent-epochs-many": ({**AGENT, "EPOCHS": "many"}, "epochs='many' (from environment) is not an integer"),
+    "agent-lr-inf": ({**AGENT, "LEARNING_RATE": "inf"}, "learning_rate=inf must be > 0 and finite"),
+    "agent-classes-vs-data": ({**AGENT, "CLASSES": "4"}, "classes=4 but"),
+    "agent-val-size-vs-data": ({**AGENT, "VAL_SIZE": "5000"}, "val_size=5000 must be at most"),
+    "agent-offline-mode": ({**AGENT, "WANDB_MODE": "offline"}, "cannot run offline"),
+    "agent-run-mode-odd": ({**AGENT, "AGENT_RUN_MODE": "later"}, "AGENT_RUN_MODE='later' must be one of"),
+    "agent-count-zero": ({**AGENT, "AGENT_COUNT": "0"}, "AGENT_COUNT='0' must be a positive integer"),
+    "agent-stagger-odd": ({**AGENT, "AGENT_START_STAGGER": "soon"}, "AGENT_START_STAGGER='soon'"),
+    "agent-allow-cpu-odd": ({**AGENT, "ALLOW_CPU": "maybe"}, "ALLOW_CPU='maybe' must be true or false"),
+    "agent-no-key": ({"SWEEP_ID": "e/p/s", "ALLOW_CPU": "true"}, "there is no W&B API key"),
+    "run-epochs-many": ({"ALLOW_CPU": "true", "EPOCHS": "many"}, "epochs='many' (from environment) is not an integer"),
+    "run-classes-vs-data": ({"ALLOW_CPU": "true", "CLASSES": "2"}, "classes=2 but"),
+    "app-mode-odd": ({"APP_MODE": "later", "ALLOW_CPU": "true"}, "APP_MODE='later' must be one of"),
+    "offline-sweep-folder": ({"SWEEP_CONFIG": "{tmp}", "ALLOW_CPU": "true"}, "is a folder"),
+    "offline-sweep-binary": ({"SWEEP_CONFIG": sys.executable, "ALLOW_CPU": "true"}, "is not a text file"),
+    "offline-sweep-missing": ({"SWEEP_CONFIG": "{tmp}/none.yaml", "ALLOW_CPU": "true"}, "does not exist"),
+    "offline-sweep-epochs-many": ({"SWEEP_CONFIG": str(Path(__file__).parents[1] / "sweeps" / "grid.yaml"),
+                                   "ALLOW_CPU": "true", "EPOCHS": "many"}, "epochs='many'"),
+}
+
+
+@pytest.mark.parametrize("case", ENTRY_CASES, ids=list(ENTRY_CASES))
+def test_every_container_mode_checks_before_it_starts(tmp_path: Path, small_data: Path, case: str):
+    environ, fragment = ENTRY_CASES[case]
+    environ = {k: v.replace("{tmp}", str(tmp_path)) for k, v in environ.items()}
+    proc = run_entrypoint(_env(tmp_path, small_data, **environ), tmp_path)
+    _one_refusal(proc, fragment)
+    assert "starting: " not in proc.stdout  # `wandb agent` never started
+    _nothing_on_disk(tmp_path)
+    assert not (tmp_path / "runs" / "sweeps").exists() or not any((tmp_path / "runs" / "sweeps").iterdir())
+
+
+# --- class 8: signals at the edges; class 10: where the end-of-run hint points ---
+
+def _exit_codes(runs: Path) -> list[int | None]:
+    """Each W&B run's recorded exit code under runs/ (None: no exit record), read from its run log."""
+    return [runlog.read(folder).exit_code for folder in runlog.find(runs)] if runs.exists() else []
+
+
+def _start(tmp: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "app", "train"], env=env, cwd=tmp, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_sigint_during_start_up_is_one_line_and_130(tmp_path: Path, small_data: Path):
+    proc = _start(tmp_path, _env(tmp_path, small_data))
+    time.sleep(1.0)  # importing torch and W&B: well before the first training step
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert "stopped by SIGINT" in err
+    assert None not in _exit_codes(tmp_path / "runs")
+
+
+def test_sigterm_while_wandb_starts_leaves_a_run_with_its_exit_record(tmp_path: Path, small_data: Path):
+    proc = _start(tmp_path, _env(tmp_path, small_data))
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "runs").glob("wandb/*run-*")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "stopped by SIGTERM" in err, err[-3000:]
+    assert _exit_codes(tmp_path / "runs") == [143]
+
+
+def test_sigterm_after_done_exits_0_and_the_container_hint_names_the_host(tmp_path: Path, small_data: Path):
+    # also: WANDB_MODE= (empty, in the environment and in .env) is unset, not a W&B settings error
+    (tmp_path / ".env").write_text("WANDB_MODE=\n")
+    env = _env(tmp_path, small_data, WANDB_MODE="", APP_IN_CONTAINER="1", RUNS_DIR_HOST="./my-runs")
+    proc = _start(tmp_path, env)
+    for line in proc.stdout:
+        if line.startswith("done: "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and not error_lines(err)
+    hint = [line for line in err.splitlines() if "upload it on the host with" in line]
+    assert hint and "python -m app sync ./my-runs" in hint[0], err[-2000:]
+    assert f"wandb sync {tmp_path}" not in err.split("W&B offline run saved")[-1]  # no path from inside
+    assert _exit_codes(tmp_path / "runs") == [0]
+
+
+def test_refused_settings_leave_earlier_runs_alone(tmp_path: Path, small_data: Path):
+    """A refusal after a finished run changes nothing in the runs and outputs folders."""
+    env = _env(tmp_path, small_data)
+    assert run_app(["train"], env, tmp_path).returncode == 0
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    _one_refusal(run_app(["train", "--classes=5"], env, tmp_path), "classes=5 but")
+    after = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert after == before
