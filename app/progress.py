@@ -1,9 +1,12 @@
-"""Progress for people: a tqdm bar on a terminal, plain periodic lines in container logs."""
+"""Progress for people (a tqdm bar on a terminal, plain periodic lines in container logs), and the loss
+readings they show, brought to the host without stalling the device."""
 
 from __future__ import annotations
 
 import sys
 import time
+
+import torch
 
 
 class Progress:
@@ -69,9 +72,7 @@ class LossReadout:
     On the CPU the same code runs with an always-ready event, so each value comes back at its own push.
     """
 
-    def __init__(self, device, slots: int = 3):
-        import torch  # progress stays importable without torch for the plain bar
-
+    def __init__(self, device: torch.device, slots: int = 3):
         self.cuda = device.type == "cuda"
         # a ring of host buffers: at most two readings are pending (the newest and its predecessor)
         self.buffers = [torch.zeros((), pin_memory=self.cuda) for _ in range(slots)]
@@ -86,8 +87,6 @@ class LossReadout:
         self.next = (self.next + 1) % len(self.buffers)
         buffer.copy_(value.detach(), non_blocking=self.cuda)
         if self.cuda:
-            import torch
-
             event = torch.cuda.Event()
             event.record()
         else:
