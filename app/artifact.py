@@ -26,6 +26,7 @@ it is pointed under WANDB_DIR when WANDB_DATA_DIR is unset, so hosts and contain
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -79,6 +80,29 @@ def beats(value: Any, goal: str, others: list[float]) -> bool:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         return False
     return all(value > v if goal == "maximize" else value < v for v in others)
+
+
+def best_claim(run_folder: Path) -> float | None:
+    """For an offline run whose model artifact claims a `best-<sweep>` alias: its value of the sweep's
+    metric, signed so that higher is better; None when it claims none (or the log can't be read).
+
+    W&B moves an alias to the version it commits last, and `wandb sync` uploads several runs at once:
+    `python -m app sync` uploads the claiming runs last, one at a time in this order, so the alias ends
+    on the best of them."""
+    from app import runlog
+
+    try:
+        for record in runlog.records(next(Path(run_folder).glob("run-*.wandb"))):
+            if record.WhichOneof("record_type") != "artifact" or record.artifact.type != "model":
+                continue
+            if not any(a.startswith("best-") for a in record.artifact.aliases):
+                return None
+            sweep = json.loads(record.artifact.metadata or "{}").get("sweep") or {}
+            value = float(sweep["value"])
+            return value if sweep.get("goal") == "maximize" else -value
+    except (StopIteration, OSError, ValueError, KeyError, TypeError):
+        return None
+    return None
 
 
 def _alias_part(name: str) -> str:

@@ -172,6 +172,8 @@ def test_an_offline_sweep_makes_one_version_per_trial(sweep_runs, tmp_path: Path
                                            "value": r.summary["val_accuracy"]}
             assert v.requested_aliases == claims[r.run_id]
         assert {v.metadata["config"]["learning_rate"] for v in versions} == {0.0003, 0.003, 0.03}
+        # uploaded in parallel, yet the alias ends on the best trial's version (claims go last, worst first)
+        assert [v.run_id for v in versions if "best-tiny-artifacts" in v.aliases] == [best.run_id]
         print(f"sync of 3 trial runs with their artifacts: {seconds:.2f} s")
 
 

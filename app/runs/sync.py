@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from app import env, runlog, tracking
+from app import artifact, env, runlog, tracking
 from app.errors import UserError
 
 QUIET_S = 120  # a run with no exit record whose log changed this recently is probably still training
@@ -155,11 +155,16 @@ def sync(root: Path, *, dry_run: bool, project: str | None, entity: str | None, 
         return counts
     # a run's model artifact records its files relative to the folder that holds the run folder
     # (app.artifact): `wandb sync` runs from there, so one batch never spans two such folders
+    # runs whose model claims a sweep's best-so-far alias go last, one by one, worst first: W&B gives the
+    # alias to the version it commits last (app.artifact.best_claim)
+    claims = {r.folder: artifact.best_claim(r.folder) for r in todo}
+    plain = [r for r in todo if claims[r.folder] is None]
     batches = []
-    for start in range(0, len(todo), BATCH):
-        chunk = todo[start:start + BATCH]
+    for start in range(0, len(plain), BATCH):
+        chunk = plain[start:start + BATCH]
         for parent in dict.fromkeys(r.folder.parent for r in chunk):
             batches.append([r for r in chunk if r.folder.parent == parent])
+    batches += [[r] for r in sorted((r for r in todo if claims[r.folder] is not None), key=lambda r: claims[r.folder])]
     url = environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL
     for batch in batches:
         cmd = wandb_command([r.folder for r in batch], project, entity)
