@@ -136,3 +136,90 @@ def test_load_missing_file_and_bad_yaml(tmp_path: Path):
     typo.write_text("method: grid\nmetrc: {name: val_loss}\nparameters: {seed: {values: [1, 2]}}\n")
     with pytest.raises(SweepSpecError, match=rf"^{typo}: unknown key 'metrc'"):
         sweep_spec.load(typo)
+
+
+# --- property: any YAML-ish input is a valid spec or ONE short SweepSpecError line, never another exception ---
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from app.config import KEYS  # noqa: E402
+
+NAMES = st.sampled_from([*sweep_spec.TOP_KEYS, *sweep_spec.PARAM_KEYS, *KEYS, "name", "goal", "type", "min_iter",
+                         "eta", "s", "max_iter", "strict", "lr", ""])
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                    st.text(max_size=12), st.sampled_from([*sweep_spec.METHODS, *sweep_spec.METRICS,
+                                                           *sweep_spec.DISTRIBUTIONS, "minimize", "maximize",
+                                                           "hyperband", "${args}", 0, 1, 0.5, 64, [16, 32]]))
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.one_of(NAMES, st.integers(0, 3)), inner, max_size=4)), max_leaves=20)
+
+
+def param_spec():
+    return st.dictionaries(st.sampled_from(sweep_spec.PARAM_KEYS), VALUES, max_size=4)
+
+
+NUMBERS = st.one_of(st.integers(-5, 300), st.floats(-1, 1), st.floats(allow_nan=True), st.sampled_from([0.001, 0.01, 64]))
+PLAUSIBLE_PARAM = st.one_of(
+    st.fixed_dictionaries({"values": st.lists(st.sampled_from([1, 2, 16, 32, 64]), min_size=1, max_size=4)}),
+    st.fixed_dictionaries({"min": st.integers(1, 10), "max": st.integers(11, 100)}),
+    st.fixed_dictionaries({"values": st.lists(st.one_of(NUMBERS, SCALARS), min_size=0, max_size=5)}),
+    st.fixed_dictionaries({"value": st.one_of(NUMBERS, SCALARS)}),
+    st.fixed_dictionaries({"min": NUMBERS, "max": NUMBERS},
+                          optional={"distribution": st.sampled_from(list(sweep_spec.DISTRIBUTIONS)), "q": NUMBERS}),
+    param_spec(),
+)
+NEAR_VALID = st.fixed_dictionaries(
+    {"method": st.sampled_from(sweep_spec.METHODS),
+     "parameters": st.dictionaries(st.sampled_from(["learning_rate", "batch_size", "epochs", "seed", "kernels",
+                                                    "train_stride", "amp"]), PLAUSIBLE_PARAM, min_size=1, max_size=3)},
+    optional={"metric": st.fixed_dictionaries({"name": st.sampled_from(sweep_spec.METRICS)},
+                                              optional={"goal": st.sampled_from(sweep_spec.GOALS)}),
+              "run_cap": st.one_of(st.integers(-1, 50), VALUES),
+              "early_terminate": st.fixed_dictionaries({"type": st.just("hyperband")},
+                                                       optional={"min_iter": st.integers(0, 5), "eta": st.integers(0, 4)}),
+              "command": st.sampled_from([CMD, ["python", "train.py"], "train"])})
+DOCS = st.one_of(
+    NEAR_VALID,
+    VALUES,
+    st.fixed_dictionaries({}, optional={
+        "method": st.one_of(st.sampled_from(sweep_spec.METHODS), VALUES),
+        "metric": st.one_of(st.fixed_dictionaries({"name": st.sampled_from(sweep_spec.METRICS)},
+                                                  optional={"goal": st.sampled_from(["minimize", "maximize", "up"])}),
+                            VALUES),
+        "parameters": st.one_of(st.dictionaries(st.one_of(st.sampled_from(KEYS), NAMES), param_spec(), max_size=3),
+                                VALUES),
+        "early_terminate": st.one_of(st.fixed_dictionaries({"type": st.just("hyperband")},
+                                                           optional={"min_iter": VALUES, "eta": VALUES}), VALUES),
+        "run_cap": VALUES, "command": VALUES, "name": VALUES,
+    }),
+)
+
+
+def _one_short_line(exc: Exception) -> None:
+    text = str(exc)
+    assert "\n" not in text and 0 < len(text) <= sweep_spec.MAX_MESSAGE + 40, text
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(DOCS)
+def test_any_document_is_a_spec_or_one_error_line(doc):
+    try:
+        spec = sweep_spec.parse(doc, source="s.yaml")
+    except SweepSpecError as exc:
+        _one_short_line(exc)
+        return
+    assert spec.method in sweep_spec.METHODS and spec.params
+    if spec.method == "grid":
+        assert 1 <= spec.grid_size <= sweep_spec.MAX_GRID
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.text(max_size=300), st.binary(max_size=300).map(lambda b: b.decode("latin-1"))))
+def test_any_file_text_is_a_spec_or_one_error_line(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("prop") / "s.yaml"
+    path.write_bytes(text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text)
+    try:
+        sweep_spec.load(path)
+    except SweepSpecError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) <= sweep_spec.MAX_MESSAGE + len(str(path)) + 40, str(exc)

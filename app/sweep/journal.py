@@ -94,7 +94,7 @@ def repair_hint(path: str | Path) -> str:
 
 def damage_message(path: str | Path, s: Scan) -> str:
     more = f" and {len(s.bad) - 1} more" if len(s.bad) > 1 else ""
-    return (f"sweep storage {str(path)[:80]} is damaged at line {s.bad[0]}{more} (not an Optuna operation); "
+    return (f"sweep storage {Path(path).name[:60]} is damaged at line {s.bad[0]}{more} (not an Optuna operation); "
             f"nothing was written; {repair_hint(path)}")
 
 
