@@ -165,7 +165,9 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
     # --- every check first (no W&B run is left for a setting that can't work), then one wandb.init ---
     ready = ready or preflight.check_environment(config, environ)
     preflight.check_data(config)
-    if environ.get("WANDB_RUN_ID"):  # an existing run id: a resume that can't continue it is refused before W&B opens it
+    if environ.get("WANDB_RUN_ID") and not environ.get("WANDB_SWEEP_ID"):
+        # a resume that can't continue the run is refused before W&B opens it (in a W&B sweep the sweep's
+        # values are known only after wandb.init: the same check then runs at the resume below)
         checkpoints.check_resume(config, ready.output_root / environ["WANDB_RUN_ID"], environ["WANDB_RUN_ID"])
     checked = config
     run, config = tracking.start(config, environ, mode=ready.mode)  # a sweep's values: the last layer
