@@ -31,6 +31,7 @@ import math
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -82,26 +83,57 @@ def beats(value: Any, goal: str, others: list[float]) -> bool:
     return all(value > v if goal == "maximize" else value < v for v in others)
 
 
+@dataclass
+class Recorded:
+    """A model artifact as an offline run's log holds it (before W&B gives it a version number)."""
+
+    name: str
+    aliases: list[str]
+    size: int  # bytes, all files
+    digest: str
+    files: list[str]
+    metadata: dict[str, Any]
+
+    def label(self) -> str:
+        """`name:latest +best-sweep (479 kB)`."""
+        first, *more = sorted(self.aliases, key=lambda a: a != "latest") or ["(no alias)"]
+        size = f"{self.size / 1e6:.2f} MB" if self.size >= 1e6 else f"{self.size / 1e3:.0f} kB"
+        return f"{self.name}:{first}" + "".join(f" +{a}" for a in more) + f" ({size})"
+
+
+def recorded(run_folder: Path) -> list[Recorded]:
+    """The model artifacts an offline run logged, read from its log; [] when it can't be read."""
+    from app import runlog
+
+    found = []
+    try:
+        for record in runlog.records(next(Path(run_folder).glob("run-*.wandb"))):
+            if record.WhichOneof("record_type") == "artifact" and record.artifact.type == "model":
+                a = record.artifact
+                try:
+                    metadata = json.loads(a.metadata or "{}")
+                except ValueError:
+                    metadata = {}
+                found.append(Recorded(a.name, list(a.aliases), sum(c.size for c in a.manifest.contents), a.digest,
+                                      [c.path for c in a.manifest.contents], metadata))
+    except (StopIteration, OSError, ValueError):  # no log, or a damaged one: the run's own report says so
+        pass
+    return found
+
+
 def best_claim(run_folder: Path) -> float | None:
     """For an offline run whose model artifact claims a `best-<sweep>` alias: its value of the sweep's
-    metric, signed so that higher is better; None when it claims none (or the log can't be read).
+    metric, signed so that higher is better; None when it claims none.
 
     W&B moves an alias to the version it commits last, and `wandb sync` uploads several runs at once:
     `python -m app sync` uploads the claiming runs last, one at a time in this order, so the alias ends
     on the best of them."""
-    from app import runlog
-
-    try:
-        for record in runlog.records(next(Path(run_folder).glob("run-*.wandb"))):
-            if record.WhichOneof("record_type") != "artifact" or record.artifact.type != "model":
-                continue
-            if not any(a.startswith("best-") for a in record.artifact.aliases):
-                return None
-            sweep = json.loads(record.artifact.metadata or "{}").get("sweep") or {}
-            value = float(sweep["value"])
-            return value if sweep.get("goal") == "maximize" else -value
-    except (StopIteration, OSError, ValueError, KeyError, TypeError):
-        return None
+    for art in recorded(run_folder):
+        if any(a.startswith("best-") for a in art.aliases):
+            sweep = art.metadata.get("sweep") or {}
+            value = sweep.get("value")
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                return float(value) if sweep.get("goal") == "maximize" else -float(value)
     return None
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app import runlog, tracking
+from app import artifact, runlog, tracking
 from app.errors import UserError
 from app.runs import svg
 
@@ -63,39 +63,6 @@ def _sweep_info(root: Path, group: str) -> tuple[str, str, list[dict]]:
     except UserError:  # damaged or another sweep's: the runs still make a report
         return DEFAULT_METRIC, DEFAULT_GOAL, []
     return sweep.metric, sweep.goal, sweep.unfinished
-
-
-@dataclass
-class ModelArtifact:
-    name: str
-    aliases: list[str]
-    size: int  # bytes, all files
-    digest: str
-    files: list[str]
-
-    def label(self) -> str:
-        """`name:latest +best-sweep (479 kB)`: the version number comes from W&B at sync time."""
-        first, *more = sorted(self.aliases, key=lambda a: a != "latest") or ["(no alias)"]
-        return f"{self.name}:{first}" + "".join(f" +{a}" for a in more) + f" ({_size(self.size)})"
-
-
-def artifacts(run) -> list[ModelArtifact]:
-    """The model artifacts a run logged, read from its log (a second pass: runlog keeps no artifacts)."""
-    found = []
-    try:
-        for record in runlog.records(next(run.path.glob("run-*.wandb"))):
-            if record.WhichOneof("record_type") == "artifact" and record.artifact.type == "model":
-                a = record.artifact
-                contents = a.manifest.contents
-                found.append(ModelArtifact(a.name, list(a.aliases), sum(c.size for c in contents), a.digest,
-                                           [c.path for c in contents]))
-    except (runlog.RunLogError, OSError, StopIteration):
-        pass  # the run's own problems are reported by collect()
-    return found
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def collect(root: Path) -> tuple[list[Group], list[str]]:
@@ -234,7 +201,7 @@ def _table(group: Group) -> str:
         epochs = len([row for row in r.history if "val_loss" in row])
         state = "finished" if r.finished and r.exit_code == 0 else ("pruned" if r.summary.get("pruned") else
                                                                      "killed" if not r.finished else f"exit {r.exit_code}")
-        models = "; ".join(a.label() for a in artifacts(r)) or "-"
+        models = "; ".join(a.label() for a in artifact.recorded(r.path)) or "-"
         cells = [r.run_id, state, *[_short(r.config.get(k)) for k in group.params],
                  _fmt(_value(r, group.metric)), str(epochs), _fmt(r.summary.get("test_accuracy")), models, r.path.name]
         rows.append(cells)
