@@ -9,21 +9,13 @@ is pointed at this server with WANDB_BASE_URL. It answers the operations those c
     CreateAgent   an agent id
     Heartbeat     `agentHeartbeat.commands`: a JSON list of {"type": "run", ...} or {"type": "exit"}
 
-For `wandb sync` of offline runs (and online runs) it also stores what an upload sends:
+For `wandb sync` of offline runs and for online runs it also stores what an upload sends (runs, run
+files, artifact versions with their files, metadata and aliases): tests/fake_uploads.py.
 
-    RunResumeStatus           whether a run id exists yet (runs started with resume="allow" ask first)
-    UpsertBucket              the run (id, project, config, summary) -> api.runs[run_id]
-    CreateRunFiles            upload URLs for run files (`run.save`) -> api.run_files[(run_id, name)]
-    CreateArtifact            a new artifact version, or the committed one with the same digest
-    CreateArtifactManifest    the manifest's file record and its upload URL
-    CreateArtifactFiles       upload URLs for the files the server does not hold yet (by MD5 in the collection)
-    CommitArtifact            the version is committed: its aliases move to it
-    PUT /storage/<key>        file bodies -> api.blobs[key]; api.puts counts them
+    api.versions("mnist-convnet")  # [FakeArtifact(name, type, version, metadata, aliases, files {path: bytes}, ...)]
+    api.requests                   # [(operation, variables)] of every GraphQL request, in order
 
-    api.artifacts          # [FakeArtifact(name, type, version, metadata, aliases, files {path: bytes}, ...)]
-    api.requests           # [(operation, variables)] of every GraphQL request, in order
-
-Anything else (telemetry, the file stream) gets an empty 200 (`{}`). It serves one grid sweep: each
+Anything else (telemetry) gets an empty 200, the file stream `{}`. It serves one grid sweep: each
 grid point is handed out once, to an agent with no run in progress, and every hand-out is recorded.
 `duplicates=k` hands each of the first k points to two agents at once, as the real server
 sometimes does when agents start together, so the agents' duplicate detection can be exercised.
@@ -40,25 +32,19 @@ import base64
 import hashlib
 import json
 import re
-import secrets
-import string
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import yaml
+from fake_uploads import UPLOAD_OPERATIONS, Uploads, new_id  # tests/ is on sys.path under pytest
 
 from app.sweep import spec as sweep_spec
 
 ENTITY, PROJECT = "fake-entity", "fake-project"
-KNOWN = ("UpsertSweep", "SweepWithRuns", "CreateAgent", "Heartbeat", "RunResumeStatus", "UpsertBucket", "CreateRunFiles",
-         "CreateArtifact", "CreateArtifactManifest", "CreateArtifactFiles", "CommitArtifact", "UpdateArtifactManifest")
+KNOWN = ("UpsertSweep", "SweepWithRuns", "CreateAgent", "Heartbeat", *UPLOAD_OPERATIONS)
 OPERATION = re.compile(r"\b(?:query|mutation)\s+(\w+)")
-
-
-def _id(n: int = 8) -> str:
-    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(n))
 
 
 @dataclass
@@ -71,28 +57,7 @@ class Assignment:
     command: str = "run"  # "resume": a requeued run handed out again under its own id
 
 
-@dataclass
-class FakeArtifact:
-    id: str
-    name: str  # the collection: versions of one name are v0, v1, ...
-    type: str
-    digest: str
-    run_id: str
-    metadata: dict[str, Any]
-    requested_aliases: list[str]
-    version: int = 0
-    state: str = "PENDING"
-    aliases: list[str] = field(default_factory=list)  # after commit: "vN" and the requested ones still held
-    files: dict[str, bytes] = field(default_factory=dict)  # path in the artifact -> bytes uploaded for it
-    file_md5: dict[str, str] = field(default_factory=dict)  # path -> base64 MD5 the client declared
-    manifest: dict[str, Any] | None = None  # the uploaded wandb_manifest.json
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.name}:v{self.version}"
-
-
-class FakeWandb:
+class FakeWandb(Uploads):
     def __init__(self, config: dict | None = None, *, duplicates: int = 0, sweep_id: str = "fakeswp1",
                  entity: str = ENTITY, project: str = PROJECT, host: str = "127.0.0.1", port: int = 0):
         self.entity, self.project = entity, project
@@ -107,14 +72,8 @@ class FakeWandb:
         self._queue: list[dict[str, Any]] = []
         self._copies: list[Assignment] = []  # duplicate hand-outs still owed to another agent
         self._requeued: list[Assignment] = []  # preempted runs to hand out again, same run id
-        # uploads (wandb sync, online runs)
-        self.requests: list[tuple[str, dict[str, Any]]] = []
-        self.runs: dict[str, dict[str, Any]] = {}  # run id -> the last UpsertBucket variables merged
-        self.run_files: dict[tuple[str, str], bytes] = {}  # (run id, file name) -> uploaded bytes
-        self.artifacts: list[FakeArtifact] = []
-        self.blobs: dict[str, bytes] = {}  # storage key -> bytes PUT there
-        self.puts = 0
-        self._targets: dict[str, tuple[str, Any, str]] = {}  # storage key -> ("run"|"artifact"|"manifest", owner, name)
+        self.requests: list[tuple[str, dict[str, Any]]] = []  # (operation, variables) of every GraphQL request
+        self.init_uploads()
         if config is not None:
             self._serve(sweep_id, config)
         self._server = ThreadingHTTPServer((host, port), self._handler())
@@ -173,9 +132,9 @@ class FakeWandb:
                 assignment = Assignment(agent_id, self.agents.get(agent_id, ""), old.run_id, old.params, command="resume")
             elif copy is not None:
                 self._copies.remove(copy)
-                assignment = Assignment(agent_id, self.agents.get(agent_id, ""), _id(), copy.params, copy.run_id)
+                assignment = Assignment(agent_id, self.agents.get(agent_id, ""), new_id(), copy.params, copy.run_id)
             elif self._queue:
-                assignment = Assignment(agent_id, self.agents.get(agent_id, ""), _id(), self._queue.pop(0))
+                assignment = Assignment(agent_id, self.agents.get(agent_id, ""), new_id(), self._queue.pop(0))
                 if sum(1 for a in self.assignments if a.duplicate_of is None) < self.duplicates:
                     self._copies.append(assignment)  # the next other idle agent gets the same params
             elif self._copies or self.hold_open:
@@ -195,7 +154,7 @@ class FakeWandb:
         with self.lock:
             self.operations.append(op or "?")
             self.requests.append((op or "?", variables))
-        upload = self._answer_upload(op, variables)
+        upload = self.answer_upload(op, variables)
         if upload is not None:
             return upload
         viewer = {"id": "dmlld2VyOjE=", "entity": self.entity, "username": "fake-user", "email": "fake@example.invalid",
@@ -206,7 +165,7 @@ class FakeWandb:
             return {"data": {"viewer": viewer}}
         if op == "UpsertSweep":
             config = yaml.safe_load(variables.get("config") or "{}")
-            sweep_id = variables.get("id") or _id()
+            sweep_id = variables.get("id") or new_id()
             with self.lock:
                 self.sweeps[sweep_id] = config
             return {"data": {"upsertSweep": {"sweep": {"name": sweep_id, "project": project},
@@ -222,7 +181,7 @@ class FakeWandb:
                      "controller": None, "scheduler": None, "runs": {"edges": []}}
             return {"data": {"project": {"sweep": sweep}}}
         if op == "CreateAgent":
-            agent_id = _id()
+            agent_id = new_id()
             with self.lock:
                 self.agents[agent_id] = variables.get("host", "")
             return {"data": {"createAgent": {"agent": {"id": agent_id}}}}
@@ -232,120 +191,6 @@ class FakeWandb:
             commands = self._next_command(agent_id, busy=any(states.values()))
             return {"data": {"agentHeartbeat": {"agent": {"id": agent_id}, "commands": json.dumps(commands)}}}
         return {}
-
-    # --- uploads: runs, run files, artifacts ---
-    def _storage_url(self, kind: str, owner: Any, name: str) -> str:
-        key = _id(16)
-        self._targets[key] = (kind, owner, name)
-        return f"{self.url}/storage/{key}"
-
-    def artifact(self, name: str, version: int) -> FakeArtifact:
-        return next(a for a in self.artifacts if a.name == name and a.version == version and a.state == "COMMITTED")
-
-    def versions(self, name: str) -> list[FakeArtifact]:
-        return sorted((a for a in self.artifacts if a.name == name and a.state == "COMMITTED"), key=lambda a: a.version)
-
-    def _answer_upload(self, op: str, v: dict[str, Any]) -> dict[str, Any] | None:
-        with self.lock:
-            if op == "RunResumeStatus":
-                known = self.runs.get(v.get("name") or "")
-                bucket = None if known is None else {
-                    "id": _id(), "name": v.get("name"), "summaryMetrics": "{}", "displayName": v.get("name"),
-                    "logLineCount": 0, "historyLineCount": 0, "eventsLineCount": 0, "historyTail": "[]",
-                    "eventsTail": "[]", "config": known.get("config") or "{}", "tags": [], "wandbConfig": "{}"}
-                return {"data": {"model": {"id": "cHJvamVjdDox", "name": v.get("project") or self.project,
-                                           "entity": {"id": "ZW50aXR5OjE=", "name": v.get("entity") or self.entity},
-                                           "bucket": bucket}}}
-            if op == "UpsertBucket":
-                run_id = v.get("name") or _id()
-                run = self.runs.setdefault(run_id, {})
-                run.update({k: val for k, val in v.items() if val is not None})
-                project = {"id": "cHJvamVjdDox", "name": v.get("project") or self.project,
-                           "entity": {"id": "ZW50aXR5OjE=", "name": v.get("entity") or self.entity}}
-                bucket = {"id": base64.b64encode(f"Run:{run_id}".encode()).decode(), "name": run_id,
-                          "displayName": v.get("displayName") or run_id, "description": None,
-                          "config": run.get("config"), "sweepName": v.get("sweep"), "historyLineCount": 0,
-                          "project": project}
-                return {"data": {"upsertBucket": {"bucket": bucket, "inserted": True}}}
-            if op == "CreateRunFiles":
-                run_id = v.get("run") or ""
-                files = [{"name": name, "uploadUrl": self._storage_url("run", run_id, name)} for name in v.get("files") or []]
-                return {"data": {"createRunFiles": {"runID": run_id, "uploadHeaders": [], "files": files}}}
-            if op == "CreateArtifact":
-                return self._create_artifact(v.get("input") or v)
-            if op in ("CreateArtifactManifest", "UpdateArtifactManifest"):
-                art = next((a for a in self.artifacts if a.id == v.get("artifactID")), None)
-                name = v.get("name") or "wandb_manifest.json"
-                url = self._storage_url("manifest", art, name) if v.get("includeUpload", True) else None
-                manifest = {"id": _id(), "file": {"id": _id(), "name": name, "displayName": name,
-                                                  "uploadUrl": url, "uploadHeaders": []}}
-                key = "createArtifactManifest" if op == "CreateArtifactManifest" else "updateArtifactManifest"
-                return {"data": {key: {"artifactManifest": manifest}}}
-            if op == "CreateArtifactFiles":
-                return self._create_artifact_files((v.get("input") or v).get("artifactFiles") or v.get("artifactFiles") or [])
-            if op == "CommitArtifact":
-                art = next(a for a in self.artifacts if a.id == v.get("artifactID"))
-                # versions are numbered as they are committed (uploads of one collection may run in parallel)
-                art.version = sum(1 for a in self.artifacts if a.name == art.name and a.state == "COMMITTED")
-                art.state = "COMMITTED"
-                for other in self.artifacts:  # an alias names one version of a collection at a time
-                    if other.name == art.name and other is not art:
-                        other.aliases = [a for a in other.aliases if a not in art.requested_aliases]
-                art.aliases = [f"v{art.version}", *art.requested_aliases]
-                return {"data": {"commitArtifact": {"artifact": {"id": art.id, "digest": art.digest}}}}
-        return None
-
-    def _create_artifact(self, v: dict[str, Any]) -> dict[str, Any]:
-        name = v.get("artifactCollectionName") or ""
-        same = [a for a in self.artifacts if a.name == name]
-        committed = [a for a in same if a.state == "COMMITTED"]
-        existing = next((a for a in committed if a.digest == v.get("digest")), None)
-        if existing is None:  # a new version, numbered when committed
-            aliases = [a.get("alias") for a in v.get("aliases") or [] if isinstance(a, dict)]
-            metadata = json.loads(v["metadata"]) if v.get("metadata") else {}
-            existing = FakeArtifact(_id(12), name, v.get("artifactTypeName") or "", v.get("digest") or "",
-                                    v.get("runName") or "", metadata, aliases)
-            self.artifacts.append(existing)
-        latest = committed[-1] if committed else None
-        sequence = {"id": "c2VxOjE=", "latestArtifact": {"id": latest.id, "versionIndex": latest.version} if latest else None}
-        artifact = {"id": existing.id, "state": existing.state, "digest": existing.digest,
-                    "versionIndex": existing.version, "artifactSequence": sequence}
-        return {"data": {"createArtifact": {"artifact": artifact}}}
-
-    def _create_artifact_files(self, specs: list[dict[str, Any]]) -> dict[str, Any]:
-        edges = []
-        for spec in specs:
-            art = next(a for a in self.artifacts if a.id == spec.get("artifactID"))
-            name, md5 = spec.get("name"), spec.get("md5")
-            art.file_md5[name] = md5
-            # the server keeps one copy per content: a file already uploaded in this collection is not asked for
-            held = next((other for other in self.artifacts if other.name == art.name and other is not art
-                         and other.state == "COMMITTED" and other.file_md5.get(name) == md5 and name in other.files), None)
-            if held is not None:
-                art.files[name] = held.files[name]
-                url = None
-            else:
-                url = self._storage_url("artifact", art, name)
-            edges.append({"node": {"id": _id(), "name": name, "displayName": name, "uploadUrl": url,
-                                   "uploadHeaders": [], "storagePath": f"artifacts/{art.id}/{name}",
-                                   "uploadMultipartUrls": None, "artifact": {"id": art.id}}})
-        return {"data": {"createArtifactFiles": {"files": {"edges": edges}}}}
-
-    def _store(self, key: str, body: bytes) -> bool:
-        with self.lock:
-            target = self._targets.get(key)
-            if target is None:
-                return False
-            self.puts += 1
-            self.blobs[key] = body
-            kind, owner, name = target
-            if kind == "run":
-                self.run_files[(owner, name)] = body
-            elif kind == "artifact":
-                owner.files[name] = body
-            elif kind == "manifest" and owner is not None:
-                owner.manifest = json.loads(body)
-            return True
 
     def _handler(self):
         fake = self
@@ -376,7 +221,7 @@ class FakeWandb:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
                 key = self.path.rsplit("/", 1)[-1]
-                stored = self.path.startswith("/storage/") and fake._store(key, body)
+                stored = self.path.startswith("/storage/") and fake.store(key, body)
                 md5 = self.headers.get("Content-MD5")
                 if stored and md5 and md5 != base64.b64encode(hashlib.md5(body).digest()).decode():
                     stored = False  # what S3/GCS do with a body that doesn't match its Content-MD5
