@@ -33,7 +33,7 @@ DOCUMENTED = frozenset({
     "AGENTS_PER_GPU", "GPU_COUNT", "GPU_SLOTS_DIR", "GPU_HOST_ID", "ALLOW_CPU", "APP_IMAGE", "IMAGE",
     "UID", "GID", "NETRC", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "BASE_IMAGE", "TORCH_SPEC",
     "TORCH_INDEX_URL", "DATA_DIR_HOST", "RUNS_DIR_HOST", "OUTPUTS_DIR_HOST", "APP_IN_CONTAINER",
-    "APP_PYTHON", "REQUEUE_ON_STOP",  # deploy/slurm/agents.sbatch
+    "APP_PYTHON", "APP_EXEC", "REQUEUE_ON_STOP",  # deploy/slurm/agents.sbatch
 })
 MAX_DOTENV_BYTES = 256 * 1024  # a settings file is a few KiB; anything bigger is the wrong file
 # W&B's own settings, compose's, docker's and pip's (build arguments)
