@@ -6,8 +6,7 @@
 # (scripts/lock makes them). The entrypoint (python -m app.container.entrypoint) runs one training run or a
 # `wandb agent`, chosen by env vars. WANDB_API_KEY is only ever given at run time (-e, --env-file,
 # compose's .env): no secret in any layer.
-#
-# Layers of the final image, cheapest to redo last: python, torch (~5.5 GB, redone only when
+# Layers of the final image, cheapest to redo last: python, torch (~5.8 GB, redone only when
 # requirements/torch.txt changes), the other dependencies (~0.23 GB, requirements/app.txt), the code.
 
 # The base has to provide only glibc and python3 (installed below when missing). PyTorch's pip wheels carry
@@ -26,7 +25,8 @@ RUN if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
     fi
 
 # The image's venv has no pip: a second venv's pip installs into it (PIP_PYTHON), so pip stays out of the
-# image. --no-deps: each lock lists every package it installs, with its hashes.
+# image. --no-deps: each lock lists every package it installs, with its hashes. The wheels are bind-mounted,
+# never copied into a layer; a mount's content is part of its step's cache key, hence one folder per lock.
 FROM python AS torch
 ENV PIP_PYTHON=/opt/venv/bin/python PIP_NO_INDEX=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
@@ -36,7 +36,7 @@ RUN --mount=type=bind,source=wheelhouse/torch,target=/wheels \
     /opt/pip/bin/pip install --require-hashes --no-deps --find-links /wheels --requirement /tmp/torch.txt
 
 # The other dependencies, dumb-init among them. Only the files this install adds go on (/opt/deps mirrors
-# /): the torch layer stays as it is, whatever this one does. Left out (~26 MB nothing in the image
+# /opt/venv): the torch layer stays as it is, whatever this one does. Left out (~26 MB nothing in the image
 # imports): test suites and ONNX's conformance models, onnxruntime's offline model-tuning tools.
 FROM torch AS deps
 RUN --mount=type=bind,source=wheelhouse/app,target=/wheels \
