@@ -140,3 +140,47 @@ def test_the_image_runs_as_non_root_and_holds_no_secret(app_image, tmp_path: Pat
     assert "WANDB_API_KEY=" not in history and "127.0.0.1" not in history
     # the entrypoint: an init as PID 1 that forwards signals, then our program
     assert config["Entrypoint"][0] == "dumb-init"
+
+
+README_GRID = {
+    "method": "grid",
+    "metric": {"name": "val_accuracy", "goal": "maximize"},
+    "parameters": {"learning_rate": {"values": [0.003, 0.01]}, "batch_size": {"values": [64, 128]}},
+    "command": ["${env}", "${interpreter}", "-m", "app", "train", "${args}"],
+}
+
+
+def test_readme_sweep_flow_from_a_copy_of_the_shipped_env_example(app_image, tmp_path: Path):
+    """README's sweep flow as written: `cp .env.example .env`, add SWEEP_ID (and a key), then
+    `docker compose up agent --scale agent=4`. Every agent starts and every grid point trains once."""
+    from collections import Counter
+
+    from conftest import REPO
+    from fake_wandb import FakeWandb
+    from sweep_project import agent_logs, compose_files, joined
+
+    project = fashion_project(tmp_path / "project")
+    with FakeWandb(README_GRID) as api:
+        # the user's edits (README): the sweep id `sweep create` printed and an API key; the test host's:
+        # the stand-in's URL, Fashion-MNIST (MNIST can't be downloaded here), a tiny run, runs kept on disk
+        edits = {"SWEEP_ID": api.sweep_path, "WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": api.url,
+                 "DATASET": "fashion_mnist", "EPOCHS": "1", "TRAIN_STRIDE": "50", "VAL_SIZE": "1000",
+                 "WATCH_LOG": "none", "AGENT_RUN_MODE": "offline"}
+        lines = []
+        for line in (REPO / ".env.example").read_text().splitlines():
+            key = line.lstrip("# ").split("=", 1)[0]
+            lines.append(f"{key}={edits.pop(key)}" if key in edits and "=" in line else line)
+        (project / ".env").write_text("\n".join([*lines, *(f"{k}={v}" for k, v in edits.items())]) + "\n")
+        try:
+            up = compose("up", "--scale", "agent=4", "agent", project=project, files=compose_files, timeout=900)
+            logs = joined(agent_logs(project))
+        finally:
+            compose("down", "--remove-orphans", project=project, files=compose_files, timeout=120)
+    assert up.returncode == 0, (up.stdout + up.stderr)[-4000:] + logs[-4000:]
+    assert "error:" not in logs and "Traceback" not in logs, logs[-4000:]
+    assert "Ignoring project" not in logs  # sweep runs leave project and id to the agent
+    trained = [runlog.read(f) for f in runlog.find(project / "runs")]
+    trained = [r for r in trained if r.exit_code == 0 and "test_accuracy" in r.summary]
+    points = Counter((r.config["learning_rate"], r.config["batch_size"]) for r in trained)
+    assert set(points) == {(lr, bs) for lr in (0.003, 0.01) for bs in (64, 128)}, (points, logs[-4000:])
+    assert set(points.values()) == {1}
