@@ -193,3 +193,47 @@ def test_export_onnx_is_checked_against_torch(tmp_path: Path):
     other = Normalized(ConvNet((4, 8), 10), 0.1307, 0.3081).eval()
     with pytest.raises(ExportError, match="ONNX export disagrees with torch"):
         verify(tmp_path / "model.onnx", other, sample.float().div(255))
+
+
+# --- the resume rule (app.checkpoint): which rerun of a run id may continue it ---
+
+def _saved_run(folder: Path, config, epoch: int = 1) -> Path:
+    from app import checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(folder / checkpoint.FILE, model={"w": torch.zeros(2)}, optimizer={}, epoch=epoch,
+                    examples_seen=100, generator=torch.Generator().get_state(), config=config.to_dict(), run_id="r1")
+    return folder
+
+
+def test_resume_rule_refuses_other_training_settings_and_allows_the_rest(tmp_path: Path):
+    from app import checkpoint
+    from app.config import Config
+
+    base = Config(epochs=2, kernels=(16, 32), learning_rate=0.01)
+    folder = _saved_run(tmp_path / "r1", base)
+    assert checkpoint.check_resume(base, folder, "r1")["epoch"] == 1
+    # where and how fast it runs may change, and epochs may grow
+    assert checkpoint.check_resume(base.replace(device="cpu", channels_last=False, epochs=5, log_interval=3),
+                                   folder, "r1") is not None
+    with pytest.raises(checkpoint.ResumeRefused, match=r"kernels 16,32 -> 8; learning_rate 0.01 -> 0.02"):
+        checkpoint.check_resume(base.replace(kernels="8", learning_rate=0.02), folder, "r1")
+    assert checkpoint.check_resume(base.replace(kernels="8", resume=False), folder, "r1") is None  # start over on purpose
+
+
+def test_resume_rule_refuses_fewer_epochs_a_finished_run_and_a_damaged_checkpoint(tmp_path: Path):
+    from app import checkpoint
+    from app.config import Config
+
+    folder = _saved_run(tmp_path / "r1", Config(epochs=3), epoch=3)
+    with pytest.raises(checkpoint.ResumeRefused, match=r"epochs=2 but run r1 already trained 3 epoch\(s\)"):
+        checkpoint.check_resume(Config(epochs=2), folder, "r1")
+    (folder / checkpoint.EXPORT).write_bytes(b"onnx")
+    with pytest.raises(checkpoint.ResumeRefused, match="run r1 already finished"):
+        checkpoint.check_resume(Config(epochs=3), folder, "r1")
+    broken = _saved_run(tmp_path / "r2", Config())
+    blob = (broken / checkpoint.FILE).read_bytes()
+    (broken / checkpoint.FILE).write_bytes(blob[:len(blob) // 3])
+    with pytest.raises(UserError, match="is damaged or not a checkpoint"):
+        checkpoint.check_resume(Config(), broken, "r2")
+    assert checkpoint.check_resume(Config(), tmp_path / "none", "r3") is None
