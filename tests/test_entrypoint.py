@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,3 +173,46 @@ def test_main_unwritable_output_dir_even_without_a_gpu(host, capsys, tmp_path: P
     (tmp_path / "file").write_text("")
     assert entrypoint.main([], {**host, "OUTPUT_DIR": str(tmp_path / "file" / "out")}) == 2
     assert "OUTPUT_DIR=" in capsys.readouterr().err
+
+
+# --- the agent as a child: a stop is passed on and reported as 128+signal; the GPU slot fd stays held ---
+
+CHILD = """
+import os, signal, sys, time
+fd = int(sys.argv[1])
+os.fstat(fd)  # the slot lock's descriptor was inherited (raises if it was closed)
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))  # like wandb agent: exits on its own terms
+print("ready", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _run_child_in_subprocess(tmp_path: Path, sleep: float, stop: bool) -> subprocess.CompletedProcess:
+    """run_child in a process of its own (it sets signal handlers), with an inheritable locked fd."""
+    script = tmp_path / "parent.py"
+    script.write_text(f"""
+import fcntl, os, sys
+from app.container import entrypoint
+fd = os.open({str(tmp_path / 'slot.lock')!r}, os.O_RDONLY | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.set_inheritable(fd, True)
+sys.exit(entrypoint.run_child([sys.executable, "-c", {CHILD!r}, str(fd), "{sleep}"], dict(os.environ)))
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=Path(__file__).parents[1], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == "ready"
+    if stop:
+        proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_run_child_finished_is_the_childs_exit_code(tmp_path: Path):
+    proc = _run_child_in_subprocess(tmp_path, 0.1, stop=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_run_child_stopped_is_143_and_passes_the_signal_on(tmp_path: Path):
+    proc = _run_child_in_subprocess(tmp_path, 30, stop=True)
+    assert proc.returncode == 143, proc.stderr  # the child's own 7 is not what the container reports
+    assert "agent stopped by SIGTERM" in proc.stderr and "Traceback" not in proc.stderr
