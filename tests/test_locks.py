@@ -8,11 +8,15 @@ A failure here means an input changed without `scripts/lock` being rerun (or a l
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 REQ = Path(__file__).resolve().parents[1] / "requirements"
 LOCKS = ("torch", "app", "dev")
