@@ -17,9 +17,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -89,7 +89,7 @@ class Cluster:
 
     def run(self, args: list[str], **kw) -> subprocess.CompletedProcess:
         return subprocess.run(args, env={**os.environ, **self.env, **kw.pop("env", {})}, capture_output=True,
-                              text=True, timeout=kw.pop("timeout", 30), **kw)
+                              text=True, timeout=kw.pop("timeout", 30), check=False, **kw)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.root.glob("*.log")))
@@ -166,5 +166,5 @@ def postgres_server() -> Iterator[str]:
         yield f"postgresql://sweep@127.0.0.1:{port}/postgres"
     finally:
         subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(root / "db"), "-m", "immediate", "stop"],
-                       capture_output=True)
+                       capture_output=True, check=False)
         shutil.rmtree(root, ignore_errors=True)

@@ -164,7 +164,7 @@ def test_gpu_ids_from_device_nodes_smi_and_settings(tmp_path: Path):
         (dev / name).touch()
     nodes = str(dev / "nvidia[0-9]*")
     host = {"GPU_HOST_ID": "h1"}
-    no_smi = lambda: []  # noqa: E731
+    no_smi = list  # nvidia-smi lists nothing
     assert gpu_slots.gpu_ids(host, dev_glob=nodes, smi=no_smi) == ["h1-0", "h1-1", "h1-2"]
     assert gpu_slots.gpu_ids({**host, "NVIDIA_VISIBLE_DEVICES": "all"}, dev_glob=nodes, smi=no_smi) == ["h1-0", "h1-1", "h1-2"]
     assert gpu_slots.gpu_ids({**host, "NVIDIA_VISIBLE_DEVICES": "1,3,5"}, dev_glob=nodes, smi=no_smi) == ["h1-1", "h1-3", "h1-5"]

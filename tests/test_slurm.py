@@ -8,7 +8,6 @@ stand-in W&B API).
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -64,9 +63,8 @@ def project(tmp: Path, data: Path, **settings: str) -> Path:
     """A submit folder as a user has it: .env with the settings; the venv is this one (APP_PYTHON)."""
     folder = tmp / "project"
     folder.mkdir()
-    lines = {**dict(APP_PYTHON=sys.executable, DATASET="mnist", DATA_DIR=str(data), VAL_SIZE="200", EPOCHS="2",
-                    WATCH_LOG="none", DEVICE="cpu", WANDB_SILENT="true", TRAIN_STRIDE="1"),
-             **settings}
+    lines = {"APP_PYTHON": sys.executable, "DATASET": "mnist", "DATA_DIR": str(data), "VAL_SIZE": "200", "EPOCHS": "2",
+             "WATCH_LOG": "none", "DEVICE": "cpu", "WANDB_SILENT": "true", "TRAIN_STRIDE": "1", **settings}
     (folder / ".env").write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
     return folder
 
