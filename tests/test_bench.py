@@ -149,13 +149,13 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_its_json(tmp_path: Path):
     failed = {k: v.get("log_tail") for k, v in report["steps"].items() if not v["ok"]}
     assert proc.returncode == 0 and not failed, (failed, proc.stdout[-2000:], proc.stderr[-2000:])
     steps = report["steps"]
-    assert list(steps) == ["env", "tests", "bench", "profile", "agents"]
+    assert list(steps) == ["env", "tests", "bench", "full_epoch", "profile", "agents"]
     assert steps["env"]["results"]["torch"] and steps["env"]["results"]["cpus"] >= 1
     assert any("skipped" in line for line in steps["tests"]["log_tail"])  # CUDA-only tests: skipped on the CPU
     bench = steps["bench"]["results"]
     assert set(bench["pipelines"]) == {"tutorial", "ours", "ours-disabled"}
     assert len(bench["ratios"]["accuracy delta ours"]["values"]) == 2 and "wandb_overhead" in bench["ratios"]
-    assert bench["full_epoch"]["epoch_seconds"]["median"] > 0
+    assert steps["full_epoch"]["results"]["full_epoch"]["epoch_seconds"]["median"] > 0
     profile = steps["profile"]["results"]
     assert profile["ms_per_step"]["whole"] > 0 and profile["top"] and profile["step_kind"] == "EagerStep"
     one, four = steps["agents"]["results"]
@@ -163,7 +163,7 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_its_json(tmp_path: Path):
     for agents in (one, four):  # every grid point trained to the end, by agents started through the entrypoint
         assert agents["all_trials_complete"] and agents["finished_runs"] == agents["grid_points"] > 0, agents
         assert agents["trials_per_hour"] > 0 and len(agents["peak_gpu_mib_per_agent"]) == agents["agents"]
-    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "gpu-check.json", "logs", "profile.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "full_epoch.json", "gpu-check.json", "logs", "profile.json"]
 
 
 def test_gpu_check_unknown_step_is_one_line_and_exit_2(tmp_path: Path):
