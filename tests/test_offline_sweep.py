@@ -473,3 +473,38 @@ def test_a_stopped_agent_checkpoints_and_its_trial_resumes(tmp_path, data_dir):
     assert f"resuming from run {stopped.user_attrs['run_id']}'s checkpoint" in again.stdout
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(done) == 1 and done[0].system_attrs["retry_of"] == trial.number
+
+
+WRITER = r"""
+import sys
+from app.sweep import study
+storage = study.open_storage(sys.argv[1])
+sid = storage.get_study_id_from_name("journal-race")
+for i in range(40):
+    storage.set_study_user_attr(sid, f"{sys.argv[2]}-{i}", i)
+"""
+
+
+def test_writers_sharing_a_journal_never_write_behind_a_crashed_append(tmp_path):
+    """Four processes append while crashed appends (partial lines, written under the lock as a dying
+    writer leaves them) keep landing at the end: every later append cuts the partial line first, so the
+    journal stays whole and every attribute is there."""
+    from optuna.storages.journal import JournalFileOpenLock
+    from optuna.storages.journal._file import get_lock_file
+
+    from app.sweep import journal
+
+    path = tmp_path / "race.journal"
+    optuna.create_study(study_name="journal-race", storage=study_mod.open_storage(str(path)))
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), f"w{k}"], cwd=REPO) for k in range(4)]
+    crashes = 0
+    while any(p.poll() is None for p in procs) or crashes < 3:
+        with get_lock_file(JournalFileOpenLock(str(path))):
+            with open(path, "ab") as f:
+                f.write(b'{"op_code": 7, "study_id": 0, "user_attr": {"cut sh')
+        crashes += 1
+        time.sleep(0.05)
+    assert [p.wait() for p in procs] == [0, 0, 0, 0]
+    assert journal.scan(path).bad == []
+    attrs = study_mod.load_study(str(path), "journal-race").user_attrs
+    assert {f"w{k}-{i}" for k in range(4) for i in range(40)} <= set(attrs)

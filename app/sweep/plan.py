@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from app import tracking
+from app import env, tracking
 from app.config import Config, ConfigError
 from app.config import load as load_config
 from app.errors import UserError
@@ -64,7 +64,7 @@ def redact(url: str) -> str:
 
 
 def storage_url(environ: Mapping[str, str], name: str) -> str:
-    url = environ.get("SWEEP_STORAGE", "").strip()
+    url = env.text("SWEEP_STORAGE", "", environ=environ)
     if not url:
         return str(tracking.runs_root(environ) / "sweeps" / f"{name}.journal")
     if "://" not in url:
@@ -80,24 +80,11 @@ def storage_url(environ: Mapping[str, str], name: str) -> str:
     return "postgresql+psycopg2" + url[len(scheme):]
 
 
-def _positive(environ: Mapping[str, str], key: str, kind=int):
-    text = environ.get(key, "").strip()
-    if not text:
-        return None
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not value > 0 or (kind is float and not math.isfinite(value)):
-        raise UserError(f"{key}={text[:40]!r} must be a positive {'integer' if kind is int else 'number'}")
-    return value
-
-
 def plan(environ: Mapping[str, str]) -> Plan:
-    path = environ.get("SWEEP_CONFIG", "").strip()
+    path = env.text("SWEEP_CONFIG", environ=environ)
     if not path:
         raise UserError("an offline sweep needs SWEEP_CONFIG: the path of a sweep YAML such as sweeps/grid.yaml")
-    mode = environ.get("WANDB_MODE", "").strip().lower()
+    mode = (env.text("WANDB_MODE", "", environ=environ) or "").lower()
     if mode not in ("", "offline", "dryrun"):
         raise UserError(f"WANDB_MODE={mode}: an offline sweep records every trial as an offline W&B run; "
                         "unset WANDB_MODE or set it to offline (upload later with: python -m app sync)")
@@ -111,8 +98,9 @@ def plan(environ: Mapping[str, str]) -> Plan:
         raise SweepSpecError(f"{path}: {exc}") from None
     return Plan(
         spec=spec, name=name, space=space, storage_url=storage_url(environ, name),
-        count=_positive(environ, "AGENT_COUNT"),
-        heartbeat_s=_positive(environ, "SWEEP_HEARTBEAT_S", float) or HEARTBEAT_S,
+        count=env.positive_int("AGENT_COUNT", environ=environ, meaning="trials this agent runs"),
+        heartbeat_s=env.non_negative_float("SWEEP_HEARTBEAT_S", HEARTBEAT_S, environ=environ, positive=True,
+                                           meaning="seconds between heartbeats"),
         base=base,
         # W&B lets grid and random sweeps omit the metric; Optuna needs a value, so record val_loss
         metric=spec.metric or "val_loss",
