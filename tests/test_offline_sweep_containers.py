@@ -14,7 +14,6 @@ import shutil
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 from conftest import FASHION_MNIST
 from containers import app_image, compose, docker, give_to_container, project_dir  # noqa: F401
@@ -56,7 +55,7 @@ def container_logs(project: Path) -> str:
 
 def study_of(project: Path):
     journal = project / "runs" / "sweeps" / f"{SWEEP}.journal"
-    return optuna.load_study(study_name=SWEEP, storage=study_mod.open_storage(str(journal)))
+    return study_mod.load_study(str(journal), SWEEP)  # read-only, as sweep-status reads it
 
 
 def wait_until(predicate, timeout: float, what: str, project: Path):
@@ -75,7 +74,9 @@ def test_three_agent_containers_run_the_grid_once_through_a_kill(tmp_path, app_i
         up = compose("up", "--detach", "--scale", "agent=3", "agent", project=project)
         assert up.returncode == 0, up.stderr
         journal = project / "runs" / "sweeps" / f"{SWEEP}.journal"
-        wait_until(journal.exists, 180, "the sweep journal", project)
+        # the journal file appears a moment before the study is written into it
+        wait_until(lambda: journal.exists() and b'"study_name"' in journal.read_bytes(), 180,
+                   "the sweep's study in its journal", project)
 
         def mid_trial():
             for t in study_of(project).get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
