@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import torch
 from torch import nn
 
-from app import artifact, data, interrupts, preflight, tracking
+from app import artifact, data, env, interrupts, preflight, tracking
 from app import checkpoint as checkpoints
 from app.checkpoint import save as save_checkpoint
 from app.config import Config
@@ -165,10 +165,11 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
     # --- every check first (no W&B run is left for a setting that can't work), then one wandb.init ---
     ready = ready or preflight.check_environment(config, environ)
     preflight.check_data(config)
-    if environ.get("WANDB_RUN_ID") and not environ.get("WANDB_SWEEP_ID"):
+    run_id = env.text("WANDB_RUN_ID", environ=environ)
+    if run_id and not env.is_set("WANDB_SWEEP_ID", environ=environ):
         # a resume that can't continue the run is refused before W&B opens it (in a W&B sweep the sweep's
         # values are known only after wandb.init: the same check then runs at the resume below)
-        checkpoints.check_resume(config, ready.output_root / environ["WANDB_RUN_ID"], environ["WANDB_RUN_ID"])
+        checkpoints.check_resume(config, ready.output_root / run_id, run_id)
     checked = config
     run, config = tracking.start(config, environ, mode=ready.mode)  # a sweep's values: the last layer
     exit_code = 1  # anything that escapes below is a failed run, not a finished one
