@@ -183,7 +183,7 @@ def log_model(run, config, files: list[Path], figures: Mapping[str, Any], enviro
             # read at sync time: a path relative to the folder holding the run folder (see the docstring)
             entry.local_path = os.path.relpath(copy, run_folder.parent)
     data_dir = {} if env.is_set("WANDB_DATA_DIR", environ=environ) else {
-        "WANDB_DATA_DIR": str((tracking.runs_root(environ) / DATA_DIR).resolve())}
+        "WANDB_DATA_DIR": str((env.runs_root(environ) / DATA_DIR).resolve())}
     with tracking.environment(**data_dir):
         run.log_artifact(artifact, aliases=aliases)
     return artifact.name
