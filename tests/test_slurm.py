@@ -255,3 +255,23 @@ def test_shard_gres_shares_one_gpu_between_tasks(cluster, tmp_path):
     wait_done(cluster, r.stdout.strip().split(";")[0], out, 60, [])
     gpus = sorted(re.search(r"CVD=(\S*)", p.read_text())[1] for p in out.glob("*.out"))
     assert len(gpus) == 8 and set(gpus) <= {"0", "1"}, gpus
+
+
+def test_a_cancelled_task_stays_cancelled(cluster, tmp_path):
+    """Plain `scancel` also sends SIGTERM (the run checkpoints), but the task must not requeue itself."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / ".env").write_text("APP_EXEC=sleep 60\n")  # the agent's place, through the image runner hook
+    job = submit(cluster, folder, clean_env(tmp_path, **cluster.env), "0")
+    deadline = time.monotonic() + 30
+    while "agent pid" not in task_logs(folder):
+        assert time.monotonic() < deadline, task_logs(folder)
+        time.sleep(0.2)
+    assert cluster.run(["scancel", job]).returncode == 0
+    wait_done(cluster, job, folder, 60, [])
+    time.sleep(3)  # a requeue would show up in the queue again
+    logs = task_logs(folder)
+    assert not queued(cluster, job), logs
+    (span,) = spans(folder)
+    assert span.status == 143 and re.search(r"not requeued \(JobState=(CANCELLED|COMPLETING)\)", logs), logs
+    assert "requeueing" not in logs
