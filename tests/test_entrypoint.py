@@ -138,7 +138,10 @@ def host(tmp_path: Path, monkeypatch, no_key) -> dict[str, str]:
     """A container environment on a host without GPUs, with writable folders."""
     monkeypatch.setattr(entrypoint, "gpus_visible", lambda: False)
     monkeypatch.chdir(tmp_path)  # the CLI reads ./.env: keep the repo's out of it
-    return {**no_key, "WANDB_DIR": str(tmp_path / "runs"), "OUTPUT_DIR": str(tmp_path / "outputs")}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield {**no_key, "WANDB_DIR": str(tmp_path / "runs"), "OUTPUT_DIR": str(tmp_path / "outputs")}
+    for sig, handler in handlers.items():  # main() installs its stop handlers: give pytest its own back
+        signal.signal(sig, handler)
 
 
 @pytest.mark.parametrize("environ, argv, fragment", [
