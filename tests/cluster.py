@@ -66,14 +66,19 @@ NodeName=node1 Name=shard Count=8
 """
 
 
-def require(names: tuple[str, ...], why: str) -> None:
+def unavailable(reason: str) -> None:
     """Skip outside CI (with the reason) when a part is missing; in CI the test must run."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason + " (CI must run the cluster tests)")
+    pytest.skip(reason)
+
+
+def require(names: tuple[str, ...], why: str) -> None:
     missing = [n for n in names if not shutil.which(n)]
-    reason = f"{', '.join(missing)} not found: {why}" if missing else ("needs root" if os.geteuid() else "")
-    if reason:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason + " (CI must run the cluster tests)")
-        pytest.skip(reason)
+    if missing:
+        unavailable(f"{', '.join(missing)} not found: {why}")
+    if os.geteuid():
+        unavailable("a Slurm node needs root (slurmd starts jobs as their user)")
 
 
 def free_port() -> int:
@@ -151,7 +156,7 @@ def slurm_cluster() -> Iterator[Cluster]:
 def postgres_server() -> Iterator[str]:
     """A real PostgreSQL 15 on loopback (as `nobody` when run as root); yields its URL."""
     if not (PG_BIN / "initdb").exists():
-        require(("no-postgresql-15",), "apt-get install postgresql")
+        unavailable(f"PostgreSQL not found at {PG_BIN}: apt-get install postgresql")
     root = Path(tempfile.mkdtemp(prefix="slurm-pg-"))
     as_user: list[str] = []
     if os.geteuid() == 0:
