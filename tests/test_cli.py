@@ -213,3 +213,10 @@ def test_prepare_reads_dotenv_once_under_the_real_environment(tmp_path: Path, sm
     assert "WANDB_MODE" not in environ  # empty: dropped before W&B could reject it
     assert start.ready.mode == "offline"  # no key anywhere
     assert (tmp_path / "runs").is_dir() and (tmp_path / "out").is_dir()
+
+
+def test_a_sweep_run_leaves_project_and_id_to_the_agent(layered_run):
+    """W&B warns "Ignoring project ... when running a sweep" when wandb.init is given them in a sweep run."""
+    _, proc = layered_run
+    assert "Ignoring" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert LAYERED_RUN_ID in proc.stdout  # the run still has the id the agent gave it
