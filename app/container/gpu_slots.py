@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
+from app import env
 from app.errors import UserError
 
 DEV_GLOB = "/dev/nvidia[0-9]*"
@@ -94,7 +95,7 @@ def smi_count() -> int:
 def host_id(environ: Mapping[str, str], machine_id: Path = MACHINE_ID) -> str:
     """This host's name in slot keys: GPU_HOST_ID, the machine id, or the hostname ("" in a container
     without a machine id: its hostname is the container's, and containers on one host must agree)."""
-    chosen = environ.get("GPU_HOST_ID", "").strip()
+    chosen = env.text("GPU_HOST_ID", "", environ=environ)
     if chosen:
         return chosen
     with contextlib.suppress(OSError, UnicodeDecodeError):
@@ -109,7 +110,7 @@ def gpu_ids(environ: Mapping[str, str], dev_glob: str = DEV_GLOB,
             smi: Callable[[], list[str]] = smi_gpus, machine_id: Path = MACHINE_ID) -> list[str]:
     """Keys of the GPUs this container can use, in CUDA order ([] = none): a UUID where one is known,
     else <host id>-<the host's index>, so the same key never means two GPUs on two hosts."""
-    count_text = environ.get("GPU_COUNT", "").strip()
+    count_text = env.text("GPU_COUNT", "", environ=environ)
     listed_by_smi: list[str] = []
     if count_text:
         if not count_text.isdigit():
@@ -121,7 +122,7 @@ def gpu_ids(environ: Mapping[str, str], dev_glob: str = DEV_GLOB,
         count = len(nodes) or len(listed_by_smi)
     if not count:
         return []
-    visible = environ.get("NVIDIA_VISIBLE_DEVICES", "").strip()
+    visible = env.text("NVIDIA_VISIBLE_DEVICES", "", environ=environ)
     listed = [v.strip() for v in visible.split(",") if v.strip()]
     if not (listed and visible.lower() not in ("all", "none", "void") and len(listed) == count):
         listed = [str(i) for i in range(count)]
@@ -134,17 +135,12 @@ def gpu_ids(environ: Mapping[str, str], dev_glob: str = DEV_GLOB,
 
 
 def slots_dir(environ: Mapping[str, str]) -> Path:
-    folder = environ.get("GPU_SLOTS_DIR", "").strip()
-    return Path(folder) if folder else Path(environ.get("WANDB_DIR") or ".") / ".gpu-slots"
+    folder = env.text("GPU_SLOTS_DIR", environ=environ)
+    return Path(folder) if folder else env.runs_root(environ) / ".gpu-slots"
 
 
 def _agents_per_gpu(environ: Mapping[str, str]) -> int | None:
-    text = environ.get("AGENTS_PER_GPU", "").strip()
-    if not text:
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise UserError(f"AGENTS_PER_GPU={text!r} must be a positive integer (agents sharing one GPU)")
-    return int(text)
+    return env.positive_int("AGENTS_PER_GPU", environ=environ, meaning="agents sharing one GPU")
 
 
 def _safe(gpu: str) -> str:
@@ -226,8 +222,8 @@ def _explicit_fraction(environ: Mapping[str, str]) -> bool:
 def assign(environ: Mapping[str, str], gpus: list[str] | None = None) -> dict[str, str]:
     """The agent's environment with its GPU slot exported; unchanged when there is no GPU."""
     environ = dict(environ)
-    if environ.get("CUDA_VISIBLE_DEVICES", "").strip():
-        by = "Slurm" if environ.get("SLURM_JOB_ID", "").strip() else "hand"
+    if env.is_set("CUDA_VISIBLE_DEVICES", environ=environ):
+        by = "Slurm" if env.is_set("SLURM_JOB_ID", environ=environ) else "hand"
         print(f"gpu slot: none claimed, CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']} was set by {by}",
               file=sys.stderr, flush=True)
         return environ  # the user's or the scheduler's choice wins over the shared assignment
@@ -257,7 +253,7 @@ def assign(environ: Mapping[str, str], gpus: list[str] | None = None) -> dict[st
 def run_share(environ: Mapping[str, str]) -> float | None:
     """A run's fair share of its GPU's memory: 1/(agents holding a slot on that GPU now), None when alone
     or without a slot. Read when each run starts, so agents that joined after this one are counted."""
-    slot = environ.get("GPU_SLOT", "").strip()
+    slot = env.text("GPU_SLOT", "", environ=environ)
     m = re.fullmatch(r"(gpu-.+)\.slot-\d+", slot)
     if not m:
         return None

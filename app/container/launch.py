@@ -26,6 +26,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app import env
 from app.errors import UserError
 
 IMAGE = "mnist-sweeps:latest"
@@ -47,7 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--agents", type=int, required=True, help="agent containers to start")
     p.add_argument("--gpus", help="host GPU ids (or GPU-UUIDs) to spread them over, e.g. 0,1 (default: every GPU nvidia-smi lists)")
     p.add_argument("--cpu", action="store_true", help="no GPUs: start CPU agents (hosts without the NVIDIA runtime)")
-    p.add_argument("--image", default=os.environ.get("APP_IMAGE", IMAGE), help=f"image to run (default {IMAGE}, or APP_IMAGE)")
+    p.add_argument("--image", default=env.text("APP_IMAGE", IMAGE), help=f"image to run (default {IMAGE}, or APP_IMAGE)")
     p.add_argument("--env-file", default=".env", help="settings for the agents, as compose's env_file (default .env)")
     p.add_argument("--project-dir", default=".", help="folder holding data/ runs/ outputs/ (default: the current one)")
     p.add_argument("--network", help="docker network for the agents (e.g. host, to reach a W&B server on this host's loopback)")
