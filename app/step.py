@@ -1,4 +1,5 @@
-"""One training step (forward, backward, optimizer update), run eagerly or replayed as one CUDA graph.
+"""One training step (forward, backward, optimizer update), run eagerly or replayed as one CUDA graph,
+and how train() builds the model, the optimizer and its step.
 
 On a GPU this model is far too small to keep the device busy: an eager step is ~100 operators dispatched
 one by one from Python, and the step's time is that dispatch, not the arithmetic. Capturing the whole step
@@ -13,6 +14,10 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from app import data
+from app.config import Config
+from app.model import ConvNet
 
 
 class EagerStep:
@@ -93,3 +98,42 @@ class GraphedStep:
         self.y[:n].copy_(y)
         self.graph.replay()
         return self.loss  # overwritten by the next replay: read or accumulate it before that
+
+
+def uses_cuda_graph(config: Config, device: torch.device) -> bool:
+    """Whether training replays the step as a CUDA graph. Not with torch.compile (reduce-overhead makes its
+    own graphs) nor with parameter histograms: their forward hooks would have to fire on every replay."""
+    return (device.type == "cuda" and config.cuda_graph and config.compile == "none"
+            and config.watch_log in ("gradients", "none"))
+
+
+def build_model(config: Config, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = ConvNet(config.kernels, config.classes).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    set_optimizer_flags(optimizer, config, device)
+    return model, optimizer
+
+
+def set_optimizer_flags(optimizer: torch.optim.Optimizer, config: Config, device: torch.device) -> None:
+    """Also after loading a checkpoint, which brings back the flags of the run that wrote it.
+
+    fused on CUDA: one kernel updates every parameter where the default issues several per step (on the
+    CPU fused measured no faster); capturable: the step counter stays on the device, as graph capture needs.
+    """
+    for group in optimizer.param_groups:
+        group.update(fused=device.type == "cuda" or None, capturable=uses_cuda_graph(config, device),
+                     foreach=None)
+
+
+def make_steps(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, config: Config,
+               device: torch.device, train: data.Split, fmt: dict, autocast) -> tuple[EagerStep, EagerStep | GraphedStep]:
+    """(eager step, the step to use): the graphed one is captured on the first (unshuffled) batch."""
+    eager = EagerStep(model, optimizer, criterion, autocast)
+    if not uses_cuda_graph(config, device):
+        return eager, eager
+    x, y = next(iter(data.Batches(train, config.batch_size, shuffle=False, **fmt)))
+    if y.shape[0] < config.batch_size:
+        return eager, eager  # fewer examples than one batch: nothing to gain
+    return eager, GraphedStep(model, optimizer, x, y, bf16=config.amp == "bf16")

@@ -226,7 +226,8 @@ class Loop:
 
 def bare_loop(cfg: Config) -> Loop:
     """train()'s own setup (device, seeds, data, batches), model and step."""
-    from app.train import build_model, make_steps, setup
+    from app.step import build_model, make_steps
+    from app.train import setup
 
     s = setup(cfg)
     model, optimizer = build_model(cfg, s.device)

@@ -14,8 +14,8 @@ from torch import nn
 from app import data, runlog
 from app.config import Config
 from app.progress import LossReadout
-from app.step import EagerStep, GraphedStep
-from app.train import build_model, make_steps, set_optimizer_flags, setup, uses_cuda_graph
+from app.step import EagerStep, GraphedStep, build_model, make_steps, set_optimizer_flags, uses_cuda_graph
+from app.train import setup
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
