@@ -141,6 +141,8 @@ ENTRY_CASES = {
     "offline-sweep-folder": ({"SWEEP_CONFIG": "{tmp}", "ALLOW_CPU": "true"}, "is a folder"),
     "offline-sweep-binary": ({"SWEEP_CONFIG": sys.executable, "ALLOW_CPU": "true"}, "is not a text file"),
     "offline-sweep-missing": ({"SWEEP_CONFIG": "{tmp}/none.yaml", "ALLOW_CPU": "true"}, "does not exist"),
+    "offline-sweep-classes-vs-data": ({"SWEEP_CONFIG": str(Path(__file__).parents[1] / "sweeps" / "grid.yaml"),
+                                       "ALLOW_CPU": "true", "CLASSES": "5"}, "classes=5 but"),
     "offline-sweep-epochs-many": ({"SWEEP_CONFIG": str(Path(__file__).parents[1] / "sweeps" / "grid.yaml"),
                                    "ALLOW_CPU": "true", "EPOCHS": "many"}, "epochs='many'"),
 }

@@ -144,6 +144,7 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
     else:
         from app.sweep import agent as offline_agent
 
+        check_runs(environ)  # the base settings against the data, before the sweep's storage is opened
         offline_agent.check_environment(environ)
         run_env = environ
     from app.container import gpu_slots
