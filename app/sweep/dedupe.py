@@ -44,6 +44,7 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
+from app import env
 from app.config import KEYS, ConfigError, parse_cli
 from app.errors import UserError
 
@@ -52,7 +53,7 @@ RUNNING, FINISHED, FAILED, PREEMPTED = "running", "finished", "failed", "preempt
 
 def sweep_params(environ: Mapping[str, str], argv: list[str]) -> dict[str, Any]:
     """The values W&B handed this run: the agent's param file, else the --key=value arguments."""
-    path = environ.get("WANDB_SWEEP_PARAM_PATH", "").strip()
+    path = env.text("WANDB_SWEEP_PARAM_PATH", "", environ=environ)
     if path and os.path.isfile(path):
         doc = yaml.safe_load(Path(path).read_text()) or {}
         # the agent writes {key: {value: v}}; wandb's own bookkeeping keys start with "_"
@@ -70,8 +71,8 @@ def key(params: Mapping[str, Any]) -> str:
 
 
 def claims_dir(environ: Mapping[str, str]) -> Path:
-    folder = environ.get("SWEEP_CLAIMS_DIR", "").strip()
-    return Path(folder) if folder else Path(environ.get("WANDB_DIR") or ".") / ".sweep-claims"
+    folder = env.text("SWEEP_CLAIMS_DIR", environ=environ)
+    return Path(folder) if folder else env.runs_root(environ) / ".sweep-claims"
 
 
 @dataclass
@@ -155,9 +156,9 @@ def guard(environ: Mapping[str, str], argv: list[str]) -> Iterator[Claim | None]
     The caller marks a clean finish with claim.close(FINISHED); leaving the block any other way
     records FAILED (or PREEMPTED, when the caller says so) and frees the params for a retry.
     """
-    sweep_id = environ.get("WANDB_SWEEP_ID", "").strip()
-    run_id = environ.get("WANDB_RUN_ID", "").strip()
-    if not sweep_id or not run_id or environ.get("SWEEP_DEDUPE", "true").strip().lower() in ("0", "false", "no", "off"):
+    sweep_id = env.text("WANDB_SWEEP_ID", environ=environ)
+    run_id = env.text("WANDB_RUN_ID", environ=environ)
+    if not sweep_id or not run_id or not env.flag("SWEEP_DEDUPE", True, environ=environ):
         yield None
         return
     params = {k: v for k, v in sweep_params(environ, argv).items() if k in KEYS}

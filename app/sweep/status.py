@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import optuna
 
-from app import tracking
+from app import env, tracking
 from app.errors import UserError
 from app.sweep import spec as sweep_spec
 from app.sweep.ledger import key_of, outcome
@@ -90,8 +90,9 @@ def find_studies(environ: Mapping[str, str], config: str | None, name: str | Non
     """(storage url, study name) pairs that sweep-status should show."""
     if config:
         p_name = sweep_name(sweep_spec.load(config), config)
-        return [(storage_url({**environ, "SWEEP_STORAGE": storage or environ.get("SWEEP_STORAGE", "")}, p_name), p_name)]
-    if storage or environ.get("SWEEP_STORAGE", "").strip():
+        return [(storage_url({**environ, "SWEEP_STORAGE": storage or env.text("SWEEP_STORAGE", "", environ=environ)},
+                             p_name), p_name)]
+    if storage or env.is_set("SWEEP_STORAGE", environ=environ):
         url = storage_url({**environ, "SWEEP_STORAGE": storage or environ["SWEEP_STORAGE"]}, "x")
         if name:
             return [(url, name)]
