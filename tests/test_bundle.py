@@ -72,6 +72,21 @@ def test_bundle_round_trip_on_the_engine(tmp_path):
         refused = run_app(["bundle", "load", str(damaged), "--into", str(tmp_path / "other")], env, tmp_path)
         assert refused.returncode == 2 and len(error_lines(refused.stderr)) == 1
         assert "damaged" in refused.stderr and not (tmp_path / "other").exists()
+
+        # a hostile member (a path out of the target) is refused before `docker load` runs: the image,
+        # removed again, stays absent, and nothing lands outside or inside the target
+        assert docker("rmi", tag).returncode == 0
+        hostile = tmp_path / "hostile.tar"
+        with tarfile.open(archive) as src, tarfile.open(hostile, "w") as dst:
+            for member in src.getmembers():
+                dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+            evil = tarfile.TarInfo("project/../../escaped")
+            evil.size = 4
+            dst.addfile(evil, io.BytesIO(b"evil"))
+        refused = run_app(["bundle", "load", str(hostile), "--into", str(tmp_path / "third")], env, tmp_path)
+        assert refused.returncode == 2 and len(error_lines(refused.stderr)) == 1 and "unsafe path" in refused.stderr
+        assert docker("image", "inspect", tag).returncode != 0, "docker load ran for a refused bundle"
+        assert not (tmp_path / "third").exists() and not (tmp_path.parent / "escaped").exists()
     finally:
         docker("rmi", "--force", tag)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from app.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # app/container/bundle.py -> the repository
 PROJECT_FILES = ("docker-compose.yml", "docker-compose.cpu.yml", ".env.example")
 MANIFEST = "bundle.json"
 IMAGE_MEMBER = "image.tar"
