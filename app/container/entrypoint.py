@@ -144,6 +144,9 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
     else:
         from app.sweep import agent as offline_agent
 
+        from app.sweep.plan import plan
+
+        plan(environ)  # the sweep YAML and the settings, read but not yet opened
         check_runs(environ)  # the base settings against the data, before the sweep's storage is opened
         offline_agent.check_environment(environ)
         run_env = environ
