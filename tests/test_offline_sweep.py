@@ -489,9 +489,6 @@ def test_writers_sharing_a_journal_never_write_behind_a_crashed_append(tmp_path)
     """Four processes append while crashed appends (partial lines, written under the lock as a dying
     writer leaves them) keep landing at the end: every later append cuts the partial line first, so the
     journal stays whole and every attribute is there."""
-    from optuna.storages.journal import JournalFileOpenLock
-    from optuna.storages.journal._file import get_lock_file
-
     from app.sweep import journal
 
     path = tmp_path / "race.journal"
@@ -499,7 +496,7 @@ def test_writers_sharing_a_journal_never_write_behind_a_crashed_append(tmp_path)
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), f"w{k}"], cwd=REPO) for k in range(4)]
     crashes = 0
     while any(p.poll() is None for p in procs) or crashes < 3:
-        with get_lock_file(JournalFileOpenLock(str(path))):
+        with journal.locked(path):
             with open(path, "ab") as f:
                 f.write(b'{"op_code": 7, "study_id": 0, "user_attr": {"cut sh')
         crashes += 1

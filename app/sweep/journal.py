@@ -22,6 +22,7 @@ The rules here:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -32,7 +33,6 @@ from pathlib import Path
 from typing import Any, Generator
 
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-from optuna.storages.journal._file import get_lock_file
 
 from app.errors import UserError
 
@@ -102,6 +102,17 @@ def _lock(path: str | Path) -> JournalFileOpenLock:
     return JournalFileOpenLock(str(path))
 
 
+@contextlib.contextmanager
+def locked(path: str | Path, lock: JournalFileOpenLock | None = None):
+    """Hold the journal's own lock (the O_EXCL file Optuna's writers take), as every append does."""
+    lock = lock or _lock(path)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _cut_tail(path: str | Path) -> int:
     """Under the journal's lock: remove an incomplete last line. Returns the bytes removed."""
     with open(path, "r+b") as f:
@@ -133,7 +144,7 @@ def check(path: str | Path, heal: bool) -> str | None:
         raise JournalDamaged(damage_message(path, s))
     if s.tail_at is None or not heal:
         return None  # readers skip an incomplete last line: a read-only look needs no repair
-    with get_lock_file(_lock(path)):
+    with locked(path):
         removed = _cut_tail(path)
     return (f"sweep storage {path}: removed an incomplete last line ({removed} bytes, an append cut short by "
             "a crash; no reader had seen it)") if removed else None
@@ -157,7 +168,7 @@ class SafeJournalBackend(JournalFileBackend):
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         what = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode()
-        with get_lock_file(self._lock):
+        with locked(self._file_path, self._lock):
             _cut_tail(self._file_path)  # a crashed append's remains: nobody else holds the lock, so it is dead
             with open(self._file_path, "ab") as f:
                 f.write(what)
@@ -181,7 +192,7 @@ def _replays(path: Path) -> bool:
 def repair(path: Path, dry_run: bool = False) -> str:
     if not path.is_file():
         raise UserError(f"no sweep journal at {str(path)[:120]!r}")
-    with get_lock_file(_lock(path)):
+    with locked(path):
         s = scan(path)
         if not s.bad and s.tail_at is None:
             return f"{path}: intact ({s.operations} operations); nothing to repair"
