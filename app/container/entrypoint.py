@@ -114,7 +114,7 @@ def run_child(command: list[str], environ: Mapping[str, str]) -> int:
     code = child[0].wait()
     if received:
         name = signal.Signals(received[0]).name
-        print(f"agent stopped by {name} (exit {128 + received[0]}): W&B marks its running run crashed or preempted",
+        print(f"agent stopped by {name} (exit {128 + received[0]}); its running run, if any, was passed the signal",
               file=sys.stderr, flush=True)
         return 128 + received[0]
     return code if code >= 0 else 128 - code
@@ -143,7 +143,6 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
         dedupe.stagger(run_env)  # a bad AGENT_START_STAGGER fails here, before any slot is taken
     else:
         from app.sweep import agent as offline_agent
-
         from app.sweep.plan import plan
 
         plan(environ)  # the sweep YAML and the settings, read but not yet opened
