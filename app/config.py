@@ -121,22 +121,16 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     """Turn a value from a source (a string from env/CLI, or JSON-ish from W&B) into the key's type."""
     kind = _TYPES[key]
     where = f"{key}={shown(value)} (from {source})"
-    if kind in ("int", int):
-        if isinstance(value, bool):
-            raise ConfigError(f"{where} is not an integer")
-        if isinstance(value, float) and value.is_integer():
+    if kind in ("int", int, "float", float):
+        number, noun = (int, "an integer") if kind in ("int", int) else (float, "a number")
+        if isinstance(value, bool):  # True is an int to Python, not to a user
+            raise ConfigError(f"{where} is not {noun}")
+        if number is int and isinstance(value, float) and value.is_integer():
             return int(value)
         try:
-            return int(str(value).strip())
+            return number(str(value).strip())
         except ValueError:
-            raise ConfigError(f"{where} is not an integer") from None
-    if kind in ("float", float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{where} is not a number")
-        try:
-            return float(str(value).strip())
-        except ValueError:
-            raise ConfigError(f"{where} is not a number") from None
+            raise ConfigError(f"{where} is not {noun}") from None
     if kind in ("bool", bool):
         if isinstance(value, bool):
             return value

@@ -67,35 +67,30 @@ def flag(name: str, default: bool = False, *, environ: Mapping[str, str] | None 
     raise UserError(f"{name}={value!r} must be true or false (also 1/0, yes/no, on/off)")
 
 
-def positive_int(name: str, default: int | None = None, *, environ: Mapping[str, str] | None = None,
-                 meaning: str = "") -> int | None:
-    """An integer >= 1; `meaning` (e.g. "runs per agent") is added to the error."""
+def _number(name: str, default, environ, parse, fits, kind: str, meaning: str):
     value = text(name, environ=environ)
     if value is None:
         return default
     try:
-        number = int(value)
+        number = parse(value)
     except ValueError:
-        number = 0
-    if number < 1:
-        raise UserError(f"{name}={value!r} must be a positive integer{f' ({meaning})' if meaning else ''}")
+        number = None
+    if number is None or not fits(number):
+        raise UserError(f"{name}={value!r} must be {kind}{f' ({meaning})' if meaning else ''}")
     return number
+
+
+def positive_int(name: str, default: int | None = None, *, environ: Mapping[str, str] | None = None,
+                 meaning: str = "") -> int | None:
+    """An integer >= 1; `meaning` (e.g. "runs per agent") is added to the error."""
+    return _number(name, default, environ, int, lambda n: n >= 1, "a positive integer", meaning)
 
 
 def non_negative_float(name: str, default: float | None = None, *, environ: Mapping[str, str] | None = None,
                        positive: bool = False, meaning: str = "") -> float | None:
     """A finite number >= 0 (> 0 with positive=True)."""
-    value = text(name, environ=environ)
-    if value is None:
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number) or number < 0 or (positive and number == 0):
-        kind = "a positive number" if positive else "a number >= 0"
-        raise UserError(f"{name}={value!r} must be {kind}{f' ({meaning})' if meaning else ''}")
-    return number
+    return _number(name, default, environ, float, lambda n: math.isfinite(n) and (n > 0 if positive else n >= 0),
+                   "a positive number" if positive else "a number >= 0", meaning)
 
 
 def choice(name: str, allowed: Iterable[str], default: str | None = None, *,
