@@ -97,5 +97,5 @@ def test_create_needs_a_key_and_the_server(tmp_path: Path, api: FakeWandb, env):
     r = run_app(["sweep", "create", str(REPO / "sweeps/grid.yaml")], online_env(tmp_path, api, WANDB_MODE="offline"), tmp_path)
     assert r.returncode == 2
     (line,) = error_lines(r.stderr)
-    assert "WANDB_MODE=offline: a W&B sweep is created on the W&B server" in line
+    assert "WANDB_MODE=offline: a W&B sweep lives on the W&B server" in line and "offline-agent" in line
     assert api.operations == []

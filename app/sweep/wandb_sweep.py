@@ -53,10 +53,8 @@ def create(spec: sweep_spec.SweepSpec, project: str | None, entity: str | None,
     load_dotenv(".env", override=False)  # WANDB_API_KEY / WANDB_BASE_URL from .env, like `train`
     if not tracking.has_api_key(environ):
         raise UserError("sweep create needs a W&B API key: set WANDB_API_KEY (in .env or the environment) or run `wandb login`")
-    mode = environ.get("WANDB_MODE", "").strip().lower()
-    if mode in ("offline", "dryrun", "disabled"):
-        raise UserError(f"WANDB_MODE={mode}: a W&B sweep is created on the W&B server; unset WANDB_MODE, "
-                        "or run the YAML with no server: python -m app offline-agent")
+    tracking.require_server(environ, "sweep create needs the W&B server",
+                            "or run the YAML with no server: python -m app offline-agent")
     project = project or spec.raw.get("project") or environ.get("WANDB_PROJECT") or tracking.DEFAULT_PROJECT
     entity = entity or spec.raw.get("entity") or environ.get("WANDB_ENTITY") or None
 
