@@ -133,6 +133,7 @@ def start(config: Config, environ: Mapping[str, str] | None = None, mode: str | 
             )
     except interrupts.Stopped as stop:
         if run is not None:
+            run.mark_preempting()  # nothing trained yet: a sweep requeues the run instead of losing its values
             run.finish(exit_code=stop.exit_code)
         raise
     try:

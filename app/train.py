@@ -140,6 +140,8 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
         exit_code = 0
         return result
     except (Preempted, interrupts.Stopped) as stop:
+        if isinstance(stop, interrupts.Stopped):
+            run.mark_preempting()  # stopped before training: a sweep hands these values out again
         exit_code = 128 + stop.signum
         raise
     except UserError:

@@ -192,6 +192,8 @@ def test_sigterm_while_wandb_starts_leaves_a_run_with_its_exit_record(tmp_path: 
     assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err and "stopped by SIGTERM" in err, err[-3000:]
     assert _exit_codes(tmp_path / "runs") == [143]
+    (folder,) = runlog.find(tmp_path / "runs")
+    assert runlog.read(folder).preempting  # a sweep requeues it: its values are not lost
 
 
 def test_sigterm_after_done_exits_0_and_the_container_hint_names_the_host(tmp_path: Path, small_data: Path):
