@@ -76,11 +76,13 @@ def test_compose_scale_out_runs_each_grid_point_once(app_image: str, tmp_path: P
             assert 0.3 < run.summary["test_accuracy"] <= 1.0  # real Fashion-MNIST, one short epoch
             assert run.config["gpu_memory_fraction"] == 0.5  # the agent's memory share, as the config key
 
-    # --- the duplicate: one of its two runs trained, the other skipped without a W&B run ---
+    # --- the duplicate: one of its two runs trained, the other recorded as a `duplicate` run that trained nothing ---
     pair = {dup.run_id, dup.duplicate_of}
     assert len(pair & set(trained)) == 1
     (skipped,) = pair - set(trained)
-    assert skipped not in runs
+    (kept,) = pair & set(trained)
+    assert runs[skipped].summary.get("duplicate_of") == kept, runs[skipped].summary
+    assert "test_accuracy" not in runs[skipped].summary and "loss" not in runs[skipped].summary
     skips = re.findall(r"skipping duplicate sweep run (\w+)", everything)
     assert skips == [skipped], everything[-6000:]
 

@@ -10,7 +10,7 @@ right after `docker compose up --scale agent=N` starts them together). Before tr
 The lock file is flock'ed for the whole run, so "someone is running these params" is a kernel fact that
 disappears with the process (crash, kill -9, container removed) instead of a stale file. The record says
 which run holds or finished the parameters. A run that finds the lock held, or a record finished by
-another run, is a duplicate: it prints one line and exits 0 without calling wandb.init.
+another run, is a duplicate: it prints one line and exits 0 without training.
 
 Why exit 0: the agent counts a non-zero exit as a failed run, and a few failures in its first minute
 make it stop for good ("flapping"); exit 0 counts as a finished trial, and the agent asks for the next
@@ -181,7 +181,8 @@ def record_duplicate(c: Claim, mode: str) -> None:
     import wandb
 
     try:
-        run = wandb.init(id=c.run_id, mode=mode, job_type="duplicate", tags=["duplicate"], config=c.params,
+        # no id=: under `wandb agent` the run id comes from WANDB_RUN_ID, and passing it warns
+        run = wandb.init(mode=mode, job_type="duplicate", tags=["duplicate"], config=c.params,
                          notes=f"skipped: run {c.duplicate_of} {c.other_state} the same parameters")
         run.summary.update({"duplicate_of": c.duplicate_of, "duplicate_state": c.other_state})
         run.finish(exit_code=0)
