@@ -182,7 +182,9 @@ def offline_hint(run, environ: Mapping[str, str] | None = None, container: bool 
     folder = Path(run.dir).parent
     container = in_container(environ) if container is None else container
     if not container:
-        return f"W&B offline run saved in {folder}\n  upload it with: wandb sync {shlex.quote(str(folder))}"
+        # not plain `wandb sync FOLDER`: it uploads the run but drops its model artifact unless run from
+        # the folder that holds the run (the artifact's files are recorded relative to it)
+        return f"W&B offline run saved in {folder}\n  upload it with: python -m app sync {shlex.quote(str(folder))}"
     host = env.text("RUNS_DIR_HOST", "runs", environ=environ)
     try:
         inside = folder.relative_to(runs_root(environ))

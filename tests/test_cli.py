@@ -134,15 +134,15 @@ def test_no_key_no_mode_runs_offline_and_says_how_to_sync(layered_run):
     cwd, proc = layered_run
     [folder] = runlog.find(cwd / "runs")
     assert folder.name.startswith("offline-run-")
-    hints = [line for line in proc.stderr.splitlines() if line.strip().startswith("upload it with: wandb sync ")]
+    hints = [line for line in proc.stderr.splitlines() if line.strip().startswith("upload it with: python -m app sync ")]
     assert hints, proc.stderr[-3000:]
     command = shlex.split(hints[0].split(":", 1)[1])
-    assert (cwd / command[2]).resolve() == folder.resolve()
+    assert (cwd / command[4]).resolve() == folder.resolve()
     assert str(folder.relative_to(cwd)) in proc.stderr.split("upload it with")[0]  # where the run is
-    # the printed command is the real one: wandb finds the run there (dry run, nothing leaves the machine)
-    dry = subprocess.run([str(Path(sys.executable).parent / "wandb"), "sync", "--dry-run", *command[2:]],
-                         cwd=cwd, env=clean_env(cwd), capture_output=True, text=True, timeout=60)
-    assert dry.returncode == 0 and f"run-{LAYERED_RUN_ID}.wandb" in dry.stdout + dry.stderr
+    # the printed command is the real one: it finds the run there (dry run, nothing leaves the machine)
+    dry = run_app(["sync", "--dry-run", *command[4:]], clean_env(cwd), cwd)
+    assert dry.returncode == 0 and "found 1 offline run(s)" in dry.stdout and "1 to upload" in dry.stdout, dry.stdout + dry.stderr
+    assert folder.name in dry.stdout.splitlines()[-1]  # the `wandb sync` it would run names this run
 
 
 def test_plain_progress_lines_when_not_a_terminal(layered_run):
