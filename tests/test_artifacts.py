@@ -198,7 +198,8 @@ def test_the_report_renders_its_tables_and_charts_in_a_real_browser(sweep_runs, 
     from PIL import Image, ImageStat
 
     out = tmp_path / "report"
-    index = report.render(sweep_runs, out)
+    index, problems = report.render(sweep_runs, out)
+    assert problems == []
     dom = browse(index, tmp_path / "profile-dom", "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout

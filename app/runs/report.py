@@ -20,6 +20,7 @@ import argparse
 import html
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,9 +74,12 @@ def collect(root: Path) -> tuple[list[Group], list[str]]:
         except (runlog.RunLogError, OSError) as exc:
             problems.append(f"{folder}: {exc}")
             continue
-        if not run.run_id:
-            problems.append(f"{folder}: empty log (killed before W&B wrote anything)")
+        if run.empty or not run.run_id:
+            # 0 bytes: W&B had not written yet (a run just starting, or stopped then): nothing to show
+            problems.append(f"{folder}: empty log (no W&B record yet)")
             continue
+        if run.damaged:
+            problems.append(f"{folder}: damaged log, shown from what could be read ({'; '.join(run.damaged[:3])})")
         runs.append(run)
     groups = []
     for name in sorted({r.group for r in runs}):
@@ -248,8 +252,12 @@ def page(root: Path, groups: list[Group], problems: list[str]) -> tuple[str, dic
     return index, charts
 
 
-def render(root: Path, out: Path) -> Path:
+def render(root: Path, out: Path) -> tuple[Path, list[str]]:
+    """Writes the page; returns it and the runs left out (also listed on the page)."""
     groups, problems = collect(root)
+    if not groups and problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"no readable offline runs under {root}: {problems[0]}{more}")
     if not groups:
         raise UserError(f"no offline runs under {root}: pass the folder that holds wandb/offline-run-* (or WANDB_DIR)")
     index, charts = page(root, groups, problems)
@@ -257,7 +265,7 @@ def render(root: Path, out: Path) -> Path:
     for name, chart in charts.items():
         (out / name).write_text(chart, encoding="utf-8")
     (out / "index.html").write_text(index, encoding="utf-8")
-    return out / "index.html"
+    return out / "index.html", problems
 
 
 def main(argv: list[str]) -> int:
@@ -269,6 +277,8 @@ def main(argv: list[str]) -> int:
     root = Path(args.path) if args.path else tracking.runs_root(os.environ)
     if not root.exists():
         raise UserError(f"runs folder {str(root)!r} does not exist")
-    index = render(root, Path(args.out))
+    index, problems = render(root, Path(args.out))
+    for problem in problems:
+        print(f"note: {problem}", file=sys.stderr)
     print(f"report written: {index}")
     return 0
