@@ -41,7 +41,7 @@ class Config:
     train_stride: int = 5  # train on every Nth training example (the tutorial's 5); 1 = all of them
     # --- reproducibility and held-out metric ---
     seed: int = 0  # seeds torch's generators (data order, init)
-    val_size: int = 5000  # last N training images held out for the per-epoch val_accuracy
+    val_size: int = 5000  # images for the per-epoch val_accuracy: from those train_stride skips, else the last N
     # --- where things live ---
     data_dir: str = "data"  # torchvision layout: <data_dir>/MNIST/raw, <data_dir>/FashionMNIST/raw
     output_dir: str = "outputs"  # per-run folder <output_dir>/<run id>/ with checkpoint.pt, model.onnx

@@ -42,6 +42,8 @@ def test_compose_train_on_cpu_records_a_real_offline_run_in_the_host_volume(app_
     proc = compose("run", "--rm", "train", "--learning_rate=0.003", project=project, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert CANARY not in proc.stdout + proc.stderr
+    # the end-of-run hint names the host's runs folder (compose's default ./runs), not /runs inside
+    assert "upload it on the host with: python -m app sync ./runs" in proc.stdout + proc.stderr, proc.stderr[-2000:]
 
     (folder,) = runlog.find(project / "runs")
     run = runlog.read(folder)
