@@ -60,10 +60,9 @@ def prepare(args: list[str], environ: MutableMapping[str, str] | None = None,
 
     environ = os.environ if environ is None else environ
     dotenv = cfg.read_dotenv(dotenv_path) if dotenv_path and os.path.exists(dotenv_path) else {}
-    config = cfg.load(args, environ, dotenv_path=dotenv_path, dotenv=dotenv)
-    for key, value in dotenv.items():
-        if not env.is_set(key, environ=environ):
-            environ[key] = value
+    config = cfg.load(args, environ, dotenv_path=dotenv_path, dotenv=dotenv)  # errors name .env as the source
+    if dotenv:
+        cfg.apply_dotenv(environ, dotenv_path)
     env.drop_empty_wandb(environ)
     return Start(args, config, environ, preflight.check_environment(config, environ))
 

@@ -15,7 +15,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, MutableMapping
 
 from app import env
 from app.errors import UserError
@@ -215,6 +215,16 @@ def load(
 def read_dotenv(path: str | os.PathLike) -> dict[str, str]:
     """A `.env` file's values; its training keys and the documented variables are the known names."""
     return env.read_dotenv(path, extra_known=ENV_NAMES)
+
+
+def apply_dotenv(environ: MutableMapping[str, str], path: str | os.PathLike = ".env") -> dict[str, str]:
+    """Put a `.env` file's settings under the real environment, as if exported (the environment wins),
+    checked like every `.env` read: a line that doesn't parse or an unknown key is one error line."""
+    dotenv = read_dotenv(path) if os.path.exists(path) else {}
+    for key, value in dotenv.items():
+        if not env.is_set(key, environ=environ):
+            environ[key] = value
+    return dotenv
 
 
 def describe() -> str:

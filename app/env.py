@@ -36,8 +36,11 @@ DOCUMENTED = frozenset({
     "APP_PYTHON", "APP_EXEC", "REQUEUE_ON_STOP",  # deploy/slurm/agents.sbatch
 })
 MAX_DOTENV_BYTES = 256 * 1024  # a settings file is a few KiB; anything bigger is the wrong file
-# W&B's own settings, compose's, docker's and pip's (build arguments)
-ALLOWED_PREFIXES = ("WANDB_", "COMPOSE_", "DOCKER_", "PIP_")
+# W&B's own settings, compose's, docker's and pip's (build arguments), and the runtime's: a .env also
+# feeds the containers (compose env_file, launch), where thread counts, CUDA/NCCL and proxy settings belong
+ALLOWED_PREFIXES = ("WANDB_", "COMPOSE_", "DOCKER_", "PIP_", "OMP_", "MKL_", "OPENBLAS_", "CUDA_", "NCCL_",
+                    "TORCH_", "PYTORCH_", "NVIDIA_", "PYTHON", "LC_", "SLURM_")
+RUNTIME = frozenset({"TZ", "LANG", "HOME", "PATH", "TMPDIR", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY"})
 
 
 def _environ(environ: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -125,7 +128,8 @@ def drop_empty_wandb(environ: MutableMapping[str, str] | None = None) -> list[st
 
 
 def known(name: str, extra: Iterable[str] = ()) -> bool:
-    return name in DOCUMENTED or name in set(extra) or name.startswith(ALLOWED_PREFIXES)
+    return (name in DOCUMENTED or name in set(extra) or name.startswith(ALLOWED_PREFIXES)
+            or name.upper() in RUNTIME)
 
 
 def read_dotenv(file: str | os.PathLike, extra_known: Iterable[str] = ()) -> dict[str, str]:

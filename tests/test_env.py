@@ -102,6 +102,14 @@ def test_dotenv_errors_name_the_line(tmp_path: Path, text: str, fragment: str):
     assert str(caught.value) == f"{tmp_path}/{fragment}"
 
 
+def test_dotenv_may_carry_the_runtime_settings_of_the_containers(tmp_path: Path):
+    # the same .env feeds compose's and launch's containers: thread counts, CUDA and proxy settings are not typos
+    f = tmp_path / ".env"
+    f.write_text("OMP_NUM_THREADS=4\nCUDA_LAUNCH_BLOCKING=1\nNCCL_DEBUG=INFO\nhttps_proxy=http://proxy:3128\nTZ=UTC\n")
+    assert env.read_dotenv(f, ENV_NAMES) == {"OMP_NUM_THREADS": "4", "CUDA_LAUNCH_BLOCKING": "1", "NCCL_DEBUG": "INFO",
+                                             "https_proxy": "http://proxy:3128", "TZ": "UTC"}
+
+
 def test_dotenv_that_is_not_a_settings_file(tmp_path: Path):
     (tmp_path / "bin.env").write_bytes(b"\xff\xfe\x00EPOCHS=1")
     with pytest.raises(UserError, match="is not a text file of KEY=value lines"):

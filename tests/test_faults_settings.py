@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import clean_env, error_lines, run_app
+from conftest import REPO, clean_env, error_lines, run_app
 from idx import write_dataset, write_idx
 
 from app import runlog
@@ -113,6 +113,19 @@ def test_train_refuses_in_one_line_before_any_run(request, tmp_path: Path, case:
 def test_a_binary_dotenv_is_one_line(tmp_path: Path, small_data: Path):
     (tmp_path / ".env").write_bytes(bytes(range(256)))
     _one_refusal(run_app(["train"], _env(tmp_path, small_data), tmp_path), ".env is not a text file")
+    _nothing_on_disk(tmp_path)
+
+
+@pytest.mark.parametrize("command", [
+    ["sweep", "create", "sweeps/grid.yaml"],
+    ["offline-agent"],  # SWEEP_CONFIG from .env
+    ["launch", "--agents", "1", "--cpu", "--env-file", ".env"],
+], ids=["sweep-create", "offline-agent", "launch"])
+def test_every_command_that_reads_dotenv_checks_it(tmp_path: Path, small_data: Path, command: list[str]):
+    (tmp_path / ".env").write_text("SWEEP_CONFIG=sweeps/grid.yaml\nEPOCH=3\n")
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "grid.yaml").write_text((REPO / "sweeps" / "grid.yaml").read_text())
+    _one_refusal(run_app(command, _env(tmp_path, small_data), tmp_path), ".env:2: unknown setting EPOCH; did you mean EPOCHS?")
     _nothing_on_disk(tmp_path)
 
 

@@ -15,8 +15,8 @@ When a scheduler already chose the GPU (Slurm's GRES sets CUDA_VISIBLE_DEVICES),
 the agent trains on what it was given.
 
 A new agent takes the GPU with the fewest live holders (4 agents on 2 GPUs -> 2 each). The lock is
-taken on a file descriptor that survives `exec` into `wandb agent`, so it is held exactly as long as the
-agent process: the kernel drops it when the agent exits, crashes or its container is killed, and the
+taken on a file descriptor that the entrypoint's `wandb agent` child inherits, so it is held exactly as long
+as the agent: the kernel drops it when the agent exits, crashes or its container is killed, and the
 next agent to start takes the free slot. No stale state to clean up, no PIDs compared across containers.
 
 Settings (environment):
@@ -56,7 +56,7 @@ from app.errors import UserError
 DEV_GLOB = "/dev/nvidia[0-9]*"
 MACHINE_ID = Path("/etc/machine-id")
 UUID = re.compile(r"(GPU|MIG)-[0-9A-Fa-f-]+(/\d+/\d+)?")
-_held: list[int] = []  # this process's slot lock fds: kept open (and inherited across exec) on purpose
+_held: list[int] = []  # this process's slot lock fds: kept open (and inherited by the agent child) on purpose
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def claim(gpus: list[str], folder: Path, per_gpu: int | None = None) -> Slot:
             path = folder / f"gpu-{_safe(gpu)}.slot-{index}.lock"
             fd = _open_shared(path)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: we hold the mutex and found it unheld
-            os.set_inheritable(fd, True)  # still held after exec into `wandb agent`
+            os.set_inheritable(fd, True)  # also held by the `wandb agent` child
             return Slot(ordinal, gpu, index, len(held[gpu]) + 1, sum(len(v) for v in held.values()), fd, path)
     except OSError as exc:
         raise UserError(f"GPU_SLOTS_DIR={str(folder)!r} is not usable for GPU slot locks ({exc.strerror or exc}); "

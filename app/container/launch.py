@@ -87,9 +87,9 @@ def host_gpus() -> list[str]:
 def read_env_file(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise UserError(f"--env-file {str(path)!r} not found: copy .env.example to .env and set SWEEP_ID (or pass --env-file)")
-    from dotenv import dotenv_values
+    from app import config
 
-    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+    return config.read_dotenv(path)  # checked as every .env: a bad line or unknown key is one error line
 
 
 @dataclass

@@ -216,9 +216,10 @@ def run_agent(environ: Mapping[str, str]) -> int:
 
 
 def _environ_with(args: argparse.Namespace) -> dict[str, str]:
-    from dotenv import load_dotenv
+    from app import config
 
-    load_dotenv(".env", override=False)  # WANDB_* and training settings in .env apply; the environment wins
+    # into os.environ, as before: W&B reads its WANDB_* settings there in this process's trials
+    config.apply_dotenv(os.environ)  # WANDB_* and training settings in .env apply; the environment wins
     environ = dict(os.environ)
     for key, value in (("SWEEP_CONFIG", getattr(args, "config", None)), ("SWEEP_STORAGE", args.storage),
                        ("AGENT_COUNT", getattr(args, "count", None))):

@@ -48,9 +48,9 @@ def describe(spec: sweep_spec.SweepSpec) -> str:
 def create(spec: sweep_spec.SweepSpec, project: str | None, entity: str | None,
            environ=os.environ) -> str:
     """Create the sweep on the W&B server; returns ENTITY/PROJECT/SWEEP_ID."""
-    from dotenv import load_dotenv
+    from app import config
 
-    load_dotenv(".env", override=False)  # WANDB_API_KEY / WANDB_BASE_URL from .env, like `train`
+    config.apply_dotenv(environ)  # WANDB_API_KEY / WANDB_BASE_URL from .env, checked as `train` checks it
     if not tracking.has_api_key(environ):
         raise UserError("sweep create needs a W&B API key: set WANDB_API_KEY (in .env or the environment) or run `wandb login`")
     tracking.require_server(environ, "sweep create needs the W&B server",
