@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+
 def number(v: Any) -> float | None:
     """v as a finite float; None for NaN/inf (a diverged run), bools, strings and missing values."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):

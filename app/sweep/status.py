@@ -25,7 +25,6 @@ from app.sweep.space import SearchSpace
 from app.sweep.study import load_study, open_storage
 
 
-
 def trial_rows(study, space: SearchSpace | None = None) -> list[dict[str, Any]]:
     """One row per trial that trained or is queued (duplicates never trained are left out)."""
     grid = study.user_attrs.get("method") == "grid"
