@@ -11,30 +11,27 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import optuna
 import pytest
+from cluster import postgres_server
 from conftest import REPO, clean_env, error_lines, run_app
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from app import runlog
 from app.errors import UserError
-from app.sweep import ledger as sweep_ledger
 from app.sweep import agent
+from app.sweep import ledger as sweep_ledger
 from app.sweep import plan as osw
-from app.sweep import study as study_mod
 from app.sweep import spec as sweep_spec
-
-PG_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15
+from app.sweep import study as study_mod
 
 
 def write_yaml(path: Path, text: str) -> Path:
@@ -386,31 +383,35 @@ def test_three_agents_survive_a_kill_and_a_restart_continues(tmp_path, data_dir,
 
 @pytest.fixture(scope="module")
 def postgres():
-    """A real PostgreSQL 15 on loopback, run as an unprivileged user when the tests run as root."""
-    initdb = PG_BIN / "initdb"
-    if not initdb.exists():
-        message = f"PostgreSQL not found at {PG_BIN}: apt-get install postgresql"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message + " (CI must run the PostgreSQL test)")
-        pytest.skip(message)
-    root = Path(tempfile.mkdtemp(prefix="offline-sweep-pg-"))  # not under pytest's 0700 tmp: postgres must reach it
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(root, "nobody")
-        as_user = ["runuser", "-u", "nobody", "--"]
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run([*as_user, str(initdb), "-D", str(root / "db"), "-A", "trust", "-U", "sweep", "--no-sync"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(root / "db"), "-l", str(root / "log"), "-w", "start",
-                    "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"], check=True, capture_output=True)
-    try:
-        yield f"postgresql://sweep@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(root / "db"), "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+    """A real PostgreSQL 15 on loopback (tests/cluster.py), run as an unprivileged user under root."""
+    with postgres_server() as url:
+        yield url
+
+
+def test_agents_opening_a_new_database_together_all_get_it(postgres, tmp_path):
+    """Agents started together on an empty database each create Optuna's tables: all must succeed
+    (PostgreSQL refuses a second concurrent CREATE of the same table with a unique violation)."""
+    import sqlalchemy
+
+    server = postgres.replace("postgresql://", "postgresql+psycopg2://")  # as plan.storage_url passes it
+    engine = sqlalchemy.create_engine(server, isolation_level="AUTOCOMMIT")
+    env = clean_env(tmp_path)
+    failed = []
+    for round_ in range(3):
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text(f"CREATE DATABASE fresh_{round_}"))
+        go = tmp_path / f"go-{round_}"
+        code = ("import os, sys, time\n"
+                "from app.sweep import study\n"
+                f"while not os.path.exists({str(go)!r}): time.sleep(0.002)\n"
+                f"study.open_storage({server.rsplit('/', 1)[0] + f'/fresh_{round_}'!r})\n")
+        procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+                 for _ in range(8)]
+        time.sleep(4)  # every process has imported optuna and waits for the word
+        go.write_text("")
+        failed += [p.stderr.read()[-300:] for p in procs if p.wait(timeout=120) != 0]
+    engine.dispose()
+    assert not failed, failed
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ def open_storage(url: str, *, write: bool = True):
 
     if "://" in url:
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            return _rdb_storage(url)
         except Exception as exc:  # sqlalchemy/psycopg2 errors: bad host, password, database
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"SWEEP_STORAGE={redact(url)}: cannot open the database ({redact(first)[:160]})") from None
@@ -56,6 +56,26 @@ def open_storage(url: str, *, write: bool = True):
     except OSError as exc:
         raise UserError(f"sweep storage {str(path)[:120]!r} is not {'writable' if write else 'readable'} "
                         f"({exc.strerror or exc}); check the runs volume or set SWEEP_STORAGE") from None
+
+
+SCHEMA_LOCK = 0x6D6E6973  # PostgreSQL advisory lock key ("mnis") held while Optuna's tables are created
+
+
+def _rdb_storage(url: str):
+    """Optuna's RDBStorage, its tables created by one agent at a time. Agents started together on a new
+    database would each run CREATE TABLE, and PostgreSQL's catalog refuses all but the first with a
+    unique violation (pg_type_typname_nsp_index): a session advisory lock makes the others wait, then
+    find the tables there. The lock goes with the connection, whatever happens."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK})
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    finally:
+        engine.dispose()
 
 
 class GridSampler(optuna.samplers.GridSampler):
