@@ -78,11 +78,12 @@ class LossReadout:
         self.buffers = [torch.zeros((), pin_memory=self.cuda) for _ in range(slots)]
         self.next = 0
         self.pending: list[tuple[object, object, object]] = []  # (event, host buffer, meta)
+        self.landed: list[tuple[float, object]] = []  # read to free a buffer, not yet handed back
 
     def push(self, value, meta) -> None:
         """Queue a reading of the 0-d tensor `value`; the caller may change `value` right after (stream order)."""
         if len(self.pending) >= len(self.buffers) - 1:
-            self.ready(wait_all_but_newest=True)  # keep one slot free: never overwrite an unread buffer
+            self.landed = self.ready()  # free a buffer: never overwrite an unread one (kept for the next ready)
         buffer = self.buffers[self.next]
         self.next = (self.next + 1) % len(self.buffers)
         buffer.copy_(value.detach(), non_blocking=self.cuda)
@@ -93,13 +94,13 @@ class LossReadout:
             event = _Ready()
         self.pending.append((event, buffer, meta))
 
-    def ready(self, wait_all_but_newest: bool = True) -> list[tuple[float, object]]:
+    def ready(self) -> list[tuple[float, object]]:
         """(value, meta) of every reading that has landed, oldest first; older ones than the newest are waited for."""
-        out = []
+        out, self.landed = self.landed, []
         while self.pending:
             event, buffer, meta = self.pending[0]
             if not event.query():
-                if not wait_all_but_newest or len(self.pending) == 1:
+                if len(self.pending) == 1:
                     break
                 event.synchronize()
             out.append((buffer.item(), meta))

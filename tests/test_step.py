@@ -151,6 +151,14 @@ def test_cpu_readings_come_back_at_their_own_push():
     assert readout.drain() == []
 
 
+def test_readings_pushed_without_a_read_in_between_are_all_handed_back_in_order():
+    # more pushes than buffers: the ring frees a buffer by reading it, and that reading is kept, not lost
+    readout = LossReadout(torch.device("cpu"), slots=3)
+    for i in range(7):
+        readout.push(torch.tensor(float(i)), i)
+    assert readout.drain() == [(float(i), i) for i in range(7)]
+
+
 @needs_cuda
 def test_cuda_readings_never_wait_for_the_newest_and_lag_one_interval_at_most():
     readout = LossReadout(CUDA)
