@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from app import config, preflight
 from app.container import entrypoint
-from app.container.entrypoint import check_agent, check_folders, check_gpu, choose_mode
+from app.container.entrypoint import check_agent, check_gpu, choose_mode
 from app.errors import UserError
 
 KEY = "k" * 40
@@ -113,7 +114,11 @@ def test_agent_without_a_key(no_key):
         check_agent({**no_key, "SWEEP_ID": "e/p/s"})
 
 
-# --- folders ---
+# --- folders: the agent modes check them with the runs' own preflight, before the agent starts ---
+
+def check_folders(environ: dict[str, str]) -> None:
+    preflight.check_environment(config.load([], environ, dotenv_path=None), environ)
+
 
 def test_check_folders_creates_the_defaults(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)

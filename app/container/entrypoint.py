@@ -80,15 +80,9 @@ def agent_environment(environ: Mapping[str, str]) -> dict[str, str]:
 
 def check_runs(environ: Mapping[str, str]) -> None:
     """The training settings every run of an agent starts from, checked once before the agent starts
-    (a bad one would otherwise fail every run the sweep hands out)."""
-    base = config.load([], environ, dotenv_path=None)
-    preflight.check_environment(base, environ)
-    preflight.check_data(base)
-
-
-def check_folders(environ: Mapping[str, str]) -> None:
-    tracking.check_writable(env.runs_root(environ), "WANDB_DIR")
-    tracking.check_writable(env.path("OUTPUT_DIR", "outputs", environ=environ), "OUTPUT_DIR")
+    (a bad one would otherwise fail every run the sweep hands out): W&B mode, writable WANDB_DIR and
+    OUTPUT_DIR, the settings against the data."""
+    preflight.check(config.load([], environ, dotenv_path=None), environ)
 
 
 def run_child(command: list[str], environ: Mapping[str, str]) -> int:
@@ -130,7 +124,6 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
         if warning:
             print(warning, file=sys.stderr, flush=True)
         return cli.run(run)
-    check_folders(environ)
     warning = check_gpu(environ, gpus_visible())
     if argv:
         raise UserError(f"arguments {' '.join(argv)!r} are not used by an agent: the sweep sets the settings")
@@ -145,9 +138,9 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
         from app.sweep import agent as offline_agent
         from app.sweep.plan import plan
 
-        plan(environ)  # the sweep YAML and the settings, read but not yet opened
+        sweep_plan = plan(environ)  # the sweep YAML and the settings, read but not yet opened
         check_runs(environ)  # the base settings against the data, before the sweep's storage is opened
-        offline_agent.check_environment(environ)
+        offline_agent.check_environment(environ, sweep_plan)
         run_env = environ
     from app.container import gpu_slots
 

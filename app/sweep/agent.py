@@ -199,15 +199,17 @@ class Agent:
         return 0
 
 
-def check_environment(environ: Mapping[str, str]) -> None:
-    """Every problem an offline sweep can find before training, as one UserError line."""
-    p = plan(environ)
+def check_environment(environ: Mapping[str, str], p: Plan | None = None) -> Plan:
+    """Every problem an offline sweep can find before training, as one UserError line; `p`: the plan
+    of `environ` when the caller has already read it."""
+    p = p or plan(environ)
     open_study(p)  # reaches the storage; a wrong URL, password or a changed sweep fails here
+    return p
 
 
-def run_agent(environ: Mapping[str, str]) -> int:
+def run_agent(environ: Mapping[str, str], p: Plan | None = None) -> int:
     try:
-        return Agent(plan(environ), environ).run()
+        return Agent(p or plan(environ), environ).run()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -239,5 +241,4 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--count", type=int, help="trials for this agent, then exit (default: $AGENT_COUNT, else until done)")
     args = parser.parse_args(argv)
     environ = _environ_with(args)
-    check_environment(environ)
-    return run_agent(environ)
+    return run_agent(environ, check_environment(environ))
