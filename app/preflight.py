@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from app import tracking
+from app import env, tracking
 from app.config import Config
 from app.errors import UserError
 
@@ -35,7 +35,7 @@ class Ready:
 def check_environment(config: Config, environ: Mapping[str, str]) -> Ready:
     """W&B mode and the two folders a run writes, without touching the data (no torch import)."""
     mode = tracking.resolve_mode(environ)
-    root = tracking.runs_root(environ)
+    root = env.runs_root(environ)
     tracking.check_writable(root, "WANDB_DIR")
     output_root = Path(config.output_dir)
     tracking.check_writable(output_root, "OUTPUT_DIR")

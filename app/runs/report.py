@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app import artifact, runlog, tracking
+from app import artifact, env, runlog
 from app.errors import UserError
 from app.runs import svg
 
@@ -274,7 +274,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("path", nargs="?", help="runs folder (default: $WANDB_DIR, else .)")
     parser.add_argument("--out", default="report", help="folder for index.html and the SVG charts (default: report)")
     args = parser.parse_args(argv)
-    root = Path(args.path) if args.path else tracking.runs_root(os.environ)
+    root = Path(args.path) if args.path else env.runs_root(os.environ)
     if not root.exists():
         raise UserError(f"runs folder {str(root)!r} does not exist")
     index, problems = render(root, Path(args.out))

@@ -202,7 +202,7 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--timeout={args.timeout} must be a positive number of seconds")
     timeout_s = args.timeout or env.positive_int("SYNC_TIMEOUT_S", TIMEOUT_S, environ=environ,
                                                  meaning="seconds per run before an upload is given up")
-    root = Path(args.path) if args.path else tracking.runs_root(environ)
+    root = Path(args.path) if args.path else env.runs_root(environ)
     if not root.exists():
         raise UserError(f"runs folder {str(root)!r} does not exist; pass the folder that holds wandb/offline-run-*")
     if not args.dry_run and not tracking.has_api_key(environ):

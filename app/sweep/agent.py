@@ -32,7 +32,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from app import tracking
+from app import env
 from app.errors import UserError
 from app.sweep.ledger import STALE_BEATS, Heartbeat, Ledger, StaleWatch, key_of, outcome
 from app.sweep.plan import Plan, plan, redact
@@ -51,7 +51,7 @@ class Agent:
         self.watch = StaleWatch(p.heartbeat_s)
         self.who = f"{socket.gethostname()}:{os.getpid()}"
         self.mine: set[int] = set()
-        self.runs_root = tracking.runs_root(environ)
+        self.runs_root = env.runs_root(environ)
 
     def ledger(self) -> Ledger:
         trials = self.study.get_trials(deepcopy=False)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from app import env, tracking
+from app import env
 from app.config import Config, ConfigError
 from app.config import load as load_config
 from app.errors import UserError
@@ -66,7 +66,7 @@ def redact(url: str) -> str:
 def storage_url(environ: Mapping[str, str], name: str) -> str:
     url = env.text("SWEEP_STORAGE", "", environ=environ)
     if not url:
-        return str(tracking.runs_root(environ) / "sweeps" / f"{name}.journal")
+        return str(env.runs_root(environ) / "sweeps" / f"{name}.journal")
     if "://" not in url:
         return url  # a journal file path
     scheme = url.split("://", 1)[0].lower()

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import optuna
 
-from app import env, tracking
+from app import env
 from app.errors import UserError
 from app.sweep import spec as sweep_spec
 from app.sweep.ledger import key_of, outcome
@@ -97,7 +97,7 @@ def find_studies(environ: Mapping[str, str], config: str | None, name: str | Non
             return [(url, name)]
 
         return [(url, s.study_name) for s in optuna.get_all_study_summaries(open_storage(url, write=False), include_best_trial=False)]
-    folder = tracking.runs_root(environ) / "sweeps"
+    folder = env.runs_root(environ) / "sweeps"
     if name:
         return [(str(folder / f"{name}.journal"), name)]
     return [(str(f), f.stem) for f in sorted(folder.glob("*.journal"))]
@@ -117,7 +117,7 @@ def main(argv: list[str]) -> int:
     environ = {**os.environ, **({"WANDB_DIR": args.path} if args.path else {})}
     found = find_studies(environ, args.config, args.name, args.storage)
     if not found:
-        raise UserError(f"no offline sweep found under {tracking.runs_root(environ) / 'sweeps'}; "
+        raise UserError(f"no offline sweep found under {env.runs_root(environ) / 'sweeps'}; "
                         "pass the runs folder, --config, --name or --storage")
     for i, (url, study_name) in enumerate(found):
         study = load_study(url, study_name)
