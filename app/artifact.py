@@ -150,7 +150,7 @@ def log_model(run, config, files: list[Path], figures: Mapping[str, Any], enviro
         return None
     import wandb
 
-    offline = run.settings.mode == "offline" or bool(getattr(run.settings, "_offline", False))
+    offline = tracking.is_offline(run)
     run_folder = Path(run.dir).parent
     sweep = run.group or ""  # offline sweep trials are grouped under the sweep's name
     metadata: dict[str, Any] = {

@@ -60,9 +60,6 @@ def require_server(environ: Mapping[str, str], needs: str, instead: str) -> None
                         f"offline; unset WANDB_MODE ({instead})")
 
 
-runs_root = env.runs_root  # WANDB_DIR, else the working directory
-
-
 @contextlib.contextmanager
 def environment(**values: str) -> Iterator[None]:
     """Set environment variables (W&B reads several itself: WANDB_RUN_GROUP, WANDB_TAGS...) for one
@@ -118,13 +115,13 @@ def start(config: Config, environ: Mapping[str, str] | None = None, mode: str | 
     # our own id up front: the output folder and checkpoint are keyed by it before W&B starts
     run_id = env.text("WANDB_RUN_ID", environ=environ) or new_run_id()
     ids: dict[str, Any] = {"project": env.text("WANDB_PROJECT", DEFAULT_PROJECT, environ=environ), "id": run_id}
-    if env.is_set("WANDB_SWEEP_ID") and env.text("WANDB_RUN_ID") == run_id:
+    if env.is_set("WANDB_SWEEP_ID", environ=environ) and env.text("WANDB_RUN_ID", environ=environ) == run_id:
         ids = {}  # a `wandb agent` run: W&B takes id and project from the agent and warns it ignores ours
     run = None
     try:
         with interrupts.deferred():  # a stop inside wandb.init would leave a run with no exit record
             run = wandb.init(
-                dir=str(runs_root(environ)),
+                dir=str(env.runs_root(environ)),
                 mode=mode,
                 resume="allow",  # a requeued sweep run (same id) continues instead of failing
                 config=config.to_dict(),
@@ -187,16 +184,21 @@ def offline_hint(run, environ: Mapping[str, str] | None = None, container: bool 
         return f"W&B offline run saved in {folder}\n  upload it with: python -m app sync {shlex.quote(str(folder))}"
     host = env.text("RUNS_DIR_HOST", "runs", environ=environ)
     try:
-        inside = folder.relative_to(runs_root(environ))
+        inside = folder.relative_to(env.runs_root(environ))
     except ValueError:
         inside = Path("wandb") / folder.name
     return (f"W&B offline run saved in the runs volume as {inside} (host folder {host})\n"
             f"  upload it on the host with: python -m app sync {shlex.quote(host)}"
-            f"  (or: wandb sync {shlex.quote(str(Path(host) / inside))})")
+            # plain `wandb sync` finds the model artifact's files only when run from the folder holding the run
+            f"  (or: cd {shlex.quote(str(Path(host) / inside.parent))} && wandb sync {shlex.quote(inside.name)})")
+
+
+def is_offline(run) -> bool:
+    return run.settings.mode == "offline" or bool(getattr(run.settings, "_offline", False))
 
 
 def log_hint(run, stream=sys.stderr) -> None:
-    if run.settings.mode == "offline" or getattr(run.settings, "_offline", False):
+    if is_offline(run):
         print(offline_hint(run), file=stream)
 
 

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import REPO, clean_env, error_lines, run_app
 from idx import write_dataset, write_idx
@@ -223,6 +222,8 @@ def test_sigterm_after_done_exits_0_and_the_container_hint_names_the_host(tmp_pa
     assert "Traceback" not in err and not error_lines(err)
     hint = [line for line in err.splitlines() if "upload it on the host with" in line]
     assert hint and "python -m app sync ./my-runs" in hint[0], err[-2000:]
+    # plain `wandb sync` from the folder that holds the run: from elsewhere it drops the model artifact
+    assert "(or: cd my-runs/wandb && wandb sync offline-run-" in hint[0], hint[0]
     assert f"wandb sync {tmp_path}" not in err.split("W&B offline run saved")[-1]  # no path from inside
     assert _exit_codes(tmp_path / "runs") == [0]
 
