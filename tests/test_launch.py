@@ -136,6 +136,16 @@ def finish(proc: subprocess.Popen, name: str) -> list:
     return left
 
 
+def launch_to_the_end(project: Path, name: str, env: dict[str, str], log: Path, timeout: float) -> tuple[int, list, str]:
+    """Run the launcher until it exits: (its exit code, containers it left behind, its output)."""
+    proc = run_launch(project, name, env, log)
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        left = finish(proc, name)
+    return proc.returncode, left, log.read_text()
+
+
 @pytest.mark.container
 @pytest.mark.slow
 def test_ctrl_c_stops_every_agent_and_a_relaunch_finishes_the_sweep(app_image: str, tmp_path: Path):
@@ -174,14 +184,8 @@ def test_ctrl_c_stops_every_agent_and_a_relaunch_finishes_the_sweep(app_image: s
         for a in list(api.assignments):
             api.requeue(a.run_id)
         api.hold_open = False
-        log2 = tmp_path / "launch-2.log"
-        proc = run_launch(project, name, env, log2)
-        try:
-            proc.wait(timeout=900)
-        finally:
-            left = finish(proc, name)
-        out2 = log2.read_text()
-    assert proc.returncode == 0, out2[-4000:]
+        code, left, out2 = launch_to_the_end(project, name, env, tmp_path / "launch-2.log", timeout=900)
+    assert code == 0, out2[-4000:]
     assert left == []
     lines = out2.splitlines()
     for number in (1, 2):
@@ -214,14 +218,8 @@ def test_launch_serves_an_offline_sweep(app_image: str, tmp_path: Path):
     (project / ".env").write_text("SWEEP_CONFIG=/runs/grid.yaml\nWANDB_MODE=offline\nDATASET=fashion_mnist\n"
                                   "EPOCHS=1\nTRAIN_STRIDE=50\nVAL_SIZE=1000\nWATCH_LOG=none\nOMP_NUM_THREADS=1\n")
     name = f"launch-offline-{os.getpid()}"
-    log = tmp_path / "launch.log"
-    proc = run_launch(project, name, clean_env(tmp_path), log)
-    try:
-        proc.wait(timeout=600)
-    finally:
-        left = finish(proc, name)
-    out = log.read_text()
-    assert proc.returncode == 0, out[-4000:]
+    code, left, out = launch_to_the_end(project, name, clean_env(tmp_path), tmp_path / "launch.log", timeout=600)
+    assert code == 0, out[-4000:]
     assert left == []
     for number in (1, 2):
         assert f"agent-{number} | exited with code 0" in out
