@@ -25,7 +25,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_IMAGE = "mnist-sweeps-base:bookworm"  # debootstrap stand-in for the CUDA base (no registry here)
-TEST_IMAGE = "mnist-sweeps:test"  # .ci/run builds the same tag
+# .ci/run builds the same tag; MNIST_SWEEPS_TEST_IMAGE gives a checkout beside another its own image
+TEST_IMAGE = os.environ.get("MNIST_SWEEPS_TEST_IMAGE") or "mnist-sweeps:test"
 COMPOSE_FILES = ("docker-compose.yml", "docker-compose.cpu.yml")  # no NVIDIA runtime on test hosts
 # per test process: `up --scale` and `down` never touch another test session's containers on the same engine
 COMPOSE_PROJECT = f"mnist-sweeps-test-{os.getpid()}"
