@@ -1,0 +1,183 @@
+"""Which swept settings mattered: an importance and a rank correlation with the metric per setting.
+
+    from app.runs import importance
+    result = importance.evaluate([({"learning_rate": 0.01, "batch_size": 64}, 0.91), ...],
+                                 ["learning_rate", "batch_size"], goal="maximize", log={"learning_rate": True})
+    for s in result.settings:  # most important first; s.importance / s.correlation may be None, s.note says why
+        print(s.name, s.importance, s.correlation, s.note)
+
+Importance is Optuna's PED-ANOVA (PedAnovaImportanceEvaluator): for each setting, how far the spread of
+its values among the best trials departs from its spread among all trials (a Pearson divergence of two
+Parzen estimates). It needs only numpy; Optuna's default fANOVA needs scikit-learn, which the image does
+not carry. The shares shown sum to 1 over the settings that varied. W&B's panel uses a random forest's
+feature importance instead; both answer "which setting tells the good trials apart".
+
+The correlation is Spearman's (Pearson's on ranks, ties averaged) between a numeric setting and the
+metric itself (not goal-adjusted: negative means a larger value gave a smaller metric). It reads a
+monotone trend and nothing else; a setting with a sweet spot in the middle has high importance and a
+correlation near 0.
+
+Honest about its data: below MIN_TRIALS finished trials there is no importance, below
+MIN_CORRELATION_TRIALS no correlation, and a setting that never varied among the finished trials gets
+neither; each says why in `note` instead of printing a number.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+MIN_TRIALS = 20  # below this, a setting that decides the metric ranked first in under 9 of 10 tries
+TOP_TRIALS = 5  # "the best" holds at least this many trials, as Optuna's documentation advises
+TARGET_QUANTILE = 0.1  # the best 10 % once there are enough trials for it to hold TOP_TRIALS
+ROUGH_BELOW = 50  # the method's text warns that the ranking may still change under this many trials
+MIN_CORRELATION_TRIALS = 3  # a rank correlation of 2 points is always +-1
+
+
+@dataclass
+class Setting:
+    name: str
+    importance: float | None  # share of the total, 0..1; None: see note
+    correlation: float | None  # Spearman's rho with the metric, -1..1; None: see note
+    note: str = ""  # why a figure is missing ("never varied (always 64)", "categorical", ...)
+
+
+@dataclass
+class Importance:
+    method: str  # how the importance was computed, in words
+    trials: int  # finished trials with a value of the metric
+    settings: list[Setting] = field(default_factory=list)  # most important first; those with no figure last
+    note: str = ""  # why there is no importance at all, if so
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _label(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties given the mean of the ranks they span."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Spearman's rho; None when either side is constant (no ranking to compare)."""
+    rx, ry = ranks(xs), ranks(ys)
+    n = len(rx)
+    mx, my = sum(rx) / n, sum(ry) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    if sxx == 0 or syy == 0:
+        return None
+    return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
+
+
+def method(n: int) -> str:
+    top = top_count(n)
+    rough = f" (under {ROUGH_BELOW} trials: a rough ranking, more trials may reorder close ones)" if n < ROUGH_BELOW else ""
+    return (f"PED-ANOVA (Optuna's PedAnovaImportanceEvaluator): how differently each setting is spread "
+            f"among the best {top} of {n} finished trials than among all of them, as a share of the total"
+            f"{rough}. Correlation: Spearman's rank correlation with the metric")
+
+
+def top_count(n: int) -> int:
+    return max(TOP_TRIALS, math.ceil(TARGET_QUANTILE * n))
+
+
+def evaluate(trials: Sequence[tuple[Mapping[str, Any], float]], names: Sequence[str], goal: str,
+             log: Mapping[str, bool] | None = None) -> Importance:
+    """Importance and correlation of each setting in `names` over finished `trials` ((values, metric)
+    pairs; trials whose metric is missing or not finite are left out). `log`: settings the sweep draws
+    on a log scale (PED-ANOVA then estimates their spread in log space)."""
+    log = log or {}
+    rows = [(dict(values), float(v)) for values, v in trials if _number(v) is not None]
+    n = len(rows)
+    result = Importance(method(n), n)
+    varied, constant = [], []
+    for name in names:
+        seen = {_label(values.get(name)) for values, _ in rows}
+        if len(seen) > 1:
+            varied.append(name)
+        else:
+            shown = next(iter(seen)) if seen else "-"
+            shown = shown if len(shown) <= 30 else shown[:29] + "…"
+            constant.append(Setting(name, None, None, f"never varied among the finished trials (always {shown})"
+                                    if seen else "no finished trial"))
+    if n < MIN_TRIALS:
+        result.note = (f"importance needs at least {MIN_TRIALS} finished trials with a value of the metric; "
+                       f"this sweep has {n}")
+    elif not varied:
+        result.note = "no setting varied among the finished trials"
+    shares = _ped_anova(rows, varied, goal, log) if n >= MIN_TRIALS and varied else {}
+    for name in varied:
+        xs = [_number(values.get(name)) for values, _ in rows]
+        setting = Setting(name, shares.get(name), None)
+        if any(x is None for x in xs):
+            setting.note = "categorical: no correlation (importance still applies)"
+        elif n < MIN_CORRELATION_TRIALS:
+            setting.note = f"correlation needs at least {MIN_CORRELATION_TRIALS} finished trials"
+        else:
+            setting.correlation = spearman(xs, [v for _, v in rows])
+            if setting.correlation is None:
+                setting.note = "the metric never varied"
+        result.settings.append(setting)
+    result.settings.sort(key=lambda s: (s.importance is None, -(s.importance or 0.0),
+                                        -abs(s.correlation or 0.0)))
+    result.settings += constant
+    return result
+
+
+def _ped_anova(rows: list[tuple[dict, float]], names: list[str], goal: str,
+               log: Mapping[str, bool]) -> dict[str, float]:
+    """Each setting's share of PED-ANOVA's total importance, computed on an in-memory Optuna study
+    built from the rows (the same code path for a sweep's storage and for runs read from their logs)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    distributions, params = {}, [dict() for _ in rows]
+    for name in names:
+        xs = [_number(values.get(name)) for values, _ in rows]
+        if all(x is not None for x in xs):
+            lo, hi = min(xs), max(xs)
+            distributions[name] = FloatDistribution(lo, hi, log=bool(log.get(name)) and lo > 0)
+            for p, x in zip(params, xs):
+                p[name] = x
+        else:  # strings, lists, a mix: categories, by their text
+            labels = [_label(values.get(name)) for values, _ in rows]
+            distributions[name] = CategoricalDistribution(sorted(set(labels)))
+            for p, label in zip(params, labels):
+                p[name] = label
+    study = optuna.create_study(direction="maximize" if goal == "maximize" else "minimize")
+    study.add_trials([optuna.trial.create_trial(params=p, distributions=distributions, value=v)
+                      for p, (_, v) in zip(params, rows)])
+    evaluator = PedAnovaImportanceEvaluator(target_quantile=top_count(len(rows)) / len(rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "experimental" notes and equal-importance warnings: handled below
+        raw = evaluator.evaluate(study, params=names)
+    total = sum(max(0.0, v) for v in raw.values())
+    if total <= 0:  # the best trials look like all the others in every setting
+        return {name: 0.0 for name in names}
+    return {name: max(0.0, raw[name]) / total for name in names}

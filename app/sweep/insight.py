@@ -1,0 +1,144 @@
+"""What an offline sweep found: its finished trials, the best one, and which settings mattered.
+
+    from app.sweep import insight
+    found = insight.from_study(study)          # a study read from a journal or PostgreSQL (read-only)
+    print(insight.format_findings(found))      # the lines sweep-status prints under its trials table
+    json.dumps(insight.as_json(study, found))  # sweep-status --json
+
+The importance figures come from app.runs.importance, which the report also uses for runs read from
+their logs (W&B sweeps, runs copied from several hosts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from app.runs import importance as imp
+
+LOG_DISTRIBUTIONS = ("log_uniform", "log_uniform_values", "q_log_uniform", "q_log_uniform_values")
+
+
+def log_scale(spec: Mapping[str, Any] | None, values: Sequence[Any]) -> bool:
+    """Whether a setting is drawn on a log axis: its sweep distribution is a log one; with no
+    distribution (a list of values, or runs with no sweep YAML at hand) when its positive values span
+    at least a factor of 10, as learning rates listed by hand do."""
+    if spec and spec.get("distribution") in LOG_DISTRIBUTIONS:
+        return True
+    if spec and spec.get("distribution") not in (None, "categorical"):
+        return False  # uniform, int_uniform, q_uniform: the sweep itself says linear
+    xs = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
+          and math.isfinite(v)]
+    return bool(xs) and len(xs) == len(values) and min(xs) > 0 and max(xs) / min(xs) >= 10
+
+
+def sweep_parameters(study) -> dict[str, dict]:
+    """The sweep YAML's `parameters` as the study stored them when the sweep began ({} if unknown)."""
+    try:
+        stored = json.loads(study.user_attrs.get("sweep_config") or "{}")
+    except ValueError:
+        return {}
+    params = stored.get("parameters") if isinstance(stored, dict) else None
+    return {k: v for k, v in params.items() if isinstance(v, dict)} if isinstance(params, dict) else {}
+
+
+@dataclass
+class Findings:
+    name: str
+    method: str  # grid | random | bayes | ?
+    metric: str
+    goal: str
+    settings: list[str]  # the swept settings
+    log: dict[str, bool]  # setting -> drawn on a log scale
+    finished: list[dict]  # trial rows (app.sweep.status.trial_rows) that completed with a value
+    best: dict | None  # the best of them by the goal
+    importance: imp.Importance
+
+
+def best_of(rows: list[dict], goal: str) -> dict | None:
+    rows = [r for r in rows if isinstance(r.get("value"), (int, float)) and math.isfinite(r["value"])]
+    if not rows:
+        return None
+    return (max if goal == "maximize" else min)(rows, key=lambda r: r["value"])
+
+
+def from_study(study) -> Findings:
+    from app.sweep.status import trial_rows
+
+    metric = study.user_attrs.get("metric", "value")
+    goal = study.user_attrs.get("goal", "minimize")
+    trials = study.get_trials(deepcopy=False)
+    settings = sorted({k for t in trials for k in t.params})
+    rows = trial_rows(study)
+    finished = [r for r in rows if r["state"] == "COMPLETE" and isinstance(r["value"], (int, float))
+                and math.isfinite(r["value"])]
+    specs = sweep_parameters(study)
+    log = {}
+    for name in settings:
+        dist = next((t.distributions[name] for t in trials if name in t.distributions), None)
+        if getattr(dist, "log", False):
+            log[name] = True
+        else:
+            log[name] = log_scale(specs.get(name), [r["values"].get(name) for r in finished])
+    result = imp.evaluate([(r["values"], r["value"]) for r in finished], settings, goal, log)
+    return Findings(study.study_name, study.user_attrs.get("method", "?"), metric, goal, settings, log,
+                    finished, best_of(finished, goal), result)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+def importance_lines(result: imp.Importance, metric: str) -> list[str]:
+    """The importance table as text: one line per setting, a note in words where a figure is missing."""
+    lines = [f"importance ({result.method}):"]
+    if result.note:
+        lines.append(f"  no importance: {result.note}")
+    width = max([len(s.name) for s in result.settings] + [7])
+    for s in result.settings:
+        share = "-" if s.importance is None else f"{s.importance:.0%}"
+        rho = "-" if s.correlation is None else f"{s.correlation:+.2f}"
+        note = f"  ({s.note})" if s.note else ""
+        lines.append(f"  {s.name.ljust(width)}  importance {share:>4}  correlation with {metric} {rho:>5}{note}")
+    return lines
+
+
+def format_findings(found: Findings) -> str:
+    lines = importance_lines(found.importance, found.metric)
+    if found.best is not None:
+        b = found.best
+        lines.append(f"best trial {b['trial']}: {found.metric} {b['value']:.4f}, W&B run {b['run'] or '-'}"
+                     + (f", folder {b['run_folder']}" if b.get("run_folder") else ""))
+        for k, v in b["values"].items():
+            lines.append(f"  {k} = {_fmt(v)}" + ("  (swept)" if k in found.settings else ""))
+    return "\n".join(lines)
+
+
+def as_json(study, found: Findings) -> dict[str, Any]:
+    """The sweep as sweep-status --json prints it: every trial, the best one and the importance."""
+    from app.sweep.status import trial_rows
+
+    return {"sweep": found.name, "method": found.method, "metric": found.metric, "goal": found.goal,
+            "grid_size": study.user_attrs.get("grid_size"), "settings": found.settings, "log_scale": found.log,
+            "trials": trial_rows(study), "best": found.best, "importance": found.importance.as_dict()}
+
+
+def _finite(v: Any) -> Any:
+    """JSON has no NaN or Infinity: a diverged trial's value is written as null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
+def json_text(studies: Sequence) -> str:
+    return json.dumps([_finite(as_json(s, from_study(s))) for s in studies], indent=2, default=str, allow_nan=False)

@@ -1,0 +1,151 @@
+"""Which swept setting mattered: importance (PED-ANOVA) and rank correlation, read from a sweep's storage.
+
+A known-answer sweep: a real offline sweep's study (journal file, then PostgreSQL) whose trials are drawn
+by its own sampler and told a metric that only learning_rate decides; batch_size and kernels are noise.
+Importance must rank learning_rate first, and say so in words (not a number) when data is too thin.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import warnings
+from pathlib import Path
+
+import pytest
+from optuna.distributions import CategoricalDistribution
+from cluster import postgres_server
+from conftest import clean_env, run_app
+
+from app.runs import importance as imp
+from app.sweep import insight
+from app.sweep import plan as osw
+from app.sweep.status import trial_rows
+from app.sweep.study import load_study, open_study
+
+KNOWN = """name: known-answer
+method: {method}
+metric: {{name: val_loss, goal: minimize}}
+parameters:
+  epochs: {{value: 2}}
+  learning_rate: {{distribution: log_uniform_values, min: 0.0001, max: 0.1}}
+  batch_size: {{values: [32, 64, 128, 256]}}
+  kernels: {{values: [[8, 16], [16, 32]]}}
+"""
+
+
+def known_metric(values: dict, rng: random.Random) -> float:
+    """val_loss decided by learning_rate alone (best at 3e-3), plus a little noise."""
+    return (math.log10(values["learning_rate"]) + 2.5) ** 2 + rng.gauss(0, 0.02)
+
+
+def draw(distribution, rng: random.Random):
+    if isinstance(distribution, CategoricalDistribution):
+        return rng.choice(distribution.choices)
+    lo, hi = distribution.low, distribution.high
+    return 10 ** rng.uniform(math.log10(lo), math.log10(hi)) if distribution.log else rng.uniform(lo, hi)
+
+
+def fill_sweep(tmp_path: Path, n: int, method: str = "random", storage: str | None = None) -> tuple[str, str]:
+    """Trials drawn by the sweep's own sampler and finished with known_metric, as an agent records them."""
+    (tmp_path / "sweep.yaml").write_text(KNOWN.format(method=method))
+    env = {"SWEEP_CONFIG": str(tmp_path / "sweep.yaml"), "WANDB_DIR": str(tmp_path / "runs")}
+    if storage:
+        env["SWEEP_STORAGE"] = storage
+    p = osw.plan(env)
+    study = open_study(p)
+    rng = random.Random(n)
+    for i in range(n):
+        # the draws come from a seeded generator (queued, as a retry is): the sweep's own sampler is unseeded,
+        # and at a few dozen trials an unlucky draw can still rank a noise setting first
+        study.enqueue_trial({d.name: draw(d.distribution, rng) for d in p.space.dimensions})
+        trial = study.ask()
+        values = p.space.values({d.name: d.suggest(trial) for d in p.space.dimensions})
+        trial.set_user_attr("values", values)
+        trial.set_user_attr("run_id", f"run{i:04d}")
+        study.tell(trial, known_metric(values, rng))
+    return p.storage_url, p.name
+
+
+def test_the_setting_that_decides_the_metric_ranks_first(tmp_path):
+    url, name = fill_sweep(tmp_path, 40)
+    found = insight.from_study(load_study(url, name))
+    ranking = [(s.name, s.importance) for s in found.importance.settings]
+    print("known-answer ranking:", ", ".join(f"{n} {v:.0%}" for n, v in ranking))
+    assert [n for n, _ in ranking][0] == "learning_rate", ranking
+    shares = dict(ranking)
+    assert shares["learning_rate"] > 2 * max(shares["batch_size"], shares["kernels"])
+    assert math.isclose(sum(shares.values()), 1.0)
+    assert found.settings == ["batch_size", "kernels", "learning_rate"]  # epochs is a constant, not swept
+    assert found.log == {"batch_size": False, "kernels": False, "learning_rate": True}
+    by_name = {s.name: s for s in found.importance.settings}
+    assert by_name["kernels"].correlation is None and "categorical" in by_name["kernels"].note
+    assert abs(by_name["batch_size"].correlation) < 0.5
+    assert "PED-ANOVA" in found.importance.method and "Spearman" in found.importance.method
+    assert found.best["value"] == min(r["value"] for r in found.finished)
+    assert 1e-3 < found.best["values"]["learning_rate"] < 1e-2
+
+
+def test_the_same_answer_from_postgresql(tmp_path):
+    with postgres_server() as url:
+        storage, name = fill_sweep(tmp_path, 30, method="bayes", storage=url)
+        found = insight.from_study(load_study(storage, name))
+    assert found.method == "bayes" and len(found.finished) == 30
+    assert found.importance.settings[0].name == "learning_rate", found.importance.settings
+
+
+def test_too_few_trials_give_words_not_numbers(tmp_path):
+    url, name = fill_sweep(tmp_path, imp.MIN_TRIALS - 1)
+    found = insight.from_study(load_study(url, name))
+    assert found.importance.trials == imp.MIN_TRIALS - 1
+    assert f"at least {imp.MIN_TRIALS} finished trials" in found.importance.note
+    assert all(s.importance is None for s in found.importance.settings)
+    # a rank correlation needs only 3 points: learning_rate's is there, and not random
+    lr = next(s for s in found.importance.settings if s.name == "learning_rate")
+    assert lr.correlation is not None
+    text = insight.format_findings(found)
+    assert "no importance: importance needs at least" in text and "importance    -" in text
+
+
+def test_a_setting_that_never_varied_is_named_not_scored():
+    rows = [({"lr": 10 ** -(1 + i / 4), "batch_size": 64, "opt": "adam" if i % 2 else "sgd"}, float(i)) for i in range(24)]
+    result = imp.evaluate(rows, ["lr", "batch_size", "opt"], "minimize")
+    by_name = {s.name: s for s in result.settings}
+    assert result.settings[-1].name == "batch_size"  # no figure: listed last
+    assert by_name["batch_size"].importance is None and by_name["batch_size"].correlation is None
+    assert by_name["batch_size"].note == "never varied among the finished trials (always 64)"
+    assert by_name["lr"].correlation == pytest.approx(-1.0)  # a smaller lr, a larger metric, every time
+    assert by_name["lr"].importance is not None and by_name["opt"].importance is not None
+    assert result.settings[0].name == "lr"
+
+
+def test_nothing_finished_and_metric_never_varied():
+    assert imp.evaluate([], ["lr"], "minimize").settings[0].note == "no finished trial"
+    rows = [({"lr": 0.1 * (i + 1)}, 0.5) for i in range(4)]
+    (lr,) = imp.evaluate(rows, ["lr"], "maximize").settings
+    assert lr.correlation is None and lr.note == "the metric never varied"
+    # NaN or missing metric values are not finished trials
+    rows = [({"lr": 0.1}, math.nan), ({"lr": 0.2}, None), ({"lr": 0.3}, 1.0)]
+    assert imp.evaluate(rows, ["lr"], "minimize").trials == 1
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([1, 2, 3, 4], [1, 2, 3, 4]), ([3, 1, 2], [3, 1, 2]), ([1, 2, 2, 3], [1, 2.5, 2.5, 4]), ([5, 5, 5], [2, 2, 2]),
+])
+def test_ranks_average_ties(values, expected):
+    assert imp.ranks(values) == expected
+
+
+def test_spearman_known_values():
+    assert imp.spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95))  # by hand: ranks 1..5 vs 1,2,3.5,5,3.5
+    assert imp.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert imp.spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_optuna_is_quiet():
+    # PED-ANOVA warns on tiny or tied inputs; those warnings must not reach a user's terminal
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        imp.evaluate([({"x": float(i)}, float(i % 3)) for i in range(imp.MIN_TRIALS)], ["x"], "minimize")
+    assert caught == [], [str(w.message) for w in caught]
