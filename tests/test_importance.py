@@ -143,6 +143,30 @@ def test_spearman_known_values():
     assert imp.spearman([1, 1, 1], [1, 2, 3]) is None
 
 
+def test_sweep_status_prints_importance_and_best_settings(tmp_path):
+    url, name = fill_sweep(tmp_path, 24, method="random")
+    env = clean_env(tmp_path)
+    proc = run_app(["sweep-status", str(tmp_path / "runs")], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "importance (PED-ANOVA" in out and "correlation with val_loss" in out
+    lines = out.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("importance ("))
+    assert lines[first + 1].split()[0] == "learning_rate"
+    assert "learning_rate = " in out and "(swept)" in out and "epochs = 2" in out
+
+    proc = run_app(["sweep-status", str(tmp_path / "runs"), "--json"], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (sweep,) = json.loads(proc.stdout)
+    assert sweep["sweep"] == name and sweep["metric"] == "val_loss" and sweep["goal"] == "minimize"
+    assert len(sweep["trials"]) == 24 and sweep["log_scale"]["learning_rate"] is True
+    assert sweep["importance"]["settings"][0]["name"] == "learning_rate"
+    assert sweep["best"]["run"] == min(sweep["trials"], key=lambda t: t["value"])["run"]
+    assert set(sweep["best"]["values"]) == {"epochs", "learning_rate", "batch_size", "kernels"}
+    study = load_study(url, name)
+    assert [t["value"] for t in sweep["trials"]] == [r["value"] for r in trial_rows(study)]
+
+
 def test_optuna_is_quiet():
     # PED-ANOVA warns on tiny or tied inputs; those warnings must not reach a user's terminal
     with warnings.catch_warnings(record=True) as caught:

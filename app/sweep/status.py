@@ -1,6 +1,8 @@
 """`python -m app sweep-status`: the trials table and the best trial of offline sweeps.
 
-    python -m app sweep-status [RUNS] [--config sweeps/grid.yaml | --name NAME] [--storage URL]
+    python -m app sweep-status [RUNS] [--config sweeps/grid.yaml | --name NAME] [--storage URL] [--json]
+
+Under the table: which swept settings mattered (app.sweep.insight) and the best trial's settings.
 
 Read-only: it never creates a study or writes on a journal (a damaged one is refused in one line
 with its repair command). `read_sweep` is the same look for other tools (the report).
@@ -18,6 +20,7 @@ import optuna
 
 from app import env
 from app.errors import UserError
+from app.sweep import insight
 from app.sweep import spec as sweep_spec
 from app.sweep.ledger import key_of, outcome
 from app.sweep.plan import storage_url, sweep_name
@@ -111,6 +114,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--name", help="the sweep name (default: every sweep in the storage)")
     parser.add_argument("--storage", help="journal file or postgresql:// URL (default: $SWEEP_STORAGE, "
                                           "else every $WANDB_DIR/sweeps/*.journal)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list: per sweep its trials, best trial "
+                                                            "and parameter importance")
     args = parser.parse_args(argv)
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -119,11 +124,15 @@ def main(argv: list[str]) -> int:
     if not found:
         raise UserError(f"no offline sweep found under {env.runs_root(environ) / 'sweeps'}; "
                         "pass the runs folder, --config, --name or --storage")
+    if args.json:
+        print(insight.json_text([load_study(url, study_name) for url, study_name in found]))
+        return 0
     for i, (url, study_name) in enumerate(found):
         study = load_study(url, study_name)
         if i:
             print()
         print(format_status(study))
+        print(insight.format_findings(insight.from_study(study)))
     return 0
 
 
