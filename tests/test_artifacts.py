@@ -205,8 +205,9 @@ def test_the_report_renders_its_tables_and_charts_in_a_real_browser(sweep_runs, 
     html = dom.stdout
     # what the browser built from the page: the run table with its artifact column, and the inline charts
     assert html.count("<table>") == 1 and "<th>model artifact</th>" in html and "<th>epochs done</th>" in html
-    assert html.count("fashion-mnist-convnet:latest") == 3
-    assert html.count('<svg xmlns="http://www.w3.org/2000/svg"') == 2
+    assert html.count("fashion-mnist-convnet:latest") == 4  # a table row per run, and the best run's summary
+    # what the sweep found (parallel coordinates, importance, history), then the scatter and the curves
+    assert html.count('<svg xmlns="http://www.w3.org/2000/svg"') == 5
     assert html.count('class="line"') >= 6 and 'class="best"' in html  # 3 runs x 2 curves at least; the ring
 
     shot = tmp_path / "report.png"

@@ -7,17 +7,21 @@ Runs built in memory check what a sweep cannot easily produce: hostile names, Na
 
 from __future__ import annotations
 
+import html
 import itertools
 import math
 import re
+import shlex
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 from conftest import clean_env, error_lines, run_app
 
-from app import runlog
-from app.runs import report, svg
+from app import config, runlog
+from app.runs import importance, report, svg
 
 SVG = "{http://www.w3.org/2000/svg}"
 SWEEP = """name: tiny-report
@@ -75,7 +79,7 @@ def test_report_renders_the_sweep(sweep_runs, tmp_path):
     proc = run_app(["report", str(sweep_runs), "--out", str(out)], clean_env(tmp_path), tmp_path)
     assert proc.returncode == 0, proc.stderr
     page = (out / "index.html").read_text()
-    assert page.count('<svg xmlns="http://www.w3.org/2000/svg"') == 2 and ".png" not in page  # both charts inline
+    assert page.count('<svg xmlns="http://www.w3.org/2000/svg"') == 5 and ".png" not in page  # every chart inline
     runs = {r.run_id: r for r in map(runlog.read, runlog.find(sweep_runs))}
     assert len(runs) == 2
 
@@ -120,6 +124,11 @@ def test_report_renders_the_sweep(sweep_runs, tmp_path):
     assert {"0.001", "0.01"} <= set(texts(lr, "xtick"))
     points = shapes(lr, "circle", "point")
     assert len(points) == 2
+    # a 2-point grid: no importance (too few trials), a parallel line and a history point per trial
+    found = ET.parse(out / "tiny-report-importance.svg").getroot()
+    assert children(found, "rect", "importance") == [] and f"needs {importance.MIN_TRIALS}+ finished trials" in texts(found, "note")
+    assert len(children(ET.parse(out / "tiny-report-parallel.svg").getroot(), "polyline", "trial")) == 2
+    assert f"{float(rows[0][2]):.4f}</b> (goal: minimize)" in page and f"--learning_rate={rows[0][1]}" in page
     (ring,) = shapes(lr, "circle", "best")
     best = next(p for p in points if p.find(f"{SVG}title").text.startswith(rows[0][0]))
     assert (ring.get("cx"), ring.get("cy")) == (best.get("cx"), best.get("cy"))
@@ -142,8 +151,9 @@ def hostile_runs() -> list[runlog.OfflineRun]:
 def test_user_text_is_escaped_and_bad_values_are_skipped():
     group = report.make_group("</svg><b>sweep", hostile_runs())
     index, charts = report.page(Path("runs <here>"), [group], ["folder <x>: broken"])
-    assert sorted(charts) == ["svg-b-sweep-curves.svg", "svg-b-sweep-params.svg"]
+    assert sorted(charts) == [f"svg-b-sweep-{kind}.svg" for kind in ("curves", "history", "importance", "parallel", "params")]
     assert "<script" not in index and "<img" not in index and "</svg><b>" not in index
+    assert '<b>&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;</b>' in index  # the best run, in words
     assert "<td>&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;</td>" in index
     for svg in charts.values():
         assert "<script" not in svg
@@ -161,6 +171,12 @@ def test_user_text_is_escaped_and_bad_values_are_skipped():
     params = ET.fromstring(charts["svg-b-sweep-params.svg"])
     (optimizer,) = panels(params).values()  # learning_rate is the same in both: not a swept setting
     assert texts(optimizer, "xtick") == ["a&b"]  # only the finished run is a point
+    parallel = ET.fromstring(charts["svg-b-sweep-parallel.svg"])
+    (line,) = children(parallel, "polyline", "trial")  # the finished run only
+    assert line.get("data-run") == '<script>alert("x")</script>'
+    assert line.find(f"{SVG}title").text.startswith('run <script>alert("x")</script> (#1)')
+    found = ET.fromstring(charts["svg-b-sweep-importance.svg"])
+    assert [g.get("data-name") for g in found.iter(f"{SVG}g") if g.get("class") == "setting"] == ["optimizer"]
 
 
 @pytest.mark.parametrize("values, log, integer, labels", [
@@ -196,3 +212,160 @@ def test_the_epochs_setting_and_the_epochs_done_are_two_columns():
     cells = {r[0]: r for r in (re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr><td>.*?</tr>", index))}
     assert cells["run0"][done] == "1" and cells["run1"][done] == "3"
     assert cells["run0"][headers.index("model artifact")] == "-"  # logged no artifact
+
+
+# ------------------------------------------------------------------------------------------
+# what a sweep found: parallel coordinates, importance, history, the best run
+# ------------------------------------------------------------------------------------------
+
+# Real offline runs of a W&B sweep (the agent gives each run WANDB_SWEEP_ID), written by the real wandb
+# library, as two hosts would: every other run in a second runs folder. val_accuracy is decided by
+# learning_rate alone (best at 3e-3); batch_size is noise.
+WANDB_SWEEP_WRITER = r"""
+import math, os, random, sys, wandb
+root, n = sys.argv[1], int(sys.argv[2])
+rng = random.Random(7)
+os.environ["WANDB_SWEEP_ID"] = "swp12345"
+for i in range(n):
+    lr = 10 ** rng.uniform(-4, -1)
+    run = wandb.init(project="p", dir=f"{root}/host{i % 2}", mode="offline",
+                     config={"learning_rate": lr, "batch_size": rng.choice([32, 64, 128, 256]), "epochs": 2,
+                             "kernels": [16, 32], "data_dir": "/data", "output_dir": "/out"})
+    acc = 0.9 - 0.1 * (math.log10(lr) + 2.5) ** 2 + rng.gauss(0, 0.005)
+    for e in range(2):
+        run.log({"loss": 1.0 / (e + 1)}, step=10 * e)
+        run.log({"epoch": e, "val_loss": 1 - acc, "val_accuracy": acc - 0.05 * (1 - e)}, step=10 * e + 5)
+    run.summary["val_accuracy"] = acc
+    run.finish()
+"""
+WANDB_SWEEP_RUNS = 24
+
+
+@pytest.fixture(scope="module")
+def wandb_sweep_runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("wandb-sweep")
+    for host in ("host0", "host1"):
+        (root / host).mkdir()
+    proc = subprocess.run([sys.executable, "-c", WANDB_SWEEP_WRITER, str(root), str(WANDB_SWEEP_RUNS)],
+                          env=clean_env(root, WANDB_SILENT="true"), cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def children(element: ET.Element, tag: str, cls: str) -> list[ET.Element]:
+    return [e for e in element.iter(f"{SVG}{tag}") if cls in (e.get("class") or "").split()]
+
+
+def test_a_wandb_sweep_spread_over_two_runs_folders(wandb_sweep_runs, tmp_path):
+    out = tmp_path / "report"
+    hosts = [str(wandb_sweep_runs / "host0"), str(wandb_sweep_runs / "host1")]
+    proc = run_app(["report", *hosts, "--out", str(out)], clean_env(tmp_path), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    runs = {r.run_id: r for r in map(runlog.read, runlog.find(wandb_sweep_runs))}
+    assert len(runs) == WANDB_SWEEP_RUNS and {r.sweep_id for r in runs.values()} == {"swp12345"}
+    best = max(runs.values(), key=lambda r: r.summary["val_accuracy"])
+    page = (out / "index.html").read_text()
+    assert "<h2>wandb-sweep-swp12345</h2>" in page  # one group, both folders
+
+    parallel = ET.parse(out / "wandb-sweep-swp12345-parallel.svg").getroot()
+    assert_finite_geometry(parallel)
+    lines = children(parallel, "polyline", "trial")
+    assert len(lines) == WANDB_SWEEP_RUNS  # one line per finished run
+    assert {line.get("data-run") for line in lines} == set(runs)
+    titles = {line.get("data-run"): line.find(f"{SVG}title").text for line in lines}
+    assert titles[best.run_id].startswith(f"run {best.run_id} ") and "learning_rate=" in titles[best.run_id]
+    (top,) = children(parallel, "polyline", "best-trial")
+    assert top.get("data-run") == best.run_id and top is lines[-1]  # drawn last: on top
+    axes = [(g.get("data-name"), [t.text for t in g.iter(f"{SVG}text") if t.get("class") == "axis-note"][0])
+            for g in parallel.iter(f"{SVG}g") if g.get("class") == "axis"]
+    # most important first, the metric last; learning_rate spans 1e-4..1e-1: a log axis
+    assert axes == [("learning_rate", "log scale"), ("batch_size", "setting"), ("val_accuracy", "metric, maximize")]
+    # the best run's vertex on the metric axis is the highest of all (maximize: larger is drawn higher)
+    assert coordinates(top)[-1][1] == min(coordinates(line)[-1][1] for line in lines)
+
+    found = ET.parse(out / "wandb-sweep-swp12345-importance.svg").getroot()
+    rows = [g.get("data-name") for g in found.iter(f"{SVG}g") if g.get("class") == "setting"]
+    assert rows == ["learning_rate", "batch_size"]
+    assert len(children(found, "rect", "importance")) == 2 and len(children(found, "rect", "correlation")) == 2
+    assert "PED-ANOVA" in " ".join(texts(found, "method"))
+
+    history = ET.parse(out / "wandb-sweep-swp12345-history.svg").getroot()
+    (panel,) = panels(history).values()
+    assert len(shapes(panel, "circle", "point")) == WANDB_SWEEP_RUNS
+    (so_far,) = shapes(panel, "polyline", "line")
+    ys = [y for _, y in coordinates(so_far)]
+    assert all(a >= b for a, b in itertools.pairwise(ys))  # best so far (maximize) never goes down the chart
+    assert len(shapes(panel, "circle", "best")) == 1
+
+    # the best run in words, with a command that trains exactly its settings
+    summary = re.search(r'<p class="best-run">(.*?)</p>', page, re.S).group(1)
+    assert best.run_id in summary and f"{best.summary['val_accuracy']:.4f}" in summary
+    command = html.unescape(re.search(r'<pre class="retrain">(.*?)</pre>', page, re.S).group(1))
+    argv = shlex.split(command)
+    assert argv[:4] == ["python", "-m", "app", "train"]
+    retrained = config.load(argv[4:], environ={}, dotenv_path=None)
+    assert retrained.learning_rate == best.config["learning_rate"]  # every digit: repr of the float
+    assert retrained.batch_size == best.config["batch_size"] and retrained.kernels == (16, 32)
+    assert "/data" not in command and "/out" not in command  # the training host's paths are not this host's
+
+
+def test_the_page_renders_in_a_real_browser(wandb_sweep_runs, tmp_path):
+    from PIL import Image, ImageStat
+    from test_artifacts import browse
+
+    out = tmp_path / "report"
+    index, _ = report.render([wandb_sweep_runs / "host0", wandb_sweep_runs / "host1"], out)
+    dom = browse(index, tmp_path / "profile-dom", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    built = ET.fromstring(re.search(r"<svg[^>]*class=\"chart\".*?</svg>", dom.stdout, re.S).group(0))
+    assert built.find(f"{SVG}text").text.endswith("every finished run through its settings to val_accuracy")
+    assert len(re.findall(r'class="trial(?: best-trial)?"', dom.stdout)) == WANDB_SWEEP_RUNS and dom.stdout.count('class="setting"') == 2
+    assert dom.stdout.count("<title>run ") >= 2 * WANDB_SWEEP_RUNS  # hover: parallel lines and history points
+    assert 'class="retrain"' in dom.stdout
+
+    shot = tmp_path / "report.png"
+    proc = browse(index, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1400,1300", "--hide-scrollbars")
+    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
+    image = Image.open(shot).convert("RGB")
+    # the charts sit at the top: ink there, and the best run's red line and the viridis lines are painted
+    gray = image.convert("L")
+    assert ImageStat.Stat(gray.crop((0, 250, 1400, 1300))).stddev[0] > 10
+    colours = image.crop((0, 250, 900, 1000)).getcolors(maxcolors=1 << 20)
+    assert any(r > 200 and g < 40 and b < 40 for _, (r, g, b) in colours)  # red: the best run
+    assert any(r > 200 and g > 200 and b < 80 for _, (r, g, b) in colours)  # yellow: the best of viridis
+
+
+def test_log_axes_follow_the_sweeps_distribution(tmp_path):
+    """An offline sweep's storage says which settings are drawn log-uniform, even when the values the
+    runs happened to get span less than a factor of 10."""
+    from test_importance import fill_sweep
+
+    fill_sweep(tmp_path, 3)
+    runs = []
+    for i, lr in enumerate((0.002, 0.004, 0.008)):
+        run = runlog.OfflineRun(path=Path(f"offline-run-{i}"), run_id=f"r{i}", group="known-answer",
+                                config={"learning_rate": lr, "batch_size": 32 * (i + 1)}, exit_code=0,
+                                summary={"val_loss": 1.0 + i})
+        runs.append(run)
+    group = report.make_group("known-answer", runs, "val_loss", "minimize")
+    assert report._log_scale([tmp_path / "runs"], group) == {"batch_size": False, "learning_rate": True}
+    assert report._log_scale([tmp_path / "elsewhere"], group) == {"batch_size": False, "learning_rate": False}
+
+
+def test_too_few_runs_show_words_not_importance():
+    runs = []
+    for i in range(4):
+        run = runlog.OfflineRun(path=Path(f"offline-run-{i}"), run_id=f"r{i}", group="g", exit_code=0,
+                                config={"learning_rate": 0.001 * (i + 1), "optimizer": "adam"}, summary={"val_loss": 1.0 / (i + 1)})
+        runs.append(run)
+    runs[0].config["optimizer"] = "sgd"
+    runs[0].exit_code = None  # never finished: not a trial of the charts, so optimizer never varied among them
+    index, charts = report.page(Path("runs"), [report.make_group("g", runs, "val_loss", "minimize")], [])
+    found = ET.fromstring(charts["g-importance.svg"])
+    assert children(found, "rect", "importance") == []
+    notes = texts(found, "note")
+    assert f"needs {importance.MIN_TRIALS}+ finished trials" in notes
+    assert "never varied among the finished trials (always adam)" in notes
+    assert any(f"at least {importance.MIN_TRIALS} finished trials" in t for t in texts(found, "method"))
+    assert len(children(found, "rect", "correlation")) == 1  # learning_rate: 3 points are enough for a rank correlation
+    assert len(children(ET.fromstring(charts["g-parallel.svg"]), "polyline", "trial")) == 3

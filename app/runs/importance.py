@@ -98,7 +98,8 @@ def method(n: int) -> str:
     rough = f" (under {ROUGH_BELOW} trials: a rough ranking, more trials may reorder close ones)" if n < ROUGH_BELOW else ""
     return (f"PED-ANOVA (Optuna's PedAnovaImportanceEvaluator): how differently each setting is spread "
             f"among the best {top} of {n} finished trials than among all of them, as a share of the total"
-            f"{rough}. Correlation: Spearman's rank correlation with the metric")
+            f"{rough}. Correlation: Spearman's rank correlation with the metric (a trend only: a setting "
+            f"with a sweet spot in the middle can matter much and correlate near 0)")
 
 
 def top_count(n: int) -> int:

@@ -21,13 +21,13 @@ import html
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from app import artifact, env, runlog
 from app.errors import UserError
-from app.runs import svg
+from app.runs import importance, svg, sweepcharts
 
 DEFAULT_METRIC, DEFAULT_GOAL = "val_accuracy", "maximize"
 NOT_PARAMS = {"data_dir", "output_dir", "device"}  # differ between hosts, not between trials
@@ -41,6 +41,7 @@ class Group:
     goal: str
     params: list[str]  # config keys whose values differ between the runs
     died: list[dict]  # attempts the sweep storage saw die, if it is here
+    log: dict[str, bool] = field(default_factory=dict)  # swept settings drawn on a log scale
 
 
 def _value(run, metric: str) -> float | None:
@@ -51,10 +52,14 @@ def _value(run, metric: str) -> float | None:
     return svg.number(v)
 
 
-def _sweep_info(root: Path, group: str) -> tuple[str, str, list[dict]]:
+def _journal(roots: list[Path], group: str) -> Path | None:
     # PATH may be the runs folder (WANDB_DIR) or its wandb/ folder; the journal sits beside wandb/
-    journal = next((d / "sweeps" / f"{group}.journal" for d in (root, root.parent)
-                    if (d / "sweeps" / f"{group}.journal").is_file()), None)
+    return next((d / "sweeps" / f"{group}.journal" for root in roots for d in (root, root.parent)
+                 if group and (d / "sweeps" / f"{group}.journal").is_file()), None)
+
+
+def _sweep_info(root: Path | list[Path], group: str) -> tuple[str, str, list[dict]]:
+    journal = _journal(root if isinstance(root, list) else [root], group)
     if not group or journal is None:
         return DEFAULT_METRIC, DEFAULT_GOAL, []
     from app.sweep import status
@@ -66,9 +71,35 @@ def _sweep_info(root: Path, group: str) -> tuple[str, str, list[dict]]:
     return sweep.metric, sweep.goal, sweep.unfinished
 
 
-def collect(root: Path) -> tuple[list[Group], list[str]]:
+def _log_scale(roots: list[Path], group: Group) -> dict[str, bool]:
+    """Which swept settings the sweep draws on a log scale: from its storage when the journal came
+    along, else judged from the values (app.sweep.insight.log_scale)."""
+    from app.sweep import insight
+
+    journal = _journal(roots, group.name)
+    found: dict[str, bool] = {}
+    if journal is not None:
+        try:
+            from app.sweep.study import load_study
+
+            found = insight.from_study(load_study(str(journal), group.name)).log
+        except UserError:
+            pass
+    return {k: found[k] if k in found else insight.log_scale(None, [r.config.get(k) for r in group.runs])
+            for k in group.params}
+
+
+def group_name(run) -> str:
+    """An offline sweep's trials share its name as their group; a W&B sweep's runs share its id."""
+    return run.group or (f"wandb-sweep-{run.sweep_id}" if run.sweep_id else "")
+
+
+def collect(root: Path | list[Path]) -> tuple[list[Group], list[str]]:
+    """Every run under the folder(s), grouped; runs of one sweep may be spread over several folders."""
+    roots = root if isinstance(root, list) else [root]
     runs, problems = [], []
-    for folder in runlog.find(root):
+    folders = sorted({f for r in roots for f in runlog.find(r)})
+    for folder in folders:
         try:
             run = runlog.read(folder)
         except (runlog.RunLogError, OSError) as exc:
@@ -82,10 +113,12 @@ def collect(root: Path) -> tuple[list[Group], list[str]]:
             problems.append(f"{folder}: damaged log, shown from what could be read ({'; '.join(run.damaged[:3])})")
         runs.append(run)
     groups = []
-    for name in sorted({r.group for r in runs}):
-        members = [r for r in runs if r.group == name]
-        metric, goal, died = _sweep_info(root, name)
-        groups.append(make_group(name, members, metric, goal, died))
+    for name in sorted({group_name(r) for r in runs}):
+        members = [r for r in runs if group_name(r) == name]
+        metric, goal, died = _sweep_info(roots, name)
+        group = make_group(name, members, metric, goal, died)
+        group.log = _log_scale(roots, group)
+        groups.append(group)
     return groups, problems
 
 
@@ -221,15 +254,56 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
 
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def findings(g: Group) -> tuple[str, dict[str, str]]:
+    """What the sweep found, above its table: the best run in words (its settings, metric, model artifact
+    and the command that trains it again), then parallel coordinates, parameter importance and the
+    optimisation history as {file name: SVG}."""
+    trials = sweepcharts.trials_of(g.runs, lambda r: _value(r, g.metric))
+    slug, charts = _slug(g.name), {}
+    result = importance.evaluate([(t.run.config, t.value) for t in trials], g.params, g.goal, g.log)
+    ranked = [s.name for s in result.settings]  # most important first: the axes read in that order
+    best = sweepcharts.best_of(trials, g.goal)
+    parts = []
+    if best is not None:
+        settings = ", ".join(f"{k} = {sweepcharts.short(best.run.config.get(k))}" for k in ranked) or "no swept setting"
+        models = "; ".join(a.label() for a in artifact.recorded(best.run.path)) or "none logged"
+        parts.append(
+            f'<p class="best-run">Best of {len(trials)} finished run(s): <b>{html.escape(best.run.run_id)}</b> '
+            f'(started {_ordinal(best.order)} of {len(trials)}; folder {html.escape(best.run.path.name)}) reached {html.escape(g.metric)} '
+            f'<b>{best.value:.4f}</b> (goal: {html.escape(g.goal)}) with {html.escape(settings)}. '
+            f'Model artifact: {html.escape(models)}. Train it again with the same settings '
+            f'(data_dir and output_dir are this host\'s; set them as usual):</p>'
+            f'<pre class="retrain">{html.escape(sweepcharts.retrain_command(best.run.config, ranked))}</pre>')
+    else:
+        parts.append("<p>No run has finished with a value of the metric yet.</p>")
+    drawn = [
+        ("parallel", sweepcharts.parallel_svg(f"{g.name}: every finished run through its settings to {g.metric}",
+                                              trials, ranked, g.metric, g.goal, g.log)),
+        ("importance", sweepcharts.importance_svg(f"{g.name}: which settings mattered for {g.metric}", result, g.metric)
+         if g.params and trials else None),
+        ("history", sweepcharts.history_svg(f"{g.name}: optimisation history", trials, ranked, g.metric, g.goal)),
+    ]
+    for kind, chart in drawn:
+        if chart is not None:
+            charts[f"{slug}-{kind}.svg"] = chart
+            parts.append(chart)
+    return "".join(parts), charts
+
+
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1500px}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
-th{background:#f0f0f0}tr:nth-child(2){background:#eaffea}svg.chart{max-width:100%;height:auto;border:1px solid #ddd;margin:.5em 0}"""
+th{background:#f0f0f0}tr:nth-child(2){background:#eaffea}svg.chart{max-width:100%;height:auto;border:1px solid #ddd;margin:.5em 0}
+pre.retrain{background:#f6f6f6;padding:.6em;white-space:pre-wrap;word-break:break-all;max-width:1200px}"""
 
 
-def page(root: Path, groups: list[Group], problems: list[str]) -> tuple[str, dict[str, str]]:
+def page(root: Path | list[Path], groups: list[Group], problems: list[str]) -> tuple[str, dict[str, str]]:
     """index.html and the charts it shows, as {file name: SVG}."""
     charts: dict[str, str] = {}
-    parts = [f"<h1>Offline runs in {html.escape(str(root))}</h1>"]
+    parts = [f"<h1>Offline runs in {html.escape(_where(root))}</h1>"]
     for g in groups:
         slug = _slug(g.name)
         best = next((r for r in g.runs if _value(r, g.metric) is not None), None)
@@ -238,6 +312,9 @@ def page(root: Path, groups: list[Group], problems: list[str]) -> tuple[str, dic
             parts.append(f"<p>best: run <b>{html.escape(best.run_id)}</b> {html.escape(g.metric)} "
                          f"{_value(best, g.metric):.4f} ({html.escape(_label(best, g.params))}); "
                          f"goal: {html.escape(g.goal)} {html.escape(g.metric)}</p>")
+        found, found_charts = findings(g)
+        charts.update(found_charts)
+        parts.append(found)
         parts.append(_table(g))
         params = params_svg(g)
         if params is not None:
@@ -252,14 +329,18 @@ def page(root: Path, groups: list[Group], problems: list[str]) -> tuple[str, dic
     return index, charts
 
 
-def render(root: Path, out: Path) -> tuple[Path, list[str]]:
+def _where(root: Path | list[Path]) -> str:
+    return ", ".join(map(str, root)) if isinstance(root, list) else str(root)
+
+
+def render(root: Path | list[Path], out: Path) -> tuple[Path, list[str]]:
     """Writes the page; returns it and the runs left out (also listed on the page)."""
     groups, problems = collect(root)
     if not groups and problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"no readable offline runs under {root}: {problems[0]}{more}")
+        raise UserError(f"no readable offline runs under {_where(root)}: {problems[0]}{more}")
     if not groups:
-        raise UserError(f"no offline runs under {root}: pass the folder that holds wandb/offline-run-* (or WANDB_DIR)")
+        raise UserError(f"no offline runs under {_where(root)}: pass the folder that holds wandb/offline-run-* (or WANDB_DIR)")
     index, charts = page(root, groups, problems)
     out.mkdir(parents=True, exist_ok=True)
     for name, chart in charts.items():
@@ -271,13 +352,15 @@ def render(root: Path, out: Path) -> tuple[Path, list[str]]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m app report",
                                      description="Render offline runs (and offline sweeps) to SVG charts and a static HTML page.")
-    parser.add_argument("path", nargs="?", help="runs folder (default: $WANDB_DIR, else .)")
+    parser.add_argument("path", nargs="*", help="runs folder(s): one sweep's runs may be spread over several "
+                                                "(default: $WANDB_DIR, else .)")
     parser.add_argument("--out", default="report", help="folder for index.html and the SVG charts (default: report)")
     args = parser.parse_args(argv)
-    root = Path(args.path) if args.path else env.runs_root(os.environ)
-    if not root.exists():
-        raise UserError(f"runs folder {str(root)!r} does not exist")
-    index, problems = render(root, Path(args.out))
+    roots = [Path(p) for p in args.path] or [env.runs_root(os.environ)]
+    for root in roots:
+        if not root.exists():
+            raise UserError(f"runs folder {str(root)!r} does not exist")
+    index, problems = render(roots if len(roots) > 1 else roots[0], Path(args.out))
     for problem in problems:
         print(f"note: {problem}", file=sys.stderr)
     print(f"report written: {index}")

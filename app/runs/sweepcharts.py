@@ -1,0 +1,295 @@
+"""What a sweep found, drawn for the offline report (app.runs.report): parallel coordinates of the swept
+settings and the metric, parameter importance, the optimisation history, and the best run in words.
+
+    from app.runs import sweepcharts
+    trials = sweepcharts.trials_of(runs, value_of)  # finished runs with a value of the metric, in start order
+    text = sweepcharts.parallel_svg("title", trials, ["learning_rate"], "val_loss", "minimize", {"learning_rate": True})
+
+Plain SVG text like app.runs.svg (whose axes, colours and escaping it reuses): every user-chosen text is
+escaped and cut to a bounded length, and the number of axes is bounded, so a sweep of hundreds of runs
+or a hostile config still makes a page of bounded size that a browser opens quickly.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+from app.runs import importance as imp
+from app.runs import svg
+
+MAX_AXES = 12  # swept settings drawn as axes (most important first); more would be unreadable
+AXIS_GAP = 150  # px between two axes
+PC_TOP, PC_H, PC_LEFT = 78, 300, 80  # parallel coordinates: room for title and names, axis height, left room
+NAME_CHARS = 22  # an axis name or category label longer than this is cut (the hover text has it whole)
+TIP_CHARS = 400  # a hover text is cut here
+MAX_CATEGORY_LABELS = 20  # more categories than this on an axis: every k-th is labelled
+NOT_RETRAIN = ("data_dir", "output_dir")  # where things live on the host that trained: this host has its own
+
+
+@dataclass
+class Trial:
+    run: Any  # runlog.OfflineRun
+    value: float  # the sweep's metric
+    order: int  # 1-based, in the order the runs started
+
+
+def cut(text: str, limit: int = NAME_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+def started(run) -> tuple:
+    """When a run started: its first logged timestamp, then its folder name (offline-run-DATE_TIME-id)."""
+    stamps = [r["_timestamp"] for r in run.history[:1] if isinstance(r.get("_timestamp"), (int, float))]
+    return (stamps[0] if stamps else float("inf"), run.path.name)
+
+
+def trials_of(runs: list, value_of) -> list[Trial]:
+    """Finished runs with a finite value of the metric, numbered in the order they started."""
+    done = [(r, value_of(r)) for r in runs if r.finished]
+    done = sorted([(r, v) for r, v in done if v is not None], key=lambda rv: started(rv[0]))
+    return [Trial(r, v, i + 1) for i, (r, v) in enumerate(done)]
+
+
+def best_of(trials: list[Trial], goal: str) -> Trial | None:
+    if not trials:
+        return None
+    return (max if goal == "maximize" else min)(trials, key=lambda t: t.value)
+
+
+def shade(v: float, lo: float, hi: float, goal: str) -> str:
+    """Viridis by the metric, yellow = best whichever the goal (as the report's scatter)."""
+    t = 0.5 if hi == lo else (v - lo) / (hi - lo)
+    return svg.viridis(t if goal == "maximize" else 1 - t)
+
+
+def tip(trial: Trial, params: list[str], metric: str) -> str:
+    shown = " ".join(f"{k}={short(trial.run.config.get(k))}" for k in params)
+    return cut(f"run {trial.run.run_id} (#{trial.order}): {metric} {trial.value:.4g}; {shown}", TIP_CHARS)
+
+
+def _axis(values: list[Any], log: bool) -> tuple[svg.Axis, list[float]]:
+    """A vertical axis for one setting and each trial's position on it."""
+    numbers = [svg.number(v) for v in values]
+    if values and all(x is not None for x in numbers):
+        log = log and min(numbers) > 0
+        return svg.Axis.fit(numbers, log=log), numbers
+    cats = sorted({short(v) for v in values}, key=lambda c: (svg.number(_float(c)) is None, _float(c), c))
+    pos = [float(cats.index(short(v))) for v in values]
+    return svg.Axis(-0.5, len(cats) - 0.5, categories=cats), pos
+
+
+def _float(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
+
+
+def parallel_svg(title: str, trials: list[Trial], params: list[str], metric: str, goal: str,
+                 log: dict[str, bool]) -> str | None:
+    """One line per finished trial through an axis per swept setting and the metric; None: nothing to draw."""
+    if not trials or not params:
+        return None
+    shown_params = params[:MAX_AXES]
+    columns = [(k, [t.run.config.get(k) for t in trials], bool(log.get(k))) for k in shown_params]
+    columns.append((metric, [t.value for t in trials], False))
+    axes = [(name, *_axis(values, is_log)) for name, values, is_log in columns]
+    values = [t.value for t in trials]
+    lo, hi = min(values), max(values)
+    best = best_of(trials, goal)
+    gap = max(AXIS_GAP, min(260, 640 // (len(axes) - 1)))  # few axes: spread out, so the lines' slopes read
+    footnote = (f"One line per finished run, coloured by {cut(metric, 40)} (yellow = best); the best run in red. "
+                "Hover a line for its run.")
+    width = max(PC_LEFT + gap * (len(axes) - 1) + 170, _text_width(title, svg.FONT + 3), _text_width(footnote, svg.FONT))
+    height = PC_TOP + PC_H + 60
+    out = [_head(width, height, title)]
+
+    def y_of(axis: svg.Axis, v: float) -> float:
+        return PC_TOP + (1 - axis.frac(v)) * PC_H
+
+    # lines first (worst first, the best last: on top), then axes over them so ticks stay readable
+    order = sorted(range(len(trials)), key=lambda i: (trials[i] is best, values[i] if goal == "maximize" else -values[i]))
+    out.append('<g class="trials">')
+    for i in order:
+        t = trials[i]
+        pts = " ".join(f"{svg.num(PC_LEFT + j * gap)},{svg.num(y_of(axis, pos[i]))}"
+                       for j, (_, axis, pos) in enumerate(axes))
+        style = ('stroke="red" stroke-width="3.5"' if t is best else
+                 f'stroke="{shade(t.value, lo, hi, goal)}" stroke-width="1.3" stroke-opacity="0.75"')
+        cls = "trial best-trial" if t is best else "trial"
+        out.append(f'<polyline class="{cls}" data-run="{svg.esc(t.run.run_id)}" points="{pts}" fill="none" {style}>'
+                   f'<title>{svg.esc(tip(t, params, metric))}</title></polyline>')
+    out.append("</g>")
+    for j, (name, axis, _) in enumerate(axes):
+        x = PC_LEFT + j * gap
+        is_metric = j == len(axes) - 1
+        label = f"{name} ({goal})" if is_metric else name + (" (log)" if axis.log else "")
+        out.append(f'<g class="axis" data-name="{svg.esc(name)}"><title>{svg.esc(label)}</title>'
+                   f'<line x1="{x}" y1="{PC_TOP}" x2="{x}" y2="{PC_TOP + PC_H}" stroke="#333" stroke-width="1.2"/>'
+                   f'<text class="axis-name" x="{x}" y="{PC_TOP - 30}" text-anchor="middle" font-weight="bold">'
+                   f'{svg.esc(cut(name))}</text>'
+                   f'<text class="axis-note" x="{x}" y="{PC_TOP - 15}" text-anchor="middle" fill="#555">'
+                   f'{svg.esc("metric, " + goal if is_metric else ("log scale" if axis.log else "setting"))}</text>')
+        ticks = axis.ticks()
+        step = max(1, -(-len(ticks) // MAX_CATEGORY_LABELS))
+        for v, text in ticks[::step]:
+            y = svg.num(y_of(axis, v))
+            out.append(f'<line x1="{x - 4}" y1="{y}" x2="{x}" y2="{y}" stroke="#333"/>'
+                       f'<text class="tick" x="{x - 7}" y="{y}" text-anchor="end" dominant-baseline="middle" '
+                       f'paint-order="stroke" stroke="white" stroke-width="3">{svg.esc(cut(text))}</text>')
+        out.append("</g>")
+    if len(params) > MAX_AXES:
+        out.append(f'<text x="10" y="{PC_TOP + PC_H + 40}" fill="#555">{len(params) - MAX_AXES} more setting(s) '
+                   f'not drawn (the {MAX_AXES} most important are)</text>')
+    out.append(_colour_bar(PC_LEFT + gap * (len(axes) - 1) + 60, PC_TOP, metric, lo, hi, goal))
+    out.append(f'<text x="10" y="{PC_TOP + PC_H + 24}" fill="#555">{svg.esc(footnote)}</text>')
+    out.append("</svg>\n")
+    return "\n".join(out)
+
+
+def _text_width(text: str, size: float) -> float:
+    return 20 + 0.6 * size * len(text)  # no font metrics in plain SVG: 0.6 em per character, as app.runs.svg
+
+
+def _head(width: float, height: float, title: str) -> str:
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{svg.num(width)}" height="{svg.num(height)}" '
+            f'viewBox="0 0 {svg.num(width)} {svg.num(height)}" font-family="system-ui, sans-serif" font-size="{svg.FONT}">\n'
+            f'<rect width="100%" height="100%" fill="white"/>\n'
+            f'<text class="suptitle" x="10" y="22" font-size="{svg.FONT + 3}" font-weight="bold">{svg.esc(title)}</text>')
+
+
+def _colour_bar(left: float, top: float, metric: str, lo: float, hi: float, goal: str) -> str:
+    out = [f'<g class="colour-bar" transform="translate({svg.num(left)} {svg.num(top)})">']
+    for i in range(20):
+        v = lo + (hi - lo) * (i + 0.5) / 20
+        band = (19 - i) * 10 if goal == "maximize" else i * 10
+        out.append(f'<rect x="0" y="{band}" width="14" height="10" fill="{shade(v, lo, hi, goal)}"/>')
+    top_v, bottom_v = (hi, lo) if goal == "maximize" else (lo, hi)
+    out.append(f'<text x="20" y="9">{top_v:.4g} best</text><text x="20" y="200">{bottom_v:.4g}</text>'
+               f'<line x1="0" y1="225" x2="22" y2="225" stroke="red" stroke-width="3.5"/>'
+               f'<text x="28" y="229">best run</text></g>')
+    return "".join(out)
+
+
+ROW_H = 26
+NAME_W, BAR_W = 170, 220
+
+
+def importance_svg(title: str, result: imp.Importance, metric: str) -> str:
+    """Per setting: its importance (share of the total) and its rank correlation with the metric, as bars;
+    a setting with no figure shows the reason in words. The method is named under the bars."""
+    settings = result.settings[:MAX_AXES * 2]
+    imp_x = NAME_W + 10
+    cor_x = imp_x + BAR_W + 70  # the correlation bar's left end (-1); its zero is in the middle
+    width = max(cor_x + BAR_W + 80, _text_width(title, svg.FONT + 3))
+    notes = _wrap(result.method, 115) + ([f"No importance: {result.note}."] if result.note else [])
+    top = 66
+    height = top + ROW_H * max(1, len(settings)) + 22 + 16 * len(notes)
+    out = [_head(width, height, title),
+           f'<text class="col" x="{imp_x}" y="{top - 12}" font-weight="bold">importance (share of total)</text>',
+           f'<text class="col" x="{cor_x}" y="{top - 12}" font-weight="bold">'
+           f'{svg.esc(cut("correlation with " + metric, 40))} (Spearman)</text>']
+    mid = cor_x + BAR_W / 2
+    out.append(f'<line x1="{mid}" y1="{top - 4}" x2="{mid}" y2="{top + ROW_H * len(settings)}" stroke="#999"/>')
+    for i, s in enumerate(settings):
+        y = top + i * ROW_H
+        hover = (f"{s.name}: importance {'-' if s.importance is None else f'{s.importance:.1%}'}, correlation "
+                 f"{'-' if s.correlation is None else f'{s.correlation:+.2f}'}" + (f" ({s.note})" if s.note else ""))
+        row = [f'<g class="setting" data-name="{svg.esc(s.name)}"><title>{svg.esc(cut(hover, TIP_CHARS))}</title>',
+               f'<text x="{NAME_W}" y="{y + 16}" text-anchor="end">{svg.esc(cut(s.name))}</text>']
+        if s.importance is not None:
+            w = BAR_W * s.importance
+            row.append(f'<rect class="importance" x="{imp_x}" y="{y + 5}" width="{svg.num(w)}" height="15" fill="#1f77b4"/>'
+                       f'<text x="{svg.num(imp_x + w + 4)}" y="{y + 16}">{s.importance:.0%}</text>')
+        if s.correlation is not None:
+            w = BAR_W / 2 * abs(s.correlation)
+            x = mid if s.correlation >= 0 else mid - w
+            color = "#2ca02c" if s.correlation >= 0 else "#d62728"
+            row.append(f'<rect class="correlation" x="{svg.num(x)}" y="{y + 5}" width="{svg.num(w)}" height="15" fill="{color}"/>'
+                       f'<text x="{svg.num(cor_x + BAR_W + 6)}" y="{y + 16}">{s.correlation:+.2f}</text>')
+        constant = s.importance is None and s.correlation is None and not result.note and bool(s.note)
+        categorical = s.note.startswith("categorical")
+        words = []  # (x, text) where a figure is missing
+        if constant or (s.note and s.importance is None and s.correlation is None and "never varied" in s.note):
+            words.append((imp_x, s.note))
+        else:
+            if s.importance is None:
+                words.append((imp_x, f"needs {imp.MIN_TRIALS}+ finished trials" if result.note else "-"))
+            if s.correlation is None:
+                words.append((cor_x, "categorical: no correlation" if categorical else s.note or "-"))
+        for x, text in words:
+            row.append(f'<text class="note" x="{x}" y="{y + 16}" fill="#666" font-style="italic">'
+                       f'{svg.esc(cut(text, 60))}</text>')
+        row.append("</g>")
+        out.append("".join(row))
+    y = top + ROW_H * max(1, len(settings)) + 18
+    for line in notes:
+        out.append(f'<text class="method" x="10" y="{y}" fill="#444">{svg.esc(line)}</text>')
+        y += 16
+    out.append("</svg>\n")
+    return "\n".join(out)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + ([line] if line else [])
+
+
+def history_svg(title: str, trials: list[Trial], params: list[str], metric: str, goal: str) -> str | None:
+    """The metric of each finished run in the order they started, with the best so far as a step line."""
+    if not trials:
+        return None
+    better = (lambda a, b: a > b) if goal == "maximize" else (lambda a, b: a < b)
+    steps, best = [], None
+    for t in trials:
+        if best is None or better(t.value, best):
+            if best is not None:
+                steps.append((float(t.order), best))  # hold the old best up to here, then step
+            best = t.value
+        steps.append((float(t.order), best))
+    lo, hi = min(t.value for t in trials), max(t.value for t in trials)
+    points = svg.Series([(float(t.order), t.value) for t in trials], [shade(t.value, lo, hi, goal) for t in trials],
+                        line=False, marker=4.0 if len(trials) <= 100 else 2.5, tips=[tip(t, params, metric) for t in trials])
+    so_far = svg.Series(steps, "#d62728", label=f"best {metric} so far", run_id="")
+    top = best_of(trials, goal)
+    panel = svg.Panel(f"{metric} by run, best so far in red", "run (in the order they started)", metric,
+                      svg.Axis.fit([float(t.order) for t in trials], integer=True), svg.Axis.fit([t.value for t in trials]),
+                      [so_far, points], [(float(top.order), top.value)])
+    side = ['<text class="legend-title" x="0" y="0" font-weight="bold">history</text>',
+            '<line x1="0" y1="16" x2="22" y2="16" stroke="#d62728" stroke-width="2"/>'
+            f'<text x="28" y="20">best so far ({svg.esc(goal)})</text>',
+            '<circle cx="11" cy="36" r="4" fill="#5ec962" stroke="#222" stroke-width="0.5"/><text x="28" y="40">one run</text>',
+            '<circle cx="11" cy="56" r="9" fill="none" stroke="red" stroke-width="1.5"/><text x="28" y="60">the best run</text>']
+    return svg.figure(title, [panel], side, 180, 70)
+
+
+def retrain_command(config: dict, first: list[str]) -> str:
+    """`python -m app train --key=value ...` with every training setting the run recorded (the swept ones
+    first), so .env or the environment on this host cannot change what is trained."""
+    from app.config import KEYS
+
+    keys = [k for k in first if k in KEYS] + [k for k in KEYS if k not in first]
+    parts = ["python", "-m", "app", "train"]
+    for k in keys:
+        if k in config and k not in NOT_RETRAIN:
+            v = config[k]
+            text = ("true" if v else "false") if isinstance(v, bool) else (
+                ",".join(map(str, v)) if isinstance(v, (list, tuple)) else repr(v) if isinstance(v, float) else str(v))
+            parts.append(f"--{k}={text}")
+    return " ".join(shlex.quote(p) for p in parts)
