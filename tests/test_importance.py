@@ -106,6 +106,7 @@ def test_too_few_trials_give_words_not_numbers(tmp_path):
     assert lr.correlation is not None
     text = insight.format_findings(found)
     assert "no importance: importance needs at least" in text and "importance    -" in text
+    assert "correlation" in text.splitlines()[2] and len(max(text.splitlines(), key=len)) < 160
 
 
 def test_a_setting_that_never_varied_is_named_not_scored():
@@ -149,9 +150,9 @@ def test_sweep_status_prints_importance_and_best_settings(tmp_path):
     proc = run_app(["sweep-status", str(tmp_path / "runs")], env, tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "importance (PED-ANOVA" in out and "correlation with val_loss" in out
+    assert "which settings mattered for val_loss (24 finished trials):" in out and "method: PED-ANOVA" in out
     lines = out.splitlines()
-    first = next(i for i, line in enumerate(lines) if line.startswith("importance ("))
+    first = next(i for i, line in enumerate(lines) if line.startswith("which settings mattered"))
     assert lines[first + 1].split()[0] == "learning_rate"
     assert "learning_rate = " in out and "(swept)" in out and "epochs = 2" in out
 

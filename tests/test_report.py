@@ -369,3 +369,13 @@ def test_too_few_runs_show_words_not_importance():
     assert any(f"at least {importance.MIN_TRIALS} finished trials" in t for t in texts(found, "method"))
     assert len(children(found, "rect", "correlation")) == 1  # learning_rate: 3 points are enough for a rank correlation
     assert len(children(ET.fromstring(charts["g-parallel.svg"]), "polyline", "trial")) == 3
+
+
+def test_the_render_benchmark_runs(tmp_path):
+    """bench/report_sweep.py end to end on a small sweep (no timing asserted: the numbers are the machine's)."""
+    proc = subprocess.run([sys.executable, str(Path(report.__file__).parents[2] / "bench" / "report_sweep.py"),
+                           "--trials", "40", "--repeats", "1"], env=clean_env(tmp_path), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "report of 40 finished trials (3 swept settings)" in proc.stdout and "whole page: median" in proc.stdout
+    assert "bench-sweep-parallel.svg" in proc.stdout and "importance: median" in proc.stdout

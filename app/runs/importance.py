@@ -93,6 +93,13 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
 
 
+def percent(share: float | None) -> str:
+    """A share as people read it: "<1%" rather than a "0%" that looks like exactly nothing."""
+    if share is None:
+        return "-"
+    return "<1%" if 0 < share < 0.005 else f"{share:.0%}"
+
+
 def method(n: int) -> str:
     top = top_count(n)
     rough = f" (under {ROUGH_BELOW} trials: a rough ranking, more trials may reorder close ones)" if n < ROUGH_BELOW else ""
@@ -135,7 +142,7 @@ def evaluate(trials: Sequence[tuple[Mapping[str, Any], float]], names: Sequence[
         xs = [_number(values.get(name)) for values, _ in rows]
         setting = Setting(name, shares.get(name), None)
         if any(x is None for x in xs):
-            setting.note = "categorical: no correlation (importance still applies)"
+            setting.note = "categorical: no rank correlation"
         elif n < MIN_CORRELATION_TRIALS:
             setting.note = f"correlation needs at least {MIN_CORRELATION_TRIALS} finished trials"
         else:

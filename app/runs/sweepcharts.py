@@ -210,7 +210,7 @@ def importance_svg(title: str, result: imp.Importance, metric: str) -> str:
         if s.importance is not None:
             w = BAR_W * s.importance
             row.append(f'<rect class="importance" x="{imp_x}" y="{y + 5}" width="{svg.num(w)}" height="15" fill="#1f77b4"/>'
-                       f'<text x="{svg.num(imp_x + w + 4)}" y="{y + 16}">{s.importance:.0%}</text>')
+                       f'<text x="{svg.num(imp_x + w + 4)}" y="{y + 16}">{imp.percent(s.importance)}</text>')
         if s.correlation is not None:
             w = BAR_W / 2 * abs(s.correlation)
             x = mid if s.correlation >= 0 else mid - w

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -96,16 +97,18 @@ def _fmt(v: Any) -> str:
 
 
 def importance_lines(result: imp.Importance, metric: str) -> list[str]:
-    """The importance table as text: one line per setting, a note in words where a figure is missing."""
-    lines = [f"importance ({result.method}):"]
+    """The importance table as text: one line per setting, a note in words where a figure is missing,
+    then the method."""
+    lines = [f"which settings mattered for {metric} ({result.trials} finished trials):"]
     if result.note:
         lines.append(f"  no importance: {result.note}")
     width = max([len(s.name) for s in result.settings] + [7])
     for s in result.settings:
-        share = "-" if s.importance is None else f"{s.importance:.0%}"
+        share = imp.percent(s.importance)
         rho = "-" if s.correlation is None else f"{s.correlation:+.2f}"
         note = f"  ({s.note})" if s.note else ""
-        lines.append(f"  {s.name.ljust(width)}  importance {share:>4}  correlation with {metric} {rho:>5}{note}")
+        lines.append(f"  {s.name.ljust(width)}  importance {share:>4}  correlation {rho:>5}{note}")
+    lines += textwrap.wrap(f"method: {result.method}", 110, initial_indent="  ", subsequent_indent="    ")
     return lines
 
 
