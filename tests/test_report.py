@@ -379,3 +379,19 @@ def test_the_render_benchmark_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "report of 40 finished trials (3 swept settings)" in proc.stdout and "whole page: median" in proc.stdout
     assert "bench-sweep-parallel.svg" in proc.stdout and "importance: median" in proc.stdout
+
+
+def test_pruned_and_failed_runs_are_not_trials_and_an_absurd_value_gets_no_command():
+    runs = []
+    for i, (exit_code, pruned) in enumerate([(0, False), (0, True), (1, False), (0, False)]):
+        run = runlog.OfflineRun(path=Path(f"offline-run-{i}"), run_id=f"r{i}", group="g", exit_code=exit_code,
+                                config={"learning_rate": 0.001 * (i + 1)}, summary={"val_loss": 0.1 * (4 - i)})
+        if pruned:
+            run.summary["pruned"] = True  # stopped by Hyperband after an early epoch: its value is not comparable
+        runs.append(run)
+    runs[3].config["dataset"] = "x" * 5000
+    index, charts = report.page(Path("runs"), [report.make_group("g", runs, "val_loss", "minimize")], [])
+    lines = children(ET.fromstring(charts["g-parallel.svg"]), "polyline", "trial")
+    assert sorted(line.get("data-run") for line in lines) == ["r0", "r3"]
+    assert "Best of 2 completed run(s): <b>r3</b>" in index
+    assert 'class="retrain"' not in index and "no retrain command" in index and "x" * 300 not in index

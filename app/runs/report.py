@@ -137,17 +137,21 @@ def _label(run, params: list[str]) -> str:
     return f"{run.run_id} {shown}".strip()
 
 
+VALUE_CHARS = 80  # a config value shown longer than this is cut (a damaged or hand-made log can hold megabytes)
+
+
 def _short(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
-    if isinstance(v, (list, tuple)):
-        return ",".join(map(str, v))
-    return str(v)
+    text = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    return text if len(text) <= VALUE_CHARS else text[:VALUE_CHARS - 1] + "…"
 
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "runs"
 
+
+MAX_SETTINGS = 40  # swept settings ranked and drawn at most (W&B sweeps vary a handful)
 
 CURVES = (("loss", "training loss", "examples seen", "loss"), ("val_loss", "val_loss", "epoch", "loss"),
           ("val_accuracy", "val_accuracy", "epoch", "accuracy"))
@@ -264,20 +268,26 @@ def findings(g: Group) -> tuple[str, dict[str, str]]:
     optimisation history as {file name: SVG}."""
     trials = sweepcharts.trials_of(g.runs, lambda r: _value(r, g.metric))
     slug, charts = _slug(g.name), {}
-    result = importance.evaluate([(t.run.config, t.value) for t in trials], g.params, g.goal, g.log)
+    swept = g.params[:MAX_SETTINGS]  # a config that varies in thousands of keys is no sweep to rank
+    result = importance.evaluate([(t.run.config, t.value) for t in trials], swept, g.goal, g.log)
     ranked = [s.name for s in result.settings]  # most important first: the axes read in that order
     best = sweepcharts.best_of(trials, g.goal)
     parts = []
+    if len(g.params) > MAX_SETTINGS:
+        parts.append(f"<p>{len(g.params)} settings vary between these runs; the first {MAX_SETTINGS} by name are ranked.</p>")
     if best is not None:
-        settings = ", ".join(f"{k} = {sweepcharts.short(best.run.config.get(k))}" for k in ranked) or "no swept setting"
+        settings = ", ".join(f"{k} = {sweepcharts.cut(sweepcharts.short(best.run.config.get(k)), 60)}"
+                             for k in ranked) or "no swept setting"
         models = "; ".join(a.label() for a in artifact.recorded(best.run.path)) or "none logged"
+        command = sweepcharts.retrain_command(best.run.config, ranked)
         parts.append(
-            f'<p class="best-run">Best of {len(trials)} finished run(s): <b>{html.escape(best.run.run_id)}</b> '
-            f'(started {_ordinal(best.order)} of {len(trials)}; folder {html.escape(best.run.path.name)}) reached {html.escape(g.metric)} '
-            f'<b>{best.value:.4f}</b> (goal: {html.escape(g.goal)}) with {html.escape(settings)}. '
-            f'Model artifact: {html.escape(models)}. Train it again with the same settings '
-            f'(data_dir and output_dir are this host\'s; set them as usual):</p>'
-            f'<pre class="retrain">{html.escape(sweepcharts.retrain_command(best.run.config, ranked))}</pre>')
+            f'<p class="best-run">Best of {len(trials)} completed run(s): <b>{html.escape(best.run.run_id)}</b> '
+            f'(started {_ordinal(best.order)} of {len(trials)}; folder {html.escape(best.run.path.name)}) reached '
+            f'{html.escape(g.metric)} <b>{best.value:.4f}</b> (goal: {html.escape(g.goal)}) with {html.escape(settings)}. '
+            f'Model artifact: {html.escape(models)}. '
+            + ("Train it again with the same settings (data_dir and output_dir are this host's; set them as usual):</p>"
+               f'<pre class="retrain">{html.escape(command)}</pre>' if command else
+               "Its recorded config holds a value too long for a command line: no retrain command.</p>"))
     else:
         parts.append("<p>No run has finished with a value of the metric yet.</p>")
     drawn = [

@@ -24,8 +24,10 @@ AXIS_GAP = 150  # px between two axes
 PC_TOP, PC_H, PC_LEFT = 78, 300, 80  # parallel coordinates: room for title and names, axis height, left room
 NAME_CHARS = 22  # an axis name or category label longer than this is cut (the hover text has it whole)
 TIP_CHARS = 400  # a hover text is cut here
+VALUE_CHARS = 80  # one config value in a hover text or a category label
 MAX_CATEGORY_LABELS = 20  # more categories than this on an axis: every k-th is labelled
 NOT_RETRAIN = ("data_dir", "output_dir")  # where things live on the host that trained: this host has its own
+MAX_VALUE_CHARS = 200  # a recorded setting longer than this is no setting `train` accepts: no command is shown
 
 
 @dataclass
@@ -40,11 +42,10 @@ def cut(text: str, limit: int = NAME_CHARS) -> str:
 
 
 def short(v: Any) -> str:
+    """A config value as the charts show it, at most VALUE_CHARS long."""
     if isinstance(v, float):
         return f"{v:.4g}"
-    if isinstance(v, (list, tuple)):
-        return ",".join(map(str, v))
-    return str(v)
+    return cut(",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v), VALUE_CHARS)
 
 
 def started(run) -> tuple:
@@ -53,9 +54,15 @@ def started(run) -> tuple:
     return (stamps[0] if stamps else float("inf"), run.path.name)
 
 
+def completed(run) -> bool:
+    """Trained to its end: exit code 0 and not stopped early by Hyperband (a pruned run's metric is an
+    early epoch's, not comparable with the others'), as the sweep's storage counts COMPLETE trials."""
+    return run.exit_code == 0 and not run.summary.get("pruned")
+
+
 def trials_of(runs: list, value_of) -> list[Trial]:
-    """Finished runs with a finite value of the metric, numbered in the order they started."""
-    done = [(r, value_of(r)) for r in runs if r.finished]
+    """Completed runs with a finite value of the metric, numbered in the order they started."""
+    done = [(r, value_of(r)) for r in runs if completed(r)]
     done = sorted([(r, v) for r, v in done if v is not None], key=lambda rv: started(rv[0]))
     return [Trial(r, v, i + 1) for i, (r, v) in enumerate(done)]
 
@@ -279,9 +286,10 @@ def history_svg(title: str, trials: list[Trial], params: list[str], metric: str,
     return svg.figure(title, [panel], side, 180, 70)
 
 
-def retrain_command(config: dict, first: list[str]) -> str:
+def retrain_command(config: dict, first: list[str]) -> str | None:
     """`python -m app train --key=value ...` with every training setting the run recorded (the swept ones
-    first), so .env or the environment on this host cannot change what is trained."""
+    first), so .env or the environment on this host cannot change what is trained. None when a recorded
+    value is too long to be one (a damaged or hand-made log)."""
     from app.config import KEYS
 
     keys = [k for k in first if k in KEYS] + [k for k in KEYS if k not in first]
@@ -291,5 +299,7 @@ def retrain_command(config: dict, first: list[str]) -> str:
             v = config[k]
             text = ("true" if v else "false") if isinstance(v, bool) else (
                 ",".join(map(str, v)) if isinstance(v, (list, tuple)) else repr(v) if isinstance(v, float) else str(v))
+            if len(text) > MAX_VALUE_CHARS:
+                return None
             parts.append(f"--{k}={text}")
     return " ".join(shlex.quote(p) for p in parts)
