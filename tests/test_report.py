@@ -84,7 +84,7 @@ def test_report_renders_the_sweep(sweep_runs, tmp_path):
     assert len(runs) == 2
 
     # the table: both trials, the sweep's metric (val_loss, minimize) from its journal, best first
-    assert "<th>learning_rate</th><th>val_loss</th>" in page and "goal: minimize val_loss" in page
+    assert "<th>learning_rate</th><th>val_loss</th>" in page and "(goal: minimize)" in page
     rows = re.findall(r"<tr><td>(\w{8})</td><td>finished</td><td>([\d.]+)</td><td>([\d.]+)</td>", page)
     assert len(rows) == 2, page
     assert float(rows[0][2]) <= float(rows[1][2])
@@ -270,7 +270,7 @@ def test_a_wandb_sweep_spread_over_two_runs_folders(wandb_sweep_runs, tmp_path):
     parallel = ET.parse(out / "wandb-sweep-swp12345-parallel.svg").getroot()
     assert_finite_geometry(parallel)
     lines = children(parallel, "polyline", "trial")
-    assert len(lines) == WANDB_SWEEP_RUNS  # one line per finished run
+    assert len(lines) == WANDB_SWEEP_RUNS  # one line per completed run
     assert {line.get("data-run") for line in lines} == set(runs)
     titles = {line.get("data-run"): line.find(f"{SVG}title").text for line in lines}
     assert titles[best.run_id].startswith(f"run {best.run_id} ") and "learning_rate=" in titles[best.run_id]
@@ -318,7 +318,7 @@ def test_the_page_renders_in_a_real_browser(wandb_sweep_runs, tmp_path):
     dom = browse(index, tmp_path / "profile-dom", "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
     built = ET.fromstring(re.search(r"<svg[^>]*class=\"chart\".*?</svg>", dom.stdout, re.S).group(0))
-    assert built.find(f"{SVG}text").text.endswith("every finished run through its settings to val_accuracy")
+    assert built.find(f"{SVG}text").text.endswith("every completed run through its settings to val_accuracy")
     assert len(re.findall(r'class="trial(?: best-trial)?"', dom.stdout)) == WANDB_SWEEP_RUNS and dom.stdout.count('class="setting"') == 2
     assert dom.stdout.count("<title>run ") >= 2 * WANDB_SWEEP_RUNS  # hover: parallel lines and history points
     assert 'class="retrain"' in dom.stdout

@@ -1,13 +1,16 @@
-"""A report of offline runs with no server: `python -m app report [PATH] --out DIR`.
+"""A report of offline runs with no server: `python -m app report [PATH ...] --out DIR`.
 
-Reads every offline run under PATH (default: $WANDB_DIR, else .) straight from its `.wandb` log and
-writes, per group of runs (an offline sweep's trials share its name as their group):
+Reads every offline run under the PATHs (default: $WANDB_DIR, else .; one sweep's runs may be spread
+over several, one per host) straight from its `.wandb` log and writes, per group of runs (an offline
+sweep's trials share its name as their group, a W&B sweep's runs its sweep id):
   <group>-curves.svg   training loss and the per-epoch val_loss / val_accuracy of every run
   <group>-params.svg   each swept setting against the sweep's metric (one point per finished run)
+  <group>-parallel.svg, -importance.svg, -history.svg   what the sweep found (app.runs.sweepcharts)
 and index.html, which shows the same charts inline (hover a line or point for its run) with a table of
 the runs sorted by the metric, each with its model artifact (name, aliases, size). When the sweep's
-journal ($WANDB_DIR/sweeps/<group>.journal) came along with the runs, its metric and goal are used,
-and attempts that died are listed too.
+journal ($WANDB_DIR/sweeps/<group>.journal) came along with the runs, its metric, goal and log-scale
+settings are used, and attempts that died are listed too. Above the table: the best run in words with
+the command that trains it again.
 
 An offline artifact has no version number yet: W&B numbers versions (v0, v1, ...) when `sync`
 uploads them, so the table shows the aliases the run asked for and the artifact's content digest.
@@ -289,9 +292,10 @@ def findings(g: Group) -> tuple[str, dict[str, str]]:
                f'<pre class="retrain">{html.escape(command)}</pre>' if command else
                "Its recorded config holds a value too long for a command line: no retrain command.</p>"))
     else:
-        parts.append("<p>No run has finished with a value of the metric yet.</p>")
+        parts.append(f"<p>No run has completed with a value of {html.escape(g.metric)} yet "
+                     f"(goal: {html.escape(g.goal)}).</p>")
     drawn = [
-        ("parallel", sweepcharts.parallel_svg(f"{g.name}: every finished run through its settings to {g.metric}",
+        ("parallel", sweepcharts.parallel_svg(f"{g.name}: every completed run through its settings to {g.metric}",
                                               trials, ranked, g.metric, g.goal, g.log)),
         ("importance", sweepcharts.importance_svg(f"{g.name}: which settings mattered for {g.metric}", result, g.metric)
          if g.params and trials else None),
@@ -316,12 +320,7 @@ def page(root: Path | list[Path], groups: list[Group], problems: list[str]) -> t
     parts = [f"<h1>Offline runs in {html.escape(_where(root))}</h1>"]
     for g in groups:
         slug = _slug(g.name)
-        best = next((r for r in g.runs if _value(r, g.metric) is not None), None)
         parts.append(f"<h2>{html.escape(g.name)}</h2>")
-        if best is not None:
-            parts.append(f"<p>best: run <b>{html.escape(best.run_id)}</b> {html.escape(g.metric)} "
-                         f"{_value(best, g.metric):.4f} ({html.escape(_label(best, g.params))}); "
-                         f"goal: {html.escape(g.goal)} {html.escape(g.metric)}</p>")
         found, found_charts = findings(g)
         charts.update(found_charts)
         parts.append(found)

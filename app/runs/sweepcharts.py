@@ -104,7 +104,7 @@ def _float(text: str) -> Any:
 
 def parallel_svg(title: str, trials: list[Trial], params: list[str], metric: str, goal: str,
                  log: dict[str, bool]) -> str | None:
-    """One line per finished trial through an axis per swept setting and the metric; None: nothing to draw."""
+    """One line per completed trial through an axis per swept setting and the metric; None: nothing to draw."""
     if not trials or not params:
         return None
     shown_params = params[:MAX_AXES]
@@ -115,7 +115,7 @@ def parallel_svg(title: str, trials: list[Trial], params: list[str], metric: str
     lo, hi = min(values), max(values)
     best = best_of(trials, goal)
     gap = max(AXIS_GAP, min(260, 640 // (len(axes) - 1)))  # few axes: spread out, so the lines' slopes read
-    footnote = (f"One line per finished run, coloured by {cut(metric, 40)} (yellow = best); the best run in red. "
+    footnote = (f"One line per completed run, coloured by {cut(metric, 40)} (yellow = best); the best run in red. "
                 "Hover a line for its run.")
     width = max(PC_LEFT + gap * (len(axes) - 1) + 170, _text_width(title, svg.FONT + 3), _text_width(footnote, svg.FONT))
     height = PC_TOP + PC_H + 60
@@ -259,7 +259,7 @@ def _wrap(text: str, width: int) -> list[str]:
 
 
 def history_svg(title: str, trials: list[Trial], params: list[str], metric: str, goal: str) -> str | None:
-    """The metric of each finished run in the order they started, with the best so far as a step line."""
+    """The metric of each completed run in the order they started, with the best so far as a step line."""
     if not trials:
         return None
     better = (lambda a, b: a > b) if goal == "maximize" else (lambda a, b: a < b)
