@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/report_sweep.py --trials 500 [--repeats 3]
 
-Builds TRIALS finished runs of a bayes-like sweep in memory (learning_rate log-uniform, batch_size and
+Builds TRIALS completed runs of a bayes-like sweep in memory (learning_rate log-uniform, batch_size and
 kernels from lists, 5 epochs of history and 20 training-loss points each, as the real runs log) and times
 `app.runs.report.page` on them: every chart of the page (what the sweep found, the per-setting scatter,
 the curves) and the table; reading the runs' logs is not part of it. Prints the median and the range over
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
         parts["parallel"].append(timed(lambda: sweepcharts.parallel_svg("t", trials, names, group.metric, group.goal,
                                                                         group.log))[0])
         parts["history"].append(timed(lambda: sweepcharts.history_svg("t", trials, names, group.metric, group.goal))[0])
-    print(f"report of {args.trials} finished trials ({len(group.params)} swept settings), {args.repeats} repeats")
+    print(f"report of {args.trials} completed trials ({len(group.params)} swept settings), {args.repeats} repeats")
     print(f"  whole page: median {statistics.median(pages):.2f} s [{min(pages):.2f}, {max(pages):.2f}]")
     for name, times in parts.items():
         print(f"  {name}: median {statistics.median(times):.3f} s")

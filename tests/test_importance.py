@@ -99,13 +99,13 @@ def test_too_few_trials_give_words_not_numbers(tmp_path):
     url, name = fill_sweep(tmp_path, imp.MIN_TRIALS - 1)
     found = insight.from_study(load_study(url, name))
     assert found.importance.trials == imp.MIN_TRIALS - 1
-    assert f"at least {imp.MIN_TRIALS} finished trials" in found.importance.note
+    assert f"at least {imp.MIN_TRIALS} completed trials" in found.importance.note
     assert all(s.importance is None for s in found.importance.settings)
     # a rank correlation needs only 3 points: learning_rate's is there, and not random
     lr = next(s for s in found.importance.settings if s.name == "learning_rate")
     assert lr.correlation is not None
     text = insight.format_findings(found)
-    assert "no importance: importance needs at least" in text and "importance    -" in text
+    assert "no importance yet: importance needs at least" in text and "importance    -" in text
     assert "correlation" in text.splitlines()[2] and len(max(text.splitlines(), key=len)) < 160
 
 
@@ -115,18 +115,18 @@ def test_a_setting_that_never_varied_is_named_not_scored():
     by_name = {s.name: s for s in result.settings}
     assert result.settings[-1].name == "batch_size"  # no figure: listed last
     assert by_name["batch_size"].importance is None and by_name["batch_size"].correlation is None
-    assert by_name["batch_size"].note == "never varied among the finished trials (always 64)"
+    assert by_name["batch_size"].note == "never varied among the completed trials (always 64)"
     assert by_name["lr"].correlation == pytest.approx(-1.0)  # a smaller lr, a larger metric, every time
     assert by_name["lr"].importance is not None and by_name["opt"].importance is not None
     assert result.settings[0].name == "lr"
 
 
 def test_nothing_finished_and_metric_never_varied():
-    assert imp.evaluate([], ["lr"], "minimize").settings[0].note == "no finished trial"
+    assert imp.evaluate([], ["lr"], "minimize").settings[0].note == "no completed trial"
     rows = [({"lr": 0.1 * (i + 1)}, 0.5) for i in range(4)]
     (lr,) = imp.evaluate(rows, ["lr"], "maximize").settings
     assert lr.correlation is None and lr.note == "the metric never varied"
-    # NaN or missing metric values are not finished trials
+    # NaN or missing metric values are not completed trials
     rows = [({"lr": 0.1}, math.nan), ({"lr": 0.2}, None), ({"lr": 0.3}, 1.0)]
     assert imp.evaluate(rows, ["lr"], "minimize").trials == 1
 
@@ -150,7 +150,7 @@ def test_sweep_status_prints_importance_and_best_settings(tmp_path):
     proc = run_app(["sweep-status", str(tmp_path / "runs")], env, tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "which settings mattered for val_loss (24 finished trials):" in out and "method: PED-ANOVA" in out
+    assert "which settings mattered for val_loss (24 completed trials):" in out and "  Importance: PED-ANOVA" in out
     lines = out.splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith("which settings mattered"))
     assert lines[first + 1].split()[0] == "learning_rate"

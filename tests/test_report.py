@@ -126,7 +126,7 @@ def test_report_renders_the_sweep(sweep_runs, tmp_path):
     assert len(points) == 2
     # a 2-point grid: no importance (too few trials), a parallel line and a history point per trial
     found = ET.parse(out / "tiny-report-importance.svg").getroot()
-    assert children(found, "rect", "importance") == [] and f"needs {importance.MIN_TRIALS}+ finished trials" in texts(found, "note")
+    assert children(found, "rect", "importance") == [] and f"needs {importance.MIN_TRIALS}+ completed trials" in texts(found, "note")
     assert len(children(ET.parse(out / "tiny-report-parallel.svg").getroot(), "polyline", "trial")) == 2
     assert f"{float(rows[0][2]):.4f}</b> (goal: minimize)" in page and f"--learning_rate={rows[0][1]}" in page
     (ring,) = shapes(lr, "circle", "best")
@@ -364,9 +364,9 @@ def test_too_few_runs_show_words_not_importance():
     found = ET.fromstring(charts["g-importance.svg"])
     assert children(found, "rect", "importance") == []
     notes = texts(found, "note")
-    assert f"needs {importance.MIN_TRIALS}+ finished trials" in notes
-    assert "never varied among the finished trials (always adam)" in notes
-    assert any(f"at least {importance.MIN_TRIALS} finished trials" in t for t in texts(found, "method"))
+    assert f"needs {importance.MIN_TRIALS}+ completed trials" in notes
+    assert "never varied among the completed trials (always adam)" in notes
+    assert any(f"at least {importance.MIN_TRIALS} completed trials" in t for t in texts(found, "method"))
     assert len(children(found, "rect", "correlation")) == 1  # learning_rate: 3 points are enough for a rank correlation
     assert len(children(ET.fromstring(charts["g-parallel.svg"]), "polyline", "trial")) == 3
 
@@ -377,7 +377,7 @@ def test_the_render_benchmark_runs(tmp_path):
                            "--trials", "40", "--repeats", "1"], env=clean_env(tmp_path), cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "report of 40 finished trials (3 swept settings)" in proc.stdout and "whole page: median" in proc.stdout
+    assert "report of 40 completed trials (3 swept settings)" in proc.stdout and "whole page: median" in proc.stdout
     assert "bench-sweep-parallel.svg" in proc.stdout and "importance: median" in proc.stdout
 
 

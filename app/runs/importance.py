@@ -17,8 +17,8 @@ metric itself (not goal-adjusted: negative means a larger value gave a smaller m
 monotone trend and nothing else; a setting with a sweet spot in the middle has high importance and a
 correlation near 0.
 
-Honest about its data: below MIN_TRIALS finished trials there is no importance, below
-MIN_CORRELATION_TRIALS no correlation, and a setting that never varied among the finished trials gets
+Honest about its data: below MIN_TRIALS completed trials there is no importance, below
+MIN_CORRELATION_TRIALS no correlation, and a setting that never varied among the completed trials gets
 neither; each says why in `note` instead of printing a number.
 """
 
@@ -47,7 +47,7 @@ class Setting:
 @dataclass
 class Importance:
     method: str  # how the importance was computed, in words
-    trials: int  # finished trials with a value of the metric
+    trials: int  # completed trials with a value of the metric
     settings: list[Setting] = field(default_factory=list)  # most important first; those with no figure last
     note: str = ""  # why there is no importance at all, if so
 
@@ -101,12 +101,15 @@ def percent(share: float | None) -> str:
 
 
 def method(n: int) -> str:
-    top = top_count(n)
+    correlation = ("Correlation: Spearman's rank correlation with the metric (a trend only: a setting with a sweet "
+                   "spot in the middle can matter much and correlate near 0)")
+    if n < MIN_TRIALS:
+        return (f"Importance: PED-ANOVA (Optuna's PedAnovaImportanceEvaluator), from {MIN_TRIALS} completed trials "
+                f"on. {correlation}")
     rough = f" (under {ROUGH_BELOW} trials: a rough ranking, more trials may reorder close ones)" if n < ROUGH_BELOW else ""
-    return (f"PED-ANOVA (Optuna's PedAnovaImportanceEvaluator): how differently each setting is spread "
-            f"among the best {top} of {n} finished trials than among all of them, as a share of the total"
-            f"{rough}. Correlation: Spearman's rank correlation with the metric (a trend only: a setting "
-            f"with a sweet spot in the middle can matter much and correlate near 0)")
+    return (f"Importance: PED-ANOVA (Optuna's PedAnovaImportanceEvaluator): how differently each setting is spread "
+            f"among the best {top_count(n)} of {n} completed trials than among all of them, as a share of the total"
+            f"{rough}. {correlation}")
 
 
 def top_count(n: int) -> int:
@@ -115,7 +118,7 @@ def top_count(n: int) -> int:
 
 def evaluate(trials: Sequence[tuple[Mapping[str, Any], float]], names: Sequence[str], goal: str,
              log: Mapping[str, bool] | None = None) -> Importance:
-    """Importance and correlation of each setting in `names` over finished `trials` ((values, metric)
+    """Importance and correlation of each setting in `names` over completed `trials` ((values, metric)
     pairs; trials whose metric is missing or not finite are left out). `log`: settings the sweep draws
     on a log scale (PED-ANOVA then estimates their spread in log space)."""
     log = log or {}
@@ -130,13 +133,13 @@ def evaluate(trials: Sequence[tuple[Mapping[str, Any], float]], names: Sequence[
         else:
             shown = next(iter(seen)) if seen else "-"
             shown = shown if len(shown) <= 30 else shown[:29] + "…"
-            constant.append(Setting(name, None, None, f"never varied among the finished trials (always {shown})"
-                                    if seen else "no finished trial"))
+            constant.append(Setting(name, None, None, f"never varied among the completed trials (always {shown})"
+                                    if seen else "no completed trial"))
     if n < MIN_TRIALS:
-        result.note = (f"importance needs at least {MIN_TRIALS} finished trials with a value of the metric; "
+        result.note = (f"importance needs at least {MIN_TRIALS} completed trials with a value of the metric; "
                        f"this sweep has {n}")
     elif not varied:
-        result.note = "no setting varied among the finished trials"
+        result.note = "no setting varied among the completed trials"
     shares = _ped_anova(rows, varied, goal, log) if n >= MIN_TRIALS and varied else {}
     for name in varied:
         xs = [_number(values.get(name)) for values, _ in rows]
@@ -144,7 +147,7 @@ def evaluate(trials: Sequence[tuple[Mapping[str, Any], float]], names: Sequence[
         if any(x is None for x in xs):
             setting.note = "categorical: no rank correlation"
         elif n < MIN_CORRELATION_TRIALS:
-            setting.note = f"correlation needs at least {MIN_CORRELATION_TRIALS} finished trials"
+            setting.note = f"correlation needs at least {MIN_CORRELATION_TRIALS} completed trials"
         else:
             setting.correlation = spearman(xs, [v for _, v in rows])
             if setting.correlation is None:

@@ -2,7 +2,7 @@
 settings and the metric, parameter importance, the optimisation history, and the best run in words.
 
     from app.runs import sweepcharts
-    trials = sweepcharts.trials_of(runs, value_of)  # finished runs with a value of the metric, in start order
+    trials = sweepcharts.trials_of(runs, value_of)  # completed runs with a value of the metric, in start order
     text = sweepcharts.parallel_svg("title", trials, ["learning_rate"], "val_loss", "minimize", {"learning_rate": True})
 
 Plain SVG text like app.runs.svg (whose axes, colours and escaping it reuses): every user-chosen text is
@@ -199,7 +199,7 @@ def importance_svg(title: str, result: imp.Importance, metric: str) -> str:
     imp_x = NAME_W + 10
     cor_x = imp_x + BAR_W + 70  # the correlation bar's left end (-1); its zero is in the middle
     width = max(cor_x + BAR_W + 80, _text_width(title, svg.FONT + 3))
-    notes = _wrap(result.method, 115) + ([f"No importance: {result.note}."] if result.note else [])
+    notes = ([f"No importance yet: {result.note}."] if result.note else []) + _wrap(result.method, 115)
     top = 66
     height = top + ROW_H * max(1, len(settings)) + 22 + 16 * len(notes)
     out = [_head(width, height, title),
@@ -231,7 +231,7 @@ def importance_svg(title: str, result: imp.Importance, metric: str) -> str:
             words.append((imp_x, s.note))
         else:
             if s.importance is None:
-                words.append((imp_x, f"needs {imp.MIN_TRIALS}+ finished trials" if result.note else "-"))
+                words.append((imp_x, f"needs {imp.MIN_TRIALS}+ completed trials" if result.note else "-"))
             if s.correlation is None:
                 words.append((cor_x, "categorical: no correlation" if categorical else s.note or "-"))
         for x, text in words:

@@ -1,4 +1,4 @@
-"""What an offline sweep found: its finished trials, the best one, and which settings mattered.
+"""What an offline sweep found: its completed trials, the best one, and which settings mattered.
 
     from app.sweep import insight
     found = insight.from_study(study)          # a study read from a journal or PostgreSQL (read-only)
@@ -99,16 +99,16 @@ def _fmt(v: Any) -> str:
 def importance_lines(result: imp.Importance, metric: str) -> list[str]:
     """The importance table as text: one line per setting, a note in words where a figure is missing,
     then the method."""
-    lines = [f"which settings mattered for {metric} ({result.trials} finished trials):"]
+    lines = [f"which settings mattered for {metric} ({result.trials} completed trials):"]
     if result.note:
-        lines.append(f"  no importance: {result.note}")
+        lines.append(f"  no importance yet: {result.note}")
     width = max([len(s.name) for s in result.settings] + [7])
     for s in result.settings:
         share = imp.percent(s.importance)
         rho = "-" if s.correlation is None else f"{s.correlation:+.2f}"
         note = f"  ({s.note})" if s.note else ""
         lines.append(f"  {s.name.ljust(width)}  importance {share:>4}  correlation {rho:>5}{note}")
-    lines += textwrap.wrap(f"method: {result.method}", 110, initial_indent="  ", subsequent_indent="    ")
+    lines += textwrap.wrap(result.method, 110, initial_indent="  ", subsequent_indent="    ")
     return lines
 
 
