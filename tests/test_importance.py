@@ -174,3 +174,17 @@ def test_optuna_is_quiet():
         warnings.simplefilter("always")
         imp.evaluate([({"x": float(i)}, float(i % 3)) for i in range(imp.MIN_TRIALS)], ["x"], "minimize")
     assert caught == [], [str(w.message) for w in caught]
+
+
+def test_a_few_numbers_are_choices_not_a_range():
+    """batch_size from a list of 4 numbers, noise only: when the best trials happen to share one of its
+    values, a Parzen estimate over the range 32..256 spikes there and used to outrank learning_rate
+    (71 % against 29 % on this sweep). As the 4 choices they are, it stays a minor setting."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(40):
+        values = {"learning_rate": 10 ** rng.uniform(-4, -1.5), "batch_size": rng.choice([32, 64, 128, 256])}
+        rows.append((values, 0.9 - 0.05 * (math.log10(values["learning_rate"]) + 2.5) ** 2 + rng.gauss(0, 0.01)))
+    result = imp.evaluate(rows, ["learning_rate", "batch_size"], "maximize", {"learning_rate": True})
+    assert [s.name for s in result.settings] == ["learning_rate", "batch_size"]
+    assert result.settings[0].importance > 0.5

@@ -13,6 +13,7 @@ or a hostile config still makes a page of bounded size that a browser opens quic
 from __future__ import annotations
 
 import shlex
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,10 +197,13 @@ def importance_svg(title: str, result: imp.Importance, metric: str) -> str:
     """Per setting: its importance (share of the total) and its rank correlation with the metric, as bars;
     a setting with no figure shows the reason in words. The method is named under the bars."""
     settings = result.settings[:MAX_AXES * 2]
+    more = len(result.settings) - len(settings)
     imp_x = NAME_W + 10
     cor_x = imp_x + BAR_W + 70  # the correlation bar's left end (-1); its zero is in the middle
     width = max(cor_x + BAR_W + 80, _text_width(title, svg.FONT + 3))
-    notes = ([f"No importance yet: {result.note}."] if result.note else []) + _wrap(result.method, 115)
+    notes = (([f"No importance yet: {result.note}."] if result.note else []) +
+             ([f"{more} more setting(s) not shown: the least important."] if more > 0 else []) +
+             textwrap.wrap(result.method, 115))
     top = 66
     height = top + ROW_H * max(1, len(settings)) + 22 + 16 * len(notes)
     out = [_head(width, height, title),
@@ -224,16 +228,14 @@ def importance_svg(title: str, result: imp.Importance, metric: str) -> str:
             color = "#2ca02c" if s.correlation >= 0 else "#d62728"
             row.append(f'<rect class="correlation" x="{svg.num(x)}" y="{y + 5}" width="{svg.num(w)}" height="15" fill="{color}"/>'
                        f'<text x="{svg.num(cor_x + BAR_W + 6)}" y="{y + 16}">{s.correlation:+.2f}</text>')
-        constant = s.importance is None and s.correlation is None and not result.note and bool(s.note)
-        categorical = s.note.startswith("categorical")
         words = []  # (x, text) where a figure is missing
-        if constant or (s.note and s.importance is None and s.correlation is None and "never varied" in s.note):
+        if not s.varied:
             words.append((imp_x, s.note))
         else:
             if s.importance is None:
-                words.append((imp_x, f"needs {imp.MIN_TRIALS}+ completed trials" if result.note else "-"))
+                words.append((imp_x, f"needs {imp.MIN_TRIALS}+ completed trials" if result.note else s.note or "-"))
             if s.correlation is None:
-                words.append((cor_x, "categorical: no correlation" if categorical else s.note or "-"))
+                words.append((cor_x, s.note or "-"))
         for x, text in words:
             row.append(f'<text class="note" x="{x}" y="{y + 16}" fill="#666" font-style="italic">'
                        f'{svg.esc(cut(text, 60))}</text>')
@@ -245,17 +247,6 @@ def importance_svg(title: str, result: imp.Importance, metric: str) -> str:
         y += 16
     out.append("</svg>\n")
     return "\n".join(out)
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + ([line] if line else [])
 
 
 def history_svg(title: str, trials: list[Trial], params: list[str], metric: str, goal: str) -> str | None:
