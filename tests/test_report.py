@@ -279,7 +279,11 @@ def test_a_wandb_sweep_spread_over_two_runs_folders(wandb_sweep_runs, tmp_path):
     axes = [(g.get("data-name"), [t.text for t in g.iter(f"{SVG}text") if t.get("class") == "axis-note"][0])
             for g in parallel.iter(f"{SVG}g") if g.get("class") == "axis"]
     # most important first, the metric last; learning_rate spans 1e-4..1e-1: a log axis
-    assert axes == [("learning_rate", "log scale"), ("batch_size", "setting"), ("val_accuracy", "metric, maximize")]
+    # batch_size's 4 values are evenly spaced choices, as importance treats them
+    assert axes == [("learning_rate", "log scale"), ("batch_size", "choices"), ("val_accuracy", "metric, maximize")]
+    ticks = [t.text for g in parallel.iter(f"{SVG}g") if g.get("data-name") == "batch_size"
+             for t in g.iter(f"{SVG}text") if t.get("class") == "tick"]
+    assert ticks == ["32", "64", "128", "256"]  # by value, not as text
     # the best run's vertex on the metric axis is the highest of all (maximize: larger is drawn higher)
     assert coordinates(top)[-1][1] == min(coordinates(line)[-1][1] for line in lines)
 

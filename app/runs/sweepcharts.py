@@ -12,6 +12,7 @@ or a hostile config still makes a page of bounded size that a browser opens quic
 
 from __future__ import annotations
 
+import math
 import shlex
 import textwrap
 from dataclasses import dataclass
@@ -86,21 +87,25 @@ def tip(trial: Trial, params: list[str], metric: str) -> str:
 
 
 def _axis(values: list[Any], log: bool) -> tuple[svg.Axis, list[float]]:
-    """A vertical axis for one setting and each trial's position on it."""
+    """A vertical axis for one setting and each trial's position on it: a range (log where the sweep
+    draws log) for numbers drawn from one, evenly spaced choices for a few numbers (a W&B `values`
+    list, as importance treats them: 32, 64, 128, 256 squeeze together on a linear range) and for text."""
     numbers = [svg.number(v) for v in values]
-    if values and all(x is not None for x in numbers):
+    if values and all(x is not None for x in numbers) and (log or len(set(numbers)) > imp.FEW_VALUES):
         log = log and min(numbers) > 0
         return svg.Axis.fit(numbers, log=log), numbers
-    cats = sorted({short(v) for v in values}, key=lambda c: (svg.number(_float(c)) is None, _float(c), c))
+    cats = sorted({short(v) for v in values}, key=_category_order)
     pos = [float(cats.index(short(v))) for v in values]
     return svg.Axis(-0.5, len(cats) - 0.5, categories=cats), pos
 
 
-def _float(text: str) -> Any:
+def _category_order(label: str) -> tuple:
+    """Numbers first, by value; then text, alphabetically."""
     try:
-        return float(text)
+        value = float(label)
     except ValueError:
-        return 0.0
+        return (1, 0.0, label)
+    return (0, value, label) if math.isfinite(value) else (1, 0.0, label)
 
 
 def parallel_svg(title: str, trials: list[Trial], params: list[str], metric: str, goal: str,
@@ -147,7 +152,7 @@ def parallel_svg(title: str, trials: list[Trial], params: list[str], metric: str
                    f'<text class="axis-name" x="{x}" y="{PC_TOP - 30}" text-anchor="middle" font-weight="bold">'
                    f'{svg.esc(cut(name))}</text>'
                    f'<text class="axis-note" x="{x}" y="{PC_TOP - 15}" text-anchor="middle" fill="#555">'
-                   f'{svg.esc("metric, " + goal if is_metric else ("log scale" if axis.log else "setting"))}</text>')
+                   f'{svg.esc(_axis_note(axis) if not is_metric else "metric, " + goal)}</text>')
         ticks = axis.ticks()
         step = max(1, -(-len(ticks) // MAX_CATEGORY_LABELS))
         for v, text in ticks[::step]:
@@ -167,6 +172,10 @@ def parallel_svg(title: str, trials: list[Trial], params: list[str], metric: str
 
 def _text_width(text: str, size: float) -> float:
     return 20 + 0.6 * size * len(text)  # no font metrics in plain SVG: 0.6 em per character, as app.runs.svg
+
+
+def _axis_note(axis: svg.Axis) -> str:
+    return "choices" if axis.categories is not None else "log scale" if axis.log else "range"
 
 
 def _head(width: float, height: float, title: str) -> str:
