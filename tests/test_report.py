@@ -127,7 +127,14 @@ def test_report_renders_the_sweep(sweep_runs, tmp_path):
     # a 2-point grid: no importance (too few trials), a parallel line and a history point per trial
     found = ET.parse(out / "tiny-report-importance.svg").getroot()
     assert children(found, "rect", "importance") == [] and f"needs {importance.MIN_TRIALS}+ completed trials" in texts(found, "note")
-    assert len(children(ET.parse(out / "tiny-report-parallel.svg").getroot(), "polyline", "trial")) == 2
+    parallel = ET.parse(out / "tiny-report-parallel.svg").getroot()
+    assert len(children(parallel, "polyline", "trial")) == 2
+    axes = {g.get("data-name"): g for g in parallel.iter(f"{SVG}g") if g.get("class") == "axis"}
+    assert [t.text for t in axes["learning_rate"].iter(f"{SVG}text") if t.get("class") == "axis-note"] == ["log scale"]
+    # the metric is a range with ticks, never choices, however few runs there are
+    metric_ticks = [tick_value(t.text) for t in axes["val_loss"].iter(f"{SVG}text") if t.get("class") == "tick"]
+    assert len(metric_ticks) >= 3 and metric_ticks == sorted(metric_ticks)
+    assert not {float(r[2]) for r in rows} <= set(metric_ticks)  # ticks, not the two values themselves
     assert f"{float(rows[0][2]):.4f}</b> (goal: minimize)" in page and f"--learning_rate={rows[0][1]}" in page
     (ring,) = shapes(lr, "circle", "best")
     best = next(p for p in points if p.find(f"{SVG}title").text.startswith(rows[0][0]))

@@ -86,12 +86,12 @@ def tip(trial: Trial, params: list[str], metric: str) -> str:
     return cut(f"run {trial.run.run_id} (#{trial.order}): {metric} {trial.value:.4g}; {shown}", TIP_CHARS)
 
 
-def _axis(values: list[Any], log: bool) -> tuple[svg.Axis, list[float]]:
+def _axis(values: list[Any], log: bool, metric: bool = False) -> tuple[svg.Axis, list[float]]:
     """A vertical axis for one setting and each trial's position on it: a range (log where the sweep
     draws log) for numbers drawn from one, evenly spaced choices for a few numbers (a W&B `values`
     list, as importance treats them: 32, 64, 128, 256 squeeze together on a linear range) and for text."""
     numbers = [svg.number(v) for v in values]
-    if values and all(x is not None for x in numbers) and (log or len(set(numbers)) > imp.FEW_VALUES):
+    if values and all(x is not None for x in numbers) and (metric or log or len(set(numbers)) > imp.FEW_VALUES):
         log = log and min(numbers) > 0
         return svg.Axis.fit(numbers, log=log), numbers
     cats = sorted({short(v) for v in values}, key=_category_order)
@@ -116,7 +116,7 @@ def parallel_svg(title: str, trials: list[Trial], params: list[str], metric: str
     shown_params = params[:MAX_AXES]
     columns = [(k, [t.run.config.get(k) for t in trials], bool(log.get(k))) for k in shown_params]
     columns.append((metric, [t.value for t in trials], False))
-    axes = [(name, *_axis(values, is_log)) for name, values, is_log in columns]
+    axes = [(name, *_axis(values, is_log, metric=j == len(columns) - 1)) for j, (name, values, is_log) in enumerate(columns)]
     values = [t.value for t in trials]
     lo, hi = min(values), max(values)
     best = best_of(trials, goal)
