@@ -312,7 +312,11 @@ def test_a_wandb_sweep_spread_over_two_runs_folders(wandb_sweep_runs, tmp_path):
     summary = re.search(r'<p class="best-run">(.*?)</p>', page, re.S).group(1)
     assert best.run_id in summary and f"{best.summary['val_accuracy']:.4f}" in summary
     command = html.unescape(re.search(r'<pre class="retrain">(.*?)</pre>', page, re.S).group(1))
-    argv = shlex.split(command)
+    argv = shlex.split(command.replace(" \\\n", " "))  # continuation lines, joined as a shell joins them
+    assert command.splitlines()[0].startswith("python -m app train --learning_rate=")  # swept settings first
+    shell = subprocess.run(["bash", "-c", command.replace("python -m app train", "printf '%s\\n'", 1)],
+                           capture_output=True, text=True, timeout=30)
+    assert shell.stdout.splitlines() == argv[4:]  # what bash passes on is what shlex read
     assert argv[:4] == ["python", "-m", "app", "train"]
     retrained = config.load(argv[4:], environ={}, dotenv_path=None)
     assert retrained.learning_rate == best.config["learning_rate"]  # every digit: repr of the float

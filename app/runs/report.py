@@ -311,7 +311,7 @@ def findings(g: Group) -> tuple[str, dict[str, str]]:
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1500px}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
 th{background:#f0f0f0}tbody tr:first-child{background:#eaffea}svg.chart{max-width:100%;height:auto;border:1px solid #ddd;margin:.5em 0}
-pre.retrain{background:#f6f6f6;padding:.6em;white-space:pre-wrap;word-break:break-all;max-width:1200px}"""
+pre.retrain{background:#f6f6f6;padding:.6em;overflow-x:auto;max-width:1200px}"""
 
 
 def page(root: Path | list[Path], groups: list[Group], problems: list[str]) -> tuple[str, dict[str, str]]:

@@ -286,20 +286,25 @@ def history_svg(title: str, trials: list[Trial], params: list[str], metric: str,
     return svg.figure(title, [panel], side, 180, 70)
 
 
-def retrain_command(config: dict, first: list[str]) -> str | None:
+def retrain_command(config: dict, first: list[str], width: int = 100) -> str | None:
     """`python -m app train --key=value ...` with every training setting the run recorded (the swept ones
-    first), so .env or the environment on this host cannot change what is trained. None when a recorded
+    first, on the first line), so .env or the environment on this host cannot change what is trained;
+    the rest follow on shell continuation lines of about `width` characters, so that a browser never
+    breaks a flag in two and the text still pastes into a shell as one command. None when a recorded
     value is too long to be one (a damaged or hand-made log)."""
     from app.config import KEYS
 
-    keys = [k for k in first if k in KEYS] + [k for k in KEYS if k not in first]
-    parts = ["python", "-m", "app", "train"]
-    for k in keys:
+    swept = [k for k in first if k in KEYS]
+    lines = [["python", "-m", "app", "train"]]
+    for k in swept + [k for k in KEYS if k not in swept]:
         if k in config and k not in NOT_RETRAIN:
             v = config[k]
             text = ("true" if v else "false") if isinstance(v, bool) else (
                 ",".join(map(str, v)) if isinstance(v, (list, tuple)) else repr(v) if isinstance(v, float) else str(v))
             if len(text) > MAX_VALUE_CHARS:
                 return None
-            parts.append(f"--{k}={text}")
-    return " ".join(shlex.quote(p) for p in parts)
+            flag = shlex.quote(f"--{k}={text}")
+            if k not in swept and (len(lines) == 1 or len(" ".join(lines[-1] + [flag])) > width):
+                lines.append([])
+            lines[-1].append(flag)
+    return " \\\n    ".join(" ".join(line) for line in lines)
