@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import optuna
 
@@ -28,14 +29,20 @@ from app.sweep.plan import Plan, redact
 from app.sweep.spec import SweepSpec
 
 
+READ_CONNECT_S = 10  # a reader (sweep-status, report) gives up on a database that does not answer in this
+READ_STATEMENT_MS = 30_000  # ... or that answers but then holds a query (a lock, a stuck server) this long
+
+
 def open_storage(url: str, *, write: bool = True):
     """The Optuna storage behind `url`. A journal file is scanned first: damage is one error line, and
-    (when this process will write) a crashed append's partial last line is cut away under the lock."""
+    (when this process will write) a crashed append's partial last line is cut away under the lock.
+    A reader's database connection is bounded in time (READ_CONNECT_S, READ_STATEMENT_MS): libpq's
+    default is to wait for ever on a host that accepts and then says nothing."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # agents print their own one-line records
 
     if "://" in url:
         try:
-            return _rdb_storage(url)
+            return _rdb_storage(url, {} if write else read_limits(url))
         except Exception as exc:  # sqlalchemy/psycopg2 errors: bad host, password, database
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"SWEEP_STORAGE={redact(url)}: cannot open the database ({redact(first)[:160]})") from None
@@ -61,19 +68,30 @@ def open_storage(url: str, *, write: bool = True):
 SCHEMA_LOCK = 0x6D6E6973  # PostgreSQL advisory lock key ("mnis") held while Optuna's tables are created
 
 
-def _rdb_storage(url: str):
+def read_limits(url: str) -> dict[str, object]:
+    """psycopg2 connect arguments that bound a read-only look, unless the URL sets its own."""
+    query = parse_qs(urlsplit(url).query)
+    limits: dict[str, object] = {}
+    if "connect_timeout" not in query:
+        limits["connect_timeout"] = READ_CONNECT_S
+    if "options" not in query:
+        limits["options"] = f"-c statement_timeout={READ_STATEMENT_MS}"
+    return limits
+
+
+def _rdb_storage(url: str, connect_args: dict[str, object]):
     """Optuna's RDBStorage, its tables created by one agent at a time. Agents started together on a new
     database would each run CREATE TABLE, and PostgreSQL's catalog refuses all but the first with a
     unique violation (pg_type_typname_nsp_index): a session advisory lock makes the others wait, then
     find the tables there. The lock goes with the connection, whatever happens."""
     import sqlalchemy
 
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args)
     try:
         with engine.connect() as conn:
             if engine.dialect.name == "postgresql":
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK})
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True, "connect_args": connect_args})
     finally:
         engine.dispose()
 
@@ -133,9 +151,10 @@ def open_study(p: Plan, storage=None):
     return study
 
 
-def load_study(url: str, name: str):
-    """An existing study, for reading only (sweep-status, report): never creates or heals anything."""
-    storage = open_storage(url, write=False)
+def load_study(url: str, name: str, storage=None):
+    """An existing study, for reading only (sweep-status, report): never creates or heals anything.
+    `storage`: the one open_storage(url, write=False) gave, when several sweeps are read from it."""
+    storage = storage if storage is not None else open_storage(url, write=False)
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
