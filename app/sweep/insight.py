@@ -65,6 +65,27 @@ def best_of(rows: list[dict], goal: str) -> dict | None:
     return (max if goal == "maximize" else min)(rows, key=lambda r: r["value"])
 
 
+def log_settings(study) -> dict[str, bool]:
+    """Which swept settings the sweep draws on a log scale (the report's axes), from its storage."""
+    from app.sweep.status import trial_rows
+
+    trials = study.get_trials(deepcopy=False)
+    finished = [r for r in trial_rows(study) if r["state"] == "COMPLETE"]
+    return _log_settings(study, trials, sorted({k for t in trials for k in t.params}), finished)
+
+
+def _log_settings(study, trials, settings: list[str], finished: list[dict]) -> dict[str, bool]:
+    specs = sweep_parameters(study)
+    log = {}
+    for name in settings:
+        dist = next((t.distributions[name] for t in trials if name in t.distributions), None)
+        if getattr(dist, "log", False):
+            log[name] = True
+        else:
+            log[name] = log_scale(specs.get(name), [r["values"].get(name) for r in finished])
+    return log
+
+
 def from_study(study) -> Findings:
     from app.sweep.status import trial_rows
 
@@ -75,14 +96,7 @@ def from_study(study) -> Findings:
     rows = trial_rows(study)
     finished = [r for r in rows if r["state"] == "COMPLETE" and isinstance(r["value"], (int, float))
                 and math.isfinite(r["value"])]
-    specs = sweep_parameters(study)
-    log = {}
-    for name in settings:
-        dist = next((t.distributions[name] for t in trials if name in t.distributions), None)
-        if getattr(dist, "log", False):
-            log[name] = True
-        else:
-            log[name] = log_scale(specs.get(name), [r["values"].get(name) for r in finished])
+    log = _log_settings(study, trials, settings, finished)
     result = imp.evaluate([(r["values"], r["value"]) for r in finished], settings, goal, log)
     return Findings(study.study_name, study.user_attrs.get("method", "?"), metric, goal, settings, log,
                     finished, best_of(finished, goal), result)

@@ -144,11 +144,18 @@ class SweepSummary:
     metric: str
     goal: str
     unfinished: list[dict[str, Any]]  # trial_rows of trials that died, were stopped or failed
+    log: dict[str, bool]  # swept settings the sweep draws on a log scale
+
+
+def summarize(study) -> SweepSummary:
+    """An offline sweep's metric, goal, unfinished trials and log-scale settings, as its study holds them
+    (the metric and goal an agent recorded when the sweep began)."""
+    rows = [r for r in trial_rows(study) if r["state"] in ("DIED", "STOPPED", "FAIL")]
+    return SweepSummary(study.user_attrs.get("metric", "val_loss"), study.user_attrs.get("goal", "minimize"), rows,
+                        insight.log_settings(study))
 
 
 def read_sweep(journal: str | Path, name: str) -> SweepSummary:
-    """An offline sweep's metric, goal and unfinished trials, read without writing anything.
-    Raises UserError (one line) when the journal is missing, damaged or lacks the sweep."""
-    study = load_study(str(journal), name)
-    rows = [r for r in trial_rows(study) if r["state"] in ("DIED", "STOPPED", "FAIL")]
-    return SweepSummary(study.user_attrs.get("metric", "val_loss"), study.user_attrs.get("goal", "minimize"), rows)
+    """summarize() of a sweep in a journal file or database, read without writing anything.
+    Raises UserError (one line) when the storage is missing, damaged or lacks the sweep."""
+    return summarize(load_study(str(journal), name))
