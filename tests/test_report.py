@@ -21,7 +21,7 @@ import pytest
 from conftest import clean_env, error_lines, run_app
 
 from app import config, runlog
-from app.runs import importance, report, svg
+from app.runs import importance, report, svg, sweepdef
 
 SVG = "{http://www.w3.org/2000/svg}"
 SWEEP = """name: tiny-report
@@ -363,8 +363,12 @@ def test_log_axes_follow_the_sweeps_distribution(tmp_path):
                                 summary={"val_loss": 1.0 + i})
         runs.append(run)
     group = report.make_group("known-answer", runs, "val_loss", "minimize")
-    assert report._log_scale([tmp_path / "runs"], group) == {"batch_size": False, "learning_rate": True}
-    assert report._log_scale([tmp_path / "elsewhere"], group) == {"batch_size": False, "learning_rate": False}
+    here = sweepdef.Sources([tmp_path / "runs"]).definition("known-answer")
+    assert here.source == f"its journal {tmp_path / 'runs' / 'sweeps' / 'known-answer.journal'}" and not here.assumed
+    assert report._log_scale(group, here.log) == {"batch_size": False, "learning_rate": True}
+    elsewhere = sweepdef.Sources([tmp_path / "elsewhere"]).definition("known-answer")
+    assert "no sweeps/known-answer.journal is beside the runs" in elsewhere.assumed
+    assert report._log_scale(group, elsewhere.log) == {"batch_size": False, "learning_rate": False}
 
 
 def test_too_few_runs_show_words_not_importance():

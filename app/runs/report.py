@@ -7,10 +7,11 @@ sweep's trials share its name as their group, a W&B sweep's runs its sweep id):
   <group>-params.svg   each swept setting against the sweep's metric (one point per finished run)
   <group>-parallel.svg, -importance.svg, -history.svg   what the sweep found (app.runs.sweepcharts)
 and index.html, which shows the same charts inline (hover a line or point for its run) with a table of
-the runs sorted by the metric, each with its model artifact (name, aliases, size). When the sweep's
-journal ($WANDB_DIR/sweeps/<group>.journal) came along with the runs, its metric, goal and log-scale
-settings are used, and attempts that died are listed too. Above the table: the best run in words with
-the command that trains it again.
+the runs sorted by the metric, each with its model artifact (name, aliases, size). Each sweep's
+metric, goal and log-scale settings are read from its storage (--storage or SWEEP_STORAGE: a journal
+or PostgreSQL, read-only; else a journal copied along with the runs, app.runs.sweepdef), and attempts
+that died are listed too; where none holds it (a W&B sweep), the page says what was assumed and why.
+Above the table: the best run in words with the command that trains it again.
 
 An offline artifact has no version number yet: W&B numbers versions (v0, v1, ...) when `sync`
 uploads them, so the table shows the aliases the run asked for and the artifact's content digest.
@@ -31,8 +32,7 @@ from typing import Any
 from app import artifact, env, runlog
 from app.errors import UserError
 from app.runs import importance, svg, sweepcharts
-
-DEFAULT_METRIC, DEFAULT_GOAL = "val_accuracy", "maximize"
+from app.runs.sweepdef import DEFAULT_GOAL, DEFAULT_METRIC, Sources
 NOT_PARAMS = {"data_dir", "output_dir", "device"}  # differ between hosts, not between trials
 
 
@@ -45,6 +45,8 @@ class Group:
     params: list[str]  # config keys whose values differ between the runs
     died: list[dict]  # attempts the sweep storage saw die, if it is here
     log: dict[str, bool] = field(default_factory=dict)  # swept settings drawn on a log scale
+    source: str = ""  # where metric and goal were read (app.runs.sweepdef), said on the page
+    assumed: str = ""  # else why they are the defaults, said on the page
 
 
 def _value(run, metric: str) -> float | None:
@@ -55,40 +57,12 @@ def _value(run, metric: str) -> float | None:
     return svg.number(v)
 
 
-def _journal(roots: list[Path], group: str) -> Path | None:
-    # PATH may be the runs folder (WANDB_DIR) or its wandb/ folder; the journal sits beside wandb/
-    return next((d / "sweeps" / f"{group}.journal" for root in roots for d in (root, root.parent)
-                 if group and (d / "sweeps" / f"{group}.journal").is_file()), None)
-
-
-def _sweep_info(root: Path | list[Path], group: str) -> tuple[str, str, list[dict]]:
-    journal = _journal(root if isinstance(root, list) else [root], group)
-    if not group or journal is None:
-        return DEFAULT_METRIC, DEFAULT_GOAL, []
-    from app.sweep import status
-
-    try:
-        sweep = status.read_sweep(journal, group)
-    except UserError:  # damaged or another sweep's: the runs still make a report
-        return DEFAULT_METRIC, DEFAULT_GOAL, []
-    return sweep.metric, sweep.goal, sweep.unfinished
-
-
-def _log_scale(roots: list[Path], group: Group) -> dict[str, bool]:
-    """Which swept settings the sweep draws on a log scale: from its storage when the journal came
-    along, else judged from the values (app.sweep.insight.log_scale)."""
+def _log_scale(group: Group, from_sweep: dict[str, bool]) -> dict[str, bool]:
+    """Which swept settings are drawn on a log scale: as the sweep draws them where its storage was
+    found, else judged from the values (app.sweep.insight.log_scale)."""
     from app.sweep import insight
 
-    journal = _journal(roots, group.name)
-    found: dict[str, bool] = {}
-    if journal is not None:
-        try:
-            from app.sweep.study import load_study
-
-            found = insight.from_study(load_study(str(journal), group.name)).log
-        except UserError:
-            pass
-    return {k: found[k] if k in found else insight.log_scale(None, [r.config.get(k) for r in group.runs])
+    return {k: from_sweep[k] if k in from_sweep else insight.log_scale(None, [r.config.get(k) for r in group.runs])
             for k in group.params}
 
 
@@ -97,9 +71,11 @@ def group_name(run) -> str:
     return run.group or (f"wandb-sweep-{run.sweep_id}" if run.sweep_id else "")
 
 
-def collect(root: Path | list[Path]) -> tuple[list[Group], list[str]]:
-    """Every run under the folder(s), grouped; runs of one sweep may be spread over several folders."""
+def collect(root: Path | list[Path], sources: Sources | None = None) -> tuple[list[Group], list[str]]:
+    """Every run under the folder(s), grouped; runs of one sweep may be spread over several folders.
+    Each sweep's metric and goal come from `sources` (default: journals beside the runs only)."""
     roots = root if isinstance(root, list) else [root]
+    sources = sources if sources is not None else Sources(roots)
     runs, problems = [], []
     folders = sorted({f for r in roots for f in runlog.find(r)})
     for folder in folders:
@@ -118,9 +94,10 @@ def collect(root: Path | list[Path]) -> tuple[list[Group], list[str]]:
     groups = []
     for name in sorted({group_name(r) for r in runs}):
         members = [r for r in runs if group_name(r) == name]
-        metric, goal, died = _sweep_info(roots, name)
-        group = make_group(name, members, metric, goal, died)
-        group.log = _log_scale(roots, group)
+        found = sources.definition(name, wandb_sweep=not members[0].group and bool(members[0].sweep_id))
+        group = make_group(name, members, found.metric, found.goal, found.died)
+        group.log = _log_scale(group, found.log)
+        group.source, group.assumed = found.source, found.assumed
         groups.append(group)
     return groups, problems
 
@@ -275,7 +252,7 @@ def findings(g: Group) -> tuple[str, dict[str, str]]:
     result = importance.evaluate([(t.run.config, t.value) for t in trials], swept, g.goal, g.log)
     ranked = [s.name for s in result.settings]  # most important first: the axes read in that order
     best = sweepcharts.best_of(trials, g.goal)
-    parts = []
+    parts = [_source(g)]
     if len(g.params) > MAX_SETTINGS:
         parts.append(f"<p>{len(g.params)} settings vary between these runs; the first {MAX_SETTINGS} by name are ranked.</p>")
     if best is not None:
@@ -308,10 +285,23 @@ def findings(g: Group) -> tuple[str, dict[str, str]]:
     return "".join(parts), charts
 
 
+def _source(g: Group) -> str:
+    """Where the metric and goal the runs are ranked by come from: never a silent guess. Groups made
+    by hand (make_group: tests, the benchmark) were given theirs and say nothing."""
+    if g.assumed:
+        return (f'<p class="sweep-source assumed">Ranked by <b>{html.escape(g.metric)} ({html.escape(g.goal)})</b>, '
+                f"assumed: {html.escape(g.assumed)}. Log axes are judged from the values "
+                "(a positive setting spanning a factor of 10 or more).</p>")
+    if g.source:
+        return (f'<p class="sweep-source">Ranked by {html.escape(g.metric)} ({html.escape(g.goal)}) with log axes as '
+                f"the sweep defines them, read from {html.escape(g.source)}.</p>")
+    return ""
+
+
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1500px}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
 th{background:#f0f0f0}tbody tr:first-child{background:#eaffea}svg.chart{max-width:100%;height:auto;border:1px solid #ddd;margin:.5em 0}
-pre.retrain{background:#f6f6f6;padding:.6em;overflow-x:auto;max-width:1200px}"""
+p.assumed{background:#fff6d5;padding:.4em}pre.retrain{background:#f6f6f6;padding:.6em;overflow-x:auto;max-width:1200px}"""
 
 
 def page(root: Path | list[Path], groups: list[Group], problems: list[str]) -> tuple[str, dict[str, str]]:
@@ -342,9 +332,12 @@ def _where(root: Path | list[Path]) -> str:
     return ", ".join(map(str, root)) if isinstance(root, list) else str(root)
 
 
-def render(root: Path | list[Path], out: Path) -> tuple[Path, list[str]]:
-    """Writes the page; returns it and the runs left out (also listed on the page)."""
-    groups, problems = collect(root)
+def render(root: Path | list[Path], out: Path, storage: str | None = None,
+           environ: dict[str, str] | None = None) -> tuple[Path, list[str]]:
+    """Writes the page; returns it and the runs left out (also listed on the page). `storage`: the
+    sweeps' storage (--storage), else SWEEP_STORAGE in `environ` (default os.environ), opened first."""
+    sources = Sources.open(root if isinstance(root, list) else [root], storage, environ)
+    groups, problems = collect(root, sources)
     if not groups and problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(f"no readable offline runs under {_where(root)}: {problems[0]}{more}")
@@ -364,12 +357,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("path", nargs="*", help="runs folder(s): one sweep's runs may be spread over several "
                                                 "(default: $WANDB_DIR, else .)")
     parser.add_argument("--out", default="report", help="folder for index.html and the SVG charts (default: report)")
+    parser.add_argument("--storage", help="the sweeps' journal file or postgresql:// URL, as the agents used it, for "
+                                          "each sweep's metric and goal (default: $SWEEP_STORAGE, else "
+                                          "sweeps/<name>.journal beside the runs)")
     args = parser.parse_args(argv)
     roots = [Path(p) for p in args.path] or [env.runs_root(os.environ)]
     for root in roots:
         if not root.exists():
             raise UserError(f"runs folder {str(root)!r} does not exist")
-    index, problems = render(roots if len(roots) > 1 else roots[0], Path(args.out))
+    index, problems = render(roots if len(roots) > 1 else roots[0], Path(args.out), args.storage)
     for problem in problems:
         print(f"note: {problem}", file=sys.stderr)
     print(f"report written: {index}")
