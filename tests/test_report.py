@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import html
 import itertools
+import json
 import math
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -22,6 +24,7 @@ from conftest import clean_env, error_lines, run_app
 
 from app import config, runlog
 from app.runs import importance, report, svg, sweepdef
+from app.sweep import study
 
 SVG = "{http://www.w3.org/2000/svg}"
 SWEEP = """name: tiny-report
@@ -273,6 +276,9 @@ def test_a_wandb_sweep_spread_over_two_runs_folders(wandb_sweep_runs, tmp_path):
     best = max(runs.values(), key=lambda r: r.summary["val_accuracy"])
     page = (out / "index.html").read_text()
     assert "<h2>wandb-sweep-swp12345</h2>" in page  # one group, both folders
+    # its metric and goal are on the W&B server: what the report assumed is said, not guessed silently
+    assert ('<p class="sweep-source assumed">Ranked by <b>val_accuracy (maximize)</b>, assumed: a W&amp;B sweep keeps '
+            "its metric and goal on the W&amp;B server, not in its offline runs.") in page
 
     parallel = ET.parse(out / "wandb-sweep-swp12345-parallel.svg").getroot()
     assert_finite_geometry(parallel)
@@ -414,3 +420,112 @@ def test_pruned_and_failed_runs_are_not_trials_and_an_absurd_value_gets_no_comma
     assert sorted(line.get("data-run") for line in lines) == ["r0", "r3"]
     assert "Best of 2 completed run(s): <b>r3</b>" in index
     assert 'class="retrain"' not in index and "no retrain command" in index and "x" * 300 not in index
+
+
+# ------------------------------------------------------------------------------------------
+# where a sweep's metric and goal come from: its own storage, else an assumption said on the page
+# ------------------------------------------------------------------------------------------
+
+# Real offline runs of the known-answer sweep (tests/test_importance.py) as its agents write them: the
+# sweep's name as their group. val_loss and val_accuracy disagree on the best run, so ranking by the
+# wrong metric shows: pg-c has the lowest val_loss, pg-b the highest val_accuracy.
+PG_RUNS = {"pg-a": (0.002, 0.30, 0.80), "pg-b": (0.004, 0.45, 0.92), "pg-c": (0.008, 0.25, 0.85), "pg-d": (0.003, 0.50, 0.70)}
+PG_WRITER = r"""
+import json, sys, wandb
+root, runs = sys.argv[1], json.loads(sys.argv[2])
+for run_id, (lr, loss, acc) in runs.items():
+    run = wandb.init(project="p", dir=root, mode="offline", id=run_id, group="known-answer",
+                     config={"learning_rate": lr, "batch_size": 64, "epochs": 1})
+    run.log({"loss": loss + 0.5}, step=1)
+    run.log({"epoch": 0, "val_loss": loss, "val_accuracy": acc}, step=2)
+    run.summary.update({"val_loss": loss, "val_accuracy": acc})
+    run.finish()
+"""
+
+
+def best_run(page: str) -> str:
+    return re.search(r'<p class="best-run">Best of \d+ completed run\(s\): <b>(.*?)</b>', page).group(1)
+
+
+def parallel_notes(folder: Path) -> dict[str, str]:
+    parallel = ET.parse(folder / "known-answer-parallel.svg").getroot()
+    return {g.get("data-name"): [t.text for t in g.iter(f"{SVG}text") if t.get("class") == "axis-note"][0]
+            for g in parallel.iter(f"{SVG}g") if g.get("class") == "axis"}
+
+
+def test_a_sweep_kept_in_postgresql_is_ranked_by_its_own_metric(tmp_path):
+    """A val_loss/minimize sweep whose storage is PostgreSQL: SWEEP_STORAGE (as its agents had it) or
+    --storage gives the report the sweep's metric, goal and log axes; without either, the page says
+    that val_accuracy (maximize) was assumed and why."""
+    from cluster import postgres_server
+    from test_importance import fill_sweep
+
+    runs = tmp_path / "copied-runs"  # runs gathered from the hosts: no journal came with them
+    runs.mkdir()
+    proc = subprocess.run([sys.executable, "-c", PG_WRITER, str(runs), json.dumps(PG_RUNS)],
+                          env=clean_env(tmp_path, WANDB_SILENT="true"), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with postgres_server() as url:
+        fill_sweep(tmp_path, 3, storage=url)  # the sweep as its agents began it: val_loss, minimize, log-uniform lr
+        by_env = run_app(["report", str(runs), "--out", str(tmp_path / "by-env")], clean_env(tmp_path, SWEEP_STORAGE=url), tmp_path)
+        by_flag = run_app(["report", str(runs), "--out", str(tmp_path / "by-flag"), "--storage", url], clean_env(tmp_path), tmp_path)
+    unnamed = run_app(["report", str(runs), "--out", str(tmp_path / "unnamed")], clean_env(tmp_path), tmp_path)
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    for proc, folder in ((by_env, "by-env"), (by_flag, "by-flag")):
+        assert proc.returncode == 0, proc.stderr
+        page = (tmp_path / folder / "index.html").read_text()
+        assert best_run(page) == "pg-c" and "val_loss <b>0.2500</b> (goal: minimize)" in page
+        assert "<th>learning_rate</th><th>val_loss</th>" in page
+        assert ('<p class="sweep-source">Ranked by val_loss (minimize) with log axes as the sweep defines them, read from '
+                f"its storage postgresql+psycopg2://sweep@127.0.0.1:{port}/postgres.</p>") in page
+        # 0.002..0.008 spans 4x: only the sweep's log_uniform_values makes it a log axis
+        assert parallel_notes(tmp_path / folder)["learning_rate"] == "log scale"
+        rows = re.findall(r"<tr><td>(pg-\w)</td>", page)
+        assert rows == ["pg-c", "pg-a", "pg-b", "pg-d"]  # by val_loss, lowest first
+    assert unnamed.returncode == 0, unnamed.stderr
+    page = (tmp_path / "unnamed" / "index.html").read_text()
+    assert best_run(page) == "pg-b" and "(goal: maximize)" in page
+    note = re.search(r'<p class="sweep-source assumed">(.*?)</p>', page).group(1)
+    assert note.startswith("Ranked by <b>val_accuracy (maximize)</b>, assumed: sweep &#x27;known-answer&#x27; is in no "
+                           "storage named (no --storage given, SWEEP_STORAGE unset)") and "pass --storage" in note
+    assert parallel_notes(tmp_path / "unnamed")["learning_rate"] != "log scale"
+
+
+@pytest.mark.parametrize("server", ["silent", "closed"])
+def test_a_storage_that_does_not_answer_is_one_line_not_a_hang(tmp_path, server):
+    """A database host that accepts and then says nothing (or refuses) ends the report with one line
+    naming the storage, password hidden, before any run is read; nothing is written."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    if server == "silent":
+        listener.listen(8)  # the kernel completes the handshake; nobody ever answers
+    else:
+        listener.close()
+    try:
+        (tmp_path / "runs").mkdir()
+        url = f"postgresql://sweep:s3cret@127.0.0.1:{port}/sweeps"
+        # the default bound (study.READ_CONNECT_S) ends the wait; the subprocess timeout only catches a hang
+        proc = run_app(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "r"), "--storage", url],
+                       clean_env(tmp_path), tmp_path, timeout=study.READ_CONNECT_S + 50)
+    finally:
+        listener.close()
+    assert proc.returncode == 2, proc.stderr
+    (line,) = error_lines(proc.stderr)
+    assert f"postgresql+psycopg2://sweep:***@127.0.0.1:{port}/sweeps: cannot open the database" in line
+    assert ("timeout expired" if server == "silent" else "Connection refused") in line
+    assert "s3cret" not in proc.stderr and not (tmp_path / "r").exists()
+
+
+def test_an_empty_storage_option_is_one_line(tmp_path):
+    (tmp_path / "runs").mkdir()
+    proc = run_app(["report", str(tmp_path / "runs"), "--storage", " "], clean_env(tmp_path), tmp_path)
+    assert proc.returncode == 2 and error_lines(proc.stderr) == [
+        "error: --storage is empty: give the sweep's journal file or its postgresql://user:password@host/db URL"]
+
+
+def test_a_reader_bounds_its_wait_unless_the_url_says_otherwise():
+    assert study.read_limits("postgresql+psycopg2://u@h/db") == {
+        "connect_timeout": study.READ_CONNECT_S, "options": f"-c statement_timeout={study.READ_STATEMENT_MS}"}
+    assert study.read_limits("postgresql+psycopg2://u@h/db?connect_timeout=3") == {
+        "options": f"-c statement_timeout={study.READ_STATEMENT_MS}"}
