@@ -33,6 +33,7 @@ from app import artifact, env, runlog
 from app.errors import UserError
 from app.runs import importance, svg, sweepcharts
 from app.runs.sweepdef import DEFAULT_GOAL, DEFAULT_METRIC, Sources
+
 NOT_PARAMS = {"data_dir", "output_dir", "device"}  # differ between hosts, not between trials
 
 
