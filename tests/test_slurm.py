@@ -8,6 +8,8 @@ stand-in W&B API).
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -24,7 +26,8 @@ from idx import write_dataset
 from optuna.trial import TrialState
 
 from app import runlog
-from app.sweep.study import open_storage
+from app.errors import UserError
+from app.sweep.study import load_study, open_storage
 
 pytestmark = pytest.mark.slow
 SCRIPT = REPO / "deploy" / "slurm" / "agents.sbatch"
@@ -60,10 +63,11 @@ def data(tmp_path_factory) -> Path:
 
 
 def project(tmp: Path, data: Path, **settings: str) -> Path:
-    """A submit folder as a user has it: .env with the settings; the venv is this one (APP_PYTHON)."""
+    """A submit folder as a user has it: .env with the settings; the venv is this one (APP_PYTHON,
+    exported at submit: it is also what reads .env)."""
     folder = tmp / "project"
     folder.mkdir()
-    lines = {"APP_PYTHON": sys.executable, "DATASET": "mnist", "DATA_DIR": str(data), "VAL_SIZE": "200", "EPOCHS": "2",
+    lines = {"DATASET": "mnist", "DATA_DIR": str(data), "VAL_SIZE": "200", "EPOCHS": "2",
              "WATCH_LOG": "none", "DEVICE": "cpu", "WANDB_SILENT": "true", "TRAIN_STRIDE": "1", **settings}
     (folder / ".env").write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
     return folder
@@ -78,6 +82,7 @@ class Span:
     start: float = 0.0
     end: float | None = None
     status: int | None = None
+    job: str = ""  # the task's own SLURM_JOB_ID (the array's id for its last-started task)
 
 
 def spans(folder: Path) -> list[Span]:
@@ -89,8 +94,8 @@ def spans(folder: Path) -> list[Span]:
             if not m:
                 continue
             text = m["text"]
-            if s := re.match(r"start on \S+ restart=(\d+) CUDA_VISIBLE_DEVICES=(\S*) at ([\d.]+)", text):
-                out.append(Span(m["task"], int(s[1]), s[2], start=float(s[3])))
+            if s := re.match(r"start on \S+ restart=(\d+) job=(\S+) CUDA_VISIBLE_DEVICES=(\S*) at ([\d.]+)", text):
+                out.append(Span(m["task"], int(s[1]), s[3], start=float(s[4]), job=s[2]))
             elif s := re.match(r"agent pid (\d+)", text):
                 out[-1].pid = int(s[1])
             elif s := re.match(r"agent exited with status (\d+) at ([\d.]+)", text):
@@ -104,7 +109,7 @@ def task_logs(folder: Path) -> str:
 
 def submit(cluster, folder: Path, env: dict[str, str], array: str) -> str:
     """sbatch from the project folder; the caller's environment travels with the job (sbatch --export=ALL)."""
-    env = {**env, "OMP_NUM_THREADS": "1"}  # two agents on this 2-core machine: one thread each
+    env = {**env, "OMP_NUM_THREADS": "1", "APP_PYTHON": sys.executable}  # two agents on 2 cores: a thread each
     r = cluster.run(["sbatch", "--parsable", f"--array={array}", str(SCRIPT)], cwd=folder, env=env)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
@@ -221,6 +226,111 @@ def test_array_of_agents_on_an_offline_sweep_with_a_stop_and_requeue(cluster, da
     print("\n" + figures)
 
 
+def journal_study(folder: Path, name: str = "slurm-grid"):
+    """The sweep's study in the default journal storage (runs/sweeps/<name>.journal), once it exists."""
+    journal = folder / "runs" / "sweeps" / f"{name}.journal"
+    if not journal.exists():
+        return None
+    try:
+        return load_study(str(journal), name)
+    except UserError:
+        return None
+
+
+def wait_mid_trial(folder: Path, timeout: float, want=lambda span: True):
+    """A RUNNING trial that has checkpointed, trained by a task whose current Span passes `want`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert time.monotonic() < deadline, f"no trial reached a checkpoint\n{task_logs(folder)}"
+        study = journal_study(folder)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if study else ():
+            run_id = t.user_attrs.get("run_id")
+            if run_id and (folder / "outputs" / run_id / "checkpoint.pt").exists():
+                pid = int(t.user_attrs["agent"].rsplit(":", 1)[1])
+                mine = [s for s in spans(folder) if s.pid == pid and s.end is None]
+                if mine and want(mine[-1]):
+                    return study, t, mine[-1]
+        time.sleep(0.2)
+
+
+def check_every_point_trained_once(trials, victim, logs: str) -> list:
+    """Every grid point completed exactly once, nothing left running, the stopped trial retried from its
+    checkpoint; returns the completed trials."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.system_attrs["sweep_key"] for t in complete) == [f"grid-{i}" for i in range(4)], logs
+    assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)], logs
+    stopped = next(t for t in trials if t.number == victim.number)
+    assert stopped.state == TrialState.FAIL and stopped.system_attrs["sweep_outcome"] == "preempted", logs
+    retry = next(t for t in complete if t.system_attrs["sweep_key"] == victim.system_attrs["sweep_key"])
+    assert retry.user_attrs["resume_run"] == victim.user_attrs["run_id"], logs
+    assert f"resuming from run {victim.user_attrs['run_id']}'s checkpoint" in logs
+    return complete
+
+
+def test_a_plain_scancel_mid_trial_loses_no_grid_point(cluster, data, tmp_path, record_property):
+    """Plain `scancel JOB_TASK` signals every process of the task, W&B's own service included: the
+    trial is a stop (checkpointed, handed out again), the agent takes no new trial and says so."""
+    t0 = time.monotonic()
+    sweep = tmp_path / "grid.yaml"
+    sweep.write_text(GRID_YAML)
+    folder = project(tmp_path, data, SWEEP_CONFIG=str(sweep), WANDB_MODE="offline", SWEEP_HEARTBEAT_S="2")
+    env = clean_env(tmp_path, **cluster.env)
+    job = submit(cluster, folder, env, "0-1")
+    seen: list[int] = []
+    study, victim, span = wait_mid_trial(folder, 150)
+    assert cluster.run(["scancel", span.task]).returncode == 0
+    wait_done(cluster, job, folder, 240, seen)
+    trials = study.get_trials(deepcopy=False)
+    logs = task_logs(folder)
+    check_every_point_trained_once(trials, victim, logs)
+    # the cancelled task's agent stopped at once: exit 143, its own line, no trial taken after the stop
+    mine = [s for s in spans(folder) if s.task == span.task]
+    assert len(mine) == 1 and mine[0].status == 143, logs
+    assert f"agent stopped by SIGTERM: trial {victim.number} checkpointed" in logs, logs
+    assert "stopped by stopped by" not in logs and "ConnectionResetError" not in logs, logs
+    agent = victim.user_attrs["agent"]
+    assert max(t.number for t in trials if t.user_attrs.get("agent") == agent) == victim.number, logs
+    assert "requeueing" not in logs and not queued(cluster, job)
+    # sweep-status in the submit folder, typed as deploy/slurm/README.md says, counts every point done
+    status = subprocess.run([sys.executable, "-m", "app", "sweep-status", "runs", "--config", str(sweep)],
+                            cwd=folder, env=env, capture_output=True, text=True)
+    assert status.returncode == 0 and "4 of 4 grid points done" in status.stdout, status.stdout + status.stderr
+    wall = time.monotonic() - t0
+    figures = (f"slurm plain scancel: 2 tasks, 1 cancelled mid-trial -> 0 requeues, {len(trials)} trials, "
+               f"4 of 4 grid points trained once, {wall:.0f} s")
+    record_property("slurm_scancel", figures)
+    print("\n" + figures)
+
+
+def test_the_arrays_last_started_task_is_requeued_by_its_own_id(cluster, data, tmp_path, record_property):
+    """The task that runs under the array's own job id: a stop requeues that task, not the array."""
+    t0 = time.monotonic()
+    sweep = tmp_path / "grid.yaml"
+    sweep.write_text(GRID_YAML)
+    folder = project(tmp_path, data, SWEEP_CONFIG=str(sweep), WANDB_MODE="offline", SWEEP_HEARTBEAT_S="2")
+    env = clean_env(tmp_path, **cluster.env)
+    job = submit(cluster, folder, env, "0-1")
+    seen: list[int] = []
+    study, victim, span = wait_mid_trial(folder, 150, want=lambda s: s.job == job)
+    assert span.task != job  # its name is <array>_<task>, its job id the array's own
+    assert cluster.run(["scancel", "--signal=TERM", "--full", span.task]).returncode == 0
+    wait_done(cluster, job, folder, 240, seen)
+    trials = study.get_trials(deepcopy=False)
+    logs = task_logs(folder)
+    check_every_point_trained_once(trials, victim, logs)
+    all_spans = spans(folder)
+    mine = [s for s in all_spans if s.task == span.task]
+    assert [s.restart for s in mine] == [0, 1] and mine[0].status == 143 and mine[1].status == 0, logs
+    assert f"slurm {span.task} | requeueing" in logs and "not requeued" not in logs, logs
+    others = [s for s in all_spans if s.task != span.task]
+    assert len(others) == 1 and others[0].restart == 0 and others[0].status == 0, logs  # the array stayed put
+    wall = time.monotonic() - t0
+    figures = (f"slurm last-started task: 2 tasks, 1 stop -> 1 requeue of {span.task} (job id {job}), "
+               f"{len(all_spans)} task runs, {len(trials)} trials, 4 of 4 grid points trained once, {wall:.0f} s")
+    record_property("slurm_last_task", figures)
+    print("\n" + figures)
+
+
 def test_the_same_script_serves_a_wandb_sweep(cluster, data, tmp_path, record_property):
     t0 = time.monotonic()
     with FakeWandb(WANDB_GRID) as api:
@@ -275,3 +385,90 @@ def test_a_cancelled_task_stays_cancelled(cluster, tmp_path):
     (span,) = spans(folder)
     assert span.status == 143 and re.search(r"not requeued \(JobState=(CANCELLED|COMPLETING)\)", logs), logs
     assert "requeueing" not in logs
+
+
+# --- .env: one meaning for every reader --------------------------------------------------------------
+
+# compose's (and python-dotenv's) meaning: a BOM is not part of the first key, spaces around `=` are
+# allowed, a comment after a quoted or unquoted value is dropped, the last of duplicate keys wins, and
+# nothing is evaluated (single quotes: not even compose's ${VAR})
+HOSTILE = ("\ufeffEPOCHS = 2\n"
+           'OUTPUT_DIR="/shared/out"  # team folder\n'
+           'WANDB_PROJECT="team project" # x\n'
+           "VAL_SIZE=200 # held out\n"
+           "LEARNING_RATE=0.1\n"
+           "LEARNING_RATE=0.2\n"
+           "WANDB_NOTES='$(touch PWNED) `touch PWNED`; touch PWNED'\n")
+MEANT = {"EPOCHS": "2", "OUTPUT_DIR": "/shared/out", "WANDB_PROJECT": "team project", "VAL_SIZE": "200",
+         "LEARNING_RATE": "0.2", "WANDB_NOTES": "$(touch PWNED) `touch PWNED`; touch PWNED"}
+REFUSED = {"EPOCH=2\n": "unknown setting EPOCH; did you mean EPOCHS?",
+           "EPOCHS=2\nnot a setting\n": "'not a setting' is not a KEY=value line"}
+
+
+def read_by_sbatch(folder: Path, **env: str) -> subprocess.CompletedProcess:
+    """agents.sbatch's own .env handling, run by bash outside Slurm; the agent's place prints its environment."""
+    return subprocess.run(["bash", str(SCRIPT)], cwd=folder, capture_output=True, text=True, timeout=60,
+                          env=clean_env(folder, **{"APP_PYTHON": sys.executable, "APP_EXEC": "env", **env}))
+
+
+def environment_lines(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("slurm "))
+
+
+def test_every_reader_gives_a_dotenv_the_same_meaning(tmp_path):
+    from app import config
+    from app.container.launch import read_env_file
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / ".env").write_text(HOSTILE, encoding="utf-8")
+    assert config.read_dotenv(folder / ".env") == MEANT  # the package (python -m app train/offline-agent)
+    assert read_env_file(folder / ".env") == MEANT  # python -m app launch --env-file
+    (folder / "compose.yml").write_text("services:\n  t:\n    image: busybox\n    env_file:\n      - path: .env\n")
+    r = subprocess.run(["docker", "compose", "-f", "compose.yml", "config", "--format", "json"], cwd=folder,
+                       capture_output=True, text=True, timeout=60)
+    if r.returncode != 0 and "CI" not in os.environ:
+        pytest.skip(f"docker compose is not usable here: {r.stderr.strip()[:200]}")
+    assert r.returncode == 0, r.stderr
+    composed = json.loads(r.stdout)["services"]["t"]["environment"]
+    assert {k: v.replace("$$", "$") for k, v in composed.items()} == MEANT  # config escapes $ as $$
+    r = read_by_sbatch(folder)
+    assert r.returncode == 0, r.stderr
+    seen = environment_lines(r.stdout)
+    assert {k: seen.get(k) for k in MEANT} == MEANT, r.stdout
+    assert not list(folder.rglob("PWNED")) and not list(Path.cwd().glob("PWNED"))
+    # exported where sbatch runs wins over the file, as documented
+    seen = environment_lines(read_by_sbatch(folder, EPOCHS="7", OUTPUT_DIR="/mine").stdout)
+    assert (seen["EPOCHS"], seen["OUTPUT_DIR"], seen["LEARNING_RATE"]) == ("7", "/mine", "0.2")
+
+
+@pytest.mark.parametrize("text", list(REFUSED))
+def test_a_dotenv_refused_by_one_reader_is_refused_by_all_in_the_same_line(tmp_path, monkeypatch, text):
+    from app import config
+    from app.container.launch import read_env_file
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / ".env").write_text(text)
+    monkeypatch.chdir(folder)  # every reader is given the file as `.env` in the submit folder
+    line = f".env:{text.count(chr(10))}: {REFUSED[text]}"
+    for reader in (config.read_dotenv, read_env_file):
+        with pytest.raises(UserError) as refused:
+            reader(Path(".env"))
+        assert str(refused.value) == line
+    r = read_by_sbatch(folder)
+    assert r.returncode == 2 and "start on" not in r.stdout, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {str(refused.value)}"], r.stderr
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ({"ENV_FILE": "missing.env"}, "ENV_FILE=missing.env: no such file in "),
+    ({"APP_PYTHON": "/nonexistent/.venv/bin/python", "APP_EXEC": ""}, "APP_PYTHON=/nonexistent/.venv/bin/python: no such program"),
+])
+def test_a_missing_env_file_or_venv_is_one_line_and_exit_2(tmp_path, setting, needle):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    r = read_by_sbatch(folder, **setting)
+    assert r.returncode == 2 and "start on" not in r.stdout, r.stdout + r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("slurm ? | error: ") and needle in line, line
