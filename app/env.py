@@ -179,15 +179,42 @@ def export_lines(values: Mapping[str, str], environ: Mapping[str, str] | None = 
                    if not is_set(key, environ=environ))
 
 
+# what a container must not take from the host: its own PATH, HOME, locale and Python, the build's and
+# compose's settings, and the host-side settings of deploy/slurm/agents.sbatch
+HOST_ONLY = frozenset({"APP_PYTHON", "APP_EXEC", "REQUEUE_ON_STOP", "APP_IN_CONTAINER"})
+
+
+def container_lines(environ: Mapping[str, str], extra_known: Iterable[str] = ()) -> str:
+    """The settings in `environ` (known names only) as KEY=VALUE lines of a `podman/docker run --env-file`:
+    what the job's environment passes into the image, the image's own ENV under it."""
+    extra = set(extra_known)
+    out = []
+    for key, value in sorted(environ.items()):
+        if (not known(key, extra) or key in HOST_ONLY or key.upper() in RUNTIME
+                or key.startswith(("PYTHON", "LC_", "PIP_", "DOCKER_", "COMPOSE_")) or not value.strip()):
+            continue
+        if "\n" in value or "\r" in value:
+            raise UserError(f"{key} holds a line break: a container's --env-file cannot carry it")
+        out.append(f"{key}={value}\n")
+    return "".join(out)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m app env",
         description="Print a .env file's settings, checked as every reader of the package checks them, as "
-                    "shell `export` lines for eval (variables already set in the environment are left out).")
-    parser.add_argument("--export", metavar="FILE", required=True, help="the .env file to read")
+                    "shell `export` lines for eval (variables already set in the environment are left out); "
+                    "or, with --container, the settings of this environment for a container runtime.")
+    how = parser.add_mutually_exclusive_group(required=True)
+    how.add_argument("--export", metavar="FILE", help="the .env file to read")
+    how.add_argument("--container", action="store_true",
+                     help="instead: the known settings of this environment as a container's --env-file")
     args = parser.parse_args(argv)
     from app import config  # the training keys are known settings too
 
+    if args.container:
+        sys.stdout.write(container_lines(os.environ, config.ENV_NAMES))
+        return 0
     if not os.path.isfile(args.export):
         raise UserError(f"{args.export}: no such file")
     sys.stdout.write(export_lines(config.read_dotenv(args.export)))

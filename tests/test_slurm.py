@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-from cluster import postgres_server, slurm_cluster
+from cluster import postgres_server, slurm_cluster, unavailable
+from containers import app_image  # noqa: F401 (a fixture)
 from conftest import REPO, clean_env
 from fake_wandb import FakeWandb
 from idx import write_dataset
@@ -253,11 +255,11 @@ def wait_mid_trial(folder: Path, timeout: float, want=lambda span: True):
         time.sleep(0.2)
 
 
-def check_every_point_trained_once(trials, victim, logs: str) -> list:
+def check_every_point_trained_once(trials, victim, logs: str, points: int = 4) -> list:
     """Every grid point completed exactly once, nothing left running, the stopped trial retried from its
     checkpoint; returns the completed trials."""
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert sorted(t.system_attrs["sweep_key"] for t in complete) == [f"grid-{i}" for i in range(4)], logs
+    assert sorted(t.system_attrs["sweep_key"] for t in complete) == [f"grid-{i}" for i in range(points)], logs
     assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)], logs
     stopped = next(t for t in trials if t.number == victim.number)
     assert stopped.state == TrialState.FAIL and stopped.system_attrs["sweep_outcome"] == "preempted", logs
@@ -472,3 +474,94 @@ def test_a_missing_env_file_or_venv_is_one_line_and_exit_2(tmp_path, setting, ne
     assert r.returncode == 2 and "start on" not in r.stdout, r.stdout + r.stderr
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("slurm ? | error: ") and needle in line, line
+
+
+# --- the image under Slurm through podman -------------------------------------------------------------
+
+PODMAN_LINE = re.compile(r"^APP_EXEC='(podman run [^']*)'$", re.M)
+SANDBOX_ULIMITS = "--ulimit nofile=20000:20000 --ulimit nproc=4096:4096"  # this sandbox's runc needs them
+
+
+def podman(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=kw.pop("timeout", 60), **kw)
+
+
+def podman_image(image: str) -> float:
+    """`image` (Docker's) in podman's storage; returns the seconds spent loading it. The 6 GB load takes
+    minutes, so it runs only when podman's copy has another image id than Docker's (a rebuilt image, or
+    none yet); layers podman already holds (torch's) are not stored again."""
+    want = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", image], capture_output=True,
+                          text=True, timeout=60).stdout.strip().removeprefix("sha256:")
+    assert want, f"{image} is not in Docker"
+    old = podman("image", "inspect", "--format", "{{.Id}}", image).stdout.strip()
+    if old == want:
+        return 0.0
+    t0 = time.monotonic()
+    save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
+    load = subprocess.run(["podman", "load"], stdin=save.stdout, capture_output=True, text=True, timeout=1200)
+    save.stdout.close()
+    assert save.wait(timeout=60) == 0 and load.returncode == 0, load.stderr[-2000:]
+    assert podman("image", "inspect", "--format", "{{.Id}}", image).stdout.strip() == want
+    if old:  # the copy of the image this one replaced: untagged now, nothing else uses it
+        podman("rmi", old)
+    return time.monotonic() - t0
+
+
+def test_the_image_through_podman_stops_requeues_and_resumes(cluster, data, app_image, tmp_path, record_property):
+    """deploy/slurm/README.md's podman line, as written but for the GPU device and this sandbox's ulimits:
+    settings from ENV_FILE with an exported variable winning, a relative SWEEP_CONFIG, files owned by the
+    submitter; a stop mid-trial checkpoints through podman, the task requeues and the run resumes."""
+    if shutil.which("podman") is None:
+        unavailable("podman not found: apt-get install podman")
+    t0 = time.monotonic()
+    load_s = podman_image(app_image)
+    line = PODMAN_LINE.search((SCRIPT.parent / "README.md").read_text())[1]
+    for flag in ("--init", "--userns", "--device nvidia.com/gpu=all", "mnist-sweeps:latest"):
+        assert line.count(flag) == (0 if flag in ("--init", "--userns") else 1), (flag, line)
+    line = (line.replace(" --device nvidia.com/gpu=all", "").replace("mnist-sweeps:latest", app_image)
+            .replace("podman run ", f"podman run {SANDBOX_ULIMITS} ", 1))
+    folder = tmp_path / "project"
+    shutil.copytree(data, folder / "data")
+    (folder / "grid.yaml").write_text(GRID_YAML.replace("  batch_size: {values: [32, 64]}\n", ""))
+    settings = {"SWEEP_CONFIG": "grid.yaml", "WANDB_MODE": "offline", "DATASET": "mnist", "VAL_SIZE": "200",
+                "EPOCHS": "5", "WATCH_LOG": "none", "DEVICE": "cpu", "ALLOW_CPU": "true", "WANDB_SILENT": "true",
+                "SWEEP_HEARTBEAT_S": "2", "TRAIN_STRIDE": "1"}
+    (folder / "team.env").write_text(f"APP_EXEC='{line}'\n" + "".join(f"{k}={v}\n" for k, v in settings.items()))
+    (tmp_path / "jobtmp").mkdir()
+    env = clean_env(tmp_path, **cluster.env, ENV_FILE="team.env", EPOCHS="2",  # exported: wins over the file
+                    TMPDIR=str(tmp_path / "jobtmp"))
+    job = submit(cluster, folder, env, "0")
+    task = f"{job}_0"
+    deadline = time.monotonic() + 300
+    victim = None
+    while victim is None:
+        assert time.monotonic() < deadline, f"no trial reached a checkpoint\n{task_logs(folder)}"
+        study = journal_study(folder)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if study else ():
+            run_id = t.user_attrs.get("run_id")
+            if run_id and (folder / "outputs" / run_id / "checkpoint.pt").exists():
+                victim = t
+        time.sleep(0.2)
+    stop = subprocess.run(["scancel", "--signal=TERM", "--full", task], env={**env, **cluster.env},
+                          capture_output=True, text=True, timeout=30)
+    assert stop.returncode == 0, stop.stderr
+    wait_done(cluster, job, folder, 420, [])
+    trials = study.get_trials(deepcopy=False)
+    logs = task_logs(folder)
+    complete = check_every_point_trained_once(trials, victim, logs, points=2)
+    mine = spans(folder)
+    assert [s.restart for s in mine] == [0, 1] and [s.status for s in mine] == [143, 0], logs
+    assert f"slurm {task} | SIGTERM: stopping the agent" in logs and f"slurm {task} | requeueing" in logs, logs
+    runs = {r.run_id: r for r in (runlog.read(f) for f in runlog.find(folder / "runs"))}
+    assert runs[victim.user_attrs["run_id"]].preempting and runs[victim.user_attrs["run_id"]].exit_code == 143
+    for t in complete:  # EPOCHS exported at sbatch won over team.env's 5
+        run = runs[t.user_attrs["run_id"]]
+        assert run.exit_code == 0 and run.config["epochs"] == 2, run.config
+    written = [p for p in (folder / "runs").rglob("*")] + [p for p in (folder / "outputs").rglob("*")]
+    assert written and {p.lstat().st_uid for p in written} == {os.getuid()}  # the submitter's, not UID 1000
+    assert not list((tmp_path / "jobtmp").iterdir())  # the settings file (it may hold the API key) is gone
+    wall = time.monotonic() - t0
+    figures = (f"slurm podman: 1 task, 1 stop -> 1 requeue -> resumed, {len(mine)} task runs, {len(trials)} trials, "
+               f"2 of 2 grid points trained once, {wall:.0f} s (of which podman load {load_s:.0f} s)")
+    record_property("slurm_podman", figures)
+    print("\n" + figures)
