@@ -180,8 +180,10 @@ def export_lines(values: Mapping[str, str], environ: Mapping[str, str] | None = 
 
 
 # what a container must not take from the host: its own PATH, HOME, locale and Python, the build's and
-# compose's settings, and the host-side settings of deploy/slurm/agents.sbatch
-HOST_ONLY = frozenset({"APP_PYTHON", "APP_EXEC", "REQUEUE_ON_STOP", "APP_IN_CONTAINER"})
+# compose's settings (host paths and ids), and the host-side settings of deploy/slurm/agents.sbatch
+HOST_ONLY = frozenset({"APP_PYTHON", "APP_EXEC", "REQUEUE_ON_STOP", "APP_IN_CONTAINER", "NETRC", "UID", "GID",
+                       "IMAGE", "APP_IMAGE", "BASE_IMAGE", "TORCH_INDEX_URL", "DATA_DIR_HOST", "RUNS_DIR_HOST",
+                       "OUTPUTS_DIR_HOST"})
 
 
 def container_lines(environ: Mapping[str, str], extra_known: Iterable[str] = ()) -> str:

@@ -476,6 +476,24 @@ def test_a_missing_env_file_or_venv_is_one_line_and_exit_2(tmp_path, setting, ne
     assert line.startswith("slurm ? | error: ") and needle in line, line
 
 
+def test_the_container_gets_the_jobs_settings_and_nothing_of_the_hosts(tmp_path):
+    """`python -m app env --container`: the file the script hands to the runtime's --env-file."""
+    environ = {"EPOCHS": "2", "WANDB_PROJECT": "team project", "SWEEP_CONFIG": "grid.yaml", "DATA_DIR": "/p/data",
+               "CUDA_VISIBLE_DEVICES": "1", "SLURM_JOB_ID": "7", "PATH": "/host/bin", "HOME": "/root",
+               "PYTHONPATH": "/host", "APP_PYTHON": "/p/.venv/bin/python", "APP_EXEC": "podman run x",
+               "PIP_INDEX_URL": "http://mirror", "EDITOR": "vi", "WANDB_NOTES": "", "NETRC": "/root/.netrc",
+               "DATA_DIR_HOST": "./data"}
+    r = subprocess.run([sys.executable, "-m", "app", "env", "--container"], env=environ,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["CUDA_VISIBLE_DEVICES=1", "DATA_DIR=/p/data", "EPOCHS=2", "SLURM_JOB_ID=7",
+                                     "SWEEP_CONFIG=grid.yaml", "WANDB_PROJECT=team project"], r.stdout
+    r = subprocess.run([sys.executable, "-m", "app", "env", "--container"], capture_output=True, text=True,
+                       env={"WANDB_NOTES": "two\nlines"}, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == ("error: WANDB_NOTES holds a line break: a container's "
+                                                      "--env-file cannot carry it"), r.stderr
+
+
 # --- the image under Slurm through podman -------------------------------------------------------------
 
 PODMAN_LINE = re.compile(r"^APP_EXEC='(podman run [^']*)'$", re.M)
