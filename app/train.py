@@ -251,9 +251,10 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
                     # here, so the step axis counts every example trained exactly once. Written before any
                     # W&B call: a job-wide stop may have ended W&B's service as well
                     checkpoint(epoch, generator=epoch_start_gen, epoch_examples=seen)
-                    progress.close(f"stopped at {seen}/{len(ds.train)} examples; checkpoint {ckpt_path}", seen)
                     with interrupts.unless_wandb_lost():
                         log_losses(readout.drain())
+                    progress.close(f"stopped at {seen}/{len(ds.train)} examples; checkpoint {ckpt_path}", seen)
+                    with interrupts.unless_wandb_lost():
                         run.mark_preempting()
                     raise Preempted(stop.signum)
             log_losses(readout.drain())
