@@ -24,6 +24,7 @@ commands:
   sync [PATH]               upload unsynced offline runs with `wandb sync`
   report ...                render offline runs and sweeps to SVG / HTML
   bundle save|load ...      carry image + data + settings to an air-gapped host
+  env --export FILE         a .env file's checked settings as shell export lines (for scripts)
 
 Settings for `train` (lowest precedence first): {precedence}.
 `python -m app train --help` lists them. An empty value (KEY=) is unset.
@@ -115,6 +116,7 @@ COMMANDS = {
     "sync": "app.runs.sync:main",
     "report": "app.runs.report:main",
     "bundle": "app.container.bundle:main",
+    "env": "app.env:main",
 }
 
 

@@ -10,14 +10,20 @@ Every getter takes `environ=` (a mapping such as a container's environment being
 without it, `os.environ`. An EMPTY value (`WANDB_MODE=` in a shell or a `.env` line) counts as
 unset everywhere, and `drop_empty_wandb()` removes such values before W&B reads them itself (its own
 settings reject an empty WANDB_MODE). `.env` files are read with `read_dotenv`: a line that does not
-parse or a key nobody reads (a typo such as EPOCH=3) is one error naming the line.
+parse or a key nobody reads (a typo such as EPOCH=3) is one error naming the line. Shell scripts
+(deploy/slurm/agents.sbatch) read them through the same reader:
+
+    eval "$(python -m app env --export .env)"   # export KEY='value' lines; a variable already set wins
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import math
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping, MutableMapping
 
@@ -141,7 +147,7 @@ def read_dotenv(file: str | os.PathLike, extra_known: Iterable[str] = ()) -> dic
     try:
         if os.path.getsize(file) > MAX_DOTENV_BYTES:
             raise UserError(f"{file} is over {MAX_DOTENV_BYTES // 1024} KiB: not a settings file")
-        with open(file, encoding="utf-8") as stream:
+        with open(file, encoding="utf-8-sig") as stream:  # a BOM (some Windows editors) is not part of the key
             bindings = list(parse_stream(stream))
     except UnicodeDecodeError:
         raise UserError(f"{file} is not a text file of KEY=value lines") from None
@@ -164,3 +170,54 @@ def read_dotenv(file: str | os.PathLike, extra_known: Iterable[str] = ()) -> dic
         if b.value is not None and b.value.strip():
             values[b.key] = b.value.strip()
     return values
+
+
+def export_lines(values: Mapping[str, str], environ: Mapping[str, str] | None = None) -> str:
+    """`export KEY='value'` lines (shell-quoted: nothing in a value is evaluated) for the settings not
+    already set in `environ`: a variable exported where the script runs wins over the file."""
+    return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in values.items()
+                   if not is_set(key, environ=environ))
+
+
+# what a container must not take from the host: its own PATH, HOME, locale and Python, the build's and
+# compose's settings (host paths and ids), and the host-side settings of deploy/slurm/agents.sbatch
+HOST_ONLY = frozenset({"APP_PYTHON", "APP_EXEC", "REQUEUE_ON_STOP", "APP_IN_CONTAINER", "NETRC", "UID", "GID",
+                       "IMAGE", "APP_IMAGE", "BASE_IMAGE", "TORCH_INDEX_URL", "DATA_DIR_HOST", "RUNS_DIR_HOST",
+                       "OUTPUTS_DIR_HOST"})
+
+
+def container_lines(environ: Mapping[str, str], extra_known: Iterable[str] = ()) -> str:
+    """The settings in `environ` (known names only) as KEY=VALUE lines of a `podman/docker run --env-file`:
+    what the job's environment passes into the image, the image's own ENV under it."""
+    extra = set(extra_known)
+    out = []
+    for key, value in sorted(environ.items()):
+        if (not known(key, extra) or key in HOST_ONLY or key.upper() in RUNTIME
+                or key.startswith(("PYTHON", "LC_", "PIP_", "DOCKER_", "COMPOSE_")) or not value.strip()):
+            continue
+        if "\n" in value or "\r" in value:
+            raise UserError(f"{key} holds a line break: a container's --env-file cannot carry it")
+        out.append(f"{key}={value}\n")
+    return "".join(out)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m app env",
+        description="Print a .env file's settings, checked as every reader of the package checks them, as "
+                    "shell `export` lines for eval (variables already set in the environment are left out); "
+                    "or, with --container, the settings of this environment for a container runtime.")
+    how = parser.add_mutually_exclusive_group(required=True)
+    how.add_argument("--export", metavar="FILE", help="the .env file to read")
+    how.add_argument("--container", action="store_true",
+                     help="instead: the known settings of this environment as a container's --env-file")
+    args = parser.parse_args(argv)
+    from app import config  # the training keys are known settings too
+
+    if args.container:
+        sys.stdout.write(container_lines(os.environ, config.ENV_NAMES))
+        return 0
+    if not os.path.isfile(args.export):
+        raise UserError(f"{args.export}: no such file")
+    sys.stdout.write(export_lines(config.read_dotenv(args.export)))
+    return 0

@@ -6,7 +6,12 @@
     interrupts.finished()       # after "done:": the work is saved, a stop now exits 0
 
 The training loop replaces these handlers with its own while it runs (checkpoint, then `Preempted`)
-and puts them back when it ends.
+and puts them back when it ends. Every handler notes the signal (`requested()`): an agent that sees one
+takes no new trial, whichever handler caught it.
+
+A job-wide stop (a plain `scancel`, a pod's or a container's whole process group) signals W&B's own
+service process (`wandb-core`) too: it shuts down, and every later call into the run raises
+`ConnectionResetError`. `wandb_lost(exc)` tells that apart from a failing run: it is a stop.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import threading
 from typing import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_state = {"deferring": False, "pending": None}
+_state = {"deferring": False, "pending": None, "requested": None}
 
 
 class Stopped(BaseException):
@@ -34,7 +39,45 @@ class Stopped(BaseException):
         return 128 + self.signum
 
 
+def note(signum: int) -> None:
+    """A stop signal arrived (the first one is kept)."""
+    if _state["requested"] is None:
+        _state["requested"] = signum
+
+
+def requested() -> int | None:
+    """The stop signal this process was sent, if any (since `clear()`)."""
+    return _state["requested"]
+
+
+def clear() -> None:
+    _state["requested"] = None
+
+
+def wandb_lost(exc: BaseException) -> bool:
+    """True when `exc` is W&B's service connection breaking: a ConnectionError raised inside wandb."""
+    if not isinstance(exc, ConnectionError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if f"{os.sep}wandb{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+@contextlib.contextmanager
+def unless_wandb_lost() -> Iterator[None]:
+    """Around W&B calls that only record a stop: with the service gone there is nothing to record to."""
+    try:
+        yield
+    except Exception as exc:
+        if not wandb_lost(exc):
+            raise
+
+
 def _raise(signum, frame) -> None:
+    note(signum)
     if _state["deferring"]:
         _state["pending"] = signum
         return

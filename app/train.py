@@ -48,6 +48,7 @@ class StopRequest(contextlib.AbstractContextManager):
 
     def _handle(self, signum, frame):
         self.signum = signum
+        interrupts.note(signum)  # the sweep agent running this trial takes no new one
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -147,8 +148,16 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
     except UserError:
         exit_code = 2
         raise
+    except Exception as exc:
+        if not interrupts.wandb_lost(exc):
+            raise
+        # W&B's service died under the run (a job-wide stop reaches it too): a stop, resumed from the
+        # last checkpoint, not a failed run
+        signum = interrupts.requested() or signal.SIGTERM
+        exit_code = 128 + signum
+        raise Preempted(signum) from exc
     finally:
-        with interrupts.deferred():  # a stop now must not cut the exit record short
+        with interrupts.deferred(), interrupts.unless_wandb_lost():  # a stop must not cut the exit record short
             run.finish(exit_code=exit_code)
         if not run.disabled:
             tracking.materialize_links(Path(run.dir).parent)  # the runs folder must survive a move
@@ -238,12 +247,15 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
                     batches_in_sum = 0
                     log_losses(readout.ready())
                 if stop.signum is not None:
-                    log_losses(readout.drain())
                     # the weights so far and where this epoch's order stands: the resumed run goes on from
-                    # here, so the step axis counts every example trained exactly once
+                    # here, so the step axis counts every example trained exactly once. Written before any
+                    # W&B call: a job-wide stop may have ended W&B's service as well
                     checkpoint(epoch, generator=epoch_start_gen, epoch_examples=seen)
+                    with interrupts.unless_wandb_lost():
+                        log_losses(readout.drain())
                     progress.close(f"stopped at {seen}/{len(ds.train)} examples; checkpoint {ckpt_path}", seen)
-                    run.mark_preempting()
+                    with interrupts.unless_wandb_lost():
+                        run.mark_preempting()
                     raise Preempted(stop.signum)
             log_losses(readout.drain())
             if device.type == "cuda":

@@ -8,7 +8,10 @@ stand-in W&B API).
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -17,14 +20,16 @@ from pathlib import Path
 
 import optuna
 import pytest
-from cluster import postgres_server, slurm_cluster
+from cluster import postgres_server, slurm_cluster, unavailable
+from containers import app_image  # noqa: F401 (a fixture)
 from conftest import REPO, clean_env
 from fake_wandb import FakeWandb
 from idx import write_dataset
 from optuna.trial import TrialState
 
 from app import runlog
-from app.sweep.study import open_storage
+from app.errors import UserError
+from app.sweep.study import load_study, open_storage
 
 pytestmark = pytest.mark.slow
 SCRIPT = REPO / "deploy" / "slurm" / "agents.sbatch"
@@ -60,10 +65,11 @@ def data(tmp_path_factory) -> Path:
 
 
 def project(tmp: Path, data: Path, **settings: str) -> Path:
-    """A submit folder as a user has it: .env with the settings; the venv is this one (APP_PYTHON)."""
+    """A submit folder as a user has it: .env with the settings; the venv is this one (APP_PYTHON,
+    exported at submit: it is also what reads .env)."""
     folder = tmp / "project"
     folder.mkdir()
-    lines = {"APP_PYTHON": sys.executable, "DATASET": "mnist", "DATA_DIR": str(data), "VAL_SIZE": "200", "EPOCHS": "2",
+    lines = {"DATASET": "mnist", "DATA_DIR": str(data), "VAL_SIZE": "200", "EPOCHS": "2",
              "WATCH_LOG": "none", "DEVICE": "cpu", "WANDB_SILENT": "true", "TRAIN_STRIDE": "1", **settings}
     (folder / ".env").write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
     return folder
@@ -78,6 +84,7 @@ class Span:
     start: float = 0.0
     end: float | None = None
     status: int | None = None
+    job: str = ""  # the task's own SLURM_JOB_ID (the array's id for its last-started task)
 
 
 def spans(folder: Path) -> list[Span]:
@@ -89,8 +96,8 @@ def spans(folder: Path) -> list[Span]:
             if not m:
                 continue
             text = m["text"]
-            if s := re.match(r"start on \S+ restart=(\d+) CUDA_VISIBLE_DEVICES=(\S*) at ([\d.]+)", text):
-                out.append(Span(m["task"], int(s[1]), s[2], start=float(s[3])))
+            if s := re.match(r"start on \S+ restart=(\d+) job=(\S+) CUDA_VISIBLE_DEVICES=(\S*) at ([\d.]+)", text):
+                out.append(Span(m["task"], int(s[1]), s[3], start=float(s[4]), job=s[2]))
             elif s := re.match(r"agent pid (\d+)", text):
                 out[-1].pid = int(s[1])
             elif s := re.match(r"agent exited with status (\d+) at ([\d.]+)", text):
@@ -104,7 +111,7 @@ def task_logs(folder: Path) -> str:
 
 def submit(cluster, folder: Path, env: dict[str, str], array: str) -> str:
     """sbatch from the project folder; the caller's environment travels with the job (sbatch --export=ALL)."""
-    env = {**env, "OMP_NUM_THREADS": "1"}  # two agents on this 2-core machine: one thread each
+    env = {**env, "OMP_NUM_THREADS": "1", "APP_PYTHON": sys.executable}  # two agents on 2 cores: a thread each
     r = cluster.run(["sbatch", "--parsable", f"--array={array}", str(SCRIPT)], cwd=folder, env=env)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
@@ -221,6 +228,111 @@ def test_array_of_agents_on_an_offline_sweep_with_a_stop_and_requeue(cluster, da
     print("\n" + figures)
 
 
+def journal_study(folder: Path, name: str = "slurm-grid"):
+    """The sweep's study in the default journal storage (runs/sweeps/<name>.journal), once it exists."""
+    journal = folder / "runs" / "sweeps" / f"{name}.journal"
+    if not journal.exists():
+        return None
+    try:
+        return load_study(str(journal), name)
+    except UserError:
+        return None
+
+
+def wait_mid_trial(folder: Path, timeout: float, want=lambda span: True):
+    """A RUNNING trial that has checkpointed, trained by a task whose current Span passes `want`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert time.monotonic() < deadline, f"no trial reached a checkpoint\n{task_logs(folder)}"
+        study = journal_study(folder)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if study else ():
+            run_id = t.user_attrs.get("run_id")
+            if run_id and (folder / "outputs" / run_id / "checkpoint.pt").exists():
+                pid = int(t.user_attrs["agent"].rsplit(":", 1)[1])
+                mine = [s for s in spans(folder) if s.pid == pid and s.end is None]
+                if mine and want(mine[-1]):
+                    return study, t, mine[-1]
+        time.sleep(0.2)
+
+
+def check_every_point_trained_once(trials, victim, logs: str, points: int = 4) -> list:
+    """Every grid point completed exactly once, nothing left running, the stopped trial retried from its
+    checkpoint; returns the completed trials."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.system_attrs["sweep_key"] for t in complete) == [f"grid-{i}" for i in range(points)], logs
+    assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)], logs
+    stopped = next(t for t in trials if t.number == victim.number)
+    assert stopped.state == TrialState.FAIL and stopped.system_attrs["sweep_outcome"] == "preempted", logs
+    retry = next(t for t in complete if t.system_attrs["sweep_key"] == victim.system_attrs["sweep_key"])
+    assert retry.user_attrs["resume_run"] == victim.user_attrs["run_id"], logs
+    assert f"resuming from run {victim.user_attrs['run_id']}'s checkpoint" in logs
+    return complete
+
+
+def test_a_plain_scancel_mid_trial_loses_no_grid_point(cluster, data, tmp_path, record_property):
+    """Plain `scancel JOB_TASK` signals every process of the task, W&B's own service included: the
+    trial is a stop (checkpointed, handed out again), the agent takes no new trial and says so."""
+    t0 = time.monotonic()
+    sweep = tmp_path / "grid.yaml"
+    sweep.write_text(GRID_YAML)
+    folder = project(tmp_path, data, SWEEP_CONFIG=str(sweep), WANDB_MODE="offline", SWEEP_HEARTBEAT_S="2")
+    env = clean_env(tmp_path, **cluster.env)
+    job = submit(cluster, folder, env, "0-1")
+    seen: list[int] = []
+    study, victim, span = wait_mid_trial(folder, 150)
+    assert cluster.run(["scancel", span.task]).returncode == 0
+    wait_done(cluster, job, folder, 240, seen)
+    trials = study.get_trials(deepcopy=False)
+    logs = task_logs(folder)
+    check_every_point_trained_once(trials, victim, logs)
+    # the cancelled task's agent stopped at once: exit 143, its own line, no trial taken after the stop
+    mine = [s for s in spans(folder) if s.task == span.task]
+    assert len(mine) == 1 and mine[0].status == 143, logs
+    assert f"agent stopped by SIGTERM: trial {victim.number} checkpointed" in logs, logs
+    assert "stopped by stopped by" not in logs and "ConnectionResetError" not in logs, logs
+    agent = victim.user_attrs["agent"]
+    assert max(t.number for t in trials if t.user_attrs.get("agent") == agent) == victim.number, logs
+    assert "requeueing" not in logs and not queued(cluster, job)
+    # sweep-status in the submit folder, typed as deploy/slurm/README.md says, counts every point done
+    status = subprocess.run([sys.executable, "-m", "app", "sweep-status", "runs", "--config", str(sweep)],
+                            cwd=folder, env=env, capture_output=True, text=True)
+    assert status.returncode == 0 and "4 of 4 grid points done" in status.stdout, status.stdout + status.stderr
+    wall = time.monotonic() - t0
+    figures = (f"slurm plain scancel: 2 tasks, 1 cancelled mid-trial -> 0 requeues, {len(trials)} trials, "
+               f"4 of 4 grid points trained once, {wall:.0f} s")
+    record_property("slurm_scancel", figures)
+    print("\n" + figures)
+
+
+def test_the_arrays_last_started_task_is_requeued_by_its_own_id(cluster, data, tmp_path, record_property):
+    """The task that runs under the array's own job id: a stop requeues that task, not the array."""
+    t0 = time.monotonic()
+    sweep = tmp_path / "grid.yaml"
+    sweep.write_text(GRID_YAML)
+    folder = project(tmp_path, data, SWEEP_CONFIG=str(sweep), WANDB_MODE="offline", SWEEP_HEARTBEAT_S="2")
+    env = clean_env(tmp_path, **cluster.env)
+    job = submit(cluster, folder, env, "0-1")
+    seen: list[int] = []
+    study, victim, span = wait_mid_trial(folder, 150, want=lambda s: s.job == job)
+    assert span.task != job  # its name is <array>_<task>, its job id the array's own
+    assert cluster.run(["scancel", "--signal=TERM", "--full", span.task]).returncode == 0
+    wait_done(cluster, job, folder, 240, seen)
+    trials = study.get_trials(deepcopy=False)
+    logs = task_logs(folder)
+    check_every_point_trained_once(trials, victim, logs)
+    all_spans = spans(folder)
+    mine = [s for s in all_spans if s.task == span.task]
+    assert [s.restart for s in mine] == [0, 1] and mine[0].status == 143 and mine[1].status == 0, logs
+    assert f"slurm {span.task} | requeueing" in logs and "not requeued" not in logs, logs
+    others = [s for s in all_spans if s.task != span.task]
+    assert len(others) == 1 and others[0].restart == 0 and others[0].status == 0, logs  # the array stayed put
+    wall = time.monotonic() - t0
+    figures = (f"slurm last-started task: 2 tasks, 1 stop -> 1 requeue of {span.task} (job id {job}), "
+               f"{len(all_spans)} task runs, {len(trials)} trials, 4 of 4 grid points trained once, {wall:.0f} s")
+    record_property("slurm_last_task", figures)
+    print("\n" + figures)
+
+
 def test_the_same_script_serves_a_wandb_sweep(cluster, data, tmp_path, record_property):
     t0 = time.monotonic()
     with FakeWandb(WANDB_GRID) as api:
@@ -275,3 +387,199 @@ def test_a_cancelled_task_stays_cancelled(cluster, tmp_path):
     (span,) = spans(folder)
     assert span.status == 143 and re.search(r"not requeued \(JobState=(CANCELLED|COMPLETING)\)", logs), logs
     assert "requeueing" not in logs
+
+
+# --- .env: one meaning for every reader --------------------------------------------------------------
+
+# compose's (and python-dotenv's) meaning: a BOM is not part of the first key, spaces around `=` are
+# allowed, a comment after a quoted or unquoted value is dropped, the last of duplicate keys wins, and
+# nothing is evaluated (single quotes: not even compose's ${VAR})
+HOSTILE = ("\ufeffEPOCHS = 2\n"
+           'OUTPUT_DIR="/shared/out"  # team folder\n'
+           'WANDB_PROJECT="team project" # x\n'
+           "VAL_SIZE=200 # held out\n"
+           "LEARNING_RATE=0.1\n"
+           "LEARNING_RATE=0.2\n"
+           "WANDB_NOTES='$(touch PWNED) `touch PWNED`; touch PWNED'\n")
+MEANT = {"EPOCHS": "2", "OUTPUT_DIR": "/shared/out", "WANDB_PROJECT": "team project", "VAL_SIZE": "200",
+         "LEARNING_RATE": "0.2", "WANDB_NOTES": "$(touch PWNED) `touch PWNED`; touch PWNED"}
+REFUSED = {"EPOCH=2\n": "unknown setting EPOCH; did you mean EPOCHS?",
+           "EPOCHS=2\nnot a setting\n": "'not a setting' is not a KEY=value line"}
+
+
+def read_by_sbatch(folder: Path, **env: str) -> subprocess.CompletedProcess:
+    """agents.sbatch's own .env handling, run by bash outside Slurm; the agent's place prints its environment."""
+    return subprocess.run(["bash", str(SCRIPT)], cwd=folder, capture_output=True, text=True, timeout=60,
+                          env=clean_env(folder, **{"APP_PYTHON": sys.executable, "APP_EXEC": "env", **env}))
+
+
+def environment_lines(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("slurm "))
+
+
+def test_every_reader_gives_a_dotenv_the_same_meaning(tmp_path):
+    from app import config
+    from app.container.launch import read_env_file
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / ".env").write_text(HOSTILE, encoding="utf-8")
+    assert config.read_dotenv(folder / ".env") == MEANT  # the package (python -m app train/offline-agent)
+    assert read_env_file(folder / ".env") == MEANT  # python -m app launch --env-file
+    (folder / "compose.yml").write_text("services:\n  t:\n    image: busybox\n    env_file:\n      - path: .env\n")
+    r = subprocess.run(["docker", "compose", "-f", "compose.yml", "config", "--format", "json"], cwd=folder,
+                       capture_output=True, text=True, timeout=60)
+    if r.returncode != 0 and "CI" not in os.environ:
+        pytest.skip(f"docker compose is not usable here: {r.stderr.strip()[:200]}")
+    assert r.returncode == 0, r.stderr
+    composed = json.loads(r.stdout)["services"]["t"]["environment"]
+    assert {k: v.replace("$$", "$") for k, v in composed.items()} == MEANT  # config escapes $ as $$
+    r = read_by_sbatch(folder)
+    assert r.returncode == 0, r.stderr
+    seen = environment_lines(r.stdout)
+    assert {k: seen.get(k) for k in MEANT} == MEANT, r.stdout
+    assert not list(folder.rglob("PWNED")) and not list(Path.cwd().glob("PWNED"))
+    # exported where sbatch runs wins over the file, as documented
+    seen = environment_lines(read_by_sbatch(folder, EPOCHS="7", OUTPUT_DIR="/mine").stdout)
+    assert (seen["EPOCHS"], seen["OUTPUT_DIR"], seen["LEARNING_RATE"]) == ("7", "/mine", "0.2")
+
+
+@pytest.mark.parametrize("text", list(REFUSED))
+def test_a_dotenv_refused_by_one_reader_is_refused_by_all_in_the_same_line(tmp_path, monkeypatch, text):
+    from app import config
+    from app.container.launch import read_env_file
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / ".env").write_text(text)
+    monkeypatch.chdir(folder)  # every reader is given the file as `.env` in the submit folder
+    line = f".env:{text.count(chr(10))}: {REFUSED[text]}"
+    for reader in (config.read_dotenv, read_env_file):
+        with pytest.raises(UserError) as refused:
+            reader(Path(".env"))
+        assert str(refused.value) == line
+    r = read_by_sbatch(folder)
+    assert r.returncode == 2 and "start on" not in r.stdout, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {str(refused.value)}"], r.stderr
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ({"ENV_FILE": "missing.env"}, "ENV_FILE=missing.env: no such file in "),
+    ({"APP_PYTHON": "/nonexistent/.venv/bin/python", "APP_EXEC": ""}, "APP_PYTHON=/nonexistent/.venv/bin/python: no such program"),
+])
+def test_a_missing_env_file_or_venv_is_one_line_and_exit_2(tmp_path, setting, needle):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    r = read_by_sbatch(folder, **setting)
+    assert r.returncode == 2 and "start on" not in r.stdout, r.stdout + r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("slurm ? | error: ") and needle in line, line
+
+
+def test_the_container_gets_the_jobs_settings_and_nothing_of_the_hosts(tmp_path):
+    """`python -m app env --container`: the file the script hands to the runtime's --env-file."""
+    environ = {"EPOCHS": "2", "WANDB_PROJECT": "team project", "SWEEP_CONFIG": "grid.yaml", "DATA_DIR": "/p/data",
+               "CUDA_VISIBLE_DEVICES": "1", "SLURM_JOB_ID": "7", "PATH": "/host/bin", "HOME": "/root",
+               "PYTHONPATH": "/host", "APP_PYTHON": "/p/.venv/bin/python", "APP_EXEC": "podman run x",
+               "PIP_INDEX_URL": "http://mirror", "EDITOR": "vi", "WANDB_NOTES": "", "NETRC": "/root/.netrc",
+               "DATA_DIR_HOST": "./data"}
+    r = subprocess.run([sys.executable, "-m", "app", "env", "--container"], env=environ,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["CUDA_VISIBLE_DEVICES=1", "DATA_DIR=/p/data", "EPOCHS=2", "SLURM_JOB_ID=7",
+                                     "SWEEP_CONFIG=grid.yaml", "WANDB_PROJECT=team project"], r.stdout
+    r = subprocess.run([sys.executable, "-m", "app", "env", "--container"], capture_output=True, text=True,
+                       env={"WANDB_NOTES": "two\nlines"}, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == ("error: WANDB_NOTES holds a line break: a container's "
+                                                      "--env-file cannot carry it"), r.stderr
+
+
+# --- the image under Slurm through podman -------------------------------------------------------------
+
+PODMAN_LINE = re.compile(r"^APP_EXEC='(podman run [^']*)'$", re.M)
+SANDBOX_ULIMITS = "--ulimit nofile=20000:20000 --ulimit nproc=4096:4096"  # this sandbox's runc needs them
+
+
+def podman(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=kw.pop("timeout", 60), **kw)
+
+
+def podman_image(image: str) -> float:
+    """`image` (Docker's) in podman's storage; returns the seconds spent loading it. The 6 GB load takes
+    minutes, so it runs only when podman's copy has another image id than Docker's (a rebuilt image, or
+    none yet); layers podman already holds (torch's) are not stored again."""
+    want = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", image], capture_output=True,
+                          text=True, timeout=60).stdout.strip().removeprefix("sha256:")
+    assert want, f"{image} is not in Docker"
+    old = podman("image", "inspect", "--format", "{{.Id}}", image).stdout.strip()
+    if old == want:
+        return 0.0
+    t0 = time.monotonic()
+    save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
+    load = subprocess.run(["podman", "load"], stdin=save.stdout, capture_output=True, text=True, timeout=1200)
+    save.stdout.close()
+    assert save.wait(timeout=60) == 0 and load.returncode == 0, load.stderr[-2000:]
+    assert podman("image", "inspect", "--format", "{{.Id}}", image).stdout.strip() == want
+    if old:  # the copy of the image this one replaced: untagged now, nothing else uses it
+        podman("rmi", old)
+    return time.monotonic() - t0
+
+
+def test_the_image_through_podman_stops_requeues_and_resumes(cluster, data, app_image, tmp_path, record_property):
+    """deploy/slurm/README.md's podman line, as written but for the GPU device and this sandbox's ulimits:
+    settings from ENV_FILE with an exported variable winning, a relative SWEEP_CONFIG, files owned by the
+    submitter; a stop mid-trial checkpoints through podman, the task requeues and the run resumes."""
+    if shutil.which("podman") is None:
+        unavailable("podman not found: apt-get install podman")
+    t0 = time.monotonic()
+    load_s = podman_image(app_image)
+    line = PODMAN_LINE.search((SCRIPT.parent / "README.md").read_text())[1]
+    for flag in ("--init", "--userns", "--device nvidia.com/gpu=all", "mnist-sweeps:latest"):
+        assert line.count(flag) == (0 if flag in ("--init", "--userns") else 1), (flag, line)
+    line = (line.replace(" --device nvidia.com/gpu=all", "").replace("mnist-sweeps:latest", app_image)
+            .replace("podman run ", f"podman run {SANDBOX_ULIMITS} ", 1))
+    folder = tmp_path / "project"
+    shutil.copytree(data, folder / "data")
+    (folder / "grid.yaml").write_text(GRID_YAML.replace("  batch_size: {values: [32, 64]}\n", ""))
+    settings = {"SWEEP_CONFIG": "grid.yaml", "WANDB_MODE": "offline", "DATASET": "mnist", "VAL_SIZE": "200",
+                "EPOCHS": "5", "WATCH_LOG": "none", "DEVICE": "cpu", "ALLOW_CPU": "true", "WANDB_SILENT": "true",
+                "SWEEP_HEARTBEAT_S": "2", "TRAIN_STRIDE": "1"}
+    (folder / "team.env").write_text(f"APP_EXEC='{line}'\n" + "".join(f"{k}={v}\n" for k, v in settings.items()))
+    (tmp_path / "jobtmp").mkdir()
+    env = clean_env(tmp_path, **cluster.env, ENV_FILE="team.env", EPOCHS="2",  # exported: wins over the file
+                    TMPDIR=str(tmp_path / "jobtmp"))
+    job = submit(cluster, folder, env, "0")
+    task = f"{job}_0"
+    deadline = time.monotonic() + 300
+    victim = None
+    while victim is None:
+        assert time.monotonic() < deadline, f"no trial reached a checkpoint\n{task_logs(folder)}"
+        study = journal_study(folder)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if study else ():
+            run_id = t.user_attrs.get("run_id")
+            if run_id and (folder / "outputs" / run_id / "checkpoint.pt").exists():
+                victim = t
+        time.sleep(0.2)
+    stop = subprocess.run(["scancel", "--signal=TERM", "--full", task], env={**env, **cluster.env},
+                          capture_output=True, text=True, timeout=30)
+    assert stop.returncode == 0, stop.stderr
+    wait_done(cluster, job, folder, 420, [])
+    trials = study.get_trials(deepcopy=False)
+    logs = task_logs(folder)
+    complete = check_every_point_trained_once(trials, victim, logs, points=2)
+    mine = spans(folder)
+    assert [s.restart for s in mine] == [0, 1] and [s.status for s in mine] == [143, 0], logs
+    assert f"slurm {task} | SIGTERM: stopping the agent" in logs and f"slurm {task} | requeueing" in logs, logs
+    runs = {r.run_id: r for r in (runlog.read(f) for f in runlog.find(folder / "runs"))}
+    assert runs[victim.user_attrs["run_id"]].preempting and runs[victim.user_attrs["run_id"]].exit_code == 143
+    for t in complete:  # EPOCHS exported at sbatch won over team.env's 5
+        run = runs[t.user_attrs["run_id"]]
+        assert run.exit_code == 0 and run.config["epochs"] == 2, run.config
+    written = [p for p in (folder / "runs").rglob("*")] + [p for p in (folder / "outputs").rglob("*")]
+    assert written and {p.lstat().st_uid for p in written} == {os.getuid()}  # the submitter's, not UID 1000
+    assert not list((tmp_path / "jobtmp").iterdir())  # the settings file (it may hold the API key) is gone
+    wall = time.monotonic() - t0
+    figures = (f"slurm podman: 1 task, 1 stop -> 1 requeue -> resumed, {len(mine)} task runs, {len(trials)} trials, "
+               f"2 of 2 grid points trained once, {wall:.0f} s (of which podman load {load_s:.0f} s)")
+    record_property("slurm_podman", figures)
+    print("\n" + figures)

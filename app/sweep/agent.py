@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import socket
 import sys
 import time
@@ -32,7 +33,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from app import env
+from app import env, interrupts
 from app.errors import UserError
 from app.sweep.ledger import STALE_BEATS, Heartbeat, Ledger, StaleWatch, key_of, outcome
 from app.sweep.plan import Plan, plan, redact
@@ -118,6 +119,11 @@ class Agent:
             self.mark(trial, "sweep_key", key)
             values = self.p.space.values(params)
             outcome_, value = train_trial(self, trial, key, values, beat)
+        except interrupts.Stopped:  # stopped before training began: the values go out again
+            with contextlib.suppress(UpdateFinishedTrialError):
+                self.mark(trial, "sweep_outcome", "preempted")
+                self.study.tell(trial, state=TrialState.FAIL)
+            raise
         except Dropped as drop:
             reason = str(drop)
             with contextlib.suppress(UpdateFinishedTrialError):
@@ -142,8 +148,6 @@ class Agent:
         return outcome_
 
     def run(self) -> int:
-        from app.train import Preempted
-
         p = self.p
         where = redact(p.storage_url)
         say(f"sweep {p.name}: {p.spec.method}, {p.goal} {p.metric}; storage {where}; agent {self.who}")
@@ -151,9 +155,28 @@ class Agent:
         if unused:
             say(f"note: early_terminate {', '.join(unused)} not used: Optuna's Hyperband derives its brackets "
                  "from min_iter, max_iter (default: epochs) and eta")
+        interrupts.clear()
+        try:
+            return self._loop()
+        except interrupts.Stopped as stop:  # between trials, or before one began training
+            return self.stopped(stop.signum)
+
+    def stopped(self, signum: int, trial=None) -> int:
+        """After a stop signal: no new trial; the stopped one (checkpointed) is handed out again."""
+        code = 128 + signum
+        what = f"trial {trial.number} checkpointed and handed back for a retry; " if trial is not None else ""
+        say(f"agent stopped by {signal.Signals(signum).name}: {what}no new trial taken; exit {code}")
+        return code
+
+    def _loop(self) -> int:
+        from app.train import Preempted
+
+        p = self.p
         trained = errors_in_a_row = 0
         waiting_said = False
         while p.count is None or trained < p.count:
+            if interrupts.requested() is not None:
+                return self.stopped(interrupts.requested())
             ledger = self.ledger()
             if self.fail_stale(ledger):
                 ledger = self.ledger()
@@ -172,15 +195,17 @@ class Agent:
             trial = self.study.ask()
             try:
                 result = self.run_trial(trial)
-            except Preempted as stop:
-                say(f"trial {trial.number} stopped by {stop}; checkpoint kept, another agent will resume it")
-                return 128 + stop.signum
+            except (Preempted, interrupts.Stopped) as stop:
+                return self.stopped(stop.signum, trial)
             except UpdateFinishedTrialError:
                 say(f"trial {trial.number} was declared dead by another agent; its rerun counts")
                 continue
             except UserError:
                 raise
             except Exception as exc:
+                if interrupts.requested() is not None:  # a failure caused by the stop (recorded as one)
+                    say(f"trial {trial.number} ended by the stop: {type(exc).__name__}: {exc}")
+                    return self.stopped(interrupts.requested(), trial)
                 errors_in_a_row += 1
                 say(f"trial {trial.number} failed: {type(exc).__name__}: {exc}")
                 if errors_in_a_row >= MAX_ERRORS_IN_A_ROW:

@@ -15,7 +15,7 @@ from typing import Mapping
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from app import checkpoint, tracking
+from app import checkpoint, interrupts, tracking
 from app.config import Config, ConfigError
 from app.errors import UserError
 from app.sweep.ledger import Heartbeat
@@ -46,7 +46,8 @@ def _wandb_environment(values: Mapping[str, str]):
     finally:
         import wandb
 
-        wandb.teardown()  # the next trial's wandb.init starts fresh and reads the new group/tags
+        with interrupts.unless_wandb_lost():  # a stop that ended W&B's service leaves nothing to tear down
+            wandb.teardown()  # the next trial's wandb.init starts fresh and reads the new group/tags
 
 
 def train_trial(agent, trial, key: str, values: dict, beat: Heartbeat) -> tuple[str, float | None]:
@@ -93,9 +94,11 @@ def train_trial(agent, trial, key: str, values: dict, beat: Heartbeat) -> tuple[
             result = train(config, environ, on_epoch=on_epoch)
     except BaseException as exc:
         _after_run(agent, trial, run_id)
-        # Preempted (SIGTERM/SIGINT, checkpoint written): rerun at once; a UserError is the setup, not the
-        # values: rerun later; anything else is this trial failing, like a failed W&B run
-        reason = ("preempted" if isinstance(exc, Preempted) else "interrupted" if isinstance(exc, UserError)
+        # Preempted (SIGTERM/SIGINT, checkpoint written), or anything raised once a stop arrived: rerun at
+        # once; a UserError is the setup, not the values: rerun later; anything else is this trial failing,
+        # like a failed W&B run
+        stopping = isinstance(exc, (Preempted, interrupts.Stopped)) or (isinstance(exc, Exception) and interrupts.requested() is not None)
+        reason = ("preempted" if stopping else "interrupted" if isinstance(exc, UserError)
                   else "error" if isinstance(exc, Exception) else None)
         if reason is not None:
             with contextlib.suppress(UpdateFinishedTrialError):  # already failed by another agent
