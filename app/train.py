@@ -116,10 +116,11 @@ EpochHook = Callable[[int, dict[str, float]], bool]
 
 
 def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: EpochHook | None = None,
-          ready: preflight.Ready | None = None) -> dict[str, Any]:
+          ready: preflight.Ready | None = None, run_settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One tracked run. `on_epoch(epoch, metrics)` is told each epoch's val metrics; True stops the run
     early (an offline sweep's pruner uses it), skipping test and export. `ready`: the environment
-    checks a caller already made (`preflight.check_environment`); the data checks are made here."""
+    checks a caller already made (`preflight.check_environment`); the data checks are made here.
+    `run_settings`: the run's name, group, tags... (tracking.start), for a process that runs many."""
     environ = os.environ if environ is None else environ
     phases.mark("start")  # process start and imports (a trial in a warm process: the agent's own work)
 
@@ -133,7 +134,7 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
         checkpoints.check_resume(config, ready.output_root / run_id, run_id)
     checked = config
     phases.mark("checks")
-    run, config = tracking.start(config, environ, mode=ready.mode)  # a sweep's values: the last layer
+    run, config = tracking.start(config, environ, mode=ready.mode, **(run_settings or {}))  # a sweep's values: the last layer
     phases.mark("wandb_init")
     exit_code = 1  # anything that escapes below is a failed run, not a finished one
     try:
