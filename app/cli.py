@@ -67,8 +67,9 @@ def prepare(args: list[str], environ: MutableMapping[str, str] | None = None,
     return Start(args, config, environ, preflight.check_environment(config, environ))
 
 
-def run(start: Start) -> int:
-    """The checked run: a sweep's duplicate guard, then train(); exit code as `wandb agent` expects."""
+def run(start: Start, last: bool = True) -> int:
+    """The checked run: a sweep's duplicate guard, then train(); exit code as `wandb agent` expects.
+    `last=False`: the process goes on to another run (a warm agent), so a stop stays a stop after this one."""
     from app.sweep import dedupe
 
     # a sweep run first claims its parameters: W&B may have handed the same ones to another agent
@@ -88,7 +89,8 @@ def run(start: Start) -> int:
             return 128 + stop.signum
         if claim:
             claim.close(dedupe.FINISHED)
-    interrupts.finished()  # the run is recorded: a stop from here on is no failure
+    if last:
+        interrupts.finished()  # the run is recorded: a stop from here on is no failure
     print(f"done: run {result['run_id']} test_accuracy {result['test_accuracy']:.4f} onnx {result['onnx']}", flush=True)
     return 0
 

@@ -12,8 +12,9 @@ checked with onnxruntime, model artifact). W&B offline. The ways:
             WANDB_SWEEP_PARAM_PATH); one process per trial
   agent     the offline agent (`python -m app offline-agent`), one process for all the trials of a
             grid over the seed
-  warm      the warm W&B-sweep agent (AGENT_PROCESS=warm): one process taking runs from a W&B sweep
-            served by the local stand-in of W&B's API (tests/fake_wandb.py)
+  warm      the warm W&B-sweep agent (the container entrypoint's agent mode with AGENT_PROCESS=warm): one
+            process taking the runs of a W&B grid sweep over the seed, served by the local stand-in of
+            W&B's API (tests/fake_wandb.py) on loopback
   tutorial  the W&B tutorial's code (bench/tutorial.py) as its script runs it: a process per run
 Every process is started by this script through its `--child` form, which records train()'s phase marks
 (app.phases) and hands them back; the time from starting the process to train() is `start`.
@@ -23,8 +24,9 @@ trials; checks = settings, folders, data files; wandb_init; data = read, decode,
 model = model, optimizer, step (+ CUDA graph capture), watch, resume check; training = the epochs
 (validation and epoch checkpoints included); evaluation = the test set; export = ONNX export and its
 onnxruntime check; artifact = the model artifact and the ONNX file saved to the run; finish =
-run.finish and the run folder's links; exit = the last mark to the process's end (W&B's service
-winding down). compute = training + evaluation; `beyond` = total - compute.
+run.finish and the run folder's links; exit = the last mark to the process's end (a process per
+trial; a warm process's one exit is printed apart). compute = training + evaluation; `beyond` = total -
+compute.
 """
 
 from __future__ import annotations
@@ -53,11 +55,11 @@ if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == CHILD:
 
     phases.record()
     atexit.register(_dump)  # runs after the program's own exit code is decided, before W&B's service ends
-    if _kind == "app":
+    if _kind in ("app", "app.container.entrypoint"):
         import runpy
 
-        sys.argv = ["app", *_args]
-        runpy.run_module("app", run_name="__main__", alter_sys=True)
+        sys.argv = [_kind, *_args]
+        runpy.run_module(_kind, run_name="__main__", alter_sys=True)
     else:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from trials_tutorial import run_tutorial_trial
@@ -144,18 +146,17 @@ def sweep_yaml(work: Path, n: int) -> Path:
     return path
 
 
-def run_agent(n: int, environ: dict[str, str], work: Path, log: Path) -> list[dict]:
-    """The offline agent: one process, n trials back to back (the process's exit goes to the last)."""
+def run_agent(n: int, environ: dict[str, str], work: Path, log: Path) -> tuple[list[dict], float]:
+    """The offline agent: one process, n trials back to back; (trials, the process's exit once)."""
     sweep = sweep_yaml(work, n)
     env = {**environ, "SWEEP_STORAGE": str(work / f"agent-{time.monotonic_ns()}.journal")}
     trials, exit_s = child("app", ["offline-agent", "--config", str(sweep), "--count", str(n)], env, work, log, 900)
     if len(trials) != n:
         raise BenchError(f"the offline agent ran {len(trials)} of {n} trials; its output is in {log}")
-    trials[-1]["exit"] = exit_s
-    return trials
+    return trials, exit_s
 
 
-def run_warm(n: int, environ: dict[str, str], work: Path, log: Path) -> list[dict]:
+def run_warm(n: int, environ: dict[str, str], work: Path, log: Path) -> tuple[list[dict], float]:
     """A warm W&B-sweep agent: runs handed out by the stand-in W&B API, one process for all of them."""
     sys.path.insert(0, str(REPO / "tests"))
     from fake_wandb import FakeWandb
@@ -167,11 +168,10 @@ def run_warm(n: int, environ: dict[str, str], work: Path, log: Path) -> list[dic
         env = {**environ, "WANDB_BASE_URL": api.url, "WANDB_API_KEY": "k" * 40, "SWEEP_ID": api.sweep_path,
                "AGENT_RUN_MODE": "offline", "AGENT_PROCESS": "warm", "AGENT_COUNT": str(n), "APP_MODE": "agent"}
         env.pop("WANDB_MODE")
-        trials, exit_s = child("app", ["agent"], env, work, log, 900)
+        trials, exit_s = child("app.container.entrypoint", [], env, work, log, 900)
     if len(trials) != n:
         raise BenchError(f"the warm agent ran {len(trials)} of {n} trials; its output is in {log}")
-    trials[-1]["exit"] = exit_s
-    return trials
+    return trials, exit_s
 
 
 def run_tutorial(n: int, environ: dict[str, str], work: Path, log: Path, data_dir: Path, device: str) -> list[dict]:
@@ -192,11 +192,12 @@ def imports_baseline(n: int) -> list[float]:
     return times
 
 
-def summarize(trials: list[dict]) -> dict[str, Any]:
+def summarize(trials: list[dict], process_exit: float | None = None) -> dict[str, Any]:
+    """`process_exit`: a warm process ends once, after all its trials: said apart, in no trial's total."""
     totals = [sum(t.values()) for t in trials]
     compute = [t.get("training", 0.0) + t.get("evaluation", 0.0) for t in trials]
     return {"trials": trials, "total": totals, "compute": compute,
-            "beyond": [a - b for a, b in zip(totals, compute)]}
+            "beyond": [a - b for a, b in zip(totals, compute)], "process_exit": process_exit}
 
 
 def fmt(v: float | None) -> str:
@@ -223,6 +224,8 @@ def table(report: dict) -> str:
         if way in ("process", "tutorial") and imports is not None:
             extra = f", beyond imports + compute {beyond - imports:.2f} s"
         which = "further trials" if further is not s["beyond"] else "trials"
+        if s["process_exit"] is not None:
+            extra += f"; the process's exit after its last trial {s['process_exit']:.2f} s (in no trial)"
         lines.append(f"{way}: median total {statistics.median(s['total']):.2f} s, beyond compute {beyond:.2f} s "
                      f"({which}){extra}")
     return "\n".join(lines)
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=4, help="trials each way (default: 4)")
-    ap.add_argument("--ways", default="process,agent,tutorial", help=f"comma-separated, of {', '.join(WAYS)}")
+    ap.add_argument("--ways", default="process,agent,warm,tutorial", help=f"comma-separated, of {', '.join(WAYS)}")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
     ap.add_argument("--source", default=SOURCE, help=f"folder with the four Fashion-MNIST .gz files (default: {SOURCE})")
     ap.add_argument("--data-dir", help="a torchvision data root with FashionMNIST/raw, used instead of copying --source")
@@ -275,15 +278,16 @@ def main(argv: list[str] | None = None) -> int:
                                       "ways": {}}
             report["import_torch_wandb"] = imports_baseline(min(args.trials, 3)) if {"process", "tutorial"} & set(ways) else []
             for way in ways:
+                process_exit = None
                 if way == "process":
                     trials = run_process(args.trials, environ, work, log)
                 elif way == "agent":
-                    trials = run_agent(args.trials, environ, work, log)
+                    trials, process_exit = run_agent(args.trials, environ, work, log)
                 elif way == "warm":
-                    trials = run_warm(args.trials, environ, work, log)
+                    trials, process_exit = run_warm(args.trials, environ, work, log)
                 else:
                     trials = run_tutorial(args.trials, environ, work, log, data_dir, args.device)
-                report["ways"][way] = summarize(trials)
+                report["ways"][way] = summarize(trials, process_exit)
         except BenchError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -29,20 +29,22 @@ def test_every_way_reports_every_phase_of_every_trial(tmp_path: Path, fashion_di
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     ways = report["ways"]
-    assert list(ways) == ["process", "agent", "tutorial"]
+    assert list(ways) == ["process", "agent", "warm", "tutorial"]
     for way, s in ways.items():
         assert len(s["trials"]) == 2, way
+        # a process per trial ends each one; a warm process ends once, after its last trial, in no trial
+        assert (s["process_exit"] is not None and s["process_exit"] > 0) == (way in ("agent", "warm")), way
         for i, trial in enumerate(s["trials"]):
-            # a process per trial ends each one; a warm process ends once, after its last trial
             expected = [p for p in PHASES if way != "tutorial" or p != "artifact"]
-            if way == "agent" and i == 0:
+            if way in ("agent", "warm"):
                 expected.remove("exit")
             assert sorted(trial) == sorted(expected), (way, i, trial)
             assert all(v >= 0 for v in trial.values()), (way, i, trial)
             assert trial["training"] > 0 and trial["evaluation"] > 0 and trial["start"] > 0, (way, i, trial)
         assert s["total"] == pytest.approx([sum(t.values()) for t in s["trials"]])
     # a process per trial pays the imports every time; the warm agent's later trials do not
-    assert ways["agent"]["trials"][1]["start"] < ways["process"]["trials"][1]["start"]
+    for warm in ("agent", "warm"):
+        assert ways[warm]["trials"][1]["start"] < ways["process"]["trials"][1]["start"], warm
     assert len(report["import_torch_wandb"]) == 2
 
     header, *rows = proc.stdout.splitlines()
@@ -54,7 +56,7 @@ def test_every_way_reports_every_phase_of_every_trial(tmp_path: Path, fashion_di
     assert "python -c 'import torch, wandb'" in proc.stdout
     # each trial is a whole run: its ONNX export and checkpoint are on disk
     outputs = sorted((tmp_path / "work" / "outputs").glob("*/model.onnx"))
-    assert len(outputs) == 4
+    assert len(outputs) == 6
 
 
 @pytest.mark.parametrize("args, message", [
