@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from conftest import REPO, clean_env
 from idx import write_dataset

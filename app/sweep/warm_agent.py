@@ -36,9 +36,9 @@ from typing import Any, Mapping
 
 from app import cli, env, interrupts
 from app.errors import UserError
-from app.sweep.agent import MAX_ERRORS_IN_A_ROW
 
 PROCESSES = ("per-run", "warm")
+MAX_ERRORS_IN_A_ROW = 3  # as the offline agent: an agent whose runs keep failing stops
 POLL_S = 5.0  # between heartbeats while the server has nothing to hand out (`wandb agent` polls as often)
 
 
