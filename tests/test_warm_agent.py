@@ -56,7 +56,7 @@ def comparable(run: runlog.OfflineRun) -> dict:
 
 @pytest.mark.slow
 def test_warm_runs_are_the_runs_wandb_agent_children_record(tmp_path: Path, small_data: Path):
-    sweep = grid(learning_rate=[0.003, 0.01, 0.03])
+    sweep = grid(learning_rate=[0.003, 0.03])
     recorded = {}
     for process in ("warm", "per-run"):
         tmp = tmp_path / process
@@ -75,14 +75,15 @@ def test_warm_runs_are_the_runs_wandb_agent_children_record(tmp_path: Path, smal
         recorded[process] = {run.config["learning_rate"]: comparable(run) for _, run in runs.values()}
         if process == "warm":
             log = (tmp / "agent.log").read_text()
-            assert "every run in this process" in log and log.count("ended with exit code 0") == 3
+            assert "every run in this process" in log and log.count("ended with exit code 0") == 2
     # the same values, the same seed: the warm process records what a fresh process per run records
     assert recorded["warm"] == recorded["per-run"]
 
 
 @pytest.mark.slow
 def test_a_stop_checkpoints_the_running_run_marks_it_preempting_and_exits_143(tmp_path: Path, small_data: Path):
-    with FakeWandb(grid(learning_rate=[0.003, 0.01])) as api:
+    with FakeWandb(grid(learning_rate=[0.003])) as api:
+        api.hold_open = True  # after the stop, the requeued run is what the next agent gets
         env = agent_env(tmp_path, api, small_data, AGENT_PROCESS="warm", EPOCHS="30")
         proc = start_agent(env, tmp_path)
         deadline = time.monotonic() + 300
@@ -102,6 +103,7 @@ def test_a_stop_checkpoints_the_running_run_marks_it_preempting_and_exits_143(tm
 
         # W&B hands the preempted run out again (same id): a new warm agent resumes it from its checkpoint
         api.requeue(run.run_id)
+        api.hold_open = False
         again = start_agent(env, tmp_path / "again")
         assert again.wait(timeout=600) == 0, (tmp_path / "again" / "agent.log").read_text()[-3000:]
     log = (tmp_path / "again" / "agent.log").read_text()
