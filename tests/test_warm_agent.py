@@ -134,17 +134,6 @@ def test_a_failing_run_fails_alone_and_the_next_starts_clean(tmp_path: Path, sma
     assert ok[0].summary["test_loss"] != ok[1].summary["test_loss"]  # each its own learning rate
 
 
-def test_a_bad_agent_process_is_one_line_before_any_work(tmp_path: Path, small_data: Path):
-    with FakeWandb(grid(learning_rate=[0.01])) as api:
-        env = agent_env(tmp_path, api, small_data, AGENT_PROCESS="lukewarm")
-        proc = subprocess.run([sys.executable, "-m", "app.container.entrypoint"], env=env, cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
-        assert not api.assignments
-    assert proc.returncode == 2
-    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
-        "error: AGENT_PROCESS='lukewarm' must be one of: per-run, warm"]
-
-
 def test_a_sweep_with_early_terminate_is_refused_by_the_warm_agent(tmp_path: Path, small_data: Path):
     sweep = {**grid(learning_rate=[0.01]), "early_terminate": {"type": "hyperband", "min_iter": 1}}
     with FakeWandb(sweep) as api:
