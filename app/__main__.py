@@ -1,5 +1,8 @@
 import sys
 
-from app.cli import main
+from app.cli import exit_after_run, main
 
-sys.exit(main())
+code = main()
+if sys.argv[1:2] == ["train"]:
+    exit_after_run(code)
+sys.exit(code)

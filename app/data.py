@@ -1,7 +1,7 @@
 """MNIST / Fashion-MNIST as device-resident uint8 tensors.
 
-torchvision stays the source of the files (its layout under DATA_DIR, its download code and mirrors),
-but training never goes through a DataLoader: the whole set (47 MB as uint8) is moved to the training
+torchvision stays the source of the files (its layout under DATA_DIR, its download code and mirrors;
+the IDX files themselves are read here), but training never goes through a DataLoader: the whole set (47 MB as uint8) is moved to the training
 device once, shuffled there with `randperm` and normalised there batch by batch. No worker processes,
 no per-image Python work.
 """
@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import math
 import os
 import shutil
 import socket
+import struct
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -125,19 +127,54 @@ def ensure(dataset: str, data_dir: str | Path) -> Path:
     return folder
 
 
-def _read(dataset: str, data_dir: str, train: bool) -> Split:
-    from torchvision import datasets
+MAX_IDX_BYTES = 64 * 1024 * 1024  # the largest file (60 000 images of 28x28) is 47 MB; bound what is read
 
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """An IDX file of unsigned bytes (big-endian magic 0x0000 0x08 NDIM, one uint32 per dimension, the bytes).
+
+    Read here rather than through torchvision's dataset classes: importing torchvision imports
+    torch._dynamo, 1-2 s at every process start for a file format of a dozen lines."""
     try:
-        ds = getattr(datasets, DATASETS[dataset][0])(root=str(data_dir), train=train, download=False)
-        images, labels = ds.data, ds.targets
-    except DataError:
-        raise
-    except Exception as exc:  # a truncated or foreign file: torchvision fails on its header
-        raise DataError(f"{dataset} files in {raw_folder(data_dir, dataset)} are not valid IDX files ({exc or type(exc).__name__})") from None
-    if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (28, 28) or images.shape[0] != labels.shape[0]:
-        raise DataError(f"{dataset} files in {raw_folder(data_dir, dataset)} do not hold 28x28 uint8 images with labels")
+        if path.stat().st_size > MAX_IDX_BYTES:
+            raise DataError(f"{path} is over {MAX_IDX_BYTES >> 20} MiB: not an MNIST-format IDX file")
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if len(blob) < 4 or blob[:3] != b"\0\0\x08" or not 1 <= blob[3] <= 3:
+        raise DataError(f"{path} is not a valid IDX file of unsigned bytes (bad header)")
+    ndim = blob[3]
+    header = 4 + 4 * ndim
+    if len(blob) < header:
+        raise DataError(f"{path} is not a valid IDX file (truncated header)")
+    dims = struct.unpack(f">{ndim}I", blob[4:header])
+    if len(blob) != header + math.prod(dims):
+        raise DataError(f"{path} is not a valid IDX file ({len(blob) - header} bytes of data for shape {list(dims)})")
+    return torch.frombuffer(bytearray(blob[header:]), dtype=torch.uint8).reshape(dims) if math.prod(dims) \
+        else torch.zeros(dims, dtype=torch.uint8)
+
+
+def _read(dataset: str, data_dir: str, train: bool) -> Split:
+    folder = raw_folder(data_dir, dataset)
+    prefix = "train" if train else "t10k"
+    images, labels = _read_idx(folder / f"{prefix}-images-idx3-ubyte"), _read_idx(folder / f"{prefix}-labels-idx1-ubyte")
+    if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28) or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
+        raise DataError(f"{dataset} files in {folder} do not hold 28x28 uint8 images with labels")
     return Split(images.unsqueeze(1).contiguous(), labels.long())
+
+
+# the last dataset load() built, kept on its device: a warm process's next trial reuses it (one entry, so a
+# changed setting replaces it and device memory holds one copy at most)
+_cache: dict[tuple, Dataset] = {}
+
+
+def _files_key(folder: Path) -> tuple:
+    """What says the files are the same ones: a file replaced or rewritten changes one of these."""
+    key = []
+    for name in FILES:
+        st = (folder / name).stat()
+        key.append((st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(key)
 
 
 def load(dataset: str, data_dir: str, val_size: int, train_stride: int, device: torch.device) -> Dataset:
@@ -147,15 +184,26 @@ def load(dataset: str, data_dir: str, val_size: int, train_stride: int, device: 
     12 000 of 60 000). The per-epoch validation metric (so sweeps never tune on the test set) uses the
     last `val_size` of the images the stride leaves out; with train_stride 1 nothing is left out, so the
     last `val_size` images are held out of training instead.
+
+    In one process the result is kept for the next call with the same dataset, files (same inode, size,
+    modification and change times), split and device: nothing in it is written to by training.
     """
-    ensure(dataset, data_dir)
+    folder = ensure(dataset, data_dir)
+    try:
+        key = (dataset, str(folder.resolve()), _files_key(folder), val_size, train_stride, str(device))
+    except OSError as exc:
+        raise DataError(f"cannot read {dataset} files in {folder} ({exc.strerror or exc})") from None
+    if key in _cache:
+        return _cache[key]
+    _cache.clear()  # the old copy goes before the new one is moved to the device
     full, test = _read(dataset, data_dir, True), _read(dataset, data_dir, False)
     train_idx, val_idx = split_indices(len(full), val_size, train_stride, dataset)
     train = Split(full.images[train_idx], full.labels[train_idx])
     val = Split(full.images[val_idx], full.labels[val_idx])
     _, mean, std = DATASETS[dataset]
     move = lambda s: Split(s.images.to(device, non_blocking=True), s.labels.to(device, non_blocking=True))  # noqa: E731
-    return Dataset(move(train), move(val), move(test), mean, std)
+    _cache[key] = Dataset(move(train), move(val), move(test), mean, std)
+    return _cache[key]
 
 
 def split_indices(n: int, val_size: int, train_stride: int, dataset: str = "the dataset") -> tuple[torch.Tensor, torch.Tensor]:

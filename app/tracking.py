@@ -117,6 +117,8 @@ def start(config: Config, environ: Mapping[str, str] | None = None, mode: str | 
     ids: dict[str, Any] = {"project": env.text("WANDB_PROJECT", DEFAULT_PROJECT, environ=environ), "id": run_id}
     if env.is_set("WANDB_SWEEP_ID", environ=environ) and env.text("WANDB_RUN_ID", environ=environ) == run_id:
         ids = {}  # a `wandb agent` run: W&B takes id and project from the agent and warns it ignores ours
+    if "symlink" in init_kwargs:  # a run setting W&B takes in `settings`
+        init_kwargs["settings"] = wandb.Settings(symlink=init_kwargs.pop("symlink"))
     run = None
     try:
         with interrupts.deferred():  # a stop inside wandb.init would leave a run with no exit record

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import torch
 from torch import nn
 
-from app import artifact, data, env, interrupts, preflight, tracking
+from app import artifact, data, env, interrupts, phases, preflight, tracking
 from app import checkpoint as checkpoints
 from app.checkpoint import save as save_checkpoint
 from app.config import Config
@@ -117,11 +117,13 @@ EpochHook = Callable[[int, dict[str, float]], bool]
 
 
 def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: EpochHook | None = None,
-          ready: preflight.Ready | None = None) -> dict[str, Any]:
+          ready: preflight.Ready | None = None, run_settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One tracked run. `on_epoch(epoch, metrics)` is told each epoch's val metrics; True stops the run
     early (an offline sweep's pruner uses it), skipping test and export. `ready`: the environment
-    checks a caller already made (`preflight.check_environment`); the data checks are made here."""
+    checks a caller already made (`preflight.check_environment`); the data checks are made here.
+    `run_settings`: the run's name, group, tags... (tracking.start), for a process that runs many."""
     environ = os.environ if environ is None else environ
+    phases.mark("start")  # process start and imports (a trial in a warm process: the agent's own work)
 
     # --- every check first (no W&B run is left for a setting that can't work), then one wandb.init ---
     ready = ready or preflight.check_environment(config, environ)
@@ -132,7 +134,9 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
         # values are known only after wandb.init: the same check then runs at the resume below)
         checkpoints.check_resume(config, ready.output_root / run_id, run_id)
     checked = config
-    run, config = tracking.start(config, environ, mode=ready.mode)  # a sweep's values: the last layer
+    phases.mark("checks")
+    run, config = tracking.start(config, environ, mode=ready.mode, **(run_settings or {}))  # a sweep's values: the last layer
+    phases.mark("wandb_init")
     exit_code = 1  # anything that escapes below is a failed run, not a finished one
     try:
         if config != checked:
@@ -161,6 +165,7 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
             run.finish(exit_code=exit_code)
         if not run.disabled:
             tracking.materialize_links(Path(run.dir).parent)  # the runs folder must survive a move
+        phases.mark("finish")
 
 
 def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], on_epoch: EpochHook | None) -> dict[str, Any]:
@@ -173,6 +178,7 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
     device, ds, gen, fmt, train_batches, val_batches, test_batches = setup(config)
     # which GPU slot an agent was given: recorded so a sweep's runs can be traced to their device
     run.summary.update({"device": str(device), "cuda_visible_devices": environ.get("CUDA_VISIBLE_DEVICES", "")})
+    phases.mark("data")
 
     # --- model, optimizer, resume ---
     model, optimizer = build_model(config, device)
@@ -213,6 +219,7 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
     tracking.watch(run, model, criterion, config, log_freq=1 if graphed else config.watch_log_freq)
     watch_every = config.watch_log_freq if graphed and config.watch_log != "none" else 0
     batches_run = 0
+    phases.mark("model")
 
     # --- epochs: train, validate, checkpoint ---
     val_loss = val_acc = float("nan")
@@ -278,17 +285,21 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
                         "examples_seen": example_ct, "checkpoint": str(ckpt_path)}
 
         # --- test and export ---
+        phases.mark("training")
         test_loss, test_acc = evaluate(step_model, test_batches, criterion, autocast)
         run.log({"test_accuracy": test_acc, "test_loss": test_loss}, step=example_ct)
         run.summary["test_accuracy"] = test_acc
         print(f"test_accuracy {test_acc:.4f} test_loss {test_loss:.4f}", flush=True)
+        phases.mark("evaluation")
         onnx_path = run_dir / "model.onnx"
         check = export_onnx(model, ds.mean, ds.std, ds.test.images[:256], onnx_path)
         run.summary.update(check)
+        phases.mark("export")
         tracking.save_file(run, onnx_path)
         artifact.log_model(run, config, [onnx_path, ckpt_path],
                            {"test_accuracy": test_acc, "test_loss": test_loss, "val_accuracy": val_acc,
                             "val_loss": val_loss, **check}, environ)
+        phases.mark("artifact")
     tracking.log_hint(run)
     return {
         "run_id": run.id,

@@ -144,6 +144,7 @@ ENTRY_CASES = {
     "agent-offline-mode": ({**AGENT, "WANDB_MODE": "offline"}, "cannot run offline"),
     "agent-run-mode-odd": ({**AGENT, "AGENT_RUN_MODE": "later"}, "AGENT_RUN_MODE='later' must be one of"),
     "agent-count-zero": ({**AGENT, "AGENT_COUNT": "0"}, "AGENT_COUNT='0' must be a positive integer"),
+    "agent-process-odd": ({**AGENT, "AGENT_PROCESS": "lukewarm"}, "AGENT_PROCESS='lukewarm' must be one of: per-run, warm"),
     "agent-stagger-odd": ({**AGENT, "AGENT_START_STAGGER": "soon"}, "AGENT_START_STAGGER='soon'"),
     "agent-allow-cpu-odd": ({**AGENT, "ALLOW_CPU": "maybe"}, "ALLOW_CPU='maybe' must be true or false"),
     "agent-no-key": ({"SWEEP_ID": "e/p/s", "ALLOW_CPU": "true"}, "there is no W&B API key"),

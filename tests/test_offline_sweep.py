@@ -329,8 +329,14 @@ def kill_mid_trial_and_finish(tmp_path: Path, data: Path, storage: str, n_agents
     trials = study.get_trials(deepcopy=False)
     dead = trials[trial.number]
     assert dead.state == TrialState.FAIL and dead.system_attrs["sweep_outcome"] == "stale"
-    retry = [t for t in trials if t.system_attrs.get("retry_of") == trial.number]
-    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE, [(t.number, t.state, t.system_attrs) for t in trials]
+    retries = [t for t in trials if t.system_attrs.get("retry_of") == trial.number]
+    # agents that find the dead trial at the same moment may each queue a retry: the lowest-numbered one
+    # trains, the others are dropped as duplicates before training (app.sweep.ledger's rule)
+    retry = [t for t in retries if t.state == TrialState.COMPLETE]
+    extra = [t for t in retries if t not in retry]
+    assert len(retry) == 1 and all(t.state == TrialState.FAIL and t.system_attrs.get("sweep_outcome") == "duplicate"
+                                   and t.number > retry[0].number for t in extra), \
+        [(t.number, t.state, t.system_attrs) for t in trials]
     assert retry[0].params == dead.params and retry[0].user_attrs["resume_run"] == dead.user_attrs["run_id"]
     runs = check_sweep(study, 4, tmp_path / "runs", name)
     # the retry resumed the dead run's checkpoint (unless it had finished every epoch already)

@@ -3,6 +3,7 @@
     docker run IMAGE                          -> one training run (settings from the environment)
     docker run IMAGE --epochs=1               -> one training run with these --key=value settings
     docker run -e SWEEP_ID=e/p/id IMAGE       -> `wandb agent e/p/id` (runs `python -m app train ...`)
+    ... -e AGENT_PROCESS=warm                 -> the same sweep, every run in one warm process (app.sweep.warm_agent)
     docker run -e SWEEP_CONFIG=/app/s.yaml IMAGE -> an offline sweep agent (no W&B server)
     docker run IMAGE bash                     -> any other command runs as given
 
@@ -66,6 +67,9 @@ def check_agent(environ: Mapping[str, str]) -> list[str]:
         raise UserError("SWEEP_ID is set but there is no W&B API key: set WANDB_API_KEY (in .env or the environment)")
     env.choice("AGENT_RUN_MODE", tracking.MODES, environ=environ)
     count = env.positive_int("AGENT_COUNT", environ=environ, meaning="runs per agent; unset = until the sweep ends")
+    from app.sweep.warm_agent import process_kind
+
+    process_kind(environ)  # a bad AGENT_PROCESS fails here, before any work
     wandb_cli = shutil.which("wandb") or "wandb"
     # --forward-signals: the agent starts each run in its own process group, out of reach of the
     # SIGTERM that `docker stop` (via the init) sends; forwarded, the run checkpoints and exits preempted
@@ -153,6 +157,12 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
         return offline_agent.run_agent(run_env)
     # agents started together ask W&B for work at the same moment, when duplicates are most likely
     dedupe.wait_stagger(run_env)
+    from app.sweep import warm_agent
+
+    if warm_agent.process_kind(environ) == "warm":
+        # every run in this process: it already took the GPU slot and handles the stop signals itself
+        count = env.positive_int("AGENT_COUNT", environ=environ)
+        return warm_agent.run_warm(env.text("SWEEP_ID", environ=environ), run_env, count)
     print(f"starting: {' '.join(command)}", flush=True)
     return run_child(command, run_env)
 

@@ -37,19 +37,6 @@ def _run_folder(root: Path, run_id: str) -> Path | None:
     return found[-1] if found else None
 
 
-@contextlib.contextmanager
-def _wandb_environment(values: Mapping[str, str]):
-    """W&B reads these once per process: set them for one trial, and tear W&B down after it."""
-    try:
-        with tracking.environment(**values):
-            yield
-    finally:
-        import wandb
-
-        with interrupts.unless_wandb_lost():  # a stop that ended W&B's service leaves nothing to tear down
-            wandb.teardown()  # the next trial's wandb.init starts fresh and reads the new group/tags
-
-
 def train_trial(agent, trial, key: str, values: dict, beat: Heartbeat) -> tuple[str, float | None]:
     from app.train import Preempted, train
 
@@ -71,9 +58,10 @@ def train_trial(agent, trial, key: str, values: dict, beat: Heartbeat) -> tuple[
     shown = " ".join(f"{k}={v}" for k, v in values.items())
     say(f"trial {trial.number} ({key}, attempt {attempt}): {shown} -> W&B run {run_id}{resumed}")
     notes = f"Optuna trial {trial.number} of offline sweep {p.name} ({key}, attempt {attempt}){resumed}"
-    wandb_env = {"WANDB_RUN_GROUP": p.name, "WANDB_JOB_TYPE": JOB_TYPE, "WANDB_TAGS": TAG,
-                 "WANDB_NAME": f"{p.name}-{trial.number}", "WANDB_NOTES": notes,
-                 "WANDB_SYMLINK": "false"}  # no latest-run / debug.log links in the shared runs folder
+    # the run's own wandb.init arguments, not WANDB_* variables: W&B reads those once per process, and the
+    # process (its W&B service, data, imports) stays warm for the next trial
+    run_settings = {"group": p.name, "job_type": JOB_TYPE, "tags": [TAG], "name": f"{p.name}-{trial.number}",
+                    "notes": notes, "symlink": False}  # symlink: no latest-run / debug.log links in the shared runs folder
     environ = {**agent.environ, "WANDB_MODE": "offline", "WANDB_RUN_ID": run_id}
 
     pruned = False
@@ -90,8 +78,7 @@ def train_trial(agent, trial, key: str, values: dict, beat: Heartbeat) -> tuple[
 
     started = time.monotonic()
     try:
-        with _wandb_environment(wandb_env):
-            result = train(config, environ, on_epoch=on_epoch)
+        result = train(config, environ, on_epoch=on_epoch, run_settings=run_settings)
     except BaseException as exc:
         _after_run(agent, trial, run_id)
         # Preempted (SIGTERM/SIGINT, checkpoint written), or anything raised once a stop arrived: rerun at

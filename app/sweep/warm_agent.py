@@ -1,0 +1,221 @@
+"""A W&B sweep agent that trains every run the sweep hands it in one warm process (AGENT_PROCESS=warm).
+
+    docker run -e SWEEP_ID=entity/project/id -e AGENT_PROCESS=warm IMAGE    (the entrypoint's agent mode)
+
+`wandb agent` starts each run as a new `python -m app train` process, which pays the imports, W&B's
+service, reading the data and (on a GPU) the CUDA context again for every run. Here W&B's server still
+hands out the runs, through the same calls `wandb agent` makes (CreateAgent, then agentHeartbeat until it
+says exit), and each run goes through the same `cli.prepare` + `cli.run` as `python -m app train`: the
+sweep's values as --key=value arguments and in W&B's sweep parameter file, WANDB_RUN_ID and
+WANDB_SWEEP_ID set, the duplicate guard, one complete W&B run.
+
+Not W&B's own Python `wandb.agent(function=...)`: it calls the function in a thread, where no signal
+handler can be installed (a stop could not checkpoint the run), and it restarts W&B's service for
+every run. W&B keeps a run's sweep id, id and parameter file in its process-wide settings; they are
+set for each run with `wandb.setup(settings)` instead.
+
+What stays as with a process per run: a stop (SIGTERM/SIGINT, `docker stop`) checkpoints the running
+run, marks it preempting and the agent exits 128+signal; a run that raises is recorded as failed and
+the next starts clean (MAX_ERRORS_IN_A_ROW failures in a row stop the agent, exit 1); a CUDA error
+other than running out of memory ends the agent with exit 1, since the process can no longer be
+trusted; nothing of a run outlives it but the data, kept once on the device (app.data).
+Not supported: a sweep with early_terminate (W&B stops such runs by signalling their process); it is
+refused before any work, and AGENT_PROCESS=per-run serves it.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Mapping
+
+from app import cli, env, interrupts
+from app.errors import UserError
+
+PROCESSES = ("per-run", "warm")
+MAX_ERRORS_IN_A_ROW = 3  # as the offline agent: an agent whose runs keep failing stops
+POLL_S = 5.0  # between heartbeats while the server has nothing to hand out (`wandb agent` polls as often)
+
+
+def say(msg: str) -> None:
+    print(f"[warm-agent] {msg}", flush=True)
+
+
+def sweep_parts(sweep: str) -> tuple[str | None, str | None, str]:
+    parts = sweep.split("/")
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else (None, None, parts[-1])
+
+
+class Heartbeat(threading.Thread):
+    """Tells the server the run is still going while it trains (as `wandb agent` does between polls)."""
+
+    def __init__(self, api, agent_id: str, run_id: str):
+        super().__init__(daemon=True, name="sweep-heartbeat")
+        self.api, self.agent_id, self.run_id = api, agent_id, run_id
+        self.done = threading.Event()
+        self.exit_asked = False
+
+    def run(self) -> None:
+        from wandb.apis.public.sweeps import _agent_heartbeat
+
+        while not self.done.wait(POLL_S):
+            try:
+                commands = _agent_heartbeat(self.api, self.agent_id, {}, {self.run_id: True})
+            except Exception as exc:  # a lost heartbeat is retried at the next one, as `wandb agent` does
+                say(f"heartbeat failed ({type(exc).__name__}); retrying")
+                continue
+            for command in commands:
+                if command.get("type") == "exit":
+                    self.exit_asked = True
+                elif command.get("type") == "stop":
+                    say(f"the server asked to stop run {command.get('run_id')}; it trains to its end")
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(timeout=60)
+
+
+class WarmAgent:
+    def __init__(self, sweep: str, environ: Mapping[str, str], count: int | None):
+        self.entity, self.project, self.sweep_id = sweep_parts(sweep)
+        self.environ = dict(environ)  # what each run sees: the runs' WANDB_MODE (AGENT_RUN_MODE) included
+        self.count = count
+        self.exit_asked = False
+        self.cuda_broken = False
+
+    def connect(self):
+        """W&B's own settings, the API, the sweep's check and the agent's registration."""
+        import yaml
+
+        # as `wandb agent ENTITY/PROJECT/SWEEP` sets them for its runs; W&B reads them in this process.
+        # The agent itself always talks to the server: the runs' mode is passed to each run's wandb.init
+        for key, value in self.environ.items():
+            if key != "WANDB_MODE":
+                os.environ[key] = value
+        os.environ.pop("WANDB_MODE", None)
+        os.environ["WANDB_SWEEP_ID"] = self.sweep_id
+        if self.entity:
+            os.environ["WANDB_ENTITY"] = self.entity
+        if self.project:
+            os.environ["WANDB_PROJECT"] = self.project
+        self.environ.update({k: os.environ[k] for k in ("WANDB_SWEEP_ID", "WANDB_ENTITY", "WANDB_PROJECT") if k in os.environ})
+
+        import wandb
+        from wandb.apis.public.sweeps import _register_agent, _sweep_with_runs
+
+        self.api = wandb.Api()
+        sweep = _sweep_with_runs(self.api, self.sweep_id, "{}", project=self.project, entity=self.entity) or {}
+        config = yaml.safe_load(sweep.get("config") or "{}") or {}
+        if isinstance(config, dict) and config.get("early_terminate"):
+            raise UserError(f"sweep {self.sweep_id} uses early_terminate, which W&B applies by signalling each run's "
+                            "process: AGENT_PROCESS=warm cannot serve it; use AGENT_PROCESS=per-run")
+        agent = _register_agent(self.api, socket.gethostname(), sweep_id=self.sweep_id, project=self.project,
+                                entity=self.entity)
+        self.agent_id = agent["id"]
+
+    def run(self) -> int:
+        from wandb.apis.public.sweeps import _agent_heartbeat
+
+        self.connect()
+        say(f"serving sweep {self.sweep_id}: every run in this process (agent {self.agent_id})")
+        done = errors_in_a_row = 0
+        while (self.count is None or done < self.count) and not self.exit_asked:
+            commands = _agent_heartbeat(self.api, self.agent_id, {}, {})
+            if not commands:
+                time.sleep(POLL_S)
+                continue
+            command = commands[0]
+            kind = command.get("type")
+            if kind == "exit":
+                say("the sweep has no more runs for this agent; exiting")
+                return 0
+            if kind not in ("run", "resume"):
+                continue  # `stop` of a run this agent is not running
+            code = self.run_one(command)
+            say(f"run {command['run_id']} ended with exit code {code}")
+            done += 1
+            if code == 0:
+                errors_in_a_row = 0
+            elif code >= 128:
+                return code  # stopped: the run is checkpointed and marked preempting
+            elif code == 1 and self.cuda_broken:
+                say("a CUDA error other than out-of-memory: this process cannot be trusted; agent exits")
+                return 1
+            else:
+                errors_in_a_row += 1
+                if errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
+                    say(f"{errors_in_a_row} runs in a row failed; stopping this agent")
+                    return 1
+        say("the sweep asked this agent to exit" if self.exit_asked else f"ran {done} run(s) (AGENT_COUNT); agent exits")
+        return 0
+
+    def run_one(self, command: dict[str, Any]) -> int:
+        """One run as `python -m app train` runs it; its exit code as that process's would be."""
+        import wandb
+        from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+        from wandb.sdk.lib import config_util
+
+        run_id = command["run_id"]
+        # where `wandb agent` writes a run's parameters; wandb.init reads them into run.config
+        params = env.runs_root(self.environ) / "wandb" / f"sweep-{self.sweep_id}" / f"config-{run_id}.yaml"
+        config_util.save_config_file_from_dict(str(params), command["args"])
+        args = create_sweep_command_args(command)["args"]
+        environ = {**self.environ, "WANDB_RUN_ID": run_id, "WANDB_SWEEP_PARAM_PATH": str(params)}
+        say(f"run {run_id}: {' '.join(args)}")
+        self.cuda_broken = False
+        beat = Heartbeat(self.api, self.agent_id, run_id)
+        beat.start()
+        try:
+            # this run's id, sweep and parameter file in W&B's process-wide settings (read by wandb.init)
+            wandb.setup(wandb.Settings(run_id=run_id, sweep_id=self.sweep_id, sweep_param_path=str(params)))
+            start = cli.prepare(list(args), environ, dotenv_path=None)
+            return cli.run(start, last=False)
+        except interrupts.Stopped as stop:
+            print(cli.stopped_line(stop), file=sys.stderr, flush=True)
+            return stop.exit_code
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        except Exception as exc:  # the run is recorded as failed (train() finishes it with exit code 1)
+            traceback.print_exc()
+            self.cuda_broken = _cuda_broken(exc)
+            return 1
+        finally:
+            beat.stop()
+            interrupts.install()  # between runs a stop is one line and 128+signal
+            _free_device_memory()
+            self.exit_asked = beat.exit_asked  # the server said exit while the run trained: none after it
+
+
+def _cuda_broken(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False  # that run asked for too much; the next one starts with the memory freed
+    return isinstance(exc, torch.AcceleratorError) or "CUDA error" in str(exc)
+
+
+def _free_device_memory() -> None:
+    """On a GPU, what a run left behind goes now (not when the next run needs the memory), and the memory
+    still held after each run is said, so growth across runs shows in the log."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
+        say(f"GPU memory after the run: {torch.cuda.memory_allocated()} bytes allocated, "
+            f"{torch.cuda.memory_reserved()} reserved")
+
+
+def process_kind(environ: Mapping[str, str]) -> str:
+    return env.choice("AGENT_PROCESS", PROCESSES, "per-run", environ=environ)
+
+
+def run_warm(sweep: str, environ: Mapping[str, str], count: int | None) -> int:
+    return WarmAgent(sweep, environ, count).run()
+

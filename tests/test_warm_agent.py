@@ -1,0 +1,145 @@
+"""The warm W&B-sweep agent (AGENT_PROCESS=warm) against the stand-in W&B API, with the real wandb library:
+every run handed out is a whole run with the same content a `wandb agent` child process records; a
+stop checkpoints and exits 143; a failing run fails alone. Natively (the entrypoint's agent mode, no
+Docker): the container tests cover the image's wiring of the same entrypoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, clean_env
+from fake_wandb import FakeWandb
+
+from app import artifact, checkpoint, runlog
+
+COMMAND = ["${env}", "${interpreter}", "-m", "app", "train", "${args}"]
+
+
+def grid(**values: list) -> dict:
+    return {"method": "grid", "metric": {"name": "val_accuracy", "goal": "maximize"},
+            "parameters": {k: {"values": v} for k, v in values.items()}, "command": COMMAND}
+
+
+def agent_env(tmp: Path, api: FakeWandb, data_dir: Path, **extra: str) -> dict[str, str]:
+    settings = dict(APP_MODE="agent", SWEEP_ID=api.sweep_path, WANDB_BASE_URL=api.url, WANDB_API_KEY="k" * 40,
+                    AGENT_RUN_MODE="offline", ALLOW_CPU="true", DATA_DIR=str(data_dir), VAL_SIZE="200", EPOCHS="1",
+                    BATCH_SIZE="64", LOG_INTERVAL="4", WANDB_DIR=str(tmp / "runs"), OUTPUT_DIR=str(tmp / "outputs"),
+                    GPU_SLOTS_DIR=str(tmp / "slots"), SWEEP_CLAIMS_DIR=str(tmp / "claims"),
+                    PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")  # the `wandb` CLI
+    return clean_env(tmp, **{**settings, **extra})
+
+
+def start_agent(env: dict[str, str], tmp: Path) -> subprocess.Popen:
+    tmp.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([sys.executable, "-m", "app.container.entrypoint"], env=env, cwd=REPO,
+                            stdout=open(tmp / "agent.log", "wb"), stderr=subprocess.STDOUT)
+
+
+def runs_in(folder: Path) -> dict[str, tuple[Path, runlog.OfflineRun]]:
+    return {run.run_id: (f, run) for f in runlog.find(folder) for run in [runlog.read(f)]}
+
+
+def comparable(run: runlog.OfflineRun) -> dict:
+    """What a run records, less what differs between any two runs (times, ids, folders)."""
+    timing = ("_timestamp", "_runtime", "examples_per_s", "_wandb")
+    clean = lambda d: {k: v for k, v in d.items() if not k.startswith(timing)}  # noqa: E731
+    return {"config": {k: v for k, v in run.config.items() if k != "output_dir"},
+            "history": [clean(r) for r in run.history], "summary": clean(run.summary),
+            "exit_code": run.exit_code, "sweep_id": run.sweep_id, "project": run.project}
+
+
+@pytest.mark.slow
+def test_warm_runs_are_the_runs_wandb_agent_children_record(tmp_path: Path, small_data: Path):
+    sweep = grid(learning_rate=[0.003, 0.03])
+    recorded = {}
+    for process in ("warm", "per-run"):
+        tmp = tmp_path / process
+        with FakeWandb(sweep) as api:
+            proc = start_agent(agent_env(tmp, api, small_data, AGENT_PROCESS=process), tmp)
+            assert proc.wait(timeout=600) == 0, (tmp / "agent.log").read_text()[-4000:]
+            handed = {a.run_id: a.params for a in api.assignments}
+        runs = runs_in(tmp / "runs")
+        assert sorted(runs) == sorted(handed)  # every run the server handed out, and no other
+        for run_id, (folder, run) in runs.items():
+            assert run.exit_code == 0 and run.config["learning_rate"] == handed[run_id]["learning_rate"], run_id
+            assert run.sweep_id == api.sweep_id and run.summary["onnx_argmax_agreement"] == 1.0, run_id
+            [model] = artifact.recorded(folder)
+            assert sorted(model.files) == ["checkpoint.pt", "model.onnx"] and model.metadata["wandb_sweep"], run_id
+            assert (tmp / "outputs" / run_id / "checkpoint.pt").is_file()
+        recorded[process] = {run.config["learning_rate"]: comparable(run) for _, run in runs.values()}
+        if process == "warm":
+            log = (tmp / "agent.log").read_text()
+            assert "every run in this process" in log and log.count("ended with exit code 0") == 2
+    # the same values, the same seed: the warm process records what a fresh process per run records
+    assert recorded["warm"] == recorded["per-run"]
+
+
+@pytest.mark.slow
+def test_a_stop_checkpoints_the_running_run_marks_it_preempting_and_exits_143(tmp_path: Path, small_data: Path):
+    with FakeWandb(grid(learning_rate=[0.003])) as api:
+        api.hold_open = True  # after the stop, the requeued run is what the next agent gets
+        env = agent_env(tmp_path, api, small_data, AGENT_PROCESS="warm", EPOCHS="30")
+        proc = start_agent(env, tmp_path)
+        deadline = time.monotonic() + 300
+        # the first epoch's checkpoint: the run is training
+        while not list((tmp_path / "outputs").glob("*/checkpoint.pt")) and time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "agent.log").read_text()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143, (tmp_path / "agent.log").read_text()[-3000:]
+        handed = [a.run_id for a in api.assignments]
+        assert len(handed) == 1  # the stop ended the agent: nothing else was asked for
+        [(folder, run)] = runs_in(tmp_path / "runs").values()
+        assert run.run_id == handed[0] and run.preempting and run.exit_code == 143
+        ckpt = tmp_path / "outputs" / run.run_id / "checkpoint.pt"
+        stopped_after = checkpoint.epochs_done(ckpt)
+        assert 1 <= stopped_after < 30
+
+        # W&B hands the preempted run out again (same id): a new warm agent resumes it from its checkpoint
+        api.requeue(run.run_id)
+        api.hold_open = False
+        again = start_agent(env, tmp_path / "again")
+        assert again.wait(timeout=600) == 0, (tmp_path / "again" / "agent.log").read_text()[-3000:]
+    log = (tmp_path / "again" / "agent.log").read_text()
+    assert f"resuming run {run.run_id}" in log and f"run {run.run_id} ended with exit code 0" in log
+    assert checkpoint.epochs_done(ckpt) == 30
+
+
+@pytest.mark.slow
+def test_a_failing_run_fails_alone_and_the_next_starts_clean(tmp_path: Path, small_data: Path):
+    # no 8th GPU here: those runs fail after W&B opened them, and are recorded as failed runs (exit 2, as a
+    # `python -m app train` child records them); the runs after them train as if nothing had happened
+    with FakeWandb(grid(device=["cuda:7", "cpu"], learning_rate=[0.01, 0.03])) as api:
+        proc = start_agent(agent_env(tmp_path, api, small_data, AGENT_PROCESS="warm"), tmp_path)
+        assert proc.wait(timeout=600) == 0, (tmp_path / "agent.log").read_text()[-4000:]
+        order = [(a.run_id, a.params["device"]) for a in api.assignments]
+    assert [device for _, device in order] == ["cuda:7", "cuda:7", "cpu", "cpu"]
+    runs = runs_in(tmp_path / "runs")
+    assert sorted(runs) == sorted(run_id for run_id, _ in order)
+    log = (tmp_path / "agent.log").read_text()
+    for run_id, device in order:
+        folder, run = runs[run_id]
+        assert f"run {run_id} ended with exit code {2 if device == 'cuda:7' else 0}" in log, run_id
+        if device == "cuda:7":
+            assert run.exit_code == 2 and "test_accuracy" not in run.summary and not artifact.recorded(folder)
+        else:
+            assert run.exit_code == 0 and run.summary["onnx_argmax_agreement"] == 1.0 and artifact.recorded(folder)
+    ok = [runs[run_id][1] for run_id, device in order if device == "cpu"]
+    assert ok[0].summary["test_loss"] != ok[1].summary["test_loss"]  # each its own learning rate
+
+
+def test_a_sweep_with_early_terminate_is_refused_by_the_warm_agent(tmp_path: Path, small_data: Path):
+    sweep = {**grid(learning_rate=[0.01]), "early_terminate": {"type": "hyperband", "min_iter": 1}}
+    with FakeWandb(sweep) as api:
+        env = agent_env(tmp_path, api, small_data, AGENT_PROCESS="warm")
+        proc = subprocess.run([sys.executable, "-m", "app.container.entrypoint"], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert not api.assignments
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "early_terminate" in proc.stderr and "AGENT_PROCESS=per-run" in proc.stderr
