@@ -33,7 +33,8 @@ class Ready:
 
 
 def check_environment(config: Config, environ: Mapping[str, str]) -> Ready:
-    """W&B mode and the two folders a run writes, without touching the data (no torch import)."""
+    """The run id, the W&B mode and the two folders a run writes, without touching the data (no torch import)."""
+    env.run_id(environ)  # it names the run's folder: checked before anything is written under it
     mode = tracking.resolve_mode(environ)
     root = env.runs_root(environ)
     tracking.check_writable(root, "WANDB_DIR")

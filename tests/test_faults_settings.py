@@ -236,3 +236,43 @@ def test_refused_settings_leave_earlier_runs_alone(tmp_path: Path, small_data: P
     _one_refusal(run_app(["train", "--classes=5"], env, tmp_path), "classes=5 but")
     after = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert after == before
+
+
+# --- the run id names a folder: WANDB_RUN_ID is checked before any work (W&B's rules, one path component) ---
+RUN_ID_CASES = {
+    "parent": "..",
+    "here": ".",
+    "climbs-out": "../../x",
+    "two-components": "a/b",
+    "backslash": "a\\b",
+    "too-long": "r" * 300,
+    "just-over-the-bound": "r" * 65,
+    "wandb-reserved-colon": "run:1",
+    "wandb-reserved-semicolon": "run;1",
+    "wandb-reserved-comma": "run,1",
+    "wandb-reserved-hash": "run#1",
+    "wandb-reserved-question": "run?1",
+    "wandb-reserved-quote": "run'1",
+    "inner-space": "my run",
+    "newline": "run\n1",
+    "hidden-file": ".hidden",
+    "leading-dash": "-rf",
+    "non-ascii": "rün1",
+}
+
+
+@pytest.mark.parametrize("case", RUN_ID_CASES, ids=list(RUN_ID_CASES))
+def test_a_run_id_that_is_not_one_safe_name_is_refused(tmp_path: Path, small_data: Path, case: str):
+    (tmp_path / "outputs").mkdir()
+    proc = run_app(["train"], _env(tmp_path, small_data, WANDB_RUN_ID=RUN_ID_CASES[case]), tmp_path)
+    _one_refusal(proc, "WANDB_RUN_ID=")
+    _nothing_on_disk(tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert not {"checkpoint.pt", "model.onnx", "x"} & set(left), left  # nothing written beside OUTPUT_DIR
+
+
+def test_the_container_run_mode_checks_the_run_id(tmp_path: Path, small_data: Path):
+    proc = run_entrypoint(_env(tmp_path, small_data, ALLOW_CPU="true", WANDB_RUN_ID=".."), tmp_path)
+    _one_refusal(proc, "WANDB_RUN_ID='..'")
+    _nothing_on_disk(tmp_path)
+    assert not (tmp_path / "checkpoint.pt").exists()
