@@ -123,6 +123,64 @@ def test_a_damaged_checkpoint_is_one_line(finished_run):
     refused(run_app(["train"], {**env, "WANDB_RUN_ID": "broken01"}, cwd), "checkpoint", "damaged")
 
 
+def _wrong_shape(state):
+    state["model"]["features.0.weight"] = state["model"]["features.0.weight"][:8]  # 8 kernels, not 16
+
+
+def _other_kernels_no_config(state):
+    """A checkpoint from another program: other kernels, no `config` entry to compare settings with."""
+    del state["config"]
+    state["model"]["features.3.weight"] = state["model"]["features.3.weight"][:, :8]
+
+
+def _optimizer_state_shape(state):
+    state["optimizer"]["state"][4]["exp_avg"] = state["optimizer"]["state"][4]["exp_avg"][:, :7]
+
+
+# (how the checkpoint is damaged, a fragment of the one line): each is untrusted input from elsewhere
+CHECKPOINT_CASES = {
+    "no-config-other-kernels": (_other_kernels_no_config, "config"),
+    "no-config": (lambda s: s.pop("config"), "config"),
+    "no-optimizer": (lambda s: s.pop("optimizer"), "optimizer"),
+    "no-generator": (lambda s: s.pop("generator"), "generator"),
+    "no-epoch": (lambda s: s.pop("epoch"), "epoch"),
+    "wrong-shape": (_wrong_shape, "features.0.weight"),
+    "missing-weight": (lambda s: s["model"].pop("fc.bias"), "fc.bias"),
+    "extra-weight": (lambda s: s["model"].update({"fc2.weight": s["model"]["fc.weight"]}), "fc2.weight"),
+    "weight-not-a-tensor": (lambda s: s["model"].update({"fc.bias": [0.0] * 10}), "fc.bias"),
+    "model-not-a-dict": (lambda s: s.update(model=[1, 2, 3]), "model"),
+    "optimizer-not-a-dict": (lambda s: s.update(optimizer="adam"), "optimizer"),
+    "optimizer-no-param-groups": (lambda s: s["optimizer"].pop("param_groups"), "optimizer"),
+    "optimizer-params-wrong": (lambda s: s["optimizer"]["param_groups"][0].update(params=[0, 1]), "optimizer"),
+    "optimizer-state-shape": (_optimizer_state_shape, "optimizer"),
+    "epoch-a-string": (lambda s: s.update(epoch="1"), "epoch"),
+    "epoch-negative": (lambda s: s.update(epoch=-1), "epoch"),
+    "examples-seen-a-float": (lambda s: s.update(examples_seen=1.5), "examples_seen"),
+    "epoch-examples-negative": (lambda s: s.update(epoch_examples=-32), "epoch_examples"),
+    "generator-not-bytes": (lambda s: s.update(generator=s["generator"].float()), "generator"),
+    "config-not-a-dict": (lambda s: s.update(config="kernels=8"), "config"),
+    "not-a-dict": (lambda s: (s.clear(), s.update(model={})), "checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_CASES, ids=list(CHECKPOINT_CASES))
+def test_a_checkpoint_from_elsewhere_is_checked_before_training(finished_run, case):
+    import torch
+
+    cwd, env = finished_run
+    damage, fragment = CHECKPOINT_CASES[case]
+    run_id = "ckpt" + hashlib.sha256(case.encode()).hexdigest()[:4]
+    folder = unfinished(cwd, run_id)
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    damage(state)
+    torch.save(state, folder / "checkpoint.pt")
+    before = tree(cwd / "runs"), tree(folder)
+    line = refused(run_app(["train"], {**env, "WANDB_RUN_ID": run_id}, cwd), str(folder / "checkpoint.pt"), fragment,
+                   width=400)
+    assert "resume=false" in line
+    assert (tree(cwd / "runs"), tree(folder)) == before  # refused before wandb.init: no run to sync
+
+
 def test_more_epochs_continue_an_unfinished_run(finished_run):
     """What may change on resume: epochs grow, and where/how fast it runs (channels_last, log_interval)."""
     cwd, env = finished_run

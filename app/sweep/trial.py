@@ -143,7 +143,7 @@ def _resume_from(trial, config: Config, run_id: str) -> str:
     if not src.is_file():
         return ""
     try:
-        done = checkpoint.epochs_done(src)
+        done = checkpoint.epochs_done(src, config)
     except UserError:
         return ""  # a damaged checkpoint of a dead attempt: train this one from the start
     if done >= config.epochs:
