@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO, clean_env, error_lines, run_app
 from idx import write_dataset, write_idx
@@ -276,3 +277,92 @@ def test_the_container_run_mode_checks_the_run_id(tmp_path: Path, small_data: Pa
     _one_refusal(proc, "WANDB_RUN_ID='..'")
     _nothing_on_disk(tmp_path)
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+# --- data files and the device are checked before W&B opens a run; the message names the file ---
+def _damage(path: Path, how: str) -> None:
+    blob = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(blob[: len(blob) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "wrong-magic":
+        path.write_bytes(b"\x00\x00\x08\x01" + blob[4:])  # a label file's magic on an image file
+    elif how == "header-only":
+        path.write_bytes(blob[:16])
+    elif how == "one-image-short":  # a whole image fewer than the header says
+        path.write_bytes(blob[: len(blob) - 28 * 28])
+    elif how == "other-size":  # 32x32 images where 28x28 belong
+        write_idx(path, np.zeros((int.from_bytes(blob[4:8], "big"), 32, 32), np.uint8))
+    elif how == "fewer-images-than-labels":
+        n = int.from_bytes(blob[4:8], "big") - 10
+        write_idx(path, np.frombuffer(blob[16:16 + n * 784], np.uint8).reshape(n, 28, 28))
+
+
+DATA_CASES = [(f, how) for f in (FILES[0], FILES[2])
+              for how in ("truncated", "empty", "wrong-magic", "header-only", "one-image-short", "other-size",
+                          "fewer-images-than-labels")]
+
+
+@pytest.mark.parametrize("name, how", DATA_CASES, ids=[f"{f.split('-')[0]}-{how}" for f, how in DATA_CASES])
+def test_a_bad_image_file_is_refused_before_any_run(tmp_path: Path, name: str, how: str):
+    data = tmp_path / "data"
+    write_dataset(data, "mnist", n_train=600, n_test=100)
+    path = data / "MNIST" / "raw" / name
+    _damage(path, how)
+    proc = run_app(["train"], _env(tmp_path, data, VAL_SIZE="50"), tmp_path)
+    _one_refusal(proc, str(path))
+    _nothing_on_disk(tmp_path)
+
+
+def test_a_truncated_archive_is_refused_naming_it(tmp_path: Path):
+    data = tmp_path / "data"
+    write_dataset(data, "mnist", n_train=600, n_test=100, gz=True)
+    archive = data / "MNIST" / "raw" / f"{FILES[2]}.gz"
+    archive.write_bytes(archive.read_bytes()[:200])
+    _one_refusal(run_app(["train"], _env(tmp_path, data, VAL_SIZE="50"), tmp_path), str(archive))
+    _nothing_on_disk(tmp_path)
+    assert not list((data / "MNIST" / "raw").glob(".*.part"))
+
+
+@pytest.mark.parametrize("device", ["cuda:7", "cuda"])
+def test_a_device_that_is_not_there_is_refused_before_any_run(tmp_path: Path, small_data: Path, device: str):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this host has CUDA: the refusal needs a device index it lacks")  # never in CI (no GPU)
+    _one_refusal(run_app(["train", f"--device={device}"], _env(tmp_path, small_data), tmp_path), f"device={device!r}")
+    _nothing_on_disk(tmp_path)
+
+
+# --- a sweep's ranges: every value a range can produce is a valid setting, or `sweep validate` refuses ---
+SWEEP_HEAD = "method: random\nmetric: {name: val_loss, goal: minimize}\nparameters:\n"
+RANGE_CASES = {
+    "lr-below-0": ("learning_rate: {distribution: uniform, min: -0.1, max: 0.1}", "learning_rate=-0.1"),
+    "lr-at-0": ("learning_rate: {distribution: uniform, min: 0.0, max: 0.1}", "learning_rate=0.0"),
+    "lr-inferred-range-at-0": ("learning_rate: {min: 0.0, max: 0.01}", "learning_rate=0.0"),
+    "batch-through-0": ("batch_size: {distribution: int_uniform, min: -16, max: 64}", "batch_size=-16"),
+    "batch-from-0": ("batch_size: {min: 0, max: 64}", "batch_size=0"),
+    "batch-q-rounds-to-0": ("batch_size: {distribution: q_uniform, min: 1, max: 64, q: 8}", "batch_size=0"),
+    "epochs-from-0": ("epochs: {distribution: int_uniform, min: 0, max: 3}", "epochs=0"),
+    "gpu-fraction-past-1": ("gpu_memory_fraction: {distribution: uniform, min: 0.5, max: 1.5}", "gpu_memory_fraction=1.5"),
+    "lr-log-past-float": ("learning_rate: {distribution: log_uniform, min: -5, max: 1000}", "learning_rate=inf"),
+}
+
+
+@pytest.mark.parametrize("case", RANGE_CASES, ids=list(RANGE_CASES))
+def test_sweep_validate_refuses_a_range_reaching_bad_values(tmp_path: Path, case: str):
+    text, fragment = RANGE_CASES[case]
+    (tmp_path / "s.yaml").write_text(SWEEP_HEAD + "  " + text + "\n")
+    proc = run_app(["sweep", "validate", "s.yaml"], clean_env(tmp_path), tmp_path)
+    _one_refusal(proc, fragment)
+    assert "parameters." in error_lines(proc.stderr)[0]
+
+
+@pytest.mark.parametrize("text", [
+    "learning_rate: {distribution: log_uniform_values, min: 0.0001, max: 0.1}",
+    "batch_size: {distribution: q_uniform, min: 16, max: 128, q: 16}",
+    "learning_rate: {distribution: normal, mu: 0.01, sigma: 0.001}",  # unbounded: each draw is checked as it comes
+])
+def test_sweep_validate_accepts_ranges_inside_the_settings(tmp_path: Path, text: str):
+    (tmp_path / "s.yaml").write_text(SWEEP_HEAD + "  " + text + "\n")
+    proc = run_app(["sweep", "validate", "s.yaml"], clean_env(tmp_path), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
