@@ -366,3 +366,28 @@ def test_sweep_validate_accepts_ranges_inside_the_settings(tmp_path: Path, text:
     (tmp_path / "s.yaml").write_text(SWEEP_HEAD + "  " + text + "\n")
     proc = run_app(["sweep", "validate", "s.yaml"], clean_env(tmp_path), tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# --- GPU slot settings are refused before an offline sweep's storage (its journal) is created ---
+GRID = str(Path(__file__).parents[1] / "sweeps" / "grid.yaml")
+GPU_CASES = {
+    "gpu-count-word": ({"GPU_COUNT": "two"}, "GPU_COUNT='two'"),
+    "gpu-count-negative": ({"GPU_COUNT": "-1"}, "GPU_COUNT='-1'"),
+    "agents-per-gpu-zero": ({"GPU_COUNT": "1", "AGENTS_PER_GPU": "0"}, "AGENTS_PER_GPU='0'"),
+    "agents-per-gpu-word": ({"GPU_COUNT": "2", "AGENTS_PER_GPU": "many"}, "AGENTS_PER_GPU='many'"),
+    "agents-per-gpu-odd-without-gpu": ({"AGENTS_PER_GPU": "1.5"}, "AGENTS_PER_GPU='1.5'"),
+    "slots-dir-a-file": ({"GPU_COUNT": "1", "GPU_SLOTS_DIR": "{tmp}/slots-file"}, "GPU_SLOTS_DIR="),
+    "slots-dir-under-a-file": ({"GPU_COUNT": "1", "GPU_SLOTS_DIR": "{tmp}/slots-file/sub"}, "GPU_SLOTS_DIR="),
+}
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=list(GPU_CASES))
+def test_gpu_slot_mistakes_are_refused_before_the_sweep_storage_exists(tmp_path: Path, small_data: Path, case: str):
+    environ, fragment = GPU_CASES[case]
+    (tmp_path / "slots-file").write_text("not a folder")
+    environ = {k: v.replace("{tmp}", str(tmp_path)) for k, v in environ.items()}
+    proc = run_entrypoint(_env(tmp_path, small_data, SWEEP_CONFIG=GRID, ALLOW_CPU="true", **environ), tmp_path)
+    _one_refusal(proc, fragment)
+    _nothing_on_disk(tmp_path)
+    sweeps = tmp_path / "runs" / "sweeps"
+    assert not sweeps.exists() or not any(sweeps.iterdir()), list(sweeps.iterdir())  # no journal fixed the sweep
