@@ -391,3 +391,50 @@ def test_gpu_slot_mistakes_are_refused_before_the_sweep_storage_exists(tmp_path:
     _nothing_on_disk(tmp_path)
     sweeps = tmp_path / "runs" / "sweeps"
     assert not sweeps.exists() or not any(sweeps.iterdir()), list(sweeps.iterdir())  # no journal fixed the sweep
+
+
+# --- a stop during the ONNX export or the data's decompression is a stop: one line, 128+signal, nothing half-made ---
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_during_the_export_is_a_stop_and_the_run_resumes_to_its_end(tmp_path: Path, small_data: Path, sig):
+    env = _env(tmp_path, small_data, WANDB_RUN_ID="export01", WANDB_MODE="offline")
+    proc = _start(tmp_path, env)
+    for line in proc.stdout:
+        if line.startswith("test_accuracy "):  # printed just before the export starts
+            proc.send_signal(sig)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
+    assert "Traceback" not in err and f"stopped by {sig.name}" in err, err[-3000:]
+    run_dir = tmp_path / "outputs" / "export01"
+    assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "model.onnx").exists()
+    (folder,) = runlog.find(tmp_path / "runs")
+    assert runlog.read(folder).preempting and runlog.read(folder).exit_code == 128 + sig
+    again = run_app(["train"], env, tmp_path)  # the requeued run: test and export only
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run_dir / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_during_decompression_leaves_no_part_file(tmp_path: Path, sig):
+    import gzip
+
+    data = tmp_path / "data"
+    write_dataset(data, "mnist", n_train=600, n_test=100)
+    raw = data / "MNIST" / "raw"
+    big = raw / f"{FILES[0]}.gz"  # an archive that takes a while to unpack: 300 MB of zeros
+    with gzip.open(big, "wb", compresslevel=1) as f:
+        chunk = bytes(1 << 20)
+        for _ in range(300):
+            f.write(chunk)
+    (raw / FILES[0]).unlink()
+    proc = _start(tmp_path, _env(tmp_path, data))
+    deadline = time.monotonic() + 60
+    while not list(raw.glob(".*.part")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    assert list(raw.glob(".*.part")), "the unpacking was never seen"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
+    assert "Traceback" not in err and f"stopped by {sig.name}" in err, err[-3000:]
+    assert not list(raw.glob(".*.part")) and not (raw / FILES[0]).exists()
+    assert sorted(p.name for p in raw.iterdir()) == sorted([f"{FILES[0]}.gz", *FILES[1:]])
