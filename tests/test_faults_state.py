@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import clean_env, error_lines, run_app
 
 from app import runlog
@@ -297,6 +299,135 @@ def test_an_endless_journal_line_is_damage(sweep, monkeypatch):
         f.write(b"x" * 5000 + b"\n")
     with pytest.raises(journal.JournalDamaged, match="damaged at line"):
         study.open_storage(str(path))
+
+
+UNKNOWN_OPS = {
+    "op-code-99": b'{"op_code": 99, "worker_id": "w"}\n',
+    "op-code-negative": b'{"op_code": -1, "worker_id": "w"}\n',
+    "op-code-a-string": b'{"op_code": "4", "worker_id": "w"}\n',
+    "op-code-true": b'{"op_code": true, "worker_id": "w"}\n',
+    "op-code-float": b'{"op_code": 4.5, "worker_id": "w"}\n',
+    "op-code-null": b'{"op_code": null}\n',
+}
+
+
+@pytest.mark.parametrize("case", UNKNOWN_OPS, ids=list(UNKNOWN_OPS))
+def test_an_unknown_operation_is_damage_that_sweep_repair_repairs(sweep, case):
+    cwd, env, path = sweep
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join([*lines[:1], UNKNOWN_OPS[case], *lines[1:]]))
+    before = path.read_bytes()
+    for command in (["offline-agent"], ["sweep-status"]):
+        refused(run_app(command, env, cwd, timeout=120), "faults.journal is damaged at line 2",
+                f"python -m app sweep-repair {path}", width=200 + len(str(path)))
+        assert path.read_bytes() == before
+    fixed = run_app(["sweep-repair", str(path)], env, cwd)
+    assert fixed.returncode == 0 and "repaired: dropped 1 damaged line(s) (2)" in fixed.stdout, fixed.stdout + fixed.stderr
+    status = run_app(["sweep-status"], env, cwd)
+    assert status.returncode == 0 and "sweep faults" in status.stdout, status.stderr
+
+
+@settings(max_examples=200, deadline=None)
+@given(line=st.one_of(st.binary(max_size=200).filter(lambda b: b"\n" not in b),
+                      st.dictionaries(st.sampled_from(["op_code", "worker_id", "study_id"]),
+                                      st.one_of(st.none(), st.booleans(), st.integers(-3, 20), st.floats(), st.text(max_size=3)),
+                                      max_size=3).map(lambda d: json.dumps(d).encode())))
+def test_scan_counts_a_line_as_an_operation_only_with_a_known_op_code(tmp_path_factory, line):
+    path = tmp_path_factory.mktemp("scan") / "j.journal"
+    path.write_bytes(b'{"op_code": 0, "worker_id": "w", "study_name": "s", "directions": [1]}\n' + line + b"\n")
+    s = journal.scan(path)
+    try:
+        op = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        op = None
+    known = isinstance(op, dict) and type(op.get("op_code")) is int and 0 <= op["op_code"] <= 10
+    assert (s.operations, s.bad) == ((2, []) if known else (1, [2]))
+
+
+NOT_JOURNALS = {
+    "a-sweep-yaml": SWEEP_YAML.encode(),
+    "binary": bytes(range(256)) * 8,
+    "json-lines-not-operations": b'{"name": "a"}\n{"name": "b"}\n',
+    "a-log-file": b"2026-12-01 agent started\n2026-12-01 trial 0 complete\n",
+}
+
+
+@pytest.mark.parametrize("case", NOT_JOURNALS, ids=list(NOT_JOURNALS))
+def test_sweep_repair_refuses_a_file_that_is_not_a_journal(tmp_path, case):
+    path = tmp_path / "thing.journal"
+    path.write_bytes(NOT_JOURNALS[case])
+    refused(run_app(["sweep-repair", str(path)], clean_env(tmp_path), tmp_path), "not a sweep journal", "nothing changed")
+    assert path.read_bytes() == NOT_JOURNALS[case]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "wandb-config") == ["thing.journal"]
+
+
+def _read_only(path: Path, how: str):
+    """Make `path` unwritable even for root: immutable (chattr +i) or a read-only bind mount of its folder."""
+    import subprocess
+
+    if how == "immutable":
+        cmd, undo = ["chattr", "+i", str(path)], ["chattr", "-i", str(path)]
+    else:
+        cmd, undo = ["mount", "--bind", "-o", "ro", str(path), str(path)], ["umount", str(path)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        message = f"cannot make {path} read-only here ({done.stderr.strip()})"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI runs as root)")
+        pytest.skip(message)
+    return lambda: subprocess.run(undo, check=True)
+
+
+@pytest.mark.parametrize("how", ["immutable-journal", "read-only-runs-volume"])
+def test_read_only_sweep_storage_allows_status_and_refuses_an_agent(sweep, how):
+    cwd, env, path = sweep
+    before = path.read_bytes()
+    undo = _read_only(path if how == "immutable-journal" else cwd / "runs", how.split("-")[0])
+    try:
+        status = run_app(["sweep-status"], env, cwd)
+        assert status.returncode == 0 and "sweep faults" in status.stdout, status.stderr[-2000:]
+        line = refused(run_app(["offline-agent"], env, cwd, timeout=120), "faults.journal", "not writable")
+        assert "sweep-status" in line  # what still works
+    finally:
+        undo()
+    assert path.read_bytes() == before
+
+
+def _stale_lock(path: Path, age_s: float) -> Path:
+    lock = Path(f"{path}.lock")
+    lock.write_bytes(b"")
+    then = time.time() - age_s
+    os.utime(lock, (then, then))
+    return lock
+
+
+def test_a_stale_journal_lock_is_said_and_cleared_not_waited_on(sweep, capsys):
+    cwd, env, path = sweep
+    lock = _stale_lock(path, 3600)  # left an hour ago by an agent that died mid-append
+    storage = study.open_storage(str(path))
+    started = time.monotonic()
+    storage.set_study_user_attr(storage.get_study_id_from_name("faults"), "after", 1)
+    waited = time.monotonic() - started
+    assert waited < 25, waited  # Optuna alone waits out its 30 s grace period in silence
+    err = capsys.readouterr().err
+    assert f"{lock.name}" in err and "stale" in err, err
+    assert not lock.exists() and study.load_study(str(path), "faults").user_attrs["after"] == 1
+
+
+def test_sweep_repair_clears_a_stale_lock_and_says_so(sweep):
+    cwd, env, path = sweep
+    lock = _stale_lock(path, 3600)
+    started = time.monotonic()
+    fixed = run_app(["sweep-repair", str(path)], env, cwd)
+    assert fixed.returncode == 0 and "intact" in fixed.stdout, fixed.stdout + fixed.stderr
+    assert "stale" in fixed.stdout + fixed.stderr and not lock.exists()
+    assert time.monotonic() - started < 25
+
+
+def test_a_fresh_lock_is_a_live_writer_and_is_left_alone(sweep):
+    cwd, env, path = sweep
+    lock = _stale_lock(path, 1)
+    assert journal.clear_stale_lock(path) is None and lock.exists()
 
 
 # --------------------------------------------------------------------------------------------

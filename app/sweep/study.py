@@ -17,7 +17,9 @@ Mapping: grid -> GridSampler, random -> RandomSampler, bayes -> TPESampler, earl
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import optuna
@@ -52,10 +54,19 @@ def open_storage(url: str, *, write: bool = True):
             note = journal.check(path, heal=write)
             if note:
                 print(f"[offline-sweep] {note}", file=sys.stderr, flush=True)
+        if write:
+            # every agent start appends (Optuna's create-study), and each append creates the lock file
+            # beside the journal: a read-only journal or volume is refused here, not mid-write
+            with open(path, "ab"):
+                pass
+            fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=path.parent)
+            os.close(fd)
+            os.unlink(probe)
         return optuna.storages.JournalStorage(journal.SafeJournalBackend(str(path)))
     except OSError as exc:
+        also = "; `python -m app sweep-status` can still read it" if write and path.is_file() else ""
         raise UserError(f"sweep storage {str(path)[:120]!r} is not {'writable' if write else 'readable'} "
-                        f"({exc.strerror or exc}); check the runs volume or set SWEEP_STORAGE") from None
+                        f"({exc.strerror or exc}){also}; check the runs volume or set SWEEP_STORAGE") from None
 
 
 SCHEMA_LOCK = 0x6D6E6973  # PostgreSQL advisory lock key ("mnis") held while Optuna's tables are created
