@@ -14,7 +14,10 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -689,3 +692,89 @@ def test_a_bad_sync_timeout_is_one_line(runs_copy, tmp_path, args, extra, says):
     root, _ = runs_copy
     env = clean_env(tmp_path, WANDB_API_KEY="k" * 40, **extra)
     refused(run_app(["sync", *args, str(root)], env, tmp_path), says)
+
+
+# --------------------------------------------------------------------------------------------
+# A sweep storage that accepts the connection and never answers (simulated on 127.0.0.1 only)
+# --------------------------------------------------------------------------------------------
+
+class SilentServer:
+    """A TCP socket on 127.0.0.1 that accepts every connection and never sends a byte."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)  # held open, silent
+
+    def close(self):
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def silent_db():
+    server = SilentServer()
+    yield server, f"postgresql://sweeper:secret-pw@127.0.0.1:{server.port}/sweeps"
+    server.close()
+
+
+def _silent_env(tmp_path, url, small_data):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(SWEEP_YAML)
+    return clean_env(tmp_path, SWEEP_CONFIG=str(cfg), SWEEP_STORAGE=url, WANDB_DIR=str(tmp_path / "runs"),
+                     WANDB_MODE="offline", OUTPUT_DIR=str(tmp_path / "outputs"), DATA_DIR=str(small_data),
+                     ALLOW_CPU="true", VAL_SIZE="100", TRAIN_STRIDE="10")
+
+
+SILENT_COMMANDS = {
+    "offline-agent": [sys.executable, "-m", "app", "offline-agent"],
+    "entrypoint": [sys.executable, "-m", "app.container.entrypoint"],
+    "sweep-status": [sys.executable, "-m", "app", "sweep-status"],
+}
+
+
+@pytest.mark.parametrize("name", SILENT_COMMANDS)
+def test_a_silent_database_is_one_line_within_the_connect_timeout(tmp_path, small_data, silent_db, name):
+    server, url = silent_db
+    env = _silent_env(tmp_path, url, small_data)
+    proc = subprocess.run(SILENT_COMMANDS[name], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=90)
+    line = refused(proc, "SWEEP_STORAGE=", "no answer", width=400)
+    assert "secret-pw" not in proc.stdout + proc.stderr  # the password never reaches a log line
+    assert server.accepted, "the command never reached the server"
+    del line
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("name", ["offline-agent", "entrypoint"])
+def test_a_stop_while_the_database_is_silent_is_a_stop(tmp_path, small_data, silent_db, name, sig):
+    server, url = silent_db
+    env = _silent_env(tmp_path, url, small_data)
+    proc = subprocess.Popen(SILENT_COMMANDS[name], env=env, cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not server.accepted and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert server.accepted, "the command never reached the server"
+    time.sleep(0.3)  # waiting on the silent server now
+    proc.send_signal(sig)
+    try:
+        out, err = proc.communicate(timeout=8)  # well inside the connect timeout: the stop ended it
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{sig.name} did not stop it: {err[-2000:]}")
+    assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
+    assert "Traceback" not in err and f"stopped by {sig.name}" in err, err[-3000:]
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err

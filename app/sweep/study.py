@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import optuna
@@ -70,6 +71,47 @@ def open_storage(url: str, *, write: bool = True):
 
 
 SCHEMA_LOCK = 0x6D6E6973  # PostgreSQL advisory lock key ("mnis") held while Optuna's tables are created
+# a database that accepts the connection and then says nothing must not hold an agent for minutes
+CONNECT_TIMEOUT_S = 10  # to connect and log in
+STATEMENT_TIMEOUT_S = 60  # for one answer (server-side too); Optuna's statements take milliseconds
+
+
+def _wait(conn) -> None:
+    """psycopg2's wait callback: libpq waits in a Python select(), so SIGTERM/SIGINT raise here at any
+    moment (a blocking libpq call retries its poll and never lets Python see the signal), and a silent
+    server is given up on after CONNECT_TIMEOUT_S / STATEMENT_TIMEOUT_S (libpq's own connect_timeout does
+    not apply to a connection driven this way)."""
+    import select
+
+    import psycopg2
+    from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE, STATUS_SETUP
+
+    connecting = conn.status == STATUS_SETUP
+    limit = CONNECT_TIMEOUT_S if connecting else STATEMENT_TIMEOUT_S
+    deadline = time.monotonic() + limit
+    while True:
+        state = conn.poll()
+        if state == POLL_OK:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise psycopg2.OperationalError(f"no answer from the database within {limit} s "
+                                            f"({'connecting' if connecting else 'waiting for a statement'})")
+        if state == POLL_READ:
+            select.select([conn.fileno()], [], [], left)
+        elif state == POLL_WRITE:
+            select.select([], [conn.fileno()], [], left)
+        else:
+            raise psycopg2.OperationalError(f"unexpected state {state} from the database connection")
+
+
+def _bounded_postgres() -> dict:
+    """Engine arguments that bound every wait on PostgreSQL (see _wait); installs the wait callback."""
+    import psycopg2.extensions
+
+    psycopg2.extensions.set_wait_callback(_wait)
+    return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S,
+                             "options": f"-c statement_timeout={STATEMENT_TIMEOUT_S * 1000}"}}
 
 
 def _rdb_storage(url: str):
@@ -79,12 +121,13 @@ def _rdb_storage(url: str):
     find the tables there. The lock goes with the connection, whatever happens."""
     import sqlalchemy
 
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    bounded = _bounded_postgres() if sqlalchemy.engine.make_url(url).get_backend_name() == "postgresql" else {}
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **bounded)
     try:
         with engine.connect() as conn:
             if engine.dialect.name == "postgresql":
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK})
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True, **bounded})
     finally:
         engine.dispose()
 
