@@ -22,6 +22,7 @@ scratch under that id on purpose.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,15 @@ def save(path: Path, **state: Any) -> None:
     import torch
 
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # opened here: a refused open is an OSError, not torch's RuntimeError
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except OSError as exc:  # the volume filled up or turned read-only under a running job
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write checkpoint {path} ({exc.strerror or exc}); the previous checkpoint is "
+                        "kept: free space or make the folder writable, then rerun this run id to resume") from None
 
 
 def load(path: Path, device: Any = "cpu") -> dict[str, Any]:

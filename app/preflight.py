@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from app import env, tracking
+from app import env, places, tracking
 from app.config import Config
 from app.errors import UserError
 
@@ -38,12 +38,14 @@ class Ready:
 
 def check_environment(config: Config, environ: Mapping[str, str]) -> Ready:
     """The run id, the W&B mode and the two folders a run writes, without touching the data (no torch import)."""
-    env.run_id(environ)  # it names the run's folder: checked before anything is written under it
+    run_id = env.run_id(environ)  # it names the run's folder: checked before anything is written under it
     mode = tracking.resolve_mode(environ)
     root = env.runs_root(environ)
     tracking.check_writable(root, "WANDB_DIR")
     output_root = Path(config.output_dir)
     tracking.check_writable(output_root, "OUTPUT_DIR")
+    if run_id:  # a rerun's folder may be there already: a file, or read-only, where checkpoints go
+        places.check_folder(output_root / run_id, f"the folder of run {run_id}")
     return Ready(mode, root, output_root)
 
 

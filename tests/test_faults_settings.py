@@ -438,3 +438,54 @@ def test_a_stop_during_decompression_leaves_no_part_file(tmp_path: Path, sig):
     assert "Traceback" not in err and f"stopped by {sig.name}" in err, err[-3000:]
     assert not list(raw.glob(".*.part")) and not (raw / FILES[0]).exists()
     assert sorted(p.name for p in raw.iterdir()) == sorted([f"{FILES[0]}.gz", *FILES[1:]])
+
+
+# --- every place a run writes is checked before work starts ---
+def _chattr(path: Path, flag: str) -> None:
+    done = subprocess.run(["chattr", flag, str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        message = f"chattr {flag} {path} failed here ({done.stderr.strip()})"
+        if __import__("os").environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI runs as root)")
+        pytest.skip(message)
+
+
+def test_a_run_folder_that_is_a_file_is_refused(tmp_path: Path, small_data: Path):
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "place001").write_text("a file where the run's folder goes")
+    proc = run_app(["train"], _env(tmp_path, small_data, WANDB_RUN_ID="place001"), tmp_path)
+    _one_refusal(proc, str(tmp_path / "outputs" / "place001"))
+    assert not list((tmp_path / "runs").glob("wandb/*run-*")) if (tmp_path / "runs").exists() else True
+
+
+def test_a_read_only_run_folder_is_refused_before_any_run(tmp_path: Path, small_data: Path):
+    folder = tmp_path / "outputs" / "place002"
+    folder.mkdir(parents=True)
+    _chattr(folder, "+i")
+    try:
+        proc = run_app(["train"], _env(tmp_path, small_data, WANDB_RUN_ID="place002"), tmp_path)
+    finally:
+        _chattr(folder, "-i")
+    _one_refusal(proc, str(folder))
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("wandb/*run-*"))
+
+
+def test_a_run_folder_made_read_only_during_training_is_one_line(tmp_path: Path, small_data: Path):
+    folder = tmp_path / "outputs" / "place003"
+    env = _env(tmp_path, small_data, WANDB_RUN_ID="place003", EPOCHS="200", TRAIN_STRIDE="1", VAL_SIZE="100")
+    proc = _start(tmp_path, env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (folder / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        assert (folder / "checkpoint.pt").exists(), "no first checkpoint"
+        _chattr(folder, "+i")  # the volume turned read-only under the running job
+        out, err = proc.communicate(timeout=120)
+    finally:
+        _chattr(folder, "-i")
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, (proc.returncode, err[-3000:])
+    errors = error_lines(err)
+    assert len(errors) == 1 and str(folder / "checkpoint.pt") in errors[0] and "Traceback" not in err, err[-3000:]
+    assert _exit_codes(tmp_path / "runs") == [2]  # the W&B run has its exit record

@@ -584,6 +584,52 @@ def test_a_bundle_bigger_than_the_free_space_or_the_cap_is_refused(tmp_path, mon
     assert not into.exists()
 
 
+@pytest.mark.parametrize("long_name", [
+    "project/sweeps/" + "x" * 250 + ".yaml",  # 255 bytes: no room for the name written beside it
+    "project/data/MNIST/raw/" + "é" * 120,  # 240 bytes in UTF-8 (120 characters)
+    "project/" + "y" * 300,
+], ids=["at-the-limit", "multibyte", "over-the-limit"])
+def test_a_bundle_member_name_too_long_for_the_file_system_is_refused_before_docker_load(tmp_path, long_name):
+    archive = tmp_path / "b.tar"
+    make_bundle(archive, [IMAGE, member("project/README.md", b"readme"), member(long_name, b"method: grid\n")])
+    into = tmp_path / "into"
+    refused(run_app(["bundle", "load", str(archive), "--into", str(into)], clean_env(tmp_path), tmp_path),
+            "too long")
+    assert not into.exists()  # all or nothing: not even the short member was written
+
+
+@pytest.mark.parametrize("how", ["a-file", "under-a-file", "immutable"])
+def test_report_out_that_cannot_be_written_is_refused_before_rendering(finished_run, tmp_path, how):
+    cwd, _ = finished_run
+    out = tmp_path / "report"
+    if how == "a-file":
+        out.write_text("a file")
+    elif how == "under-a-file":
+        (tmp_path / "file").write_text("a file")
+        out = tmp_path / "file" / "report"
+    else:
+        out.mkdir()
+        undo = _read_only(out, "immutable")
+    try:
+        refused(run_app(["report", str(cwd / "runs"), "--out", str(out)], clean_env(tmp_path), tmp_path),
+                "--out", str(out))
+    finally:
+        if how == "immutable":
+            undo()
+
+
+def test_a_group_name_too_long_for_a_file_name_still_reports(finished_run, tmp_path, small_data):
+    cwd = tmp_path
+    env = clean_env(cwd, DATA_DIR=str(small_data), OUTPUT_DIR=str(cwd / "outputs"), WANDB_DIR=str(cwd / "runs"),
+                    WANDB_RUN_GROUP="g" * 300, **SETTLE)
+    made = run_app(["train"], env, cwd, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    proc = run_app(["report", str(cwd / "runs"), "--out", str(cwd / "report")], clean_env(cwd), cwd)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    names = [p.name for p in (cwd / "report").iterdir()]
+    assert all(len(n.encode()) <= 255 for n in names) and any(n.endswith("-curves.svg") for n in names), names
+
+
 # --------------------------------------------------------------------------------------------
 # 7. Untrusted YAML size
 # --------------------------------------------------------------------------------------------

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import html
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app import artifact, env, runlog
+from app import artifact, env, places, runlog
 from app.errors import UserError
 from app.runs import svg
 
@@ -113,7 +112,7 @@ def _short(v: Any) -> str:
 
 
 def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "runs"
+    return places.file_stem(name)  # a group name comes from run logs: bounded, so the file name fits
 
 
 CURVES = (("loss", "training loss", "examples seen", "loss"), ("val_loss", "val_loss", "epoch", "loss"),
@@ -277,6 +276,7 @@ def main(argv: list[str]) -> int:
     root = Path(args.path) if args.path else env.runs_root(os.environ)
     if not root.exists():
         raise UserError(f"runs folder {str(root)!r} does not exist")
+    places.check_folder(Path(args.out), "--out")  # before reading any run: a place we can't write is one line
     index, problems = render(root, Path(args.out))
     for problem in problems:
         print(f"note: {problem}", file=sys.stderr)
