@@ -45,7 +45,7 @@ JUNK = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(m
                  st.just(torch.zeros(3, dtype=torch.uint8)))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(key=st.sampled_from(sorted(set(GOOD) - {"run_id"})), value=JUNK)
 def test_any_entry_replaced_is_accepted_only_when_it_fits(key, value):
     from app import checkpoint
@@ -64,7 +64,7 @@ def test_any_entry_replaced_is_accepted_only_when_it_fits(key, value):
             or (key == "config" and isinstance(value, dict))), (key, value)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(name=st.sampled_from(list(GOOD["model"])), shape=st.lists(st.integers(1, 40), min_size=0, max_size=4))
 def test_a_weight_of_another_shape_is_refused(name, shape):
     from app import checkpoint
