@@ -3,7 +3,10 @@ the container entrypoint run on the host, as a user starts them.
 
 Each refusal: exit 2, exactly one `error:` line naming the setting, no traceback, and nothing on disk
 (no W&B run folder to sync, no run folder under OUTPUT_DIR). Signals: one line, 128+signal, and every
-W&B run that was opened has its exit record. Run: pytest -q tests/test_faults_settings.py
+W&B run that was opened has its exit record. Also: run ids that are not one safe name, damaged data
+files and absent devices refused before W&B opens a run, sweep ranges reaching bad values, GPU slot
+settings refused before a sweep's storage exists, stops during the export or the data's unpacking, and
+run folders that are files or read-only. Run: pytest -q tests/test_faults_settings.py
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Fault matrix for state on disk and untrusted files: each fault is refused in ONE `error:` line (or
 handled as documented), with no traceback, and what was on disk before is intact afterwards.
 
-Classes: resuming into a different run (4), damaged sweep journals and run logs (5), archives from
-elsewhere (6), untrusted YAML sizes (7), waiting on an unreachable W&B server (9).
+Classes: resuming into a different run (4) and checkpoints from elsewhere (their structure and shapes),
+damaged sweep journals (unknown op codes, files that are not journals, read-only storage, stale locks)
+and run logs (5), archives from elsewhere (6, names too long included), untrusted YAML sizes (7), the
+report's --out, waiting on an unreachable W&B server (9) or a database that accepts and never answers.
 
     .venv/bin/python -m pytest -q tests/test_faults_state.py
 """
