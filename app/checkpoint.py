@@ -22,6 +22,7 @@ scratch under that id on purpose.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,15 @@ def save(path: Path, **state: Any) -> None:
     import torch
 
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # opened here: a refused open is an OSError, not torch's RuntimeError
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except OSError as exc:  # the volume filled up or turned read-only under a running job
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write checkpoint {path} ({exc.strerror or exc}); the previous checkpoint is "
+                        "kept: free space or make the folder writable, then rerun this run id to resume") from None
 
 
 def load(path: Path, device: Any = "cpu") -> dict[str, Any]:
@@ -62,8 +70,93 @@ def load(path: Path, device: Any = "cpu") -> dict[str, Any]:
     return state
 
 
-def epochs_done(path: Path) -> int:
-    return int(load(path).get("epoch", 0))
+COUNTERS = ("epoch", "examples_seen", "epoch_examples")  # non-negative ints, as train() writes them
+
+
+def _refuse(path: Path, what: str) -> UserError:
+    return ResumeRefused(f"checkpoint {path} {what}: not one this program wrote for these settings; delete it "
+                         "to train this run again, or set resume=false")
+
+
+def _check_counters(state: dict[str, Any], path: Path) -> None:
+    for key in COUNTERS:
+        value = state.get(key)
+        if type(value) is not int or value < 0:
+            raise _refuse(path, f"has {key}={_brief(value)} (a count >= 0 expected)")
+
+
+def _brief(value: Any) -> str:
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    return repr(value)[:40] if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
+
+
+def check_state(state: Any, config: Config, path: Path) -> None:
+    """The checkpoint's structure and every tensor's shape against what `config` builds; one line naming
+    the file otherwise. A checkpoint may come from elsewhere (copied, another version, another run's
+    folder): whatever load_state_dict, the optimizer or the data order would trip on is refused here."""
+    import torch
+
+    from app.model import ConvNet
+
+    if not isinstance(state, dict):
+        raise _refuse(path, f"holds {_brief(state)}, not a dict of entries")
+    for key in ("model", "optimizer", "config"):
+        if not isinstance(state.get(key), dict):
+            raise _refuse(path, f"has no {key} entry" if key not in state else f"has {key}={_brief(state[key])}")
+    _check_counters(state, path)
+    generator = state.get("generator")
+    # a CPU generator's state (5056 bytes) or a CUDA one's (seed and offset, 16 bytes)
+    sizes = (torch.Generator().get_state().numel(), 16)
+    if (not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8 or generator.dim() != 1
+            or generator.numel() not in sizes):
+        raise _refuse(path, "has no generator state" if generator is None else f"has generator={_brief(generator)}")
+
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        expected = {k: list(v.shape) for k, v in ConvNet(config.kernels, config.classes).state_dict().items()}
+    weights = state["model"]
+    extra = sorted(map(str, weights.keys() - expected.keys()))
+    if extra:
+        raise _refuse(path, f"has weight {extra[0][:40]!r} that kernels={_shown(config.kernels)} does not build")
+    for name, shape in expected.items():
+        value = weights.get(name)
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or list(value.shape) != shape:
+            got = f"no {name}" if name not in weights else f"{name} as {_brief(value)}"
+            raise _refuse(path, f"has {got} where kernels={_shown(config.kernels)}, classes={config.classes} need "
+                                f"shape {shape}")
+    _check_optimizer(state["optimizer"], list(expected.values()), path)
+
+
+def _check_optimizer(optimizer: dict[str, Any], shapes: list[list[int]], path: Path) -> None:
+    """Adam's state_dict: param_groups covering each parameter once, moments shaped like their parameter."""
+    import torch
+
+    groups = optimizer.get("param_groups")
+    moments = optimizer.get("state")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise _refuse(path, "has an optimizer entry without Adam's param_groups")
+    ids = [i for g in groups for i in g["params"]]
+    if not all(type(i) is int for i in ids) or sorted(ids) != list(range(len(shapes))):
+        raise _refuse(path, f"has an optimizer for {len(ids)} parameter(s) where the model has {len(shapes)}")
+    if not isinstance(moments, dict) or not set(moments) <= set(ids):
+        raise _refuse(path, "has an optimizer entry whose state names no parameter of the model")
+    for i, entry in moments.items():
+        if not isinstance(entry, dict):
+            raise _refuse(path, f"has optimizer state {i} = {_brief(entry)}")
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = entry.get(key)
+            if not isinstance(value, torch.Tensor) or list(value.shape) != shapes[i]:
+                raise _refuse(path, f"has optimizer {key} of parameter {i} as {_brief(value)}, shape {shapes[i]} expected")
+        step = entry.get("step")
+        if not (isinstance(step, torch.Tensor) and step.numel() == 1) and type(step) not in (int, float):
+            raise _refuse(path, f"has optimizer step of parameter {i} as {_brief(step)}")
+
+
+def epochs_done(path: Path, config: Config) -> int:
+    """The epochs a checkpoint holds, after the same check a resume makes (it may be copied from elsewhere)."""
+    state = load(path)
+    check_state(state, config, path)
+    return state["epoch"]
 
 
 def _shown(v: Any) -> str:
@@ -95,12 +188,14 @@ def check_resume(config: Config, run_dir: Path, run_id: str, device: Any = "cpu"
     if not path.exists():
         return None
     state = load(path, device)
-    saved = state.get("config") or {}
-    changed = differences(saved, config)
+    saved = state.get("config")
+    # the settings first: "kernels 16,32 -> 8" says more than the weight shapes that follow from it
+    changed = differences(saved, config) if isinstance(saved, dict) else []
     if changed:
         raise ResumeRefused(f"run {run_id} has a checkpoint made with other training settings ({'; '.join(changed)}); "
                             "rerun with the same settings, or use a new run id")
-    done = int(state.get("epoch", 0))
+    check_state(state, config, path)
+    done = state["epoch"]
     if config.epochs < done:
         raise ResumeRefused(f"epochs={config.epochs} but run {run_id} already trained {done} epoch(s); "
                             f"epochs may only grow on resume (>= {done})")

@@ -81,6 +81,9 @@ def _decompress(folder: Path) -> None:
             except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
                 tmp.unlink(missing_ok=True)
                 raise DataError(f"{archive} is not a valid gzip archive ({exc}): replace it with a good copy") from None
+            except BaseException:  # a stop (SIGTERM/SIGINT) or a full disk mid-way: no half-written file left
+                tmp.unlink(missing_ok=True)
+                raise
             os.replace(tmp, target)  # a crash mid-way never leaves a truncated file under the real name
 
 
@@ -91,7 +94,11 @@ def _copy_system_archives(dataset: str, folder: Path) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             for f in missing:
                 tmp = folder / f".{f}.gz.{uuid.uuid4().hex}.part"
-                shutil.copyfile(source / f"{f}.gz", tmp)
+                try:
+                    shutil.copyfile(source / f"{f}.gz", tmp)
+                except BaseException:  # a stop or a full disk mid-copy: no half-written file left
+                    tmp.unlink(missing_ok=True)
+                    raise
                 os.replace(tmp, folder / f"{f}.gz")
             return
 

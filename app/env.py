@@ -123,6 +123,16 @@ def runs_root(environ: Mapping[str, str] | None = None) -> Path:
     return path("WANDB_DIR", ".", environ=environ)
 
 
+def run_id(environ: Mapping[str, str] | None = None) -> str | None:
+    """WANDB_RUN_ID checked against the run id rule (`app.runid`); None when unset or empty."""
+    from app import runid
+
+    value = _environ(environ).get("WANDB_RUN_ID")
+    if value is None or not value.strip():
+        return None
+    return runid.check(value, "WANDB_RUN_ID")  # unstripped: W&B itself refuses surrounding whitespace
+
+
 def drop_empty_wandb(environ: MutableMapping[str, str] | None = None) -> list[str]:
     """Remove WANDB_* variables whose value is empty: unset for us, but W&B's settings reject some
     of them (WANDB_MODE=). Call before W&B is imported or a run starts. Returns the names dropped."""

@@ -6,7 +6,9 @@ run is left to sync for it.
 
 Settings vs the data: `classes` must exceed every label in the files, `train_stride` must not step
 past the whole set, `val_size` must fit in the images held out (data.split_indices decides). Only the label files are read (60 kB), from
-the dataset's raw folder (unpacked or fetched by `data.ensure` first).
+the dataset's raw folder (unpacked or fetched by `data.ensure` first); of the image files, their headers
+and sizes (a damaged file is refused here, not after W&B opened a run). `device=cuda:N` is checked
+against the devices this process sees.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from app import env, tracking
+from app import env, places, tracking
 from app.config import Config
 from app.errors import UserError
 
 LABEL_FILES = ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte")
 LABELS_MAGIC = 2049  # IDX: unsigned bytes, one dimension
+IMAGE_FILES = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
+IMAGES_MAGIC = 2051  # IDX: unsigned bytes, three dimensions
 MAX_LABEL_BYTES = 1 << 24  # MNIST's are 60 kB; a bigger file is not a label file
 
 
@@ -33,12 +37,15 @@ class Ready:
 
 
 def check_environment(config: Config, environ: Mapping[str, str]) -> Ready:
-    """W&B mode and the two folders a run writes, without touching the data (no torch import)."""
+    """The run id, the W&B mode and the two folders a run writes, without touching the data (no torch import)."""
+    run_id = env.run_id(environ)  # it names the run's folder: checked before anything is written under it
     mode = tracking.resolve_mode(environ)
     root = env.runs_root(environ)
     tracking.check_writable(root, "WANDB_DIR")
     output_root = Path(config.output_dir)
     tracking.check_writable(output_root, "OUTPUT_DIR")
+    if run_id:  # a rerun's folder may be there already: a file, or read-only, where checkpoints go
+        places.check_folder(output_root / run_id, f"the folder of run {run_id}")
     return Ready(mode, root, output_root)
 
 
@@ -55,12 +62,54 @@ def read_labels(path: Path) -> bytes:
     return raw[8:]
 
 
+def check_images(path: Path, count: int, labels: Path) -> None:
+    """An IDX image file's header and size, without reading the images: `count` 28x28 images (as many
+    as `labels` holds). Truncated, empty, foreign or short files are refused here, before any W&B run."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            header = f.read(16)
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror or exc})") from None
+    dims = [int.from_bytes(header[i:i + 4], "big") for i in (4, 8, 12)] if len(header) == 16 else []
+    if len(header) < 16 or int.from_bytes(header[:4], "big") != IMAGES_MAGIC:
+        raise UserError(f"{path} is not an IDX image file ({size} bytes, no image header): replace it with a good copy")
+    if dims[1:] != [28, 28]:
+        raise UserError(f"{path} holds {dims[1]}x{dims[2]} images, not 28x28: replace it with a good copy")
+    if dims[0] != count:
+        raise UserError(f"{path} holds {dims[0]} images but {labels} has {count} labels: replace both with a good copy")
+    if size != 16 + count * 28 * 28:
+        raise UserError(f"{path} is {size} bytes, not the {16 + count * 28 * 28} its {count} images need "
+                        "(truncated or padded): replace it with a good copy")
+
+
+def check_device(config: Config) -> None:
+    """device=cuda[:N] against the devices this process sees (the training device itself is picked later)."""
+    if not config.device.startswith("cuda"):
+        return
+    import torch
+
+    index = int(config.device.partition(":")[2] or 0)
+    # counted through NVML, which honours CUDA_VISIBLE_DEVICES without starting CUDA: an agent checks its
+    # settings before it claims a GPU slot, and CUDA started now would never see the slot's device
+    count = torch.cuda._device_count_nvml()
+    if count < 0:  # no NVML, so no NVIDIA driver in practice: then CUDA cannot start either
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UserError(f"device={config.device!r} but no CUDA device is visible; use device=auto or device=cpu")
+    if index >= count:
+        raise UserError(f"device={config.device!r} but only {count} CUDA device(s) are visible")
+
+
 def check_data(config: Config) -> None:
-    """The settings that only the dataset can refuse (see the module docstring)."""
+    """The settings that only the dataset and the machine can refuse (see the module docstring)."""
     from app import data  # imports torch: only once the cheaper checks have passed
 
+    check_device(config)
     folder = data.ensure(config.dataset, config.data_dir)
     labels = {name: read_labels(folder / name) for name in LABEL_FILES}
+    for images, name in zip(IMAGE_FILES, LABEL_FILES):
+        check_images(folder / images, len(labels[name]), folder / name)
     for name, values in labels.items():
         top = max(values, default=-1)
         if top >= config.classes:

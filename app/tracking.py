@@ -113,7 +113,7 @@ def start(config: Config, environ: Mapping[str, str] | None = None, mode: str | 
     import wandb
 
     # our own id up front: the output folder and checkpoint are keyed by it before W&B starts
-    run_id = env.text("WANDB_RUN_ID", environ=environ) or new_run_id()
+    run_id = env.run_id(environ) or new_run_id()
     ids: dict[str, Any] = {"project": env.text("WANDB_PROJECT", DEFAULT_PROJECT, environ=environ), "id": run_id}
     if env.is_set("WANDB_SWEEP_ID", environ=environ) and env.text("WANDB_RUN_ID", environ=environ) == run_id:
         ids = {}  # a `wandb agent` run: W&B takes id and project from the agent and warns it ignores ours

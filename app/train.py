@@ -292,7 +292,13 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
         print(f"test_accuracy {test_acc:.4f} test_loss {test_loss:.4f}", flush=True)
         phases.mark("evaluation")
         onnx_path = run_dir / "model.onnx"
-        check = export_onnx(model, ds.mean, ds.std, ds.test.images[:256], onnx_path)
+        check = export_onnx(model, ds.mean, ds.std, ds.test.images[:256], onnx_path) if stop.signum is None else {}
+        if stop.signum is not None:
+            # stopped during test or export: not finished (model.onnx marks that); the last epoch's
+            # checkpoint stands, and the requeued run goes straight to test and export
+            onnx_path.unlink(missing_ok=True)
+            run.mark_preempting()
+            raise Preempted(stop.signum)
         run.summary.update(check)
         phases.mark("export")
         tracking.save_file(run, onnx_path)

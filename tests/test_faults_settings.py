@@ -3,7 +3,10 @@ the container entrypoint run on the host, as a user starts them.
 
 Each refusal: exit 2, exactly one `error:` line naming the setting, no traceback, and nothing on disk
 (no W&B run folder to sync, no run folder under OUTPUT_DIR). Signals: one line, 128+signal, and every
-W&B run that was opened has its exit record. Run: pytest -q tests/test_faults_settings.py
+W&B run that was opened has its exit record. Also: run ids that are not one safe name, damaged data
+files and absent devices refused before W&B opens a run, sweep ranges reaching bad values, GPU slot
+settings refused before a sweep's storage exists, stops during the export or the data's unpacking, and
+run folders that are files or read-only. Run: pytest -q tests/test_faults_settings.py
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO, clean_env, error_lines, run_app
 from idx import write_dataset, write_idx
@@ -237,3 +241,255 @@ def test_refused_settings_leave_earlier_runs_alone(tmp_path: Path, small_data: P
     _one_refusal(run_app(["train", "--classes=5"], env, tmp_path), "classes=5 but")
     after = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert after == before
+
+
+# --- the run id names a folder: WANDB_RUN_ID is checked before any work (W&B's rules, one path component) ---
+RUN_ID_CASES = {
+    "parent": "..",
+    "here": ".",
+    "climbs-out": "../../x",
+    "two-components": "a/b",
+    "backslash": "a\\b",
+    "too-long": "r" * 300,
+    "just-over-the-bound": "r" * 65,
+    "wandb-reserved-colon": "run:1",
+    "wandb-reserved-semicolon": "run;1",
+    "wandb-reserved-comma": "run,1",
+    "wandb-reserved-hash": "run#1",
+    "wandb-reserved-question": "run?1",
+    "wandb-reserved-quote": "run'1",
+    "inner-space": "my run",
+    "newline": "run\n1",
+    "hidden-file": ".hidden",
+    "leading-dash": "-rf",
+    "non-ascii": "rün1",
+}
+
+
+@pytest.mark.parametrize("case", RUN_ID_CASES, ids=list(RUN_ID_CASES))
+def test_a_run_id_that_is_not_one_safe_name_is_refused(tmp_path: Path, small_data: Path, case: str):
+    (tmp_path / "outputs").mkdir()
+    proc = run_app(["train"], _env(tmp_path, small_data, WANDB_RUN_ID=RUN_ID_CASES[case]), tmp_path)
+    _one_refusal(proc, "WANDB_RUN_ID=")
+    _nothing_on_disk(tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert not {"checkpoint.pt", "model.onnx", "x"} & set(left), left  # nothing written beside OUTPUT_DIR
+
+
+def test_the_container_run_mode_checks_the_run_id(tmp_path: Path, small_data: Path):
+    proc = run_entrypoint(_env(tmp_path, small_data, ALLOW_CPU="true", WANDB_RUN_ID=".."), tmp_path)
+    _one_refusal(proc, "WANDB_RUN_ID='..'")
+    _nothing_on_disk(tmp_path)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+# --- data files and the device are checked before W&B opens a run; the message names the file ---
+def _damage(path: Path, how: str) -> None:
+    blob = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(blob[: len(blob) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "wrong-magic":
+        path.write_bytes(b"\x00\x00\x08\x01" + blob[4:])  # a label file's magic on an image file
+    elif how == "header-only":
+        path.write_bytes(blob[:16])
+    elif how == "one-image-short":  # a whole image fewer than the header says
+        path.write_bytes(blob[: len(blob) - 28 * 28])
+    elif how == "other-size":  # 32x32 images where 28x28 belong
+        write_idx(path, np.zeros((int.from_bytes(blob[4:8], "big"), 32, 32), np.uint8))
+    elif how == "fewer-images-than-labels":
+        n = int.from_bytes(blob[4:8], "big") - 10
+        write_idx(path, np.frombuffer(blob[16:16 + n * 784], np.uint8).reshape(n, 28, 28))
+
+
+DATA_CASES = [(f, how) for f in (FILES[0], FILES[2])
+              for how in ("truncated", "empty", "wrong-magic", "header-only", "one-image-short", "other-size",
+                          "fewer-images-than-labels")]
+
+
+@pytest.mark.parametrize("name, how", DATA_CASES, ids=[f"{f.split('-')[0]}-{how}" for f, how in DATA_CASES])
+def test_a_bad_image_file_is_refused_before_any_run(tmp_path: Path, name: str, how: str):
+    data = tmp_path / "data"
+    write_dataset(data, "mnist", n_train=600, n_test=100)
+    path = data / "MNIST" / "raw" / name
+    _damage(path, how)
+    proc = run_app(["train"], _env(tmp_path, data, VAL_SIZE="50"), tmp_path)
+    _one_refusal(proc, str(path))
+    _nothing_on_disk(tmp_path)
+
+
+def test_a_truncated_archive_is_refused_naming_it(tmp_path: Path):
+    data = tmp_path / "data"
+    write_dataset(data, "mnist", n_train=600, n_test=100, gz=True)
+    archive = data / "MNIST" / "raw" / f"{FILES[2]}.gz"
+    archive.write_bytes(archive.read_bytes()[:200])
+    _one_refusal(run_app(["train"], _env(tmp_path, data, VAL_SIZE="50"), tmp_path), str(archive))
+    _nothing_on_disk(tmp_path)
+    assert not list((data / "MNIST" / "raw").glob(".*.part"))
+
+
+@pytest.mark.parametrize("device", ["cuda:7", "cuda"])
+def test_a_device_that_is_not_there_is_refused_before_any_run(tmp_path: Path, small_data: Path, device: str):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this host has CUDA: the refusal needs a device index it lacks")  # never in CI (no GPU)
+    _one_refusal(run_app(["train", f"--device={device}"], _env(tmp_path, small_data), tmp_path), f"device={device!r}")
+    _nothing_on_disk(tmp_path)
+
+
+# --- a sweep's ranges: every value a range can produce is a valid setting, or `sweep validate` refuses ---
+SWEEP_HEAD = "method: random\nmetric: {name: val_loss, goal: minimize}\nparameters:\n"
+RANGE_CASES = {
+    "lr-below-0": ("learning_rate: {distribution: uniform, min: -0.1, max: 0.1}", "learning_rate=-0.1"),
+    "lr-at-0": ("learning_rate: {distribution: uniform, min: 0.0, max: 0.1}", "learning_rate=0.0"),
+    "lr-inferred-range-at-0": ("learning_rate: {min: 0.0, max: 0.01}", "learning_rate=0.0"),
+    "batch-through-0": ("batch_size: {distribution: int_uniform, min: -16, max: 64}", "batch_size=-16"),
+    "batch-from-0": ("batch_size: {min: 0, max: 64}", "batch_size=0"),
+    "batch-q-rounds-to-0": ("batch_size: {distribution: q_uniform, min: 1, max: 64, q: 8}", "batch_size=0"),
+    "epochs-from-0": ("epochs: {distribution: int_uniform, min: 0, max: 3}", "epochs=0"),
+    "gpu-fraction-past-1": ("gpu_memory_fraction: {distribution: uniform, min: 0.5, max: 1.5}", "gpu_memory_fraction=1.5"),
+    "lr-log-past-float": ("learning_rate: {distribution: log_uniform, min: -5, max: 1000}", "learning_rate=inf"),
+}
+
+
+@pytest.mark.parametrize("case", RANGE_CASES, ids=list(RANGE_CASES))
+def test_sweep_validate_refuses_a_range_reaching_bad_values(tmp_path: Path, case: str):
+    text, fragment = RANGE_CASES[case]
+    (tmp_path / "s.yaml").write_text(SWEEP_HEAD + "  " + text + "\n")
+    proc = run_app(["sweep", "validate", "s.yaml"], clean_env(tmp_path), tmp_path)
+    _one_refusal(proc, fragment)
+    assert "parameters." in error_lines(proc.stderr)[0]
+
+
+@pytest.mark.parametrize("text", [
+    "learning_rate: {distribution: log_uniform_values, min: 0.0001, max: 0.1}",
+    "batch_size: {distribution: q_uniform, min: 16, max: 128, q: 16}",
+    "learning_rate: {distribution: normal, mu: 0.01, sigma: 0.001}",  # unbounded: each draw is checked as it comes
+])
+def test_sweep_validate_accepts_ranges_inside_the_settings(tmp_path: Path, text: str):
+    (tmp_path / "s.yaml").write_text(SWEEP_HEAD + "  " + text + "\n")
+    proc = run_app(["sweep", "validate", "s.yaml"], clean_env(tmp_path), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# --- GPU slot settings are refused before an offline sweep's storage (its journal) is created ---
+GRID = str(Path(__file__).parents[1] / "sweeps" / "grid.yaml")
+GPU_CASES = {
+    "gpu-count-word": ({"GPU_COUNT": "two"}, "GPU_COUNT='two'"),
+    "gpu-count-negative": ({"GPU_COUNT": "-1"}, "GPU_COUNT='-1'"),
+    "agents-per-gpu-zero": ({"GPU_COUNT": "1", "AGENTS_PER_GPU": "0"}, "AGENTS_PER_GPU='0'"),
+    "agents-per-gpu-word": ({"GPU_COUNT": "2", "AGENTS_PER_GPU": "many"}, "AGENTS_PER_GPU='many'"),
+    "agents-per-gpu-odd-without-gpu": ({"AGENTS_PER_GPU": "1.5"}, "AGENTS_PER_GPU='1.5'"),
+    "slots-dir-a-file": ({"GPU_COUNT": "1", "GPU_SLOTS_DIR": "{tmp}/slots-file"}, "GPU_SLOTS_DIR="),
+    "slots-dir-under-a-file": ({"GPU_COUNT": "1", "GPU_SLOTS_DIR": "{tmp}/slots-file/sub"}, "GPU_SLOTS_DIR="),
+}
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=list(GPU_CASES))
+def test_gpu_slot_mistakes_are_refused_before_the_sweep_storage_exists(tmp_path: Path, small_data: Path, case: str):
+    environ, fragment = GPU_CASES[case]
+    (tmp_path / "slots-file").write_text("not a folder")
+    environ = {k: v.replace("{tmp}", str(tmp_path)) for k, v in environ.items()}
+    proc = run_entrypoint(_env(tmp_path, small_data, SWEEP_CONFIG=GRID, ALLOW_CPU="true", **environ), tmp_path)
+    _one_refusal(proc, fragment)
+    _nothing_on_disk(tmp_path)
+    sweeps = tmp_path / "runs" / "sweeps"
+    assert not sweeps.exists() or not any(sweeps.iterdir()), list(sweeps.iterdir())  # no journal fixed the sweep
+
+
+# --- a stop during the ONNX export or the data's decompression is a stop: one line, 128+signal, nothing half-made ---
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_during_the_export_is_a_stop_and_the_run_resumes_to_its_end(tmp_path: Path, small_data: Path, sig):
+    env = _env(tmp_path, small_data, WANDB_RUN_ID="export01", WANDB_MODE="offline")
+    proc = _start(tmp_path, env)
+    for line in proc.stdout:
+        if line.startswith("test_accuracy "):  # printed just before the export starts
+            proc.send_signal(sig)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
+    assert "Traceback" not in err and f"stopped by {sig.name}" in err, err[-3000:]
+    run_dir = tmp_path / "outputs" / "export01"
+    assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "model.onnx").exists()
+    (folder,) = runlog.find(tmp_path / "runs")
+    assert runlog.read(folder).preempting and runlog.read(folder).exit_code == 128 + sig
+    again = run_app(["train"], env, tmp_path)  # the requeued run: test and export only
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run_dir / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_during_decompression_leaves_no_part_file(tmp_path: Path, sig):
+    import gzip
+
+    data = tmp_path / "data"
+    write_dataset(data, "mnist", n_train=600, n_test=100)
+    raw = data / "MNIST" / "raw"
+    big = raw / f"{FILES[0]}.gz"  # an archive that takes a while to unpack: 300 MB of zeros
+    with gzip.open(big, "wb", compresslevel=1) as f:
+        chunk = bytes(1 << 20)
+        for _ in range(300):
+            f.write(chunk)
+    (raw / FILES[0]).unlink()
+    proc = _start(tmp_path, _env(tmp_path, data))
+    deadline = time.monotonic() + 60
+    while not list(raw.glob(".*.part")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    assert list(raw.glob(".*.part")), "the unpacking was never seen"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
+    assert "Traceback" not in err and f"stopped by {sig.name}" in err, err[-3000:]
+    assert not list(raw.glob(".*.part")) and not (raw / FILES[0]).exists()
+    assert sorted(p.name for p in raw.iterdir()) == sorted([f"{FILES[0]}.gz", *FILES[1:]])
+
+
+# --- every place a run writes is checked before work starts ---
+def _chattr(path: Path, flag: str) -> None:
+    done = subprocess.run(["chattr", flag, str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        message = f"chattr {flag} {path} failed here ({done.stderr.strip()})"
+        if __import__("os").environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI runs as root)")
+        pytest.skip(message)
+
+
+def test_a_run_folder_that_is_a_file_is_refused(tmp_path: Path, small_data: Path):
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "place001").write_text("a file where the run's folder goes")
+    proc = run_app(["train"], _env(tmp_path, small_data, WANDB_RUN_ID="place001"), tmp_path)
+    _one_refusal(proc, str(tmp_path / "outputs" / "place001"))
+    assert not list((tmp_path / "runs").glob("wandb/*run-*")) if (tmp_path / "runs").exists() else True
+
+
+def test_a_read_only_run_folder_is_refused_before_any_run(tmp_path: Path, small_data: Path):
+    folder = tmp_path / "outputs" / "place002"
+    folder.mkdir(parents=True)
+    _chattr(folder, "+i")
+    try:
+        proc = run_app(["train"], _env(tmp_path, small_data, WANDB_RUN_ID="place002"), tmp_path)
+    finally:
+        _chattr(folder, "-i")
+    _one_refusal(proc, str(folder))
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("wandb/*run-*"))
+
+
+def test_a_run_folder_made_read_only_during_training_is_one_line(tmp_path: Path, small_data: Path):
+    folder = tmp_path / "outputs" / "place003"
+    env = _env(tmp_path, small_data, WANDB_RUN_ID="place003", EPOCHS="200", TRAIN_STRIDE="1", VAL_SIZE="100")
+    proc = _start(tmp_path, env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (folder / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        assert (folder / "checkpoint.pt").exists(), "no first checkpoint"
+        _chattr(folder, "+i")  # the volume turned read-only under the running job
+        out, err = proc.communicate(timeout=120)
+    finally:
+        _chattr(folder, "-i")
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, (proc.returncode, err[-3000:])
+    errors = error_lines(err)
+    assert len(errors) == 1 and str(folder / "checkpoint.pt") in errors[0] and "Traceback" not in err, err[-3000:]
+    assert _exit_codes(tmp_path / "runs") == [2]  # the W&B run has its exit record

@@ -1,8 +1,10 @@
 """Fault matrix for state on disk and untrusted files: each fault is refused in ONE `error:` line (or
 handled as documented), with no traceback, and what was on disk before is intact afterwards.
 
-Classes: resuming into a different run (4), damaged sweep journals and run logs (5), archives from
-elsewhere (6), untrusted YAML sizes (7), waiting on an unreachable W&B server (9).
+Classes: resuming into a different run (4) and checkpoints from elsewhere (their structure and shapes),
+damaged sweep journals (unknown op codes, files that are not journals, read-only storage, stale locks)
+and run logs (5), archives from elsewhere (6, names too long included), untrusted YAML sizes (7), the
+report's --out, waiting on an unreachable W&B server (9) or a database that accepts and never answers.
 
     .venv/bin/python -m pytest -q tests/test_faults_state.py
 """
@@ -14,13 +16,18 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import clean_env, error_lines, run_app
 
 from app import runlog
@@ -121,6 +128,64 @@ def test_a_damaged_checkpoint_is_one_line(finished_run):
     blob = (folder / "checkpoint.pt").read_bytes()
     (folder / "checkpoint.pt").write_bytes(blob[: len(blob) // 2])
     refused(run_app(["train"], {**env, "WANDB_RUN_ID": "broken01"}, cwd), "checkpoint", "damaged")
+
+
+def _wrong_shape(state):
+    state["model"]["features.0.weight"] = state["model"]["features.0.weight"][:8]  # 8 kernels, not 16
+
+
+def _other_kernels_no_config(state):
+    """A checkpoint from another program: other kernels, no `config` entry to compare settings with."""
+    del state["config"]
+    state["model"]["features.3.weight"] = state["model"]["features.3.weight"][:, :8]
+
+
+def _optimizer_state_shape(state):
+    state["optimizer"]["state"][4]["exp_avg"] = state["optimizer"]["state"][4]["exp_avg"][:, :7]
+
+
+# (how the checkpoint is damaged, a fragment of the one line): each is untrusted input from elsewhere
+CHECKPOINT_CASES = {
+    "no-config-other-kernels": (_other_kernels_no_config, "config"),
+    "no-config": (lambda s: s.pop("config"), "config"),
+    "no-optimizer": (lambda s: s.pop("optimizer"), "optimizer"),
+    "no-generator": (lambda s: s.pop("generator"), "generator"),
+    "no-epoch": (lambda s: s.pop("epoch"), "epoch"),
+    "wrong-shape": (_wrong_shape, "features.0.weight"),
+    "missing-weight": (lambda s: s["model"].pop("fc.bias"), "fc.bias"),
+    "extra-weight": (lambda s: s["model"].update({"fc2.weight": s["model"]["fc.weight"]}), "fc2.weight"),
+    "weight-not-a-tensor": (lambda s: s["model"].update({"fc.bias": [0.0] * 10}), "fc.bias"),
+    "model-not-a-dict": (lambda s: s.update(model=[1, 2, 3]), "model"),
+    "optimizer-not-a-dict": (lambda s: s.update(optimizer="adam"), "optimizer"),
+    "optimizer-no-param-groups": (lambda s: s["optimizer"].pop("param_groups"), "optimizer"),
+    "optimizer-params-wrong": (lambda s: s["optimizer"]["param_groups"][0].update(params=[0, 1]), "optimizer"),
+    "optimizer-state-shape": (_optimizer_state_shape, "optimizer"),
+    "epoch-a-string": (lambda s: s.update(epoch="1"), "epoch"),
+    "epoch-negative": (lambda s: s.update(epoch=-1), "epoch"),
+    "examples-seen-a-float": (lambda s: s.update(examples_seen=1.5), "examples_seen"),
+    "epoch-examples-negative": (lambda s: s.update(epoch_examples=-32), "epoch_examples"),
+    "generator-not-bytes": (lambda s: s.update(generator=s["generator"].float()), "generator"),
+    "config-not-a-dict": (lambda s: s.update(config="kernels=8"), "config"),
+    "not-a-dict": (lambda s: (s.clear(), s.update(model={})), "checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_CASES, ids=list(CHECKPOINT_CASES))
+def test_a_checkpoint_from_elsewhere_is_checked_before_training(finished_run, case):
+    import torch
+
+    cwd, env = finished_run
+    damage, fragment = CHECKPOINT_CASES[case]
+    run_id = "ckpt" + hashlib.sha256(case.encode()).hexdigest()[:4]
+    folder = unfinished(cwd, run_id)
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    damage(state)
+    torch.save(state, folder / "checkpoint.pt")
+    before = tree(cwd / "runs"), tree(folder)
+    line = refused(run_app(["train"], {**env, "WANDB_RUN_ID": run_id}, cwd), str(folder / "checkpoint.pt"), fragment,
+                   width=400)
+    assert "resume=false" in line
+    assert (tree(cwd / "runs"), tree(folder)) == before  # refused before wandb.init: no run to sync
 
 
 def test_more_epochs_continue_an_unfinished_run(finished_run):
@@ -239,6 +304,135 @@ def test_an_endless_journal_line_is_damage(sweep, monkeypatch):
         f.write(b"x" * 5000 + b"\n")
     with pytest.raises(journal.JournalDamaged, match="damaged at line"):
         study.open_storage(str(path))
+
+
+UNKNOWN_OPS = {
+    "op-code-99": b'{"op_code": 99, "worker_id": "w"}\n',
+    "op-code-negative": b'{"op_code": -1, "worker_id": "w"}\n',
+    "op-code-a-string": b'{"op_code": "4", "worker_id": "w"}\n',
+    "op-code-true": b'{"op_code": true, "worker_id": "w"}\n',
+    "op-code-float": b'{"op_code": 4.5, "worker_id": "w"}\n',
+    "op-code-null": b'{"op_code": null}\n',
+}
+
+
+@pytest.mark.parametrize("case", UNKNOWN_OPS, ids=list(UNKNOWN_OPS))
+def test_an_unknown_operation_is_damage_that_sweep_repair_repairs(sweep, case):
+    cwd, env, path = sweep
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join([*lines[:1], UNKNOWN_OPS[case], *lines[1:]]))
+    before = path.read_bytes()
+    for command in (["offline-agent"], ["sweep-status"]):
+        refused(run_app(command, env, cwd, timeout=120), "faults.journal is damaged at line 2",
+                f"python -m app sweep-repair {path}", width=200 + len(str(path)))
+        assert path.read_bytes() == before
+    fixed = run_app(["sweep-repair", str(path)], env, cwd)
+    assert fixed.returncode == 0 and "repaired: dropped 1 damaged line(s) (2)" in fixed.stdout, fixed.stdout + fixed.stderr
+    status = run_app(["sweep-status"], env, cwd)
+    assert status.returncode == 0 and "sweep faults" in status.stdout, status.stderr
+
+
+@settings(max_examples=200, deadline=None)
+@given(line=st.one_of(st.binary(max_size=200).filter(lambda b: b"\n" not in b),
+                      st.dictionaries(st.sampled_from(["op_code", "worker_id", "study_id"]),
+                                      st.one_of(st.none(), st.booleans(), st.integers(-3, 20), st.floats(), st.text(max_size=3)),
+                                      max_size=3).map(lambda d: json.dumps(d).encode())))
+def test_scan_counts_a_line_as_an_operation_only_with_a_known_op_code(tmp_path_factory, line):
+    path = tmp_path_factory.mktemp("scan") / "j.journal"
+    path.write_bytes(b'{"op_code": 0, "worker_id": "w", "study_name": "s", "directions": [1]}\n' + line + b"\n")
+    s = journal.scan(path)
+    try:
+        op = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        op = None
+    known = isinstance(op, dict) and type(op.get("op_code")) is int and 0 <= op["op_code"] <= 10
+    assert (s.operations, s.bad) == ((2, []) if known else (1, [2]))
+
+
+NOT_JOURNALS = {
+    "a-sweep-yaml": SWEEP_YAML.encode(),
+    "binary": bytes(range(256)) * 8,
+    "json-lines-not-operations": b'{"name": "a"}\n{"name": "b"}\n',
+    "a-log-file": b"2026-12-01 agent started\n2026-12-01 trial 0 complete\n",
+}
+
+
+@pytest.mark.parametrize("case", NOT_JOURNALS, ids=list(NOT_JOURNALS))
+def test_sweep_repair_refuses_a_file_that_is_not_a_journal(tmp_path, case):
+    path = tmp_path / "thing.journal"
+    path.write_bytes(NOT_JOURNALS[case])
+    refused(run_app(["sweep-repair", str(path)], clean_env(tmp_path), tmp_path), "not a sweep journal", "nothing changed")
+    assert path.read_bytes() == NOT_JOURNALS[case]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "wandb-config") == ["thing.journal"]
+
+
+def _read_only(path: Path, how: str):
+    """Make `path` unwritable even for root: immutable (chattr +i) or a read-only bind mount of its folder."""
+    import subprocess
+
+    if how == "immutable":
+        cmd, undo = ["chattr", "+i", str(path)], ["chattr", "-i", str(path)]
+    else:
+        cmd, undo = ["mount", "--bind", "-o", "ro", str(path), str(path)], ["umount", str(path)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        message = f"cannot make {path} read-only here ({done.stderr.strip()})"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI runs as root)")
+        pytest.skip(message)
+    return lambda: subprocess.run(undo, check=True)
+
+
+@pytest.mark.parametrize("how", ["immutable-journal", "read-only-runs-volume"])
+def test_read_only_sweep_storage_allows_status_and_refuses_an_agent(sweep, how):
+    cwd, env, path = sweep
+    before = path.read_bytes()
+    undo = _read_only(path if how == "immutable-journal" else cwd / "runs", how.split("-")[0])
+    try:
+        status = run_app(["sweep-status"], env, cwd)
+        assert status.returncode == 0 and "sweep faults" in status.stdout, status.stderr[-2000:]
+        line = refused(run_app(["offline-agent"], env, cwd, timeout=120), "faults.journal", "not writable")
+        assert "sweep-status" in line  # what still works
+    finally:
+        undo()
+    assert path.read_bytes() == before
+
+
+def _stale_lock(path: Path, age_s: float) -> Path:
+    lock = Path(f"{path}.lock")
+    lock.write_bytes(b"")
+    then = time.time() - age_s
+    os.utime(lock, (then, then))
+    return lock
+
+
+def test_a_stale_journal_lock_is_said_and_cleared_not_waited_on(sweep, capsys):
+    cwd, env, path = sweep
+    lock = _stale_lock(path, 3600)  # left an hour ago by an agent that died mid-append
+    storage = study.open_storage(str(path))
+    started = time.monotonic()
+    storage.set_study_user_attr(storage.get_study_id_from_name("faults"), "after", 1)
+    waited = time.monotonic() - started
+    assert waited < 25, waited  # Optuna alone waits out its 30 s grace period in silence
+    err = capsys.readouterr().err
+    assert f"{lock.name}" in err and "stale" in err, err
+    assert not lock.exists() and study.load_study(str(path), "faults").user_attrs["after"] == 1
+
+
+def test_sweep_repair_clears_a_stale_lock_and_says_so(sweep):
+    cwd, env, path = sweep
+    lock = _stale_lock(path, 3600)
+    started = time.monotonic()
+    fixed = run_app(["sweep-repair", str(path)], env, cwd)
+    assert fixed.returncode == 0 and "intact" in fixed.stdout, fixed.stdout + fixed.stderr
+    assert "stale" in fixed.stdout + fixed.stderr and not lock.exists()
+    assert time.monotonic() - started < 25
+
+
+def test_a_fresh_lock_is_a_live_writer_and_is_left_alone(sweep):
+    cwd, env, path = sweep
+    lock = _stale_lock(path, 1)
+    assert journal.clear_stale_lock(path) is None and lock.exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,6 +586,52 @@ def test_a_bundle_bigger_than_the_free_space_or_the_cap_is_refused(tmp_path, mon
     assert not into.exists()
 
 
+@pytest.mark.parametrize("long_name", [
+    "project/sweeps/" + "x" * 250 + ".yaml",  # 255 bytes: no room for the name written beside it
+    "project/data/MNIST/raw/" + "é" * 120,  # 240 bytes in UTF-8 (120 characters)
+    "project/" + "y" * 300,
+], ids=["at-the-limit", "multibyte", "over-the-limit"])
+def test_a_bundle_member_name_too_long_for_the_file_system_is_refused_before_docker_load(tmp_path, long_name):
+    archive = tmp_path / "b.tar"
+    make_bundle(archive, [IMAGE, member("project/README.md", b"readme"), member(long_name, b"method: grid\n")])
+    into = tmp_path / "into"
+    refused(run_app(["bundle", "load", str(archive), "--into", str(into)], clean_env(tmp_path), tmp_path),
+            "too long")
+    assert not into.exists()  # all or nothing: not even the short member was written
+
+
+@pytest.mark.parametrize("how", ["a-file", "under-a-file", "immutable"])
+def test_report_out_that_cannot_be_written_is_refused_before_rendering(finished_run, tmp_path, how):
+    cwd, _ = finished_run
+    out = tmp_path / "report"
+    if how == "a-file":
+        out.write_text("a file")
+    elif how == "under-a-file":
+        (tmp_path / "file").write_text("a file")
+        out = tmp_path / "file" / "report"
+    else:
+        out.mkdir()
+        undo = _read_only(out, "immutable")
+    try:
+        refused(run_app(["report", str(cwd / "runs"), "--out", str(out)], clean_env(tmp_path), tmp_path),
+                "--out", str(out))
+    finally:
+        if how == "immutable":
+            undo()
+
+
+def test_a_group_name_too_long_for_a_file_name_still_reports(finished_run, tmp_path, small_data):
+    cwd = tmp_path
+    env = clean_env(cwd, DATA_DIR=str(small_data), OUTPUT_DIR=str(cwd / "outputs"), WANDB_DIR=str(cwd / "runs"),
+                    WANDB_RUN_GROUP="g" * 300, **SETTLE)
+    made = run_app(["train"], env, cwd, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    proc = run_app(["report", str(cwd / "runs"), "--out", str(cwd / "report")], clean_env(cwd), cwd)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    names = [p.name for p in (cwd / "report").iterdir()]
+    assert all(len(n.encode()) <= 255 for n in names) and any(n.endswith("-curves.svg") for n in names), names
+
+
 # --------------------------------------------------------------------------------------------
 # 7. Untrusted YAML size
 # --------------------------------------------------------------------------------------------
@@ -500,3 +740,89 @@ def test_a_bad_sync_timeout_is_one_line(runs_copy, tmp_path, args, extra, says):
     root, _ = runs_copy
     env = clean_env(tmp_path, WANDB_API_KEY="k" * 40, **extra)
     refused(run_app(["sync", *args, str(root)], env, tmp_path), says)
+
+
+# --------------------------------------------------------------------------------------------
+# A sweep storage that accepts the connection and never answers (simulated on 127.0.0.1 only)
+# --------------------------------------------------------------------------------------------
+
+class SilentServer:
+    """A TCP socket on 127.0.0.1 that accepts every connection and never sends a byte."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)  # held open, silent
+
+    def close(self):
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def silent_db():
+    server = SilentServer()
+    yield server, f"postgresql://sweeper:secret-pw@127.0.0.1:{server.port}/sweeps"
+    server.close()
+
+
+def _silent_env(tmp_path, url, small_data):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(SWEEP_YAML)
+    return clean_env(tmp_path, SWEEP_CONFIG=str(cfg), SWEEP_STORAGE=url, WANDB_DIR=str(tmp_path / "runs"),
+                     WANDB_MODE="offline", OUTPUT_DIR=str(tmp_path / "outputs"), DATA_DIR=str(small_data),
+                     ALLOW_CPU="true", VAL_SIZE="100", TRAIN_STRIDE="10")
+
+
+SILENT_COMMANDS = {
+    "offline-agent": [sys.executable, "-m", "app", "offline-agent"],
+    "entrypoint": [sys.executable, "-m", "app.container.entrypoint"],
+    "sweep-status": [sys.executable, "-m", "app", "sweep-status"],
+}
+
+
+@pytest.mark.parametrize("name", SILENT_COMMANDS)
+def test_a_silent_database_is_one_line_within_the_connect_timeout(tmp_path, small_data, silent_db, name):
+    server, url = silent_db
+    env = _silent_env(tmp_path, url, small_data)
+    proc = subprocess.run(SILENT_COMMANDS[name], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=90)
+    line = refused(proc, "SWEEP_STORAGE=", "no answer", width=400)
+    assert "secret-pw" not in proc.stdout + proc.stderr  # the password never reaches a log line
+    assert server.accepted, "the command never reached the server"
+    del line
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("name", ["offline-agent", "entrypoint"])
+def test_a_stop_while_the_database_is_silent_is_a_stop(tmp_path, small_data, silent_db, name, sig):
+    server, url = silent_db
+    env = _silent_env(tmp_path, url, small_data)
+    proc = subprocess.Popen(SILENT_COMMANDS[name], env=env, cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not server.accepted and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert server.accepted, "the command never reached the server"
+    time.sleep(0.3)  # waiting on the silent server now
+    proc.send_signal(sig)
+    try:
+        out, err = proc.communicate(timeout=8)  # well inside the connect timeout: the stop ended it
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{sig.name} did not stop it: {err[-2000:]}")
+    assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
+    assert "Traceback" not in err and f"stopped by {sig.name}" in err, err[-3000:]
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err

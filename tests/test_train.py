@@ -200,9 +200,14 @@ def test_export_onnx_is_checked_against_torch(tmp_path: Path):
 def _saved_run(folder: Path, config, epoch: int = 1) -> Path:
     from app import checkpoint
 
+    from app.model import ConvNet
+
     folder.mkdir(parents=True, exist_ok=True)
-    checkpoint.save(folder / checkpoint.FILE, model={"w": torch.zeros(2)}, optimizer={}, epoch=epoch,
-                    examples_seen=100, generator=torch.Generator().get_state(), config=config.to_dict(), run_id="r1")
+    model = ConvNet(config.kernels, config.classes)  # the structure train() writes (the resume rule checks it)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    checkpoint.save(folder / checkpoint.FILE, model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
+                    examples_seen=100, epoch_examples=0, generator=torch.Generator().get_state(),
+                    config=config.to_dict(), run_id="r1")
     return folder
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from containers import app_image, compose, docker  # noqa: F401  (app_image: the session fixture)
+from containers import app_image, compose  # noqa: F401  (app_image: the session fixture)
 from fake_wandb import FakeWandb
 from sweep_project import agent_logs, compose_files, fashion_project, joined, write_env
 

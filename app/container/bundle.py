@@ -29,6 +29,7 @@ import time
 import zlib
 from pathlib import Path
 
+from app import places
 from app.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]  # app/container/bundle.py -> the repository
@@ -144,6 +145,8 @@ def check_archive(tar: tarfile.TarFile, archive: Path, into: Path) -> tuple[dict
             raise UserError(f"{archive}: member {name[:80]!r} is a {kind}; a bundle holds only files and folders")
         if name in members:
             raise UserError(f"{archive}: member {name[:80]!r} appears twice; refused, nothing written")
+        # a name the file system refuses would fail half-way through unpacking, after `docker load`
+        places.check_name(into / name.removeprefix("project/"), f"{archive}: member")
         members[name] = m
         total += m.size
         if total > MAX_BYTES:

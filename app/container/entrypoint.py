@@ -131,6 +131,9 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
     warning = check_gpu(environ, gpus_visible())
     if argv:
         raise UserError(f"arguments {' '.join(argv)!r} are not used by an agent: the sweep sets the settings")
+    from app.container import gpu_slots
+
+    gpu_slots.check(environ)  # before an offline sweep's storage is opened (its first agent creates it)
     if mode == "agent":
         command = check_agent(environ)
         run_env = agent_environment(environ)
@@ -146,8 +149,6 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
         check_runs(environ)  # the base settings against the data, before the sweep's storage is opened
         offline_agent.check_environment(environ, sweep_plan)
         run_env = environ
-    from app.container import gpu_slots
-
     # several agents share the host's GPUs: each claims one slot and trains on that GPU only
     # (no GPU found: nothing to claim, unless GPU_COUNT names devices to spread over)
     run_env = gpu_slots.assign(run_env)

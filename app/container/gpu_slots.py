@@ -219,6 +219,28 @@ def _explicit_fraction(environ: Mapping[str, str]) -> bool:
         return True  # not ours to judge: the run's config check reports it as one line
 
 
+def check(environ: Mapping[str, str]) -> None:
+    """The slot settings, before an agent opens its sweep's storage (an offline sweep's first agent
+    creates the journal, which fixes the sweep): a mistake is one line, and nothing is created here.
+    GPU_COUNT and AGENTS_PER_GPU are checked whatever the host has; GPU_SLOTS_DIR where it will be used."""
+    if env.is_set("CUDA_VISIBLE_DEVICES", environ=environ):
+        return  # nothing will be claimed
+    count = env.text("GPU_COUNT", "", environ=environ)
+    if count and not count.isdigit():
+        raise UserError(f"GPU_COUNT={count!r} must be a whole number of GPUs (0 = none)")
+    _agents_per_gpu(environ)
+    if count == "0" or not (count or env.is_set("GPU_SLOTS_DIR", environ=environ)):
+        return  # no GPUs named and no folder chosen: assign() finds the devices, the default folder is WANDB_DIR's
+    folder = slots_dir(environ)
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path(p.anchor))
+    problem = ("is not a folder" if existing == folder and not folder.is_dir()
+               else f"cannot be made: {existing} is not a folder" if not existing.is_dir()
+               else f"is not writable here ({existing} is not)" if not os.access(existing, os.W_OK | os.X_OK)
+               else None)
+    if problem:
+        raise UserError(f"GPU_SLOTS_DIR={str(folder)!r} {problem}; mount a shared writable folder there")
+
+
 def assign(environ: Mapping[str, str], gpus: list[str] | None = None) -> dict[str, str]:
     """The agent's environment with its GPU slot exported; unchanged when there is no GPU."""
     environ = dict(environ)

@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import html
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app import artifact, env, runlog
+from app import artifact, env, places, runlog
 from app.errors import UserError
 from app.runs import importance, svg, sweepcharts
 from app.runs.sweepdef import DEFAULT_GOAL, DEFAULT_METRIC, Sources
@@ -129,7 +128,7 @@ def _short(v: Any) -> str:
 
 
 def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "runs"
+    return places.file_stem(name)  # a group name comes from run logs: bounded, so the file name fits
 
 
 MAX_SETTINGS = 40  # swept settings ranked and drawn at most (W&B sweeps vary a handful)
@@ -366,6 +365,7 @@ def main(argv: list[str]) -> int:
     for root in roots:
         if not root.exists():
             raise UserError(f"runs folder {str(root)!r} does not exist")
+    places.check_folder(Path(args.out), "--out")  # before reading any run: a place we can't write is one line
     index, problems = render(roots if len(roots) > 1 else roots[0], Path(args.out), args.storage)
     for problem in problems:
         print(f"note: {problem}", file=sys.stderr)

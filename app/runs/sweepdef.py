@@ -11,7 +11,7 @@ with the runs (<runs folder>/sweeps/<name>.journal). Neither (a W&B sweep, whose
 W&B server; runs of no sweep; an offline sweep whose storage was not named): the report ranks by
 val_accuracy, maximize, and says so on the page with the reason. A storage that is named but cannot be
 opened is one error line before any run is read; a database that does not answer is given up after
-app.sweep.study.READ_CONNECT_S seconds. Everything is read-only: no study is created, no journal healed.
+app.sweep.study.CONNECT_TIMEOUT_S seconds. Everything is read-only: no study is created, no journal healed.
 """
 
 from __future__ import annotations

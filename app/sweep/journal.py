@@ -26,16 +26,21 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generator
 
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.storages.journal._storage import JournalOperation
 
 from app.errors import UserError
 
+OP_CODES = frozenset(op.value for op in JournalOperation)
+STALE_LOCK_S = 120  # an append holds the lock for milliseconds: a lock this old was left by a dead writer
 MAX_LINE = 16 * 1024 * 1024  # one Optuna operation; far above any real one (attrs are a few KB)
 TAIL_READ = 1024 * 1024  # how far back an append looks for the start of the last line
 
@@ -53,11 +58,13 @@ class Scan:
 
 
 def _is_operation(line: bytes) -> bool:
+    """A JSON object with one of Optuna's op codes (an int; an unknown one would be skipped on replay,
+    and the next create-study then fails on an assertion deep in Optuna)."""
     try:
         op = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return False
-    return isinstance(op, dict) and "op_code" in op
+    return isinstance(op, dict) and type(op.get("op_code")) is int and op["op_code"] in OP_CODES
 
 
 def scan(path: str | Path) -> Scan:
@@ -98,8 +105,51 @@ def damage_message(path: str | Path, s: Scan) -> str:
             f"nothing was written; {repair_hint(path)}")
 
 
+def clear_stale_lock(path: str | Path) -> str | None:
+    """Remove `<journal>.lock` when it is older than STALE_LOCK_S (its writer died holding it); returns
+    what to say, None when there was nothing stale. Optuna alone waits 30 s in silence, then removes it.
+
+    The lock is moved aside before it is judged, so two agents clearing it at once remove it once; one
+    that turns out fresh (a writer took the lock in between) is put back."""
+    lock = Path(f"{path}.lock")
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return None
+    if age < STALE_LOCK_S:
+        return None
+    aside = lock.with_name(f"{lock.name}.{uuid.uuid4().hex}.stale")
+    try:
+        os.rename(lock, aside)
+        age = time.time() - aside.stat().st_mtime
+    except OSError:
+        return None  # another agent cleared it first
+    if age < STALE_LOCK_S:
+        with contextlib.suppress(OSError):
+            os.link(aside, lock)  # a live writer's: back under its name (unless yet another writer holds it)
+        aside.unlink(missing_ok=True)
+        return None
+    aside.unlink(missing_ok=True)
+    return (f"sweep storage lock {lock.name}: removed a stale lock left {age / 60:.0f} min ago by a writer that died "
+            "holding it (an append holds it for milliseconds)")
+
+
+class _Lock(JournalFileOpenLock):
+    """Optuna's O_EXCL lock file, which first clears (and says) a lock a dead writer left behind."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(str(path))
+        self._journal = str(path)
+
+    def acquire(self) -> bool:
+        note = clear_stale_lock(self._journal)
+        if note:
+            print(f"[offline-sweep] {note}", file=sys.stderr, flush=True)
+        return super().acquire()
+
+
 def _lock(path: str | Path) -> JournalFileOpenLock:
-    return JournalFileOpenLock(str(path))
+    return _Lock(path)
 
 
 @contextlib.contextmanager
@@ -196,6 +246,9 @@ def repair(path: Path, dry_run: bool = False) -> str:
         s = scan(path)
         if not s.bad and s.tail_at is None:
             return f"{path}: intact ({s.operations} operations); nothing to repair"
+        if not s.operations:  # a YAML, a log, a binary: "repairing" it would empty it
+            raise UserError(f"{str(path)[:120]} is not a sweep journal (no line is an Optuna operation); "
+                            "nothing changed: name the sweep's .journal file")
         blob_size = path.stat().st_size
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             dropped = Path(tmp) / "dropped.journal"

@@ -11,6 +11,7 @@ Messages quote at most a few dozen characters of any value.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
@@ -169,8 +170,40 @@ def _param(name: str, spec: Any) -> Param:
             merge(Config(), {name: candidate}, source=f"sweep parameters.{name}")
         except ConfigError as exc:
             raise SweepSpecError(str(exc)) from None
+    # and a range's two ends, as the sweep produces them (a bounded range reaches both, or as near as
+    # makes no difference): lr from -0.1 or batch_size from 0 would fail every trial drawn there
+    for end, value in _range_ends(name, dist, lo, hi, spec.get("q")):
+        try:
+            merge(Config(), {name: value}, source=f"sweep parameters.{name}")
+        except ConfigError as exc:
+            raise SweepSpecError(f"parameters.{name}: its {end} gives {exc}") from None
     extra = {k: spec[k] for k in ("mu", "sigma", "a", "b", "probabilities") if k in spec}
     return Param(name, dist, spec.get("value"), values, lo, hi, q, extra)
+
+
+_INT_KEYS = {f.name for f in dataclasses.fields(Config) if f.type in ("int", int)}  # whole-number settings
+
+
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def _range_ends(name: str, dist: str, lo: Any, hi: Any, q: Any) -> list[tuple[str, Any]]:
+    """(which end, the value there) of a bounded distribution, in the setting's terms; [] for the rest
+    (normal and its kin are unbounded: each draw is checked as it comes)."""
+    if lo is None or hi is None or dist not in DISTRIBUTIONS or not DISTRIBUTIONS[dist]:
+        return []
+    if dist in ("log_uniform", "q_log_uniform"):  # min and max are exponents
+        lo, hi = _exp(lo), _exp(hi)
+    elif dist == "inv_log_uniform":  # 1/exp(uniform(min, max))
+        lo, hi = _exp(-hi), _exp(-lo)
+    ends = [("min", lo), ("max", hi)]
+    if dist.startswith("q_") and isinstance(q, (int, float)) and 0 < q < math.inf:
+        ends = [(end, round(v / q) * q if math.isfinite(v) else v) for end, v in ends]  # W&B rounds to q
+    return [(end, int(round(v)) if name in _INT_KEYS and math.isfinite(v) else v) for end, v in ends]
 
 
 def _early_terminate(et: Any, metric: str | None) -> dict | None:

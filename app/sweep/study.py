@@ -17,9 +17,11 @@ Mapping: grid -> GridSampler, random -> RandomSampler, bayes -> TPESampler, earl
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
+import time
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import optuna
 
@@ -29,20 +31,16 @@ from app.sweep.plan import Plan, redact
 from app.sweep.spec import SweepSpec
 
 
-READ_CONNECT_S = 10  # a reader (sweep-status, report) gives up on a database that does not answer in this
-READ_STATEMENT_MS = 30_000  # ... or that answers but then holds a query (a lock, a stuck server) this long
-
-
 def open_storage(url: str, *, write: bool = True):
     """The Optuna storage behind `url`. A journal file is scanned first: damage is one error line, and
     (when this process will write) a crashed append's partial last line is cut away under the lock.
-    A reader's database connection is bounded in time (READ_CONNECT_S, READ_STATEMENT_MS): libpq's
+    Every wait on a database is bounded (CONNECT_TIMEOUT_S, STATEMENT_TIMEOUT_S; see _wait): libpq's
     default is to wait for ever on a host that accepts and then says nothing."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # agents print their own one-line records
 
     if "://" in url:
         try:
-            return _rdb_storage(url, {} if write else read_limits(url))
+            return _rdb_storage(url)
         except Exception as exc:  # sqlalchemy/psycopg2 errors: bad host, password, database
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"SWEEP_STORAGE={redact(url)}: cannot open the database ({redact(first)[:160]})") from None
@@ -59,39 +57,79 @@ def open_storage(url: str, *, write: bool = True):
             note = journal.check(path, heal=write)
             if note:
                 print(f"[offline-sweep] {note}", file=sys.stderr, flush=True)
+        if write:
+            # every agent start appends (Optuna's create-study), and each append creates the lock file
+            # beside the journal: a read-only journal or volume is refused here, not mid-write
+            with open(path, "ab"):
+                pass
+            fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=path.parent)
+            os.close(fd)
+            os.unlink(probe)
         return optuna.storages.JournalStorage(journal.SafeJournalBackend(str(path)))
     except OSError as exc:
+        also = "; `python -m app sweep-status` can still read it" if write and path.is_file() else ""
         raise UserError(f"sweep storage {str(path)[:120]!r} is not {'writable' if write else 'readable'} "
-                        f"({exc.strerror or exc}); check the runs volume or set SWEEP_STORAGE") from None
+                        f"({exc.strerror or exc}){also}; check the runs volume or set SWEEP_STORAGE") from None
 
 
 SCHEMA_LOCK = 0x6D6E6973  # PostgreSQL advisory lock key ("mnis") held while Optuna's tables are created
+# a database that accepts the connection and then says nothing must not hold an agent for minutes
+CONNECT_TIMEOUT_S = 10  # to connect and log in
+STATEMENT_TIMEOUT_S = 60  # for one answer (server-side too); Optuna's statements take milliseconds
 
 
-def read_limits(url: str) -> dict[str, object]:
-    """psycopg2 connect arguments that bound a read-only look, unless the URL sets its own."""
-    query = parse_qs(urlsplit(url).query)
-    limits: dict[str, object] = {}
-    if "connect_timeout" not in query:
-        limits["connect_timeout"] = READ_CONNECT_S
-    if "options" not in query:
-        limits["options"] = f"-c statement_timeout={READ_STATEMENT_MS}"
-    return limits
+def _wait(conn) -> None:
+    """psycopg2's wait callback: libpq waits in a Python select(), so SIGTERM/SIGINT raise here at any
+    moment (a blocking libpq call retries its poll and never lets Python see the signal), and a silent
+    server is given up on after CONNECT_TIMEOUT_S / STATEMENT_TIMEOUT_S (libpq's own connect_timeout does
+    not apply to a connection driven this way)."""
+    import select
+
+    import psycopg2
+    from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE, STATUS_SETUP
+
+    connecting = conn.status == STATUS_SETUP
+    limit = CONNECT_TIMEOUT_S if connecting else STATEMENT_TIMEOUT_S
+    deadline = time.monotonic() + limit
+    while True:
+        state = conn.poll()
+        if state == POLL_OK:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise psycopg2.OperationalError(f"no answer from the database within {limit} s "
+                                            f"({'connecting' if connecting else 'waiting for a statement'})")
+        if state == POLL_READ:
+            select.select([conn.fileno()], [], [], left)
+        elif state == POLL_WRITE:
+            select.select([], [conn.fileno()], [], left)
+        else:
+            raise psycopg2.OperationalError(f"unexpected state {state} from the database connection")
 
 
-def _rdb_storage(url: str, connect_args: dict[str, object]):
+def _bounded_postgres() -> dict:
+    """Engine arguments that bound every wait on PostgreSQL (see _wait); installs the wait callback."""
+    import psycopg2.extensions
+
+    psycopg2.extensions.set_wait_callback(_wait)
+    return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S,
+                             "options": f"-c statement_timeout={STATEMENT_TIMEOUT_S * 1000}"}}
+
+
+def _rdb_storage(url: str):
     """Optuna's RDBStorage, its tables created by one agent at a time. Agents started together on a new
     database would each run CREATE TABLE, and PostgreSQL's catalog refuses all but the first with a
     unique violation (pg_type_typname_nsp_index): a session advisory lock makes the others wait, then
     find the tables there. The lock goes with the connection, whatever happens."""
     import sqlalchemy
 
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args)
+    bounded = _bounded_postgres() if sqlalchemy.engine.make_url(url).get_backend_name() == "postgresql" else {}
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **bounded)
     try:
         with engine.connect() as conn:
             if engine.dialect.name == "postgresql":
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK})
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True, "connect_args": connect_args})
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True, **bounded})
     finally:
         engine.dispose()
 

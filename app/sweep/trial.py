@@ -15,7 +15,7 @@ from typing import Mapping
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from app import checkpoint, interrupts, tracking
+from app import checkpoint, interrupts, runid, tracking
 from app.config import Config, ConfigError
 from app.errors import UserError
 from app.sweep.ledger import Heartbeat
@@ -126,13 +126,14 @@ def _after_run(agent, trial, run_id: str) -> None:
 def _resume_from(trial, config: Config, run_id: str) -> str:
     """A retry starts from the dead attempt's last epoch checkpoint when the outputs folder has it."""
     old = trial.user_attrs.get("resume_run")
-    if not old or not config.resume:
+    # the id comes from the sweep's storage: one that is not a plain name is never joined to a path
+    if not isinstance(old, str) or not runid.valid(old) or not config.resume:
         return ""
     src = Path(config.output_dir) / old / checkpoint.FILE
     if not src.is_file():
         return ""
     try:
-        done = checkpoint.epochs_done(src)
+        done = checkpoint.epochs_done(src, config)
     except UserError:
         return ""  # a damaged checkpoint of a dead attempt: train this one from the start
     if done >= config.epochs:

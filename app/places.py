@@ -1,0 +1,61 @@
+"""Places we write, checked before work starts: a folder that is a file, cannot be made, or is read-only,
+and names too long for the file system, are one line naming the place instead of an OSError later.
+
+    places.check_folder(Path("report"), "--out")      # exists as a writable folder, or can be made
+    places.check_name(path, "bundle member")           # every component and the whole path fit
+    places.file_stem(name)                              # an untrusted name as a bounded file-name stem
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from app.errors import UserError
+
+NAME_MAX = 255  # bytes per path component on Linux file systems (ext4, xfs, overlayfs, NFS)
+PATH_MAX = 4096  # bytes per whole path
+SPARE = 40  # room for the names written beside a file (".NAME.<uuid>.part", ".tmp", ".bundle-tmp")
+
+
+def check_name(path: Path, what: str, spare: int = SPARE) -> None:
+    """Every component of `path` and the whole of it fit the file system, with `spare` bytes for the
+    temporary names written beside it."""
+    for part in path.parts:
+        if len(part.encode(errors="surrogateescape")) + spare > NAME_MAX:
+            raise UserError(f"{what} {str(path)[:80]!r}...: the name {part[:40]!r}... is too long for the file system "
+                            f"({len(part.encode(errors='surrogateescape'))} bytes; at most {NAME_MAX - spare})")
+    if len(str(path.absolute()).encode(errors="surrogateescape")) + spare > PATH_MAX:
+        raise UserError(f"{what} {str(path)[:80]!r}...: the path is too long for the file system (over {PATH_MAX - spare} bytes)")
+
+
+def check_folder(folder: Path, what: str) -> None:
+    """`folder` is a writable folder, or the nearest existing folder above it is (it will be made there)."""
+    check_name(folder, what)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == folder else f"cannot be made: {existing} is a file"
+        raise UserError(f"{what} {str(folder)!r} {where}; choose a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"{what} {str(folder)!r} is not writable ({existing}: {exc.strerror}); choose a writable folder") from None
+
+
+def file_stem(name: str, limit: int = 100) -> str:
+    """`name` as a file-name stem: safe characters, at most `limit` characters; a shortened one ends in a
+    hash of the whole, so two long names stay apart."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "runs"
+    if len(slug) <= limit:
+        return slug
+    return f"{slug[:limit - 9]}-{hashlib.sha256(name.encode(errors='surrogateescape')).hexdigest()[:8]}"

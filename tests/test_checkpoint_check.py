@@ -1,0 +1,87 @@
+"""A checkpoint is untrusted input: whatever it holds, the check says yes or one line naming the file.
+
+    .venv/bin/python -m pytest -q tests/test_checkpoint_check.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.config import Config
+from app.errors import UserError
+from app.model import ConvNet
+
+CONFIG = Config(kernels=[4, 8], classes=10, epochs=3)
+PATH = Path("outputs/run00001/checkpoint.pt")
+
+
+def good_state(config: Config = CONFIG) -> dict:
+    """What train() writes after one step: model, Adam state, counters, generator, config."""
+    model = ConvNet(config.kernels, config.classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    model(torch.zeros(2, 1, 28, 28)).sum().backward()
+    optimizer.step()
+    return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=1, examples_seen=64,
+                epoch_examples=0, generator=torch.Generator().get_state(), config=config.to_dict(), run_id="run00001")
+
+
+GOOD = good_state()
+
+
+def test_what_train_writes_passes():
+    from app import checkpoint
+
+    checkpoint.check_state(good_state(), CONFIG, PATH)
+
+
+JUNK = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5),
+                 st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+                 st.lists(st.integers(1, 9), min_size=0, max_size=4).map(lambda s: torch.zeros(s)),
+                 st.just(torch.zeros(3, dtype=torch.uint8)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(key=st.sampled_from(sorted(set(GOOD) - {"run_id"})), value=JUNK)
+def test_any_entry_replaced_is_accepted_only_when_it_fits(key, value):
+    from app import checkpoint
+
+    state = good_state()
+    state[key] = value
+    try:
+        checkpoint.check_state(state, CONFIG, PATH)
+    except UserError as exc:
+        line = str(exc)
+        assert str(PATH) in line and "\n" not in line and len(line) < 400
+        return
+    # accepted: only where the value is one train() could have written there (a config's settings are
+    # compared where it names them; the weights' shapes are checked whatever it says)
+    assert ((key in ("epoch", "examples_seen", "epoch_examples") and type(value) is int and value >= 0)
+            or (key == "config" and isinstance(value, dict))), (key, value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(list(GOOD["model"])), shape=st.lists(st.integers(1, 40), min_size=0, max_size=4))
+def test_a_weight_of_another_shape_is_refused(name, shape):
+    from app import checkpoint
+
+    state = good_state()
+    state["model"][name] = torch.zeros(shape)
+    if list(GOOD["model"][name].shape) == shape:
+        checkpoint.check_state(state, CONFIG, PATH)
+    else:
+        with pytest.raises(UserError, match=name.replace(".", r"\.")):
+            checkpoint.check_state(state, CONFIG, PATH)
+
+
+def test_weights_for_other_settings_are_refused_by_shape():
+    from app import checkpoint
+
+    state = good_state(Config(kernels=[4, 16], classes=10))
+    del state["config"]["kernels"]  # an older or foreign config: the weights' shapes still tell
+    with pytest.raises(UserError, match="features.3.weight"):
+        checkpoint.check_state(state, CONFIG, PATH)
