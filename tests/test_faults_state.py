@@ -435,6 +435,38 @@ def test_a_fresh_lock_is_a_live_writer_and_is_left_alone(sweep):
     assert journal.clear_stale_lock(path) is None and lock.exists()
 
 
+WAIT_FOR_LOCK = """
+import sys
+from app import interrupts
+from app.sweep import journal
+interrupts.install()
+print("waiting", flush=True)
+try:
+    with journal.locked(sys.argv[1]):
+        print("acquired", flush=True)
+except interrupts.Stopped as stop:
+    sys.exit(stop.exit_code)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_waiting_for_the_lock_leaves_the_holders_lock(sweep, sig):
+    """Another writer holds the journal's lock; a stop that reaches an agent waiting for it ends that
+    agent (128+signal) and leaves the holder's lock in place. (Optuna's acquire releases the lock on any
+    exception; its wait sits in an except clause, which is why a stop there does not reach that release.)"""
+    cwd, env, path = sweep
+    lock = _stale_lock(path, 0)  # a live writer's, mid-append
+    proc = subprocess.Popen([sys.executable, "-c", WAIT_FOR_LOCK, str(path)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "waiting"
+    time.sleep(1.0)  # inside the wait loop
+    assert proc.poll() is None
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + sig, err
+    assert "acquired" not in out and lock.exists()
+
+
 # --------------------------------------------------------------------------------------------
 # 5. Damaged state: run logs read by sync and report
 # --------------------------------------------------------------------------------------------
