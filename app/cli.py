@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import MutableMapping
 
 from app import config as cfg
-from app import env, interrupts
+from app import env, interrupts, tracking
 from app.errors import UserError
 
 USAGE = """usage: python -m app <command> [options]
@@ -161,3 +161,5 @@ def handle(command, *args) -> int:
     except interrupts.Stopped as stop:
         print(stopped_line(stop), file=sys.stderr)
         return stop.exit_code
+    finally:
+        tracking.shutdown()

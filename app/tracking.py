@@ -195,6 +195,16 @@ def offline_hint(run, environ: Mapping[str, str] | None = None, container: bool 
             f"  (or: cd {shlex.quote(str(Path(host) / inside.parent))} && wandb sync {shlex.quote(inside.name)})")
 
 
+def shutdown() -> None:
+    """End this process's connection to W&B's service now, if W&B was used. A process that runs many runs
+    keeps the service between them; at its end a job-wide stop (a plain `scancel`) may have ended the
+    service too, and W&B's own exit handler would then print its ConnectionResetError as a traceback."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        with interrupts.unless_wandb_lost():
+            wandb.teardown()
+
+
 def is_offline(run) -> bool:
     return run.settings.mode == "offline" or bool(getattr(run.settings, "_offline", False))
 
