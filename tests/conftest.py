@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,27 @@ def run_app(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 12
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """Poll `predicate` until it returns something true (returned), or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def saved_checkpoint(path: Path) -> dict | None:
+    """A run's checkpoint as training left it, None while there is none yet (it is written by rename)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return None
 
 
 @pytest.fixture

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import REPO, clean_env, error_lines, run_app
+from conftest import REPO, clean_env, error_lines, run_app, saved_checkpoint
 from containers import TEST_IMAGE, app_image  # noqa: F401  (app_image: the session fixture)
 from fake_wandb import FakeWandb
 from sweep_project import fashion_project, write_env
@@ -111,12 +110,6 @@ def run_launch(project: Path, name: str, env: dict[str, str], log: Path) -> subp
         return subprocess.Popen(args, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
-def checkpoint_epoch(path: Path) -> int | None:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
-    except (FileNotFoundError, EOFError, RuntimeError):
-        return None
-
 
 def leftover_agents(name: str) -> list:
     import docker
@@ -161,7 +154,7 @@ def test_ctrl_c_stops_every_agent_and_a_relaunch_finishes_the_sweep(app_image: s
             # both agents train; once both have finished epoch 1, Ctrl-C the launcher
             deadline = time.monotonic() + 600
             while not (len(api.assignments) == 2 and all(
-                    checkpoint_epoch(project / "outputs" / a.run_id / "checkpoint.pt") == 1 for a in api.assignments)):
+                    (saved_checkpoint(project / "outputs" / a.run_id / "checkpoint.pt") or {}).get("epoch") == 1 for a in api.assignments)):
                 text = log1.read_text()
                 failed = proc.poll() is not None or "| error: " in text or time.monotonic() > deadline
                 assert not failed, text[-4000:]  # a run that failed will never reach epoch 2: stop waiting

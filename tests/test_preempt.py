@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import clean_env, run_app
+from conftest import clean_env, run_app, saved_checkpoint, wait_for
 from containers import app_image, compose  # noqa: F401  (app_image: the session fixture)
 from idx import write_dataset
 from fake_wandb import FakeWandb
@@ -33,21 +33,6 @@ EPOCHS = 2
 GRACE_S = 60  # docker-compose.yml's stop_grace_period
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def checkpoint(path: Path) -> dict | None:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (FileNotFoundError, EOFError, RuntimeError):  # not there yet (it is written by rename)
-        return None
 
 
 @pytest.mark.container
@@ -66,8 +51,8 @@ def test_stop_checkpoints_and_the_requeued_run_resumes(app_image: str, tmp_path:
             run_id = first.run_id
             ckpt_path = project / "outputs" / run_id / "checkpoint.pt"
             # epoch 1's checkpoint is written the moment epoch 2 starts
-            wait_for(lambda: (checkpoint(ckpt_path) or {}).get("epoch") == 1, 600, "the first epoch's checkpoint")
-            after_epoch_1 = checkpoint(ckpt_path)["examples_seen"]
+            wait_for(lambda: (saved_checkpoint(ckpt_path) or {}).get("epoch") == 1, 600, "the first epoch's checkpoint")
+            after_epoch_1 = saved_checkpoint(ckpt_path)["examples_seen"]
             t0 = time.monotonic()
             stop = compose("stop", "agent", project=project, files=compose_files, timeout=GRACE_S + 60)
             stop_s = time.monotonic() - t0
@@ -81,7 +66,7 @@ def test_stop_checkpoints_and_the_requeued_run_resumes(app_image: str, tmp_path:
             assert stopped.run_id == run_id and stopped.preempting, stopped_logs[-4000:]
             assert stopped.exit_code == 143, stopped_logs[-4000:]  # 128 + SIGTERM: W&B requeues it
             assert f"done: run {run_id}" not in stopped_logs
-            saved = checkpoint(ckpt_path)
+            saved = saved_checkpoint(ckpt_path)
             assert saved["epoch"] == 1 and saved["examples_seen"] > after_epoch_1  # progress inside epoch 2 kept
             claim = json.loads(next((project / "runs" / ".sweep-claims").glob("*/*.json")).read_text())
             assert (claim["run_id"], claim["state"]) == (run_id, "preempted")
@@ -104,7 +89,7 @@ def test_stop_checkpoints_and_the_requeued_run_resumes(app_image: str, tmp_path:
     # nothing was lost or redone: epoch 0 was validated before the stop, epoch 1 went on from the stop
     assert [row["epoch"] for row in stopped.history if "val_loss" in row] == [0]
     assert [row["epoch"] for row in final.history if "val_loss" in row] == [1]
-    assert checkpoint(ckpt_path)["epoch"] == EPOCHS
+    assert saved_checkpoint(ckpt_path)["epoch"] == EPOCHS
     claim = json.loads(next((project / "runs" / ".sweep-claims").glob("*/*.json")).read_text())
     assert (claim["run_id"], claim["state"]) == (run_id, "finished")
     print(f"\npreempt: stop took {stop_s:.1f}s; resumed from epoch 1 with {saved['examples_seen']} examples seen")

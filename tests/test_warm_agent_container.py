@@ -4,10 +4,8 @@ preempting and the container exits 143; the run handed out again resumes from it
 
 from __future__ import annotations
 
-import time
-
 import pytest
-import torch
+from conftest import saved_checkpoint, wait_for
 from containers import app_image, compose  # noqa: F401  (app_image: the session fixture)
 from fake_wandb import FakeWandb
 from sweep_project import agent_logs, compose_files, fashion_project, joined, write_env
@@ -24,21 +22,6 @@ TWO_POINTS = {
 GRACE_S = 60  # docker-compose.yml's stop_grace_period
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def epochs_done(path) -> int | None:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
-    except (FileNotFoundError, EOFError, RuntimeError):  # not written yet (it is written by rename)
-        return None
 
 
 def test_warm_agent_in_the_image_stops_with_143_and_its_run_resumes(app_image: str, tmp_path):
@@ -51,7 +34,7 @@ def test_warm_agent_in_the_image_stops_with_143_and_its_run_resumes(app_image: s
             assert up.returncode == 0, up.stderr[-3000:]
             (first,) = wait_for(lambda: api.assignments, 300, "the agent to get its first run")
             ckpt = project / "outputs" / first.run_id / "checkpoint.pt"
-            wait_for(lambda: epochs_done(ckpt) == 1, 600, "the first epoch's checkpoint")
+            wait_for(lambda: (saved_checkpoint(ckpt) or {}).get("epoch") == 1, 600, "the first epoch's checkpoint")
             stop = compose("stop", "agent", project=project, files=compose_files, timeout=GRACE_S + 60)
             assert stop.returncode == 0, stop.stderr[-3000:]
             stopped_logs = joined(agent_logs(project))
@@ -61,7 +44,7 @@ def test_warm_agent_in_the_image_stops_with_143_and_its_run_resumes(app_image: s
             (folder,) = runlog.find(project / "runs")
             stopped = runlog.read(folder)
             assert stopped.run_id == first.run_id and stopped.preempting and stopped.exit_code == 143, stopped_logs[-4000:]
-            assert epochs_done(ckpt) == 1
+            assert saved_checkpoint(ckpt)["epoch"] == 1
 
             api.requeue(first.run_id)
             api.hold_open = False
@@ -75,4 +58,4 @@ def test_warm_agent_in_the_image_stops_with_143_and_its_run_resumes(app_image: s
     finals = {r.run_id: r for r in (runlog.read(f) for f in runlog.find(project / "runs") if f != folder)}
     assert sorted(finals) == sorted({a.run_id for a in api.assignments})
     assert all(r.exit_code == 0 and not r.preempting and 0.5 < r.summary["test_accuracy"] <= 1.0 for r in finals.values())
-    assert epochs_done(ckpt) == 3
+    assert saved_checkpoint(ckpt)["epoch"] == 3
