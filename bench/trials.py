@@ -68,7 +68,6 @@ if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == CHILD:
     sys.exit(0)
 
 import argparse  # noqa: E402
-import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -77,15 +76,11 @@ from typing import Any  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[1:1] = [str(REPO), str(REPO / "bench")]
-SOURCE = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+from bench import SOURCE, BenchError, prepare_data  # noqa: E402  (the benchmarks' one data set-up)
 PHASES = ("start", "checks", "wandb_init", "data", "model", "training", "evaluation", "export", "artifact",
           "finish", "exit")
 WAYS = ("process", "agent", "warm", "tutorial")
 TRIAL = {"DATASET": "fashion_mnist", "EPOCHS": "1", "TRAIN_STRIDE": "500", "VAL_SIZE": "100"}
-
-
-class BenchError(Exception):
-    pass
 
 
 def trial_phases(marks: list[tuple[str, float]], origin: float) -> list[dict[str, float]]:
@@ -230,24 +225,6 @@ def table(report: dict) -> str:
                      f"({which}){extra}")
     return "\n".join(lines)
 
-
-def prepare_data(args, work: Path) -> Path:
-    from app import data
-
-    if args.data_dir:
-        root = Path(args.data_dir)
-    else:
-        archives = [Path(args.source) / f"{name}.gz" for name in data.FILES]
-        missing = [a.name for a in archives if not a.exists()]
-        if missing:
-            raise BenchError(f"--source {args.source}: missing {', '.join(missing)} (apt-get install dataset-fashion-mnist)")
-        root = work / "data"
-        raw = data.raw_folder(root, "fashion_mnist")
-        raw.mkdir(parents=True)
-        for a in archives:
-            shutil.copy(a, raw / a.name)
-    data.ensure("fashion_mnist", root)
-    return root
 
 
 def main(argv: list[str] | None = None) -> int:

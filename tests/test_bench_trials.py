@@ -74,4 +74,5 @@ def test_a_missing_dataset_is_one_error_line(tmp_path: Path):
     assert proc.returncode == 2, proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
         f"error: --source {tmp_path / 'none'}: missing train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-        "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (apt-get install dataset-fashion-mnist)"]
+        "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (apt-get install dataset-fashion-mnist, or point "
+        "--source/--data-dir at a copy)"]
