@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.optim import optimizer as _optim
 
 from app import data
 from app.config import Config
@@ -31,7 +32,7 @@ class EagerStep:
             loss = self.criterion(self.model(x).float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        optimizer_step(self.optimizer)
         return loss.detach()
 
 
@@ -61,7 +62,7 @@ class GraphedStep:
                 logits = model(self.x)
             loss = (F.cross_entropy(logits.float(), self.y, reduction="none") * self.weight).sum()
             loss.backward()
-            optimizer.step()
+            optimizer_step(optimizer)
             return loss.detach()
 
         with torch.no_grad():
@@ -107,7 +108,40 @@ def uses_cuda_graph(config: Config, device: torch.device) -> bool:
             and config.watch_log in ("gradients", "none"))
 
 
+# torch.optim imports torch._dynamo the first time an optimizer runs (~1 s of CPU, a sixth of a whole
+# minimal trial in a process of its own): Optimizer's add_param_group, zero_grad, state_dict and
+# load_state_dict are wrapped so that torch.compile never traces into them, and that wrapper imports
+# dynamo to build itself on its first call; step() imports it to place graph breaks. Here no optimizer
+# call ever runs inside a compiled function (compile=... compiles the model's forward only), so the
+# wrappers are given their unwrapped function and step() is called under no_grad as its wrapper would.
+# Where torch's wrappers look different (another torch), both fall back to torch's own calls.
+_DYNAMO_WRAPPED = ("add_param_group", "zero_grad", "state_dict", "load_state_dict")
+
+
+def _skip_dynamo_wrappers() -> None:
+    for name in _DYNAMO_WRAPPED:
+        inner = getattr(getattr(torch.optim.Optimizer, name), "__wrapped__", None)
+        if inner is not None and not hasattr(inner, "__dynamo_disable"):
+            setattr(inner, "__dynamo_disable", inner)  # torch._compile._disable_dynamo's cache of its wrapper
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """optimizer.step() as its wrappers run it (no gradients, no hooks registered here), without
+    importing torch._dynamo."""
+    inner = type(optimizer).step
+    while hasattr(inner, "__wrapped__"):
+        inner = inner.__wrapped__
+    if (inner is type(optimizer).step or optimizer.defaults.get("differentiable")
+            or optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
+            or getattr(_optim, "_global_optimizer_pre_hooks", None) or getattr(_optim, "_global_optimizer_post_hooks", None)):
+        optimizer.step()
+        return
+    with torch.no_grad():
+        inner(optimizer)
+
+
 def build_model(config: Config, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    _skip_dynamo_wrappers()
     model = ConvNet(config.kernels, config.classes).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)

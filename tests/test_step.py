@@ -14,7 +14,8 @@ from torch import nn
 from app import data, runlog
 from app.config import Config
 from app.progress import LossReadout
-from app.step import EagerStep, GraphedStep, build_model, make_steps, set_optimizer_flags, uses_cuda_graph
+from app.step import (EagerStep, GraphedStep, build_model, make_steps, optimizer_step, set_optimizer_flags,
+                      uses_cuda_graph)
 from app.train import setup
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
@@ -50,6 +51,33 @@ def test_cpu_steps_are_eager_and_train():
     for _ in range(20):
         last = [step(bx, by).item() for bx, by in batches]
     assert sum(last) < 0.5 * sum(first)  # 64 fixed examples: the loss must fall
+
+
+def test_optimizer_step_updates_exactly_as_torch_step_does():
+    """The step without torch's dynamo-importing wrapper: the same weights and Adam state, bit for bit."""
+    models, optimizers = zip(*(build_model(Config(), CPU) for _ in range(2)))
+    models[1].load_state_dict(models[0].state_dict())
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    for _ in range(3):
+        for model, optimizer, step in zip(models, optimizers, (lambda o: o.step(), optimizer_step)):
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            step(optimizer)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b) and a.grad is not None
+    states = [o.state_dict()["state"] for o in optimizers]
+    assert states[0].keys() == states[1].keys() and len(states[0]) == len(list(models[0].parameters()))
+    for i in states[0]:
+        assert all(torch.equal(states[0][i][k], states[1][i][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_optimizer_step_runs_registered_hooks_through_torch():
+    model, optimizer = build_model(Config(), CPU)
+    seen = []
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: seen.append(opt))
+    nn.functional.cross_entropy(model(torch.randn(4, 1, 28, 28)), torch.randint(0, 10, (4,))).backward()
+    optimizer_step(optimizer)
+    assert seen == [optimizer] and optimizer.state
 
 
 def test_optimizer_flags_survive_a_checkpoint_from_another_mode():
