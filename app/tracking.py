@@ -112,6 +112,7 @@ def start(config: Config, environ: Mapping[str, str] | None = None, mode: str | 
 
     import wandb
 
+    _skip_launch_inputs_import()
     # our own id up front: the output folder and checkpoint are keyed by it before W&B starts
     run_id = env.run_id(environ) or new_run_id()
     ids: dict[str, Any] = {"project": env.text("WANDB_PROJECT", DEFAULT_PROJECT, environ=environ), "id": run_id}
@@ -143,6 +144,25 @@ def start(config: Config, environ: Mapping[str, str] | None = None, mode: str | 
     if effective != config:
         run.config.update(effective.to_dict(), allow_val_change=True)
     return run, effective
+
+
+def _skip_launch_inputs_import() -> None:
+    """wandb.init ends by applying W&B Launch's staged job inputs, importing W&B's launch and public-API
+    packages to look (~0.35 s of CPU, every process). Inputs can only have been staged through that very
+    module (wandb.sdk.launch.inputs.internal), so while it is not imported there is nothing to apply:
+    the look is skipped then, and made as before once it is."""
+    from wandb.sdk import wandb_run
+
+    apply = getattr(wandb_run.Run, "_detect_and_apply_job_inputs", None)
+    if apply is None or getattr(apply, "_skips_unimported", False):
+        return
+
+    def detect_and_apply_job_inputs(self) -> None:
+        if "wandb.sdk.launch.inputs.internal" in sys.modules:
+            apply(self)
+
+    detect_and_apply_job_inputs._skips_unimported = True
+    wandb_run.Run._detect_and_apply_job_inputs = detect_and_apply_job_inputs
 
 
 def watch(run, model, criterion, config: Config, log_freq: int | None = None) -> None:

@@ -32,9 +32,11 @@ def tutorial_run(tmp_path_factory, fashion_dir: Path):
     """One epoch of the tutorial's config (defaults + EPOCHS=1) on the real Fashion-MNIST, offline."""
     cwd = tmp_path_factory.mktemp("tutorial")
     env = clean_env(cwd, DATASET="fashion_mnist", DATA_DIR=str(fashion_dir), EPOCHS="1", WANDB_MODE="offline",
-                    WANDB_DIR=str(cwd / "runs"), OUTPUT_DIR=str(cwd / "outputs"))
+                    WANDB_DIR=str(cwd / "runs"), OUTPUT_DIR=str(cwd / "outputs"),
+                    PYTHONPROFILEIMPORTTIME="1")  # every module the process imports, on stderr
     proc = run_app(["train"], env, cwd, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (cwd / "stderr.txt").write_text(proc.stderr)
     [folder] = runlog.find(cwd / "runs")
     run = runlog.read(folder)
     return cwd, folder, run
@@ -56,6 +58,18 @@ def test_tutorial_run_records_config_history_and_accuracy(tutorial_run):
     assert run.metric("val_loss") and run.metric("examples_per_s")[0][1] > 0
     assert run.summary["test_accuracy"] >= 0.80, f"test_accuracy {run.summary['test_accuracy']:.4f}"
     assert run.metric("test_accuracy")[0][1] == run.summary["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_a_run_process_imports_neither_torch_dynamo_nor_wandb_launch(tutorial_run):
+    """What a process per run need not pay (~1.3 s of a minimal trial on the CPU): torch._dynamo, which
+    torch.optim imports on first use, and W&B's launch and public-API packages, which wandb.init imports
+    to look for Launch inputs."""
+    cwd, _, _ = tutorial_run
+    log = (cwd / "stderr.txt").read_text().splitlines()
+    imported = {line.rsplit("|", 1)[1].strip() for line in log if line.startswith("import time:")}
+    assert {"torch", "torch.optim", "wandb", "onnxruntime"} <= imported  # the log covers the whole run
+    assert not {m for m in imported if m.startswith(("torch._dynamo", "wandb.sdk.launch", "wandb.apis.public"))}
 
 
 @pytest.mark.slow
