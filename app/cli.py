@@ -125,8 +125,7 @@ COMMANDS = {
 def exit_after_run(code: int) -> None:
     """End a `train` process without the interpreter's teardown of every module it loaded.
 
-    With torch (and torch._dynamo, which its optimizers import), W&B and onnx loaded, that teardown takes
-    0.5-1 s, paid by every run a `wandb agent` starts, and it does nothing a finished run needs: the exit
+    With torch, W&B and onnx loaded, that teardown takes 0.5-1 s, paid by every run a `wandb agent` starts, and it does nothing a finished run needs: the exit
     handlers still run (W&B's service teardown, logging's flush, anything registered), then the streams
     are flushed. The run itself was finished and flushed by `run.finish()` before this."""
     import atexit
