@@ -397,6 +397,29 @@ def test_too_few_runs_show_words_not_importance():
     assert len(children(ET.fromstring(charts["g-parallel.svg"]), "polyline", "trial")) == 3
 
 
+def test_a_big_sweep_draws_its_best_runs_in_colour_over_the_rest_in_grey():
+    runs = []
+    for i in range(report.CURVES_IN_COLOUR + 5):
+        run = runlog.OfflineRun(path=Path(f"offline-run-{i}"), run_id=f"r{i:02d}", group="g", exit_code=0,
+                                config={"learning_rate": 0.001 * (i + 1)}, summary={"val_loss": 1.0 + i})
+        run.history = [{"_step": 10 * (e + 1), "epoch": e, "val_loss": 2.0 + i - e} for e in range(3)]
+        runs.append(run)
+    _, charts = report.page(Path("runs"), [report.make_group("g", runs[::-1], "val_loss", "minimize")], [])
+    curves = ET.fromstring(charts["g-curves.svg"])
+    assert curves.find(f"{SVG}text").text == f"g: {len(runs)} run(s), the best {report.CURVES_IN_COLOUR} in colour"
+    best = [r.run_id for r in runs[:report.CURVES_IN_COLOUR]]  # lowest val_loss first
+    assert [g.get("data-run") for g in curves.iter(f"{SVG}g") if g.get("class") == "legend-entry"] == best
+    rest = [g for g in curves.iter(f"{SVG}g") if g.get("class") == "legend-rest"]
+    assert len(rest) == 1 and rest[0].find(f"{SVG}text").text == "the other 5 runs (table below)"
+    val_loss = panels(curves)["val_loss"]
+    lines = shapes(val_loss, "polyline", "line")
+    assert [e.get("data-run") for e in lines] == [r.run_id for r in runs[report.CURVES_IN_COLOUR:]] + best  # grey under
+    assert {e.get("stroke") for e in lines[:5]} == {report.GREY} and report.GREY not in {e.get("stroke") for e in lines[5:]}
+    assert all(len(coordinates(e)) == 3 for e in lines)  # every run's every epoch is drawn
+    points = shapes(val_loss, "circle", "point")
+    assert {e.get("data-run") for e in points} == set(best) and len(points) == 3 * len(best)
+
+
 def test_the_render_benchmark_runs(tmp_path):
     """bench/report_sweep.py end to end on a small sweep (no timing asserted: the numbers are the machine's)."""
     proc = subprocess.run([sys.executable, str(Path(report.__file__).parents[2] / "bench" / "report_sweep.py"),

@@ -137,14 +137,23 @@ CURVES = (("loss", "training loss", "examples seen", "loss"), ("val_loss", "val_
           ("val_accuracy", "val_accuracy", "epoch", "accuracy"))
 
 
+CURVES_IN_COLOUR = 10  # runs drawn in colour, each with its own legend entry; more are drawn in grey
+GREY = "#c9c9c9"
+
+
 def curves_svg(group: Group) -> str:
-    """Training loss, val_loss and val_accuracy of every run in the group; one colour per run."""
+    """Training loss, val_loss and val_accuracy of every run in the group. Up to CURVES_IN_COLOUR runs: one
+    colour each. A bigger sweep: the best CURVES_IN_COLOUR in colour over every other run in grey, a line
+    each with its run on hover but no points, so hundreds of runs stay readable (and the page small)."""
     n = len(group.runs)
-    colors = [svg.TAB10[i % 10] if n <= 10 else svg.viridis(i / max(1, n - 1)) for i in range(n)]
+    coloured = group.runs[:CURVES_IN_COLOUR]  # the runs come best first
+    grey = group.runs[len(coloured):]
+    colors = [svg.TAB10[i % 10] for i in range(len(coloured))]
     panels = []
     for key, title, xlabel, ylabel in CURVES:
         series = []
-        for run, color in zip(group.runs, colors):
+        # grey first, so the coloured runs are drawn over them
+        for run, color in [(r, GREY) for r in grey] + list(zip(coloured, colors)):
             if key == "loss":
                 rows = run.metric(key)
             else:
@@ -152,14 +161,16 @@ def curves_svg(group: Group) -> str:
             points = svg.points(rows)
             if points:
                 label = _label(run, group.params)
+                marked = color != GREY and key != "loss"
                 series.append(svg.Series(points, color, label=label, dashed=not run.finished,
-                                     marker=0.0 if key == "loss" else 2.5, run_id=run.run_id,
-                                     tips=[f"{label}: {ylabel} {y:.4g} at {xlabel} {svg.tick_label(x)}" for x, y in points]))
+                                         marker=2.5 if marked else 0.0, run_id=run.run_id,
+                                         tips=[f"{label}: {ylabel} {y:.4g} at {xlabel} {svg.tick_label(x)}"
+                                               for x, y in points] if color != GREY else []))
         xs = [x for s in series for x, _ in s.points]
         ys = [y for s in series for _, y in s.points]
         panels.append(svg.Panel(title, xlabel, ylabel, svg.Axis.fit(xs, integer=xlabel == "epoch"), svg.Axis.fit(ys), series))
     legend = ['<text class="legend-title" x="0" y="0" font-weight="bold">run</text>']
-    for i, (run, color) in enumerate(zip(group.runs, colors)):
+    for i, (run, color) in enumerate(zip(coloured, colors)):
         label = _label(run, group.params)
         shown = label if len(label) <= svg.LEGEND_CHARS else label[:svg.LEGEND_CHARS - 1] + "…"
         dash = ' stroke-dasharray="3 3"' if not run.finished else ""
@@ -167,10 +178,17 @@ def curves_svg(group: Group) -> str:
         legend.append(f'<g class="legend-entry" data-run="{svg.esc(run.run_id)}"><title>{svg.esc(label)}</title>'
                       f'<line x1="0" y1="{y - 4}" x2="22" y2="{y - 4}" stroke="{color}" stroke-width="2"{dash}/>'
                       f'<text x="28" y="{y}">{svg.esc(shown)}</text></g>')
+    rows = len(coloured)
+    if grey:
+        y = 18 + 16 * rows
+        legend.append(f'<g class="legend-rest"><line x1="0" y1="{y - 4}" x2="22" y2="{y - 4}" stroke="{GREY}" '
+                      f'stroke-width="2"/><text x="28" y="{y}">the other {len(grey)} runs (table below)</text></g>')
+        rows += 1
     if any(not r.finished for r in group.runs):
-        legend.append(f'<text x="0" y="{18 + 16 * n + 6}" fill="#555">dotted: never finished</text>')
-    width = 40 + 0.6 * svg.FONT * max([len(_label(r, group.params)[:svg.LEGEND_CHARS]) for r in group.runs] + [22])
-    return svg.figure(f"{group.name}: {n} run(s)", panels, legend, width, 18 + 16 * (n + 1))
+        legend.append(f'<text x="0" y="{18 + 16 * rows + 6}" fill="#555">dotted: never finished</text>')
+    width = 40 + 0.6 * svg.FONT * max([len(_label(r, group.params)[:svg.LEGEND_CHARS]) for r in coloured] + [30])
+    title = f"{group.name}: {n} run(s)" + (f", the best {len(coloured)} in colour" if grey else "")
+    return svg.figure(title, panels, legend, width, 18 + 16 * (rows + 1))
 
 
 def params_svg(group: Group) -> str | None:
