@@ -159,8 +159,10 @@ def test_an_early_terminate_stop_ends_the_run_after_its_epoch_as_a_pruned_finish
     assert "test_accuracy" not in stopped.summary and not artifact.recorded(folder)
     assert not (tmp_path / "outputs" / stopped_id / "model.onnx").exists()
     assert f"stopped early after epoch {epochs_done}" in log and f"run {stopped_id} ended with exit code 0" in log
+    assert "Changes to your `wandb` environment variables" not in log  # W&B's settings stay as the agent set them
 
     folder, finished = runs[next_id]
     assert finished.exit_code == 0 and not finished.preempting and "pruned" not in finished.summary
     assert len(finished.metric("val_accuracy")) == 2 and 0 < finished.summary["test_accuracy"] <= 1
     assert (tmp_path / "outputs" / next_id / "model.onnx").is_file() and artifact.recorded(folder)
+

@@ -38,7 +38,7 @@ import time
 import traceback
 from typing import Any, Mapping
 
-from app import cli, env, interrupts
+from app import cli, env, interrupts, tracking
 from app.errors import UserError
 
 PROCESSES = ("per-run", "warm")
@@ -108,6 +108,8 @@ class WarmAgent:
         if self.project:
             os.environ["WANDB_PROJECT"] = self.project
         self.environ.update({k: os.environ[k] for k in ("WANDB_SWEEP_ID", "WANDB_ENTITY", "WANDB_PROJECT") if k in os.environ})
+        # what each run's wandb.init would otherwise change in os.environ, set before W&B reads it here
+        tracking.prepare_wandb_environ(self.environ)
 
         import wandb
         from wandb.apis.public.sweeps import _register_agent
