@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, clean_env
+from conftest import REPO, clean_env, wait_for
 from fake_wandb import FakeWandb
 
 from app import artifact, checkpoint, runlog
@@ -166,3 +166,24 @@ def test_an_early_terminate_stop_ends_the_run_after_its_epoch_as_a_pruned_finish
     assert len(finished.metric("val_accuracy")) == 2 and 0 < finished.summary["test_accuracy"] <= 1
     assert (tmp_path / "outputs" / next_id / "model.onnx").is_file() and artifact.recorded(folder)
 
+
+@pytest.mark.slow
+def test_per_run_an_early_terminate_stop_is_a_sigterm_and_marks_the_run_preempting(tmp_path: Path, small_data: Path):
+    # the per-run limitation README states: `wandb agent` carries out W&B's `stop` by SIGTERM to the run's
+    # process, which that process can't tell from `docker stop`: it checkpoints and exits 143 marked preempting
+    long_run = 300
+    sweep = {**grid(epochs=[long_run, 1]), "early_terminate": {"type": "hyperband", "min_iter": 1}}
+    with FakeWandb(sweep) as api:
+        proc = start_agent(agent_env(tmp_path, api, small_data, AGENT_PROCESS="per-run"), tmp_path)
+        # hyperband's first rung: the stop comes once the run has trained an epoch (a stop before that
+        # finds no W&B run yet: the process exits 143 with nothing recorded)
+        wait_for(lambda: list((tmp_path / "outputs").glob("*/checkpoint.pt")), 300, "the first epoch's checkpoint")
+        api.early_stop.append({"epochs": long_run})
+        assert proc.wait(timeout=600) == 0, (tmp_path / "agent.log").read_text()[-4000:]
+        stopped_id, next_id = [a.run_id for a in api.assignments]
+        assert set(api.stops) == {stopped_id}
+    runs = runs_in(tmp_path / "runs")
+    stopped, finished = runs[stopped_id][1], runs[next_id][1]
+    assert stopped.preempting and stopped.exit_code == 143 and "pruned" not in stopped.summary
+    assert checkpoint.load(tmp_path / "outputs" / stopped_id / "checkpoint.pt")["epoch"] < long_run
+    assert finished.exit_code == 0 and not finished.preempting  # `wandb agent` went on to the next run
