@@ -6,11 +6,14 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
-from typing import MutableMapping
+from typing import TYPE_CHECKING, MutableMapping
 
 from app import config as cfg
 from app import env, interrupts, tracking
 from app.errors import UserError
+
+if TYPE_CHECKING:
+    from app.train import EpochHook  # the hook's type only: `--help` and a skipped duplicate never load torch
 
 USAGE = """usage: python -m app <command> [options]
 
@@ -68,9 +71,10 @@ def prepare(args: list[str], environ: MutableMapping[str, str] | None = None,
     return Start(args, config, environ, preflight.check_environment(config, environ))
 
 
-def run(start: Start, last: bool = True) -> int:
+def run(start: Start, last: bool = True, on_epoch: EpochHook | None = None) -> int:
     """The checked run: a sweep's duplicate guard, then train(); exit code as `wandb agent` expects.
-    `last=False`: the process goes on to another run (a warm agent), so a stop stays a stop after this one."""
+    `last=False`: the process goes on to another run (a warm agent), so a stop stays a stop after this one.
+    `on_epoch`: train()'s hook; True after an epoch ends the run early (a warm agent's early_terminate stop)."""
     from app.sweep import dedupe
 
     # a sweep run first claims its parameters: W&B may have handed the same ones to another agent
@@ -82,7 +86,7 @@ def run(start: Start, last: bool = True) -> int:
         from app.train import Preempted, train  # after the check: a skipped duplicate never loads torch
 
         try:
-            result = train(start.config, start.environ, ready=start.ready)
+            result = train(start.config, start.environ, on_epoch=on_epoch, ready=start.ready)
         except Preempted as stop:
             if claim:
                 claim.close(dedupe.PREEMPTED)  # the requeued run (same id) takes the params back
@@ -92,7 +96,10 @@ def run(start: Start, last: bool = True) -> int:
             claim.close(dedupe.FINISHED)
     if last:
         interrupts.finished()  # the run is recorded: a stop from here on is no failure
-    print(f"done: run {result['run_id']} test_accuracy {result['test_accuracy']:.4f} onnx {result['onnx']}", flush=True)
+    if result["pruned"]:
+        print(f"done: run {result['run_id']} stopped early (val_accuracy {result['val_accuracy']:.4f}; no test or export)", flush=True)
+    else:
+        print(f"done: run {result['run_id']} test_accuracy {result['test_accuracy']:.4f} onnx {result['onnx']}", flush=True)
     return 0
 
 

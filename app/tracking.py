@@ -94,6 +94,15 @@ def new_run_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
+def prepare_wandb_environ(environ: Mapping[str, str] | None = None) -> None:
+    """The WANDB_* variables W&B reads from os.environ itself, as our runs need them. Before W&B loads its
+    settings: in a process that runs many, W&B warns at each wandb.init once they have changed since."""
+    env.drop_empty_wandb()  # W&B reads os.environ itself and rejects some empty values (WANDB_MODE=)
+    if in_container(environ):
+        # W&B's own end-of-run lines say `wandb sync /runs/...`, a path only the container has; ours name the host's
+        os.environ.setdefault("WANDB_QUIET", "true")
+
+
 def start(config: Config, environ: Mapping[str, str] | None = None, mode: str | None = None,
           **init_kwargs: Any):
     """`wandb.init` once for this process; returns the run and the config with a sweep's values applied.
@@ -105,10 +114,7 @@ def start(config: Config, environ: Mapping[str, str] | None = None, mode: str | 
     """
     environ = os.environ if environ is None else environ
     mode = mode or resolve_mode(environ)
-    env.drop_empty_wandb()  # W&B reads os.environ itself and rejects some empty values (WANDB_MODE=)
-    if in_container(environ):
-        # W&B's own end-of-run lines say `wandb sync /runs/...`, a path only the container has; ours name the host's
-        os.environ.setdefault("WANDB_QUIET", "true")
+    prepare_wandb_environ(environ)
 
     import wandb
 

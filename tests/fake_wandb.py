@@ -24,6 +24,12 @@ sometimes does when agents start together, so the agents' duplicate detection ca
         ... WANDB_BASE_URL=api.url wandb agent api.sweep_path ...
         api.assignments   # [Assignment(agent_id, host, run_id, params, duplicate_of, command), ...]
         api.requeue(run_id)  # hand a preempted run out again, as W&B does, as a "resume" command
+
+An early_terminate sweep's stops: W&B's server answers the heartbeat of an agent whose run falls behind
+with `{"type": "stop", "run_id": ...}` (hyperband). `early_stop` lists the params of the runs to stop:
+
+    api.early_stop.append({"epochs": 30})  # every heartbeat reporting such a run running answers `stop`
+    api.stops                             # [run_id, ...] of each stop sent, in order
 """
 
 from __future__ import annotations
@@ -72,6 +78,8 @@ class FakeWandb(Uploads):
         self._queue: list[dict[str, Any]] = []
         self._copies: list[Assignment] = []  # duplicate hand-outs still owed to another agent
         self._requeued: list[Assignment] = []  # preempted runs to hand out again, same run id
+        self.early_stop: list[dict[str, Any]] = []  # params of runs told to stop while they run (hyperband)
+        self.stops: list[str] = []  # run id of every stop command sent
         self.requests: list[tuple[str, dict[str, Any]]] = []  # (operation, variables) of every GraphQL request
         self.init_uploads()
         if config is not None:
@@ -145,6 +153,14 @@ class FakeWandb(Uploads):
         args = {k: {"value": v} for k, v in assignment.params.items()}
         return [{"type": assignment.command, "run_id": assignment.run_id, "args": args, "program": None}]
 
+    def _stop_commands(self, states: dict[str, bool]) -> list[dict[str, Any]]:
+        """`stop` for each run the agent reports running whose params are in early_stop."""
+        with self.lock:
+            stop = [a.run_id for a in self.assignments
+                    if states.get(a.run_id) and a.params in self.early_stop]
+            self.stops.extend(stop)
+        return [{"type": "stop", "run_id": run_id} for run_id in stop]
+
     # --- GraphQL ---
     def answer(self, body: dict[str, Any]) -> dict[str, Any]:
         query = body.get("query", "")
@@ -188,7 +204,7 @@ class FakeWandb(Uploads):
         if op == "Heartbeat":
             agent_id = variables.get("id", "")
             states = json.loads(variables.get("runState") or "{}")
-            commands = self._next_command(agent_id, busy=any(states.values()))
+            commands = self._stop_commands(states) or self._next_command(agent_id, busy=any(states.values()))
             return {"data": {"agentHeartbeat": {"agent": {"id": agent_id}, "commands": json.dumps(commands)}}}
         return {}
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, clean_env
+from conftest import REPO, clean_env, wait_for
 from fake_wandb import FakeWandb
 
 from app import artifact, checkpoint, runlog
@@ -133,12 +133,57 @@ def test_a_failing_run_fails_alone_and_the_next_starts_clean(tmp_path: Path, sma
     assert ok[0].summary["test_loss"] != ok[1].summary["test_loss"]  # each its own learning rate
 
 
-def test_a_sweep_with_early_terminate_is_refused_by_the_warm_agent(tmp_path: Path, small_data: Path):
-    sweep = {**grid(learning_rate=[0.01]), "early_terminate": {"type": "hyperband", "min_iter": 1}}
+@pytest.mark.slow
+def test_an_early_terminate_stop_ends_the_run_after_its_epoch_as_a_pruned_finished_run(tmp_path: Path, small_data: Path):
+    # hyperband stops the long run (W&B's `stop` command in the heartbeat answer, once the agent reports it
+    # running: its first heartbeat comes POLL_S after the run starts); the short run after it is untouched
+    long_run = 300
+    sweep = {**grid(epochs=[long_run, 2]), "early_terminate": {"type": "hyperband", "min_iter": 1}}
     with FakeWandb(sweep) as api:
-        env = agent_env(tmp_path, api, small_data, AGENT_PROCESS="warm")
-        proc = subprocess.run([sys.executable, "-m", "app.container.entrypoint"], env=env, cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
-        assert not api.assignments
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "early_terminate" in proc.stderr and "AGENT_PROCESS=per-run" in proc.stderr
+        api.early_stop.append({"epochs": long_run})
+        proc = start_agent(agent_env(tmp_path, api, small_data, AGENT_PROCESS="warm"), tmp_path)
+        assert proc.wait(timeout=600) == 0, (tmp_path / "agent.log").read_text()[-4000:]
+        stopped_id, next_id = [a.run_id for a in api.assignments]
+        # handed out once each: the stopped run was not requeued (no "resume"), the agent went on to the next
+        assert [(a.command, a.params) for a in api.assignments] == [("run", {"epochs": long_run}), ("run", {"epochs": 2})]
+        assert set(api.stops) == {stopped_id}
+    log = (tmp_path / "agent.log").read_text()
+    runs = runs_in(tmp_path / "runs")
+    assert sorted(runs) == sorted([stopped_id, next_id])
+
+    folder, stopped = runs[stopped_id]
+    epochs_done = checkpoint.load(tmp_path / "outputs" / stopped_id / "checkpoint.pt")["epoch"]
+    assert 1 <= epochs_done < long_run and stopped.config["epochs"] == long_run
+    assert len(stopped.metric("val_accuracy")) == epochs_done  # it trained no epoch past the checkpoint's
+    assert stopped.summary["pruned"] is True and stopped.exit_code == 0 and not stopped.preempting
+    assert "test_accuracy" not in stopped.summary and not artifact.recorded(folder)
+    assert not (tmp_path / "outputs" / stopped_id / "model.onnx").exists()
+    assert f"stopped early after epoch {epochs_done}" in log and f"run {stopped_id} ended with exit code 0" in log
+    assert "Changes to your `wandb` environment variables" not in log  # W&B's settings stay as the agent set them
+
+    folder, finished = runs[next_id]
+    assert finished.exit_code == 0 and not finished.preempting and "pruned" not in finished.summary
+    assert len(finished.metric("val_accuracy")) == 2 and 0 < finished.summary["test_accuracy"] <= 1
+    assert (tmp_path / "outputs" / next_id / "model.onnx").is_file() and artifact.recorded(folder)
+
+
+@pytest.mark.slow
+def test_per_run_an_early_terminate_stop_is_a_sigterm_and_marks_the_run_preempting(tmp_path: Path, small_data: Path):
+    # the per-run limitation README states: `wandb agent` carries out W&B's `stop` by SIGTERM to the run's
+    # process, which that process can't tell from `docker stop`: it checkpoints and exits 143 marked preempting
+    long_run = 300
+    sweep = {**grid(epochs=[long_run, 1]), "early_terminate": {"type": "hyperband", "min_iter": 1}}
+    with FakeWandb(sweep) as api:
+        proc = start_agent(agent_env(tmp_path, api, small_data, AGENT_PROCESS="per-run"), tmp_path)
+        # hyperband's first rung: the stop comes once the run has trained an epoch (a stop before that
+        # finds no W&B run yet: the process exits 143 with nothing recorded)
+        wait_for(lambda: list((tmp_path / "outputs").glob("*/checkpoint.pt")), 300, "the first epoch's checkpoint")
+        api.early_stop.append({"epochs": long_run})
+        assert proc.wait(timeout=600) == 0, (tmp_path / "agent.log").read_text()[-4000:]
+        stopped_id, next_id = [a.run_id for a in api.assignments]
+        assert set(api.stops) == {stopped_id}
+    runs = runs_in(tmp_path / "runs")
+    stopped, finished = runs[stopped_id][1], runs[next_id][1]
+    assert stopped.preempting and stopped.exit_code == 143 and "pruned" not in stopped.summary
+    assert checkpoint.load(tmp_path / "outputs" / stopped_id / "checkpoint.pt")["epoch"] < long_run
+    assert finished.exit_code == 0 and not finished.preempting  # `wandb agent` went on to the next run

@@ -19,8 +19,12 @@ run, marks it preempting and the agent exits 128+signal; a run that raises is re
 the next starts clean (MAX_ERRORS_IN_A_ROW failures in a row stop the agent, exit 1); a CUDA error
 other than running out of memory ends the agent with exit 1, since the process can no longer be
 trusted; nothing of a run outlives it but the data, kept once on the device (app.data).
-Not supported: a sweep with early_terminate (W&B stops such runs by signalling their process); it is
-refused before any work, and AGENT_PROCESS=per-run serves it.
+
+A sweep with early_terminate (hyperband): W&B's server asks to stop a run with a `stop` command in its
+heartbeat answer, where `wandb agent` would SIGTERM the run's process. Here the heartbeat thread notes
+it and the run ends at its next epoch boundary as an offline sweep's pruned trial ends (train()'s
+on_epoch hook): summary pruned=True, no test or export, finished with exit code 0 and not marked
+preempting (a preempting run would be handed out again and resumed, undoing the stop).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import time
 import traceback
 from typing import Any, Mapping
 
-from app import cli, env, interrupts
+from app import cli, env, interrupts, tracking
 from app.errors import UserError
 
 PROCESSES = ("per-run", "warm")
@@ -59,6 +63,7 @@ class Heartbeat(threading.Thread):
         self.api, self.agent_id, self.run_id = api, agent_id, run_id
         self.done = threading.Event()
         self.exit_asked = False
+        self.stop_asked = threading.Event()  # early_terminate: the run ends after its current epoch
 
     def run(self) -> None:
         from wandb.apis.public.sweeps import _agent_heartbeat
@@ -72,8 +77,9 @@ class Heartbeat(threading.Thread):
             for command in commands:
                 if command.get("type") == "exit":
                     self.exit_asked = True
-                elif command.get("type") == "stop":
-                    say(f"the server asked to stop run {command.get('run_id')}; it trains to its end")
+                elif command.get("type") == "stop" and command.get("run_id") == self.run_id and not self.stop_asked.is_set():
+                    say(f"the server asked to stop run {self.run_id} (early_terminate): it ends after this epoch")
+                    self.stop_asked.set()
 
     def stop(self) -> None:
         self.done.set()
@@ -89,9 +95,7 @@ class WarmAgent:
         self.cuda_broken = False
 
     def connect(self):
-        """W&B's own settings, the API, the sweep's check and the agent's registration."""
-        import yaml
-
+        """W&B's own settings, the API and the agent's registration."""
         # as `wandb agent ENTITY/PROJECT/SWEEP` sets them for its runs; W&B reads them in this process.
         # The agent itself always talks to the server: the runs' mode is passed to each run's wandb.init
         for key, value in self.environ.items():
@@ -104,16 +108,13 @@ class WarmAgent:
         if self.project:
             os.environ["WANDB_PROJECT"] = self.project
         self.environ.update({k: os.environ[k] for k in ("WANDB_SWEEP_ID", "WANDB_ENTITY", "WANDB_PROJECT") if k in os.environ})
+        # what each run's wandb.init would otherwise change in os.environ, set before W&B reads it here
+        tracking.prepare_wandb_environ(self.environ)
 
         import wandb
-        from wandb.apis.public.sweeps import _register_agent, _sweep_with_runs
+        from wandb.apis.public.sweeps import _register_agent
 
         self.api = wandb.Api()
-        sweep = _sweep_with_runs(self.api, self.sweep_id, "{}", project=self.project, entity=self.entity) or {}
-        config = yaml.safe_load(sweep.get("config") or "{}") or {}
-        if isinstance(config, dict) and config.get("early_terminate"):
-            raise UserError(f"sweep {self.sweep_id} uses early_terminate, which W&B applies by signalling each run's "
-                            "process: AGENT_PROCESS=warm cannot serve it; use AGENT_PROCESS=per-run")
         agent = _register_agent(self.api, socket.gethostname(), sweep_id=self.sweep_id, project=self.project,
                                 entity=self.entity)
         self.agent_id = agent["id"]
@@ -174,7 +175,7 @@ class WarmAgent:
             # this run's id, sweep and parameter file in W&B's process-wide settings (read by wandb.init)
             wandb.setup(wandb.Settings(run_id=run_id, sweep_id=self.sweep_id, sweep_param_path=str(params)))
             start = cli.prepare(list(args), environ, dotenv_path=None)
-            return cli.run(start, last=False)
+            return cli.run(start, last=False, on_epoch=lambda epoch, metrics: beat.stop_asked.is_set())
         except interrupts.Stopped as stop:
             print(cli.stopped_line(stop), file=sys.stderr, flush=True)
             return stop.exit_code
