@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -195,6 +196,14 @@ def summarize(trials: list[dict], process_exit: float | None = None) -> dict[str
             "beyond": [a - b for a, b in zip(totals, compute)], "process_exit": process_exit}
 
 
+GPU_MEMORY = re.compile(r"GPU memory after the run: (\d+) bytes allocated, (\d+) reserved")
+
+
+def gpu_memory(log_text: str) -> list[dict[str, int]]:
+    """What a warm process still held on the GPU after each of its runs, as it logged it (CUDA only)."""
+    return [{"allocated": int(a), "reserved": int(r)} for a, r in GPU_MEMORY.findall(log_text)]
+
+
 def fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
@@ -223,6 +232,9 @@ def table(report: dict) -> str:
             extra += f"; the process's exit after its last trial {s['process_exit']:.2f} s (in no trial)"
         lines.append(f"{way}: median total {statistics.median(s['total']):.2f} s, beyond compute {beyond:.2f} s "
                      f"({which}){extra}")
+        if s.get("gpu_memory_after_runs"):
+            held = ", ".join(f"{m['allocated'] / 2**20:.0f}/{m['reserved'] / 2**20:.0f}" for m in s["gpu_memory_after_runs"])
+            lines.append(f"{way}: GPU memory after each run, MiB allocated/reserved: {held}")
     return "\n".join(lines)
 
 
@@ -256,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             report["import_torch_wandb"] = imports_baseline(min(args.trials, 3)) if {"process", "tutorial"} & set(ways) else []
             for way in ways:
                 process_exit = None
+                logged = log.stat().st_size if log.exists() else 0
                 if way == "process":
                     trials = run_process(args.trials, environ, work, log)
                 elif way == "agent":
@@ -265,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     trials = run_tutorial(args.trials, environ, work, log, data_dir, args.device)
                 report["ways"][way] = summarize(trials, process_exit)
+                with log.open("rb") as f:  # this way's children only
+                    f.seek(logged)
+                    report["ways"][way]["gpu_memory_after_runs"] = gpu_memory(f.read().decode(errors="replace"))
         except BenchError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

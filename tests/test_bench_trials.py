@@ -57,6 +57,21 @@ def test_every_way_reports_every_phase_of_every_trial(tmp_path: Path, fashion_di
     # each trial is a whole run: its ONNX export and checkpoint are on disk
     outputs = sorted((tmp_path / "work" / "outputs").glob("*/model.onnx"))
     assert len(outputs) == 6
+    assert all(s["gpu_memory_after_runs"] == [] for s in ways.values())  # on the CPU: none held, none said
+
+
+def test_gpu_memory_held_after_each_warm_run_is_read_from_its_log_and_printed():
+    sys.path.insert(0, str(REPO / "bench"))
+    import trials
+
+    log = ("[warm-agent] run a ended with exit code 0\n"
+           "[warm-agent] GPU memory after the run: 1048576 bytes allocated, 4194304 reserved\n"
+           "[warm-agent] GPU memory after the run: 2097152 bytes allocated, 4194304 reserved\n")
+    held = trials.gpu_memory(log)
+    assert held == [{"allocated": 1 << 20, "reserved": 4 << 20}, {"allocated": 2 << 20, "reserved": 4 << 20}]
+    report = {"ways": {"warm": {**trials.summarize([{"training": 1.0}, {"training": 1.0}], 0.1),
+                                "gpu_memory_after_runs": held}}, "import_torch_wandb": []}
+    assert "warm: GPU memory after each run, MiB allocated/reserved: 1/4, 2/4" in trials.table(report).splitlines()
 
 
 @pytest.mark.parametrize("args, message", [
