@@ -140,6 +140,17 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
         inner(optimizer)
 
 
+def compile_model(model: nn.Module, mode: str) -> nn.Module:
+    """torch.compile for one run, as in a fresh process. A sweep agent runs many in one process, and dynamo
+    keeps every earlier run's graphs: each model shape the sweep tries (kernels) and each batch and
+    train/eval variant add one to the function's recompile limit (8), past which a run trains
+    uncompiled with a warning. Resetting dynamo first makes each run compile as its own process would."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return torch.compile(model, mode=mode)
+
+
 def build_model(config: Config, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
     _skip_dynamo_wrappers()
     model = ConvNet(config.kernels, config.classes).to(device)

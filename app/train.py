@@ -23,7 +23,7 @@ from app.config import Config
 from app.errors import UserError
 from app.export import export_onnx
 from app.progress import LossReadout, Progress
-from app.step import build_model, make_steps, set_optimizer_flags
+from app.step import build_model, compile_model, make_steps, set_optimizer_flags
 
 
 class Preempted(Exception):
@@ -204,7 +204,7 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
                         generator=gen.get_state() if generator is None else generator,
                         config=config.to_dict(), run_id=run.id)
 
-    step_model = torch.compile(model, mode=config.compile) if config.compile != "none" else model
+    step_model = compile_model(model, config.compile) if config.compile != "none" else model
     use_bf16 = config.amp == "bf16" and device.type == "cuda"
     if config.amp == "bf16" and not use_bf16:
         print("amp=bf16 applies on CUDA only; training in float32 on the CPU", flush=True)

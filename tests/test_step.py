@@ -14,8 +14,8 @@ from torch import nn
 from app import data, runlog
 from app.config import Config
 from app.progress import LossReadout
-from app.step import (EagerStep, GraphedStep, build_model, make_steps, optimizer_step, set_optimizer_flags,
-                      uses_cuda_graph)
+from app.step import (EagerStep, GraphedStep, build_model, compile_model, make_steps, optimizer_step,
+                      set_optimizer_flags, uses_cuda_graph)
 from app.train import setup
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
@@ -78,6 +78,40 @@ def test_optimizer_step_runs_registered_hooks_through_torch():
     nn.functional.cross_entropy(model(torch.randn(4, 1, 28, 28)), torch.randint(0, 10, (4,))).backward()
     optimizer_step(optimizer)
     assert seen == [optimizer] and optimizer.state
+
+
+@pytest.mark.slow
+def test_each_compile_in_a_warm_process_compiles_afresh():
+    """A sweep agent compiles one model per run in one process: past dynamo's recompile limit (lowered
+    here to 1 so that two models show it) torch.compile alone falls back to eager; compile_model does not."""
+    import logging
+
+    import torch._dynamo
+
+    class Warnings(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    def limit_hit(compile_fn) -> bool:
+        seen = Warnings()
+        logger = logging.getLogger("torch._dynamo")
+        logger.addHandler(seen)
+        try:
+            torch._dynamo.reset()
+            with torch._dynamo.config.patch(recompile_limit=1):
+                for width in (4, 5):  # another shape for each run, as a sweep over kernels gives
+                    model = compile_fn(nn.Linear(width, 2), "default")
+                    assert model(torch.ones(3, width)).shape == (3, 2)
+        finally:
+            logger.removeHandler(seen)
+        return any("recompile_limit" in m for m in seen.messages)
+
+    assert limit_hit(lambda model, mode: torch.compile(model, mode=mode))  # what the test guards against
+    assert not limit_hit(compile_model)
 
 
 def test_optimizer_flags_survive_a_checkpoint_from_another_mode():
