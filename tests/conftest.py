@@ -51,15 +51,16 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
-def wait_for(predicate, timeout: float, what: str):
-    """Poll `predicate` until it returns something true (returned), or fail naming `what`."""
+def wait_for(predicate, timeout: float, what: str, details=None):
+    """Poll `predicate` until it returns something true (returned), or fail naming `what` (and, from
+    `details()`, what else explains it: container logs...)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}" + (f"\n{details()}" if details else ""))
 
 
 def saved_checkpoint(path: Path) -> dict | None:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FASHION_MNIST
+from conftest import FASHION_MNIST, wait_for
 from containers import app_image, compose, docker, give_to_container, project_dir  # noqa: F401
 from optuna.trial import TrialState
 
@@ -58,16 +58,6 @@ def study_of(project: Path):
     return study_mod.load_study(str(journal), SWEEP)  # read-only, as sweep-status reads it
 
 
-def wait_until(predicate, timeout: float, what: str, project: Path):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}\n{container_logs(project)}")
-
-
 def test_three_agent_containers_run_the_grid_once_through_a_kill(tmp_path, app_image):  # noqa: F811
     project = sweep_project(tmp_path)
     try:
@@ -75,8 +65,8 @@ def test_three_agent_containers_run_the_grid_once_through_a_kill(tmp_path, app_i
         assert up.returncode == 0, up.stderr
         journal = project / "runs" / "sweeps" / f"{SWEEP}.journal"
         # the journal file appears a moment before the study is written into it
-        wait_until(lambda: journal.exists() and b'"study_name"' in journal.read_bytes(), 180,
-                   "the sweep's study in its journal", project)
+        wait_for(lambda: journal.exists() and b'"study_name"' in journal.read_bytes(), 180,
+                 "the sweep's study in its journal", lambda: container_logs(project))
 
         def mid_trial():
             for t in study_of(project).get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -85,7 +75,7 @@ def test_three_agent_containers_run_the_grid_once_through_a_kill(tmp_path, app_i
                     return t
             return None
 
-        victim_trial = wait_until(mid_trial, 300, "a trial past its first epoch", project)
+        victim_trial = wait_for(mid_trial, 300, "a trial past its first epoch", lambda: container_logs(project))
         container = victim_trial.user_attrs["agent"].split(":")[0]  # the container's hostname is its id
         killed = docker("kill", "--signal", "KILL", container)
         assert killed.returncode == 0, killed.stderr
