@@ -7,6 +7,7 @@ Phases: W&B run + effective config -> device and data -> model, optimizer, resum
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -320,3 +321,15 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
         "onnx": str(onnx_path),
         **check,
     }
+
+
+def release_device_memory() -> str | None:
+    """After a run in a process that runs many (the sweep agents): what the run left on the GPU goes now,
+    not when the next run needs the memory, and what stays is said, so that growth across runs shows in
+    the log (bench/trials.py reads these lines). None on the CPU."""
+    if not torch.cuda.is_initialized():
+        return None
+    gc.collect()
+    torch.cuda.empty_cache()
+    return (f"GPU memory after the run: {torch.cuda.memory_allocated()} bytes allocated, "
+            f"{torch.cuda.memory_reserved()} reserved")

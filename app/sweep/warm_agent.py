@@ -29,7 +29,6 @@ preempting (a preempting run would be handed out again and resumed, undoing the 
 
 from __future__ import annotations
 
-import gc
 import os
 import socket
 import sys
@@ -189,7 +188,11 @@ class WarmAgent:
         finally:
             beat.stop()
             interrupts.install()  # between runs a stop is one line and 128+signal
-            _free_device_memory()
+            from app.train import release_device_memory
+
+            held = release_device_memory()
+            if held:
+                say(held)
             self.exit_asked = beat.exit_asked  # the server said exit while the run trained: none after it
 
 
@@ -199,18 +202,6 @@ def _cuda_broken(exc: BaseException) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return False  # that run asked for too much; the next one starts with the memory freed
     return isinstance(exc, torch.AcceleratorError) or "CUDA error" in str(exc)
-
-
-def _free_device_memory() -> None:
-    """On a GPU, what a run left behind goes now (not when the next run needs the memory), and the memory
-    still held after each run is said, so growth across runs shows in the log."""
-    import torch
-
-    if torch.cuda.is_initialized():
-        gc.collect()
-        torch.cuda.empty_cache()
-        say(f"GPU memory after the run: {torch.cuda.memory_allocated()} bytes allocated, "
-            f"{torch.cuda.memory_reserved()} reserved")
 
 
 def process_kind(environ: Mapping[str, str]) -> str:
