@@ -71,6 +71,9 @@ def load(path: Path, device: Any = "cpu") -> dict[str, Any]:
 
 
 COUNTERS = ("epoch", "examples_seen", "epoch_examples")  # non-negative ints, as train() writes them
+# the last finished epoch's val metrics (floats, NaN before the first epoch or without a val split): a run
+# resumed after its last epoch reports them. Checkpoints written before they were kept lack them
+VAL_METRICS = ("val_loss", "val_accuracy")
 
 
 def _refuse(path: Path, what: str) -> UserError:
@@ -83,6 +86,9 @@ def _check_counters(state: dict[str, Any], path: Path) -> None:
         value = state.get(key)
         if type(value) is not int or value < 0:
             raise _refuse(path, f"has {key}={_brief(value)} (a count >= 0 expected)")
+    for key in VAL_METRICS:
+        if key in state and type(state[key]) is not float:
+            raise _refuse(path, f"has {key}={_brief(state[key])} (a float expected)")
 
 
 def _brief(value: Any) -> str:
@@ -152,11 +158,17 @@ def _check_optimizer(optimizer: dict[str, Any], shapes: list[list[int]], path: P
             raise _refuse(path, f"has optimizer step of parameter {i} as {_brief(step)}")
 
 
-def epochs_done(path: Path, config: Config) -> int:
-    """The epochs a checkpoint holds, after the same check a resume makes (it may be copied from elsewhere)."""
+def epochs_done(path: Path, config: Config) -> tuple[int, dict[str, float]]:
+    """The epochs a checkpoint holds and the val metrics of the last of them (empty when it predates
+    them), after the same check a resume makes (it may be copied from elsewhere)."""
     state = load(path)
     check_state(state, config, path)
-    return state["epoch"]
+    return state["epoch"], last_val(state)
+
+
+def last_val(state: dict[str, Any]) -> dict[str, float]:
+    """The checked state's val metrics of its last epoch; empty for a checkpoint from before they were kept."""
+    return {k: state[k] for k in VAL_METRICS if k in state}
 
 
 def _shown(v: Any) -> str:

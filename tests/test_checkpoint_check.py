@@ -27,7 +27,8 @@ def good_state(config: Config = CONFIG) -> dict:
     model(torch.zeros(2, 1, 28, 28)).sum().backward()
     optimizer.step()
     return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=1, examples_seen=64,
-                epoch_examples=0, generator=torch.Generator().get_state(), config=config.to_dict(), run_id="run00001")
+                epoch_examples=0, generator=torch.Generator().get_state(), config=config.to_dict(), run_id="run00001",
+                val_loss=0.5, val_accuracy=0.8)
 
 
 GOOD = good_state()
@@ -37,6 +38,15 @@ def test_what_train_writes_passes():
     from app import checkpoint
 
     checkpoint.check_state(good_state(), CONFIG, PATH)
+
+
+def test_a_checkpoint_from_before_the_val_metrics_were_kept_passes():
+    from app import checkpoint
+
+    state = good_state()
+    del state["val_loss"], state["val_accuracy"]
+    checkpoint.check_state(state, CONFIG, PATH)
+    assert checkpoint.last_val(state) == {}
 
 
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5),
@@ -61,7 +71,8 @@ def test_any_entry_replaced_is_accepted_only_when_it_fits(key, value):
     # accepted: only where the value is one train() could have written there (a config's settings are
     # compared where it names them; the weights' shapes are checked whatever it says)
     assert ((key in ("epoch", "examples_seen", "epoch_examples") and type(value) is int and value >= 0)
-            or (key == "config" and isinstance(value, dict))), (key, value)
+            or (key == "config" and isinstance(value, dict))
+            or (key in ("val_loss", "val_accuracy") and type(value) is float)), (key, value)
 
 
 @settings(max_examples=40, deadline=None)

@@ -54,7 +54,7 @@ def train_trial(agent, trial, key: str, values: dict, beat: Heartbeat) -> tuple[
     trial.set_user_attr("run_id", run_id)
     trial.set_user_attr("agent", agent.who)
     trial.set_user_attr("values", values)
-    resumed = _resume_from(trial, config, run_id)
+    resumed = _resume_from(trial, config, run_id, p.metric)
     shown = " ".join(f"{k}={v}" for k, v in values.items())
     say(f"trial {trial.number} ({key}, attempt {attempt}): {shown} -> W&B run {run_id}{resumed}")
     notes = f"Optuna trial {trial.number} of offline sweep {p.name} ({key}, attempt {attempt}){resumed}"
@@ -123,7 +123,10 @@ def _after_run(agent, trial, run_id: str) -> None:
             trial.set_user_attr("run_folder", str(folder.relative_to(agent.runs_root)))
 
 
-def _resume_from(trial, config: Config, run_id: str) -> str:
+AFTER_TRAINING = ("test_loss", "test_accuracy")  # measured again by a run resumed after its last epoch
+
+
+def _resume_from(trial, config: Config, run_id: str, metric: str) -> str:
     """A retry starts from the dead attempt's last epoch checkpoint when the outputs folder has it."""
     old = trial.user_attrs.get("resume_run")
     # the id comes from the sweep's storage: one that is not a plain name is never joined to a path
@@ -133,11 +136,13 @@ def _resume_from(trial, config: Config, run_id: str) -> str:
     if not src.is_file():
         return ""
     try:
-        done = checkpoint.epochs_done(src, config)
+        done, last_val = checkpoint.epochs_done(src, config)
     except UserError:
         return ""  # a damaged checkpoint of a dead attempt: train this one from the start
-    if done >= config.epochs:
-        # killed after its last epoch: train() would skip straight to test with no val metric to report
+    if done >= config.epochs and metric not in last_val and metric not in AFTER_TRAINING:
+        # stopped after its last epoch: train() goes straight to test and export and reports the last epoch's
+        # val metrics from the checkpoint; one from before they were kept, or a metric measured while
+        # training (loss, examples_per_s), has nothing to report: train this attempt from the start
         return ""
     dst = Path(config.output_dir) / run_id
     dst.mkdir(parents=True, exist_ok=True)
