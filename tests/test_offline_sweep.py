@@ -20,6 +20,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from cluster import postgres as postgres_cluster
 from cluster import postgres_server
 from conftest import REPO, clean_env, error_lines, run_app, saved_checkpoint
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -429,6 +430,46 @@ def test_agents_on_postgresql_survive_a_kill(tmp_path, data_dir, postgres, recor
           f"retry started {result['retry_started_s']:.1f} s and completed {result['recovered_s']:.1f} s after the kill")
     status = run_app(["sweep-status", "--config", str(result["cfg"])], result["env"], tmp_path)
     assert status.returncode == 0 and "4 of 4 grid points done" in status.stdout, status.stdout + status.stderr
+
+
+@pytest.mark.slow
+def test_a_database_gone_mid_trial_ends_the_agent_in_one_line_and_the_trial_is_rerun(tmp_path, data_dir):
+    """PostgreSQL goes away while a trial trains: the trial trains to its end and keeps its checkpoint, the
+    agent ends with one line naming the storage and exit 1, and nothing is told to Optuna; once the database
+    is back the trial (still RUNNING) is seen dead and handed out again, resuming its checkpoint."""
+    cfg = write_yaml(tmp_path / "one.yaml", "name: one\nmethod: grid\nmetric: {name: val_accuracy, goal: maximize}\n"
+                                            "parameters:\n  learning_rate: {values: [0.01]}\n")
+    with postgres_cluster() as server:
+        env = agent_env(tmp_path, data_dir, SWEEP_CONFIG=str(cfg), SWEEP_STORAGE=server.url, EPOCHS="2")
+        agent = start_agent(env, tmp_path, tmp_path / "agent-0.log")
+        study = None
+        while study is None and agent.poll() is None:
+            try:
+                study = load_study(osw.storage_url(env, "one"), "one")
+            except (KeyError, ValueError, UserError):
+                time.sleep(0.2)
+        trial = wait_for_trial_mid_training(study, agent, tmp_path / "outputs", tmp_path)
+        server.stop()  # connections reset, new ones refused at once
+        assert agent.wait(timeout=300) == 1, logs(tmp_path)
+        out = (tmp_path / "agent-0.log").read_text()
+        assert "Traceback" not in out, out[-4000:]
+        (line,) = error_lines(out)
+        assert line.startswith(f"error: SWEEP_STORAGE={osw.redact(osw.storage_url(env, 'one'))}: the database stopped "
+                               "answering (") and f"trial {trial.number} stays RUNNING" in line, line
+        assert out.count("heartbeat:") == 1, out[-4000:]  # said once, not every beat
+        run_id = trial.user_attrs["run_id"]
+        assert saved_checkpoint(tmp_path / "outputs" / run_id / "checkpoint.pt")["epoch"] == 2  # trained to its end
+
+        server.start()
+        left = study.trials[trial.number]
+        assert left.state == TrialState.RUNNING and left.value is None  # nothing recorded as done
+        again = run_app(["offline-agent"], env, tmp_path, timeout=300)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert f"resuming from run {run_id}'s checkpoint after epoch 2" in again.stdout
+        trials = study.trials
+        assert trials[trial.number].state == TrialState.FAIL and trials[trial.number].system_attrs["sweep_outcome"] == "stale"
+        (done,) = [t for t in trials if t.state == TrialState.COMPLETE]
+        assert done.system_attrs["retry_of"] == trial.number
 
 
 @pytest.mark.slow
