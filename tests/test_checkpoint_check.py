@@ -16,7 +16,7 @@ from app.config import Config
 from app.errors import UserError
 from app.model import ConvNet
 
-CONFIG = Config(kernels=[4, 8], classes=10, epochs=3)
+CONFIG = Config(kernels=[4, 8], classes=10, epochs=3, device="cpu")  # the CPU generator's state below
 PATH = Path("outputs/run00001/checkpoint.pt")
 
 
@@ -47,6 +47,31 @@ def test_a_checkpoint_from_before_the_val_metrics_were_kept_passes():
     del state["val_loss"], state["val_accuracy"]
     checkpoint.check_state(state, CONFIG, PATH)
     assert checkpoint.last_val(state) == {}
+
+
+CUDA_GENERATOR = torch.zeros(16, dtype=torch.uint8)  # what torch.cuda's generator get_state() gives: seed, offset
+
+
+@pytest.mark.parametrize("generator, device, written, trains", [
+    (CUDA_GENERATOR, "cpu", "CUDA", "the CPU"),
+    (None, "cuda", "the CPU", "CUDA"),
+    (None, "cuda:1", "the CPU", "CUDA"),
+], ids=["cuda-checkpoint-on-cpu", "cpu-checkpoint-on-cuda", "cpu-checkpoint-on-cuda-1"])
+def test_a_checkpoint_of_the_other_device_type_is_refused_in_one_line(generator, device, written, trains):
+    from app import checkpoint
+
+    state = good_state()
+    if generator is not None:
+        state["generator"] = generator
+    config = CONFIG.replace(device=device)
+    with pytest.raises(UserError) as refused:
+        checkpoint.check_state(state, config, PATH)
+    line = str(refused.value)
+    assert "\n" not in line and str(PATH) in line, line
+    assert f"written training on {written} but this run trains on {trains} (device={device})" in line, line
+    assert "resume=false" in line
+    # on its own device type the same checkpoint passes
+    checkpoint.check_state(state, CONFIG.replace(device="cuda" if generator is not None else "cpu"), PATH)
 
 
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5),

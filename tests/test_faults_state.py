@@ -144,6 +144,15 @@ def _optimizer_state_shape(state):
     state["optimizer"]["state"][4]["exp_avg"] = state["optimizer"]["state"][4]["exp_avg"][:, :7]
 
 
+def _other_device_type(state):
+    """The generator of the device type the run was not written on: CUDA's 16-byte Philox state (seed,
+    offset) for a CPU checkpoint, the CPU's for a CUDA one."""
+    import torch
+
+    cuda = state["generator"].numel() == 16
+    state["generator"] = torch.Generator().get_state() if cuda else torch.zeros(16, dtype=torch.uint8)
+
+
 # (how the checkpoint is damaged, a fragment of the one line): each is untrusted input from elsewhere
 CHECKPOINT_CASES = {
     "no-config-other-kernels": (_other_kernels_no_config, "config"),
@@ -165,6 +174,7 @@ CHECKPOINT_CASES = {
     "examples-seen-a-float": (lambda s: s.update(examples_seen=1.5), "examples_seen"),
     "epoch-examples-negative": (lambda s: s.update(epoch_examples=-32), "epoch_examples"),
     "generator-not-bytes": (lambda s: s.update(generator=s["generator"].float()), "generator"),
+    "generator-of-the-other-device-type": (_other_device_type, "its data order cannot continue on another device type"),
     "config-not-a-dict": (lambda s: s.update(config="kernels=8"), "config"),
     "not-a-dict": (lambda s: (s.clear(), s.update(model={})), "checkpoint"),
 }

@@ -138,7 +138,7 @@ def _resume_from(trial, config: Config, run_id: str, metric: str) -> str:
     try:
         done, last_val = checkpoint.epochs_done(src, config)
     except UserError:
-        return ""  # a damaged checkpoint of a dead attempt: train this one from the start
+        return ""  # a damaged checkpoint of a dead attempt, or one of another device type: train this one from the start
     if done >= config.epochs and metric not in last_val and metric not in AFTER_TRAINING:
         # stopped after its last epoch: train() goes straight to test and export and reports the last epoch's
         # val metrics from the checkpoint; one from before they were kept, or a metric measured while
