@@ -632,7 +632,8 @@ def test_a_bundle_bigger_than_the_free_space_or_the_cap_is_refused(tmp_path, mon
     "project/sweeps/" + "x" * 250 + ".yaml",  # 255 bytes: no room for the name written beside it
     "project/data/MNIST/raw/" + "é" * 120,  # 240 bytes in UTF-8 (120 characters)
     "project/" + "y" * 300,
-], ids=["at-the-limit", "multibyte", "over-the-limit"])
+    "project/" + "/".join(["z" * 200] * 5),  # each folder's name fits the file system; the whole is over 1000
+], ids=["at-the-limit", "multibyte", "over-the-limit", "over-a-bundles-limit"])
 def test_a_bundle_member_name_too_long_for_the_file_system_is_refused_before_docker_load(tmp_path, long_name):
     archive = tmp_path / "b.tar"
     make_bundle(archive, [IMAGE, member("project/README.md", b"readme"), member(long_name, b"method: grid\n")])
