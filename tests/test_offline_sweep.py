@@ -433,14 +433,20 @@ def test_agents_on_postgresql_survive_a_kill(tmp_path, data_dir, postgres, recor
 
 
 @pytest.mark.slow
-def test_a_database_gone_mid_trial_ends_the_agent_in_one_line_and_the_trial_is_rerun(tmp_path, data_dir):
+@pytest.mark.parametrize("epochs, early_terminate", [
+    (2, ""),
+    # Hyperband reports every epoch to the database; min_iter = epochs: no rung before the last, never pruned
+    (3, "early_terminate: {type: hyperband, min_iter: 3, eta: 2}\n"),
+], ids=["plain", "hyperband"])
+def test_a_database_gone_mid_trial_ends_the_agent_in_one_line_and_the_trial_is_rerun(tmp_path, data_dir, epochs,
+                                                                                    early_terminate):
     """PostgreSQL goes away while a trial trains: the trial trains to its end and keeps its checkpoint, the
     agent ends with one line naming the storage and exit 1, and nothing is told to Optuna; once the database
     is back the trial (still RUNNING) is seen dead and handed out again, resuming its checkpoint."""
     cfg = write_yaml(tmp_path / "one.yaml", "name: one\nmethod: grid\nmetric: {name: val_accuracy, goal: maximize}\n"
-                                            "parameters:\n  learning_rate: {values: [0.01]}\n")
+                                            f"{early_terminate}parameters:\n  learning_rate: {{values: [0.01]}}\n")
     with postgres_cluster() as server:
-        env = agent_env(tmp_path, data_dir, SWEEP_CONFIG=str(cfg), SWEEP_STORAGE=server.url, EPOCHS="2")
+        env = agent_env(tmp_path, data_dir, SWEEP_CONFIG=str(cfg), SWEEP_STORAGE=server.url, EPOCHS=str(epochs))
         agent = start_agent(env, tmp_path, tmp_path / "agent-0.log")
         study = None
         while study is None and agent.poll() is None:
@@ -458,14 +464,15 @@ def test_a_database_gone_mid_trial_ends_the_agent_in_one_line_and_the_trial_is_r
                                "answering (") and f"trial {trial.number} stays RUNNING" in line, line
         assert out.count("heartbeat:") == 1, out[-4000:]  # said once, not every beat
         run_id = trial.user_attrs["run_id"]
-        assert saved_checkpoint(tmp_path / "outputs" / run_id / "checkpoint.pt")["epoch"] == 2  # trained to its end
+        assert saved_checkpoint(tmp_path / "outputs" / run_id / "checkpoint.pt")["epoch"] == epochs  # trained to its end
+        assert runlog.read(next(f for f in runlog.find(tmp_path / "runs") if f.name.endswith(run_id))).exit_code == 0
 
         server.start()
         left = study.trials[trial.number]
         assert left.state == TrialState.RUNNING and left.value is None  # nothing recorded as done
         again = run_app(["offline-agent"], env, tmp_path, timeout=300)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-        assert f"resuming from run {run_id}'s checkpoint after epoch 2" in again.stdout
+        assert f"resuming from run {run_id}'s checkpoint after epoch {epochs}" in again.stdout
         trials = study.trials
         assert trials[trial.number].state == TrialState.FAIL and trials[trial.number].system_attrs["sweep_outcome"] == "stale"
         (done,) = [t for t in trials if t.state == TrialState.COMPLETE]

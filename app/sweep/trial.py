@@ -19,6 +19,7 @@ from app import checkpoint, interrupts, runid, tracking
 from app.config import Config, ConfigError
 from app.errors import UserError
 from app.sweep.ledger import Heartbeat
+from app.sweep.study import storage_problem
 
 JOB_TYPE = "sweep-trial"
 TAG = "offline-sweep"
@@ -72,8 +73,17 @@ def train_trial(agent, trial, key: str, values: dict, beat: Heartbeat) -> tuple[
         if beat.lost.is_set():
             return True
         if p.metric in metrics and p.spec.early_terminate:
-            trial.report(float(metrics[p.metric]), epoch + 1)  # resource = epochs done (W&B's min_iter unit)
-            pruned = trial.should_prune()
+            try:
+                trial.report(float(metrics[p.metric]), epoch + 1)  # resource = epochs done (W&B's min_iter unit)
+                pruned = trial.should_prune()
+            except Exception as exc:
+                problem = storage_problem(exc)
+                if problem is None:
+                    raise
+                # the database went silent or away: like the heartbeat, training goes on (its checkpoints
+                # stand); the agent ends once the trial is over if the database is still gone
+                say(f"trial {trial.number}: epoch {epoch + 1} not reported, the sweep database is not answering "
+                    f"({problem}); training goes on")
         return pruned
 
     started = time.monotonic()
