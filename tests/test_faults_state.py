@@ -847,6 +847,31 @@ def test_a_silent_database_is_one_line_within_the_connect_timeout(tmp_path, smal
     del line
 
 
+def test_a_database_silent_mid_sweep_is_named_as_a_storage_problem(silent_db):
+    """What an agent's later call on a database gone silent raises, as Optuna wraps it (its text blames
+    the data): study.storage_problem names the bounded wait instead; other errors are not storage problems."""
+    import sqlalchemy
+    from optuna.exceptions import StorageInternalError
+
+    from app.sweep import study
+
+    _, url = silent_db
+    url = url.replace("postgresql://", "postgresql+psycopg2://")  # as plan.storage_url passes it
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **study._bounded_postgres())
+    try:
+        with pytest.raises(sqlalchemy.exc.OperationalError) as raised:
+            engine.connect()
+    finally:
+        engine.dispose()
+    try:
+        raise StorageInternalError("An exception is raised during the commit.") from raised.value
+    except StorageInternalError as wrapped:
+        problem = study.storage_problem(wrapped)
+    assert problem == f"no answer from the database within {study.CONNECT_TIMEOUT_S} s (connecting)", problem
+    assert study.storage_problem(StorageInternalError("invalid data")) is None
+    assert study.storage_problem(ValueError("a bug")) is None
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("name", ["offline-agent", "entrypoint"])
 def test_a_stop_while_the_database_is_silent_is_a_stop(tmp_path, small_data, silent_db, name, sig):
