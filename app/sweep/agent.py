@@ -165,6 +165,8 @@ class Agent:
             problem = storage_problem(exc)
             if problem is None:
                 raise
+            if interrupts.requested() is not None:  # a stop is a stop, even with the database gone too
+                return self.stopped(interrupts.requested(), self.current)
             return self.storage_lost(problem)
 
     def storage_lost(self, problem: str) -> int:
