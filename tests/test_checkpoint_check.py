@@ -121,3 +121,24 @@ def test_weights_for_other_settings_are_refused_by_shape():
     del state["config"]["kernels"]  # an older or foreign config: the weights' shapes still tell
     with pytest.raises(UserError, match="features.3.weight"):
         checkpoint.check_state(state, CONFIG, PATH)
+
+
+def test_a_sweep_retry_says_why_it_does_not_resume_a_checkpoint_of_the_other_device_type(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from app.sweep import trial as sweep_trial
+
+    config = CONFIG.replace(output_dir=str(tmp_path))
+    (tmp_path / "deadrun1").mkdir()
+    state = good_state()
+    state["generator"] = CUDA_GENERATOR
+    torch.save(state, tmp_path / "deadrun1" / "checkpoint.pt")
+    retry = SimpleNamespace(number=7, user_attrs={"resume_run": "deadrun1"})
+    assert sweep_trial._resume_from(retry, config, "newrun01", "val_loss") == ""
+    assert not (tmp_path / "newrun01").exists()
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("[offline-sweep] trial 7: not resuming run deadrun1's checkpoint, training from the start ("), line
+    assert str(tmp_path / "deadrun1" / "checkpoint.pt") in line and "written training on CUDA" in line
+    # on its own device type the same checkpoint is resumed
+    assert sweep_trial._resume_from(retry, config.replace(device="cuda"), "newrun01", "val_loss") == \
+        ", resuming from run deadrun1's checkpoint after epoch 1"

@@ -147,8 +147,9 @@ def _resume_from(trial, config: Config, run_id: str, metric: str) -> str:
         return ""
     try:
         done, last_val = checkpoint.epochs_done(src, config)
-    except UserError:
-        return ""  # a damaged checkpoint of a dead attempt, or one of another device type: train this one from the start
+    except UserError as exc:  # damaged, or written on another device type: this attempt trains from the start
+        say(f"trial {trial.number}: not resuming run {old}'s checkpoint, training from the start ({exc})")
+        return ""
     if done >= config.epochs and metric not in last_val and metric not in AFTER_TRAINING:
         # stopped after its last epoch: train() goes straight to test and export and reports the last epoch's
         # val metrics from the checkpoint; one from before they were kept, or a metric measured while
