@@ -14,7 +14,12 @@ unless every setting that shapes what the run learns matches the checkpoint's co
 Free to change on resume: epochs may grow (a preempted run can be given more epochs; fewer than it
 already trained is refused), and the settings that only decide where and how fast it runs (device,
 channels_last, compile, cuda_graph, gpu_memory_fraction, data_dir, output_dir, logging): a run
-preempted on a GPU host may finish on another. A finished run (its model.onnx exported) is never
+preempted on a GPU host may finish on another. Not the device type, though: the data order of the
+rest of the run (mid-epoch, which examples of that epoch are still to come) is the checkpoint's
+generator stream, and a CPU generator (mt19937) cannot continue a CUDA one's (Philox: seed and offset)
+or the other way round; there is no exact translation, and a reseeded order would train some examples
+twice and skip others. So a checkpoint written on CUDA resumes on CUDA (any GPU), one written on the
+CPU on the CPU; the other is refused in one line. A finished run (its model.onnx exported) is never
 run again: a rerun would train nothing and redo test and export as a second W&B run with the same
 id. Start a new run instead (leave WANDB_RUN_ID unset), or set resume=false to train it again from
 scratch under that id on purpose.
@@ -71,6 +76,9 @@ def load(path: Path, device: Any = "cpu") -> dict[str, Any]:
 
 
 COUNTERS = ("epoch", "examples_seen", "epoch_examples")  # non-negative ints, as train() writes them
+# the last finished epoch's val metrics (floats, NaN before the first epoch or without a val split): a run
+# resumed after its last epoch reports them. Checkpoints written before they were kept lack them
+VAL_METRICS = ("val_loss", "val_accuracy")
 
 
 def _refuse(path: Path, what: str) -> UserError:
@@ -83,6 +91,9 @@ def _check_counters(state: dict[str, Any], path: Path) -> None:
         value = state.get(key)
         if type(value) is not int or value < 0:
             raise _refuse(path, f"has {key}={_brief(value)} (a count >= 0 expected)")
+    for key in VAL_METRICS:
+        if key in state and type(state[key]) is not float:
+            raise _refuse(path, f"has {key}={_brief(state[key])} (a float expected)")
 
 
 def _brief(value: Any) -> str:
@@ -106,10 +117,9 @@ def check_state(state: Any, config: Config, path: Path) -> None:
             raise _refuse(path, f"has no {key} entry" if key not in state else f"has {key}={_brief(state[key])}")
     _check_counters(state, path)
     generator = state.get("generator")
-    # a CPU generator's state (5056 bytes) or a CUDA one's (seed and offset, 16 bytes)
-    sizes = (torch.Generator().get_state().numel(), 16)
+    sizes = _generator_sizes()
     if (not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8 or generator.dim() != 1
-            or generator.numel() not in sizes):
+            or generator.numel() not in sizes.values()):
         raise _refuse(path, "has no generator state" if generator is None else f"has generator={_brief(generator)}")
 
     with torch.device("meta"):  # shapes only: nothing is allocated
@@ -125,6 +135,33 @@ def check_state(state: Any, config: Config, path: Path) -> None:
             raise _refuse(path, f"has {got} where kernels={_shown(config.kernels)}, classes={config.classes} need "
                                 f"shape {shape}")
     _check_optimizer(state["optimizer"], list(expected.values()), path)
+    written = next(kind for kind, size in sizes.items() if size == generator.numel())
+    training = _device_type(config)
+    if written != training:
+        raise ResumeRefused(
+            f"checkpoint {path} was written training on {DEVICE_NAMES[written]} but this run trains on "
+            f"{DEVICE_NAMES[training]} (device={config.device}): its data order cannot continue on another device "
+            f"type; resume it with device={written}, or set resume=false to train it again from scratch")
+
+
+DEVICE_NAMES = {"cpu": "the CPU", "cuda": "CUDA"}
+
+
+def _generator_sizes() -> dict[str, int]:
+    """The bytes of a data-order generator's state per device type: the CPU's mt19937 state; CUDA's
+    Philox seed and offset (two 8-byte integers, CUDAGeneratorImpl::get_state)."""
+    import torch
+
+    return {"cpu": torch.Generator().get_state().numel(), "cuda": 16}
+
+
+def _device_type(config: Config) -> str:
+    """cpu or cuda: where `config` trains (device=auto: CUDA when one is visible, as train.pick_device)."""
+    import torch
+
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(config.device).type
 
 
 def _check_optimizer(optimizer: dict[str, Any], shapes: list[list[int]], path: Path) -> None:
@@ -152,11 +189,17 @@ def _check_optimizer(optimizer: dict[str, Any], shapes: list[list[int]], path: P
             raise _refuse(path, f"has optimizer step of parameter {i} as {_brief(step)}")
 
 
-def epochs_done(path: Path, config: Config) -> int:
-    """The epochs a checkpoint holds, after the same check a resume makes (it may be copied from elsewhere)."""
+def epochs_done(path: Path, config: Config) -> tuple[int, dict[str, float]]:
+    """The epochs a checkpoint holds and the val metrics of the last of them (empty when it predates
+    them), after the same check a resume makes (it may be copied from elsewhere)."""
     state = load(path)
     check_state(state, config, path)
-    return state["epoch"]
+    return state["epoch"], last_val(state)
+
+
+def last_val(state: dict[str, Any]) -> dict[str, float]:
+    """The checked state's val metrics of its last epoch; empty for a checkpoint from before they were kept."""
+    return {k: state[k] for k in VAL_METRICS if k in state}
 
 
 def _shown(v: Any) -> str:

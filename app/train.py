@@ -188,6 +188,8 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
     start_epoch, example_ct, resume_at = 0, 0, 0
+    val_loss = val_acc = float("nan")  # the last finished epoch's (checkpointed with it)
+    last: dict[str, float] = {}  # the checkpoint's (one from before they were kept has none)
     ckpt = checkpoints.check_resume(config, run_dir, run.id, device)  # refuses a finished run or other settings
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -196,6 +198,8 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
         gen.set_state(ckpt["generator"].to(gen.get_state().device))
         start_epoch, example_ct = ckpt["epoch"], ckpt["examples_seen"]
         resume_at = ckpt.get("epoch_examples", 0)  # a stop mid-epoch: the epoch goes on from there
+        last = checkpoints.last_val(ckpt)
+        val_loss, val_acc = last.get("val_loss", val_loss), last.get("val_accuracy", val_acc)
         print(f"resuming run {run.id} from {ckpt_path}: {start_epoch} epoch(s) done, {example_ct} examples seen"
               + (f" ({resume_at} of epoch {start_epoch + 1})" if resume_at else ""), flush=True)
 
@@ -203,7 +207,7 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
         save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epochs_done,
                         examples_seen=example_ct, epoch_examples=epoch_examples,
                         generator=gen.get_state() if generator is None else generator,
-                        config=config.to_dict(), run_id=run.id)
+                        config=config.to_dict(), run_id=run.id, val_loss=float(val_loss), val_accuracy=float(val_acc))
 
     step_model = compile_model(model, config.compile) if config.compile != "none" else model
     use_bf16 = config.amp == "bf16" and device.type == "cuda"
@@ -223,7 +227,6 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
     phases.mark("model")
 
     # --- epochs: train, validate, checkpoint ---
-    val_loss = val_acc = float("nan")
     train_time = 0.0
     examples_this_run = 0
     # losses cross to the host without a sync (one interval late at most on CUDA, at once on the CPU)
@@ -284,6 +287,12 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
                 print(f"stopped early after epoch {epoch + 1}", flush=True)
                 return {"run_id": run.id, "pruned": True, "val_accuracy": val_acc, "val_loss": val_loss,
                         "examples_seen": example_ct, "checkpoint": str(ckpt_path)}
+
+        if start_epoch >= config.epochs:
+            # resumed after its last epoch (stopped in test or export): nothing was trained or validated in
+            # this run, so its history logs no epoch twice; its summary and result still say what the
+            # last epoch measured (a sweep trial reports it)
+            run.summary.update(last)
 
         # --- test and export ---
         phases.mark("training")

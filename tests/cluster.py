@@ -152,9 +152,34 @@ def slurm_cluster() -> Iterator[Cluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@dataclass
+class Postgres:
+    """A running test server: `url`, and stop()/start() to take it away and bring it back on the same port."""
+
+    root: Path
+    port: int
+    as_user: list[str]
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://sweep@127.0.0.1:{self.port}/postgres"
+
+    def _ctl(self, *args: str, check: bool = True) -> None:
+        subprocess.run([*self.as_user, str(PG_BIN / "pg_ctl"), "-D", str(self.root / "db"), *args],
+                       check=check, capture_output=True)
+
+    def start(self) -> None:
+        self._ctl("-l", str(self.root / "log"), "-w", "start", "-o",
+                  f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off")
+
+    def stop(self, check: bool = True) -> None:
+        """As a crashed or switched-off server: connections are reset, new ones refused at once."""
+        self._ctl("-m", "immediate", "stop", check=check)
+
+
 @contextlib.contextmanager
-def postgres_server() -> Iterator[str]:
-    """A real PostgreSQL 15 on loopback (as `nobody` when run as root); yields its URL."""
+def postgres() -> Iterator[Postgres]:
+    """A real PostgreSQL 15 on loopback (as `nobody` when run as root)."""
     if not (PG_BIN / "initdb").exists():
         unavailable(f"PostgreSQL not found at {PG_BIN}: apt-get install postgresql")
     root = Path(tempfile.mkdtemp(prefix="slurm-pg-"))
@@ -162,14 +187,19 @@ def postgres_server() -> Iterator[str]:
     if os.geteuid() == 0:
         shutil.chown(root, "nobody")
         as_user = ["runuser", "-u", "nobody", "--"]
-    port = free_port()
+    server = Postgres(root, free_port(), as_user)
     subprocess.run([*as_user, str(PG_BIN / "initdb"), "-D", str(root / "db"), "-A", "trust", "-U", "sweep", "--no-sync"],
                    check=True, capture_output=True)
-    subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(root / "db"), "-l", str(root / "log"), "-w", "start",
-                    "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"], check=True, capture_output=True)
+    server.start()
     try:
-        yield f"postgresql://sweep@127.0.0.1:{port}/postgres"
+        yield server
     finally:
-        subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(root / "db"), "-m", "immediate", "stop"],
-                       capture_output=True, check=False)
+        server.stop(check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """A real PostgreSQL 15 on loopback; yields its URL."""
+    with postgres() as server:
+        yield server.url

@@ -416,6 +416,11 @@ def test_a_stop_during_the_export_is_a_stop_and_the_run_resumes_to_its_end(tmp_p
     again = run_app(["train"], env, tmp_path)  # the requeued run: test and export only
     assert again.returncode == 0, again.stderr[-3000:]
     assert (run_dir / "model.onnx").is_file()
+    # the resumed run validates nothing again, and its summary still holds what the last epoch measured
+    measured = [row["val_accuracy"] for row in runlog.read(folder).history if "val_accuracy" in row]
+    (resumed,) = [runlog.read(f) for f in runlog.find(tmp_path / "runs") if f != folder]
+    assert resumed.exit_code == 0 and [row for row in resumed.history if "val_accuracy" in row] == []
+    assert measured and resumed.summary["val_accuracy"] == measured[-1]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -144,6 +144,15 @@ def _optimizer_state_shape(state):
     state["optimizer"]["state"][4]["exp_avg"] = state["optimizer"]["state"][4]["exp_avg"][:, :7]
 
 
+def _other_device_type(state):
+    """The generator of the device type the run was not written on: CUDA's 16-byte Philox state (seed,
+    offset) for a CPU checkpoint, the CPU's for a CUDA one."""
+    import torch
+
+    cuda = state["generator"].numel() == 16
+    state["generator"] = torch.Generator().get_state() if cuda else torch.zeros(16, dtype=torch.uint8)
+
+
 # (how the checkpoint is damaged, a fragment of the one line): each is untrusted input from elsewhere
 CHECKPOINT_CASES = {
     "no-config-other-kernels": (_other_kernels_no_config, "config"),
@@ -165,6 +174,7 @@ CHECKPOINT_CASES = {
     "examples-seen-a-float": (lambda s: s.update(examples_seen=1.5), "examples_seen"),
     "epoch-examples-negative": (lambda s: s.update(epoch_examples=-32), "epoch_examples"),
     "generator-not-bytes": (lambda s: s.update(generator=s["generator"].float()), "generator"),
+    "generator-of-the-other-device-type": (_other_device_type, "its data order cannot continue on another device type"),
     "config-not-a-dict": (lambda s: s.update(config="kernels=8"), "config"),
     "not-a-dict": (lambda s: (s.clear(), s.update(model={})), "checkpoint"),
 }
@@ -622,7 +632,8 @@ def test_a_bundle_bigger_than_the_free_space_or_the_cap_is_refused(tmp_path, mon
     "project/sweeps/" + "x" * 250 + ".yaml",  # 255 bytes: no room for the name written beside it
     "project/data/MNIST/raw/" + "é" * 120,  # 240 bytes in UTF-8 (120 characters)
     "project/" + "y" * 300,
-], ids=["at-the-limit", "multibyte", "over-the-limit"])
+    "project/" + "/".join(["z" * 200] * 5),  # each folder's name fits the file system; the whole is over 1000
+], ids=["at-the-limit", "multibyte", "over-the-limit", "over-a-bundles-limit"])
 def test_a_bundle_member_name_too_long_for_the_file_system_is_refused_before_docker_load(tmp_path, long_name):
     archive = tmp_path / "b.tar"
     make_bundle(archive, [IMAGE, member("project/README.md", b"readme"), member(long_name, b"method: grid\n")])
@@ -834,6 +845,31 @@ def test_a_silent_database_is_one_line_within_the_connect_timeout(tmp_path, smal
     assert "secret-pw" not in proc.stdout + proc.stderr  # the password never reaches a log line
     assert server.accepted, "the command never reached the server"
     del line
+
+
+def test_a_database_silent_mid_sweep_is_named_as_a_storage_problem(silent_db):
+    """What an agent's later call on a database gone silent raises, as Optuna wraps it (its text blames
+    the data): study.storage_problem names the bounded wait instead; other errors are not storage problems."""
+    import sqlalchemy
+    from optuna.exceptions import StorageInternalError
+
+    from app.sweep import study
+
+    _, url = silent_db
+    url = url.replace("postgresql://", "postgresql+psycopg2://")  # as plan.storage_url passes it
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **study._bounded_postgres())
+    try:
+        with pytest.raises(sqlalchemy.exc.OperationalError) as raised:
+            engine.connect()
+    finally:
+        engine.dispose()
+    try:
+        raise StorageInternalError("An exception is raised during the commit.") from raised.value
+    except StorageInternalError as wrapped:
+        problem = study.storage_problem(wrapped)
+    assert problem == f"no answer from the database within {study.CONNECT_TIMEOUT_S} s (connecting)", problem
+    assert study.storage_problem(StorageInternalError("invalid data")) is None
+    assert study.storage_problem(ValueError("a bug")) is None
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+from cluster import postgres as postgres_cluster
 from cluster import postgres_server
-from conftest import REPO, clean_env, error_lines, run_app
+from conftest import REPO, clean_env, error_lines, run_app, saved_checkpoint
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -339,12 +340,12 @@ def kill_mid_trial_and_finish(tmp_path: Path, data: Path, storage: str, n_agents
         [(t.number, t.state, t.system_attrs) for t in trials]
     assert retry[0].params == dead.params and retry[0].user_attrs["resume_run"] == dead.user_attrs["run_id"]
     runs = check_sweep(study, 4, tmp_path / "runs", name)
-    # the retry resumed the dead run's checkpoint (unless it had finished every epoch already)
+    # the retry resumed the dead run's checkpoint (killed in test or export: straight to test, no epoch again)
     import torch
 
     done = torch.load(tmp_path / "outputs" / dead.user_attrs["run_id"] / "checkpoint.pt", weights_only=False)["epoch"]
     resumed = runs[retry[0].user_attrs["run_id"]]
-    assert [row["epoch"] for row in resumed.history if "val_loss" in row] == (list(range(done, 2)) if done < 2 else [0, 1])
+    assert [row["epoch"] for row in resumed.history if "val_loss" in row] == list(range(done, 2))
     # the killed run has no exit record (kill -9 may even leave its log empty: W&B had written nothing yet)
     killed = next(f for f in runlog.find(tmp_path / "runs") if f.name.endswith(dead.user_attrs["run_id"]))
     assert not runlog.read(killed).finished
@@ -432,6 +433,53 @@ def test_agents_on_postgresql_survive_a_kill(tmp_path, data_dir, postgres, recor
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("epochs, early_terminate", [
+    (2, ""),
+    # Hyperband reports every epoch to the database; min_iter = epochs: no rung before the last, never pruned
+    (3, "early_terminate: {type: hyperband, min_iter: 3, eta: 2}\n"),
+], ids=["plain", "hyperband"])
+def test_a_database_gone_mid_trial_ends_the_agent_in_one_line_and_the_trial_is_rerun(tmp_path, data_dir, epochs,
+                                                                                    early_terminate):
+    """PostgreSQL goes away while a trial trains: the trial trains to its end and keeps its checkpoint, the
+    agent ends with one line naming the storage and exit 1, and nothing is told to Optuna; once the database
+    is back the trial (still RUNNING) is seen dead and handed out again, resuming its checkpoint."""
+    cfg = write_yaml(tmp_path / "one.yaml", "name: one\nmethod: grid\nmetric: {name: val_accuracy, goal: maximize}\n"
+                                            f"{early_terminate}parameters:\n  learning_rate: {{values: [0.01]}}\n")
+    with postgres_cluster() as server:
+        env = agent_env(tmp_path, data_dir, SWEEP_CONFIG=str(cfg), SWEEP_STORAGE=server.url, EPOCHS=str(epochs))
+        agent = start_agent(env, tmp_path, tmp_path / "agent-0.log")
+        study = None
+        while study is None and agent.poll() is None:
+            try:
+                study = load_study(osw.storage_url(env, "one"), "one")
+            except (KeyError, ValueError, UserError):
+                time.sleep(0.2)
+        trial = wait_for_trial_mid_training(study, agent, tmp_path / "outputs", tmp_path)
+        server.stop()  # connections reset, new ones refused at once
+        assert agent.wait(timeout=300) == 1, logs(tmp_path)
+        out = (tmp_path / "agent-0.log").read_text()
+        assert "Traceback" not in out, out[-4000:]
+        (line,) = error_lines(out)
+        assert line.startswith(f"error: SWEEP_STORAGE={osw.redact(osw.storage_url(env, 'one'))}: the database stopped "
+                               "answering (") and f"trial {trial.number} stays RUNNING" in line, line
+        assert out.count("heartbeat:") == 1, out[-4000:]  # said once, not every beat
+        run_id = trial.user_attrs["run_id"]
+        assert saved_checkpoint(tmp_path / "outputs" / run_id / "checkpoint.pt")["epoch"] == epochs  # trained to its end
+        assert runlog.read(next(f for f in runlog.find(tmp_path / "runs") if f.name.endswith(run_id))).exit_code == 0
+
+        server.start()
+        left = study.trials[trial.number]
+        assert left.state == TrialState.RUNNING and left.value is None  # nothing recorded as done
+        again = run_app(["offline-agent"], env, tmp_path, timeout=300)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert f"resuming from run {run_id}'s checkpoint after epoch {epochs}" in again.stdout
+        trials = study.trials
+        assert trials[trial.number].state == TrialState.FAIL and trials[trial.number].system_attrs["sweep_outcome"] == "stale"
+        (done,) = [t for t in trials if t.state == TrialState.COMPLETE]
+        assert done.system_attrs["retry_of"] == trial.number
+
+
+@pytest.mark.slow
 def test_bayes_hyperband_with_a_run_cap(tmp_path, data_dir):
     """TPE + Hyperband: exactly run_cap distinct trials, each reporting every epoch it trained."""
     cfg = write_yaml(tmp_path / "bayes.yaml", """name: hb
@@ -480,6 +528,48 @@ def test_a_stopped_agent_checkpoints_and_its_trial_resumes(tmp_path, data_dir):
     assert f"resuming from run {stopped.user_attrs['run_id']}'s checkpoint" in again.stdout
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(done) == 1 and done[0].system_attrs["retry_of"] == trial.number
+
+
+@pytest.mark.slow
+def test_a_trial_stopped_in_test_or_export_resumes_without_training_again(tmp_path, data_dir):
+    """SIGTERM after the last epoch's checkpoint, during test/export: the retry trains no epoch, goes
+    straight to test and export, and tells Optuna the val metric the last epoch measured."""
+    cfg = write_yaml(tmp_path / "one.yaml", "name: one\nmethod: grid\nmetric: {name: val_accuracy, goal: maximize}\n"
+                                            "parameters:\n  learning_rate: {values: [0.01]}\n")
+    env = agent_env(tmp_path, data_dir, SWEEP_CONFIG=str(cfg), EPOCHS="2")
+    agent = start_agent(env, tmp_path, tmp_path / "agent-0.log")
+    study = None
+    while study is None and agent.poll() is None:
+        try:
+            study = load_study(osw.storage_url(env, "one"), "one")
+        except (KeyError, ValueError):
+            time.sleep(0.2)
+    trial = wait_for_trial_mid_training(study, agent, tmp_path / "outputs", tmp_path)
+    dead_dir = tmp_path / "outputs" / trial.user_attrs["run_id"]
+    deadline = time.monotonic() + 240
+    while (saved_checkpoint(dead_dir / "checkpoint.pt") or {}).get("epoch") != 2:  # the last epoch is done
+        assert agent.poll() is None and time.monotonic() < deadline, logs(tmp_path)
+        time.sleep(0.01)
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=120) == 128 + signal.SIGTERM, logs(tmp_path)
+    assert not (dead_dir / "model.onnx").exists(), "the stop came after the export: the trial had finished"
+    stopped = study.trials[trial.number]
+    assert stopped.state == TrialState.FAIL and stopped.system_attrs["sweep_outcome"] == "preempted"
+    runs = {r.run_id: r for r in (runlog.read(f) for f in runlog.find(tmp_path / "runs"))}
+    measured = [row["val_accuracy"] for row in runs[stopped.user_attrs["run_id"]].history if "val_accuracy" in row]
+    assert len(measured) == 2
+
+    again = run_app(["offline-agent"], env, tmp_path, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert f"resuming from run {stopped.user_attrs['run_id']}'s checkpoint after epoch 2" in again.stdout
+    (done,) = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert done.system_attrs["retry_of"] == trial.number
+    assert done.value == measured[-1]
+    retry = runlog.read(next(f for f in runlog.find(tmp_path / "runs") if f.name.endswith(done.user_attrs["run_id"])))
+    assert retry.exit_code == 0
+    assert [row for row in retry.history if "val_accuracy" in row or "loss" in row] == []  # no epoch trained again
+    assert retry.summary["val_accuracy"] == measured[-1] and 0 < retry.summary["test_accuracy"] <= 1
+    assert (tmp_path / "outputs" / done.user_attrs["run_id"] / "model.onnx").exists()
 
 
 WRITER = r"""

@@ -39,6 +39,7 @@ IMAGE_MEMBER = "image.tar"
 MAX_MEMBERS = 100_000  # the image, compose files, sweeps and a dataset: a few hundred
 MAX_BYTES = 64 << 30  # everything in a bundle: the image (a few GB) and a dataset
 MAX_MANIFEST = 16 << 20
+MAX_NAME = 1000  # characters in a member's name: project paths are far shorter
 FREE_MARGIN = 256 << 20  # left free under --into after unpacking
 SECRET = re.compile(r"^(\s*(?:export\s+)?WANDB_API_KEY\s*=).*$", re.M)
 
@@ -124,7 +125,7 @@ def _safe_name(name: str) -> bool:
     """A relative POSIX path with no `..`, no empty or `.` parts, nothing a shell or Windows reads oddly."""
     parts = name.split("/")
     return (bool(name) and not name.startswith("/") and "\\" not in name and "\0" not in name
-            and all(part not in ("", ".", "..") for part in parts) and len(name) <= 1000)
+            and all(part not in ("", ".", "..") for part in parts))
 
 
 def check_archive(tar: tarfile.TarFile, archive: Path, into: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
@@ -137,6 +138,9 @@ def check_archive(tar: tarfile.TarFile, archive: Path, into: Path) -> tuple[dict
         if i >= MAX_MEMBERS:
             raise UserError(f"{archive}: over {MAX_MEMBERS} members; not a bundle")
         name = m.name[:-1] if m.isdir() and m.name.endswith("/") else m.name
+        if len(name) > MAX_NAME:  # what `bundle save` never writes; said as what it is, not as "unsafe"
+            raise UserError(f"{archive}: member {name[:60]!r}... has a name too long ({len(name)} characters; a "
+                            f"bundle's are at most {MAX_NAME}); refused, nothing written")
         if not _safe_name(name):
             raise UserError(f"{archive}: member {name[:80]!r} has an unsafe path (absolute, `..` or odd); refused, "
                             "nothing written")

@@ -37,7 +37,7 @@ from app import env, interrupts
 from app.errors import UserError
 from app.sweep.ledger import STALE_BEATS, Heartbeat, Ledger, StaleWatch, key_of, outcome
 from app.sweep.plan import Plan, plan, redact
-from app.sweep.study import open_storage, open_study
+from app.sweep.study import open_storage, open_study, storage_problem
 from app.sweep.trial import Dropped, say, train_trial
 
 MAX_ERRORS_IN_A_ROW = 3  # an agent whose trials keep raising stops (like `wandb agent`)
@@ -52,6 +52,7 @@ class Agent:
         self.watch = StaleWatch(p.heartbeat_s)
         self.who = f"{socket.gethostname()}:{os.getpid()}"
         self.mine: set[int] = set()
+        self.current = None  # the trial this agent is running, if any
         self.runs_root = env.runs_root(environ)
 
     def ledger(self) -> Ledger:
@@ -160,6 +161,24 @@ class Agent:
             return self._loop()
         except interrupts.Stopped as stop:  # between trials, or before one began training
             return self.stopped(stop.signum)
+        except Exception as exc:
+            problem = storage_problem(exc)
+            if problem is None:
+                raise
+            if interrupts.requested() is not None:  # a stop is a stop, even with the database gone too
+                return self.stopped(interrupts.requested(), self.current)
+            return self.storage_lost(problem)
+
+    def storage_lost(self, problem: str) -> int:
+        """The database went silent or away mid-sweep: nothing more can be recorded, so stop. A trial left
+        RUNNING there keeps its checkpoint; once the database answers, an agent sees its heartbeat stop
+        and hands it out again (resuming the checkpoint)."""
+        trial = self.current
+        left = (f"trial {trial.number} stays RUNNING there and is handed out again (from its checkpoint) once "
+                "the database answers; " if trial is not None else "")
+        print(f"error: SWEEP_STORAGE={redact(self.p.storage_url)}: the database stopped answering ({problem}); "
+              f"{left}start the agents again when it is back", file=sys.stderr, flush=True)
+        return 1
 
     def stopped(self, signum: int, trial=None) -> int:
         """After a stop signal: no new trial; the stopped one (checkpointed) is handed out again."""
@@ -192,12 +211,13 @@ class Agent:
                 time.sleep(min(p.heartbeat_s, 5.0))
                 continue
             waiting_said = False
-            trial = self.study.ask()
+            trial = self.current = self.study.ask()
             try:
                 result = self.run_trial(trial)
             except (Preempted, interrupts.Stopped) as stop:
                 return self.stopped(stop.signum, trial)
             except UpdateFinishedTrialError:
+                self.current = None
                 say(f"trial {trial.number} was declared dead by another agent; its rerun counts")
                 continue
             except UserError:
@@ -206,6 +226,9 @@ class Agent:
                 if interrupts.requested() is not None:  # a failure caused by the stop (recorded as one)
                     say(f"trial {trial.number} ended by the stop: {type(exc).__name__}: {exc}")
                     return self.stopped(interrupts.requested(), trial)
+                if storage_problem(exc) is not None:
+                    raise  # not this trial failing: nothing can be recorded any more (see run)
+                self.current = None
                 errors_in_a_row += 1
                 say(f"trial {trial.number} failed: {type(exc).__name__}: {exc}")
                 if errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
@@ -213,6 +236,7 @@ class Agent:
                     return 1
                 trained += 1
                 continue
+            self.current = None
             if result == "capped":
                 continue  # the loop sees cap_reached next time round
             if result in ("complete", "pruned", "failed"):  # failed: the metric came out NaN (diverged)

@@ -140,6 +140,9 @@ class Heartbeat(threading.Thread):
         self._halt = threading.Event()
 
     def run(self):
+        from app.sweep.study import storage_problem
+
+        failing = False
         while not self._halt.is_set():
             try:
                 self.storage.set_trial_system_attr(self.trial_id, "heartbeat", time.time())
@@ -147,7 +150,17 @@ class Heartbeat(threading.Thread):
                 self.lost.set()  # another agent declared this trial dead and failed it
                 return
             except Exception as exc:  # a storage hiccup: keep beating; a long outage looks like death
-                print(f"heartbeat: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                problem = storage_problem(exc)
+                if problem is None:
+                    print(f"heartbeat: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                elif not failing:  # said once per outage, not every beat
+                    print(f"heartbeat: the sweep database is not answering ({problem}); training goes on",
+                          file=sys.stderr, flush=True)
+                failing = problem is not None
+            else:
+                if failing:
+                    print("heartbeat: the sweep database answers again", file=sys.stderr, flush=True)
+                failing = False
             self._halt.wait(self.interval)
 
     def stop(self):

@@ -107,6 +107,23 @@ def _wait(conn) -> None:
             raise psycopg2.OperationalError(f"unexpected state {state} from the database connection")
 
 
+def storage_problem(exc: BaseException) -> str | None:
+    """One line saying how a database storage failed under `exc` (the driver's first line: "Connection
+    refused", "server closed the connection unexpectedly", "no answer from the database within 60 s"),
+    None when `exc` is not the database going silent or away (a bug, a refused write, a stop).
+    Optuna wraps the driver's error in its StorageInternalError, whose own text blames the data."""
+    import sqlalchemy.exc
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError)):
+            text = str(getattr(exc, "orig", None) or exc).strip()
+            return redact(text.splitlines()[0] if text else type(exc).__name__)[:160]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _bounded_postgres() -> dict:
     """Engine arguments that bound every wait on PostgreSQL (see _wait); installs the wait callback."""
     import psycopg2.extensions

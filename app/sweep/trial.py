@@ -19,6 +19,7 @@ from app import checkpoint, interrupts, runid, tracking
 from app.config import Config, ConfigError
 from app.errors import UserError
 from app.sweep.ledger import Heartbeat
+from app.sweep.study import storage_problem
 
 JOB_TYPE = "sweep-trial"
 TAG = "offline-sweep"
@@ -54,7 +55,7 @@ def train_trial(agent, trial, key: str, values: dict, beat: Heartbeat) -> tuple[
     trial.set_user_attr("run_id", run_id)
     trial.set_user_attr("agent", agent.who)
     trial.set_user_attr("values", values)
-    resumed = _resume_from(trial, config, run_id)
+    resumed = _resume_from(trial, config, run_id, p.metric)
     shown = " ".join(f"{k}={v}" for k, v in values.items())
     say(f"trial {trial.number} ({key}, attempt {attempt}): {shown} -> W&B run {run_id}{resumed}")
     notes = f"Optuna trial {trial.number} of offline sweep {p.name} ({key}, attempt {attempt}){resumed}"
@@ -72,8 +73,17 @@ def train_trial(agent, trial, key: str, values: dict, beat: Heartbeat) -> tuple[
         if beat.lost.is_set():
             return True
         if p.metric in metrics and p.spec.early_terminate:
-            trial.report(float(metrics[p.metric]), epoch + 1)  # resource = epochs done (W&B's min_iter unit)
-            pruned = trial.should_prune()
+            try:
+                trial.report(float(metrics[p.metric]), epoch + 1)  # resource = epochs done (W&B's min_iter unit)
+                pruned = trial.should_prune()
+            except Exception as exc:
+                problem = storage_problem(exc)
+                if problem is None:
+                    raise
+                # the database went silent or away: like the heartbeat, training goes on (its checkpoints
+                # stand); the agent ends once the trial is over if the database is still gone
+                say(f"trial {trial.number}: epoch {epoch + 1} not reported, the sweep database is not answering "
+                    f"({problem}); training goes on")
         return pruned
 
     started = time.monotonic()
@@ -123,7 +133,10 @@ def _after_run(agent, trial, run_id: str) -> None:
             trial.set_user_attr("run_folder", str(folder.relative_to(agent.runs_root)))
 
 
-def _resume_from(trial, config: Config, run_id: str) -> str:
+AFTER_TRAINING = ("test_loss", "test_accuracy")  # measured again by a run resumed after its last epoch
+
+
+def _resume_from(trial, config: Config, run_id: str, metric: str) -> str:
     """A retry starts from the dead attempt's last epoch checkpoint when the outputs folder has it."""
     old = trial.user_attrs.get("resume_run")
     # the id comes from the sweep's storage: one that is not a plain name is never joined to a path
@@ -133,11 +146,14 @@ def _resume_from(trial, config: Config, run_id: str) -> str:
     if not src.is_file():
         return ""
     try:
-        done = checkpoint.epochs_done(src, config)
-    except UserError:
-        return ""  # a damaged checkpoint of a dead attempt: train this one from the start
-    if done >= config.epochs:
-        # killed after its last epoch: train() would skip straight to test with no val metric to report
+        done, last_val = checkpoint.epochs_done(src, config)
+    except UserError as exc:  # damaged, or written on another device type: this attempt trains from the start
+        say(f"trial {trial.number}: not resuming run {old}'s checkpoint, training from the start ({exc})")
+        return ""
+    if done >= config.epochs and metric not in last_val and metric not in AFTER_TRAINING:
+        # stopped after its last epoch: train() goes straight to test and export and reports the last epoch's
+        # val metrics from the checkpoint; one from before they were kept, or a metric measured while
+        # training (loss, examples_per_s), has nothing to report: train this attempt from the start
         return ""
     dst = Path(config.output_dir) / run_id
     dst.mkdir(parents=True, exist_ok=True)
