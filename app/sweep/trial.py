@@ -125,12 +125,18 @@ def train_trial(agent, trial, key: str, values: dict, beat: Heartbeat) -> tuple[
     return "complete", float(value)
 
 def _after_run(agent, trial, run_id: str) -> None:
-    """Make the run folder self-contained and note it in the trial, while the trial can still change."""
+    """Make the run folder self-contained and note it in the trial, while the trial can still change;
+    free what the run left on the GPU before the next one (and say what stays)."""
     folder = _run_folder(agent.runs_root, run_id)
     if folder is not None:
         tracking.materialize_links(folder)
         with contextlib.suppress(ValueError, UpdateFinishedTrialError):
             trial.set_user_attr("run_folder", str(folder.relative_to(agent.runs_root)))
+    from app.train import release_device_memory
+
+    held = release_device_memory()
+    if held:
+        say(held)
 
 
 AFTER_TRAINING = ("test_loss", "test_accuracy")  # measured again by a run resumed after its last epoch
