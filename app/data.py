@@ -143,9 +143,12 @@ def _read_idx(path: Path) -> torch.Tensor:
     Read here rather than through torchvision's dataset classes: importing torchvision imports
     torch._dynamo, 1-2 s at every process start for a file format of a dozen lines."""
     try:
-        if path.stat().st_size > MAX_IDX_BYTES:
+        size = path.stat().st_size
+        if size > MAX_IDX_BYTES:
             raise DataError(f"{path} is over {MAX_IDX_BYTES >> 20} MiB: not an MNIST-format IDX file")
-        blob = path.read_bytes()
+        blob = bytearray(size)  # read straight into the buffer the tensor will use: no copy of 47 MB
+        with open(path, "rb") as f:
+            del blob[f.readinto(blob):]  # a file that shrank since stat() is judged by what it holds
     except OSError as exc:
         raise DataError(f"cannot read {path} ({exc.strerror or exc})") from None
     if len(blob) < 4 or blob[:3] != b"\0\0\x08" or not 1 <= blob[3] <= 3:
@@ -157,7 +160,8 @@ def _read_idx(path: Path) -> torch.Tensor:
     dims = struct.unpack(f">{ndim}I", blob[4:header])
     if len(blob) != header + math.prod(dims):
         raise DataError(f"{path} is not a valid IDX file ({len(blob) - header} bytes of data for shape {list(dims)})")
-    return torch.frombuffer(bytearray(blob[header:]), dtype=torch.uint8).reshape(dims) if math.prod(dims) \
+    count = math.prod(dims)
+    return torch.frombuffer(blob, dtype=torch.uint8, offset=header, count=count).reshape(dims) if count \
         else torch.zeros(dims, dtype=torch.uint8)
 
 
