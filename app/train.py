@@ -177,8 +177,9 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
         # agents sharing this GPU through slots: an equal share among those on it as this run starts
         config = config.replace(gpu_memory_fraction=round(run_share(environ) or 0.0, 4))
     device, ds, gen, fmt, train_batches, val_batches, test_batches = setup(config)
-    # which GPU slot an agent was given: recorded so a sweep's runs can be traced to their device
-    run.summary.update({"device": str(device), "cuda_visible_devices": environ.get("CUDA_VISIBLE_DEVICES", "")})
+    # which GPU slot an agent was given: recorded so a sweep's runs can be traced to their device. From the
+    # process's own environment, where CUDA reads it (an in-process agent's `environ` is only a copy)
+    run.summary.update({"device": str(device), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
     phases.mark("data")
 
     # --- model, optimizer, resume ---

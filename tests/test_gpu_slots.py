@@ -18,8 +18,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, clean_env
 
+from app import runlog
 from app.container import gpu_slots
 from app.errors import UserError
 
@@ -222,3 +223,24 @@ def test_bad_settings_are_one_line(tmp_path: Path):
         gpu_slots.assign({"GPU_SLOTS_DIR": str(blocker / "slots")}, gpus=["0"])
     # WANDB_DIR (the shared runs volume) is the default home of the slot locks
     assert gpu_slots.slots_dir({"WANDB_DIR": "/runs"}) == Path("/runs/.gpu-slots")
+
+
+@pytest.mark.slow
+def test_an_in_process_agent_trains_on_the_gpu_of_its_slot(agents: Agents, tmp_path: Path, small_data: Path):
+    """The offline-sweep agent trains in the entrypoint's own process: CUDA reads CUDA_VISIBLE_DEVICES
+    from that process's environment, so the slot it claimed must be there, not only in a copy."""
+    held = agents.slot(agents.start(1, GPU_COUNT="2")[0])  # another agent holds GPU 0
+    assert held["CUDA_VISIBLE_DEVICES"] == "0"
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("name: slot\nmethod: grid\nmetric: {name: val_loss, goal: minimize}\n"
+                     "parameters:\n  learning_rate: {values: [0.01]}\n")
+    env = clean_env(tmp_path, APP_MODE="offline-sweep", SWEEP_CONFIG=str(sweep), GPU_COUNT="2", DEVICE="cpu",
+                    GPU_SLOTS_DIR=str(tmp_path / "slots"), GPU_HOST_ID="host-a", DATA_DIR=str(small_data),
+                    EPOCHS="1", VAL_SIZE="100", WATCH_LOG="none", WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "runs"),
+                    OUTPUT_DIR=str(tmp_path / "outputs"))
+    proc = subprocess.run([sys.executable, "-m", "app.container.entrypoint"], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "CUDA_VISIBLE_DEVICES=1" in proc.stderr  # the free GPU's slot
+    [run] = [runlog.read(f) for f in runlog.find(tmp_path / "runs")]
+    assert run.exit_code == 0 and run.summary["cuda_visible_devices"] == "1"

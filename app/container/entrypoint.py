@@ -152,6 +152,9 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
     # several agents share the host's GPUs: each claims one slot and trains on that GPU only
     # (no GPU found: nothing to claim, unless GPU_COUNT names devices to spread over)
     run_env = gpu_slots.assign(run_env)
+    # the offline-sweep and warm agents train in this very process, and CUDA takes its devices from the
+    # process's environment when it starts: the slot goes there too (a `wandb agent` child gets run_env)
+    os.environ.update({k: v for k, v in run_env.items() if k in gpu_slots.EXPORTS})
     if warning:
         print(warning, file=sys.stderr, flush=True)
     if mode == "offline-sweep":

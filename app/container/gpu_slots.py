@@ -241,6 +241,9 @@ def check(environ: Mapping[str, str]) -> None:
         raise UserError(f"GPU_SLOTS_DIR={str(folder)!r} {problem}; mount a shared writable folder there")
 
 
+EXPORTS = ("CUDA_VISIBLE_DEVICES", "GPU_SLOT", "GPU_SLOTS_DIR", "AGENT_INDEX", "GPU_MEMORY_FRACTION")  # what assign sets
+
+
 def assign(environ: Mapping[str, str], gpus: list[str] | None = None) -> dict[str, str]:
     """The agent's environment with its GPU slot exported; unchanged when there is no GPU."""
     environ = dict(environ)
