@@ -62,5 +62,5 @@ def test_a_run_id_from_a_journal_that_is_not_a_name_resumes_nothing(tmp_path: Pa
         user_attrs = {"resume_run": "../../victim"}
 
     config = Config(output_dir=str(outputs), epochs=3)
-    assert trials._resume_from(Trial(), config, "new00001") == ""
+    assert trials._resume_from(Trial(), config, "new00001", "val_loss") == ""
     assert not (outputs / "new00001").exists()
