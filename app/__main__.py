@@ -1,8 +1,15 @@
 import sys
 
-from app.cli import exit_after_run, main
+from app import interrupts
 
-code = main()
+interrupts.install()  # before the rest loads: a stop during start-up is one line, never a traceback
+try:
+    from app.cli import exit_after_run, main
+
+    code = main()
+except interrupts.Stopped as stop:  # before main() took over
+    print(f"{stop} during start-up (exit {stop.exit_code})", file=sys.stderr)
+    sys.exit(stop.exit_code)
 if sys.argv[1:2] == ["train"]:
     exit_after_run(code)
 sys.exit(code)

@@ -76,10 +76,30 @@ def unless_wandb_lost() -> Iterator[None]:
             raise
 
 
+RETRY_S = 0.05  # how soon a stop that came during an import is taken again
+
+
+def _importing(frame) -> bool:
+    """Whether the interrupted code runs inside an import (its caller chain passes through importlib)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _raise(signum, frame) -> None:
     note(signum)
     if _state["deferring"]:
         _state["pending"] = signum
+        return
+    if _importing(frame):
+        # raised inside an import (torch, numpy, W&B load lazily at start-up), the stop can be swallowed by
+        # an extension module's initialisation, which leaves that module half-made and the process going
+        # on as if no stop had come: it is sent again, and taken once the import is done
+        timer = threading.Timer(RETRY_S, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
         return
     raise Stopped(signum)
 
