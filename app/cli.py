@@ -132,9 +132,9 @@ COMMANDS = {
 def exit_after_run(code: int) -> None:
     """End a `train` process without the interpreter's teardown of every module it loaded.
 
-    With torch, W&B and onnx loaded, that teardown takes 0.5-1 s, paid by every run a `wandb agent` starts, and it does nothing a finished run needs: the exit
-    handlers still run (W&B's service teardown, logging's flush, anything registered), then the streams
-    are flushed. The run itself was finished and flushed by `run.finish()` before this."""
+    With torch, W&B and onnx loaded, that teardown takes 0.5-1 s, paid by every run a `wandb agent`
+    starts, and it does nothing a finished run needs: the exit handlers still run (W&B's service
+    teardown, logging's flush, anything registered), then the streams are flushed. The run itself was finished and flushed by `run.finish()` before this."""
     import atexit
 
     atexit._run_exitfuncs()  # what normal shutdown runs first; the module teardown after it is skipped
