@@ -19,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import threading
-from typing import Iterator
+from typing import Iterator, Mapping
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _state = {"deferring": False, "pending": None, "requested": None}
@@ -137,3 +138,30 @@ def deferred() -> Iterator[None]:
     if not outer and _state["pending"] is not None:
         signum, _state["pending"] = _state["pending"], None
         raise Stopped(signum)
+
+
+def run_forwarding(command: list[str], environ: Mapping[str, str], pass_fds: tuple[int, ...] = ()) -> tuple[int, int | None]:
+    """Run `command` with SIGTERM/SIGINT passed on to it; returns its return code (negative: killed by
+    that signal) and the first stop signal this process was sent meanwhile (None: none).
+
+    The child gets its own process group (a terminal's Ctrl-C reaches it once, through us) and this
+    process's inheritable descriptors (a GPU slot's lock stays held while it lives) plus `pass_fds`.
+    """
+    received: list[int] = []
+    child: list[subprocess.Popen] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        note(signum)
+        if child:
+            child[0].send_signal(signum)
+
+    for sig in SIGNALS:
+        signal.signal(sig, forward)
+    for fd in pass_fds:  # (Popen's own pass_fds would close every other descriptor, the slot's lock too)
+        os.set_inheritable(fd, True)
+    child.append(subprocess.Popen(command, env=dict(environ), close_fds=False, process_group=0))
+    for signum in received:  # a stop that came while the child was being started
+        child[0].send_signal(signum)
+    code = child[0].wait()
+    return code, (received[0] if received else None)

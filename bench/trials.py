@@ -12,9 +12,10 @@ checked with onnxruntime, model artifact). W&B offline. The ways:
             WANDB_SWEEP_PARAM_PATH); one process per trial
   agent     the offline agent (`python -m app offline-agent`), one process for all the trials of a
             grid over the seed
-  warm      the warm W&B-sweep agent (the container entrypoint's agent mode with AGENT_PROCESS=warm): one
-            process taking the runs of a W&B grid sweep over the seed, served by the local stand-in of
-            W&B's API (tests/fake_wandb.py) on loopback
+  warm      the warm W&B-sweep agent's process (`python -m app.sweep.warm_agent`, which the container
+            entrypoint starts with AGENT_PROCESS=warm after its checks): one process taking the runs of a
+            W&B grid sweep over the seed, served by the local stand-in of W&B's API
+            (tests/fake_wandb.py) on loopback
   tutorial  the W&B tutorial's code (bench/tutorial.py) as its script runs it: a process per run
 Every process is started by this script through its `--child` form, which records train()'s phase marks
 (app.phases) and hands them back; the time from starting the process to train() is `start`.
@@ -56,7 +57,7 @@ if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == CHILD:
 
     phases.record()
     atexit.register(_dump)  # runs after the program's own exit code is decided, before W&B's service ends
-    if _kind in ("app", "app.container.entrypoint"):
+    if _kind in ("app", "app.sweep.warm_agent"):
         import runpy
 
         sys.argv = [_kind, *_args]
@@ -161,10 +162,10 @@ def run_warm(n: int, environ: dict[str, str], work: Path, log: Path) -> tuple[li
              "parameters": {"seed": {"values": list(range(n))}},
              "command": ["${env}", "${interpreter}", "-m", "app", "train", "${args}"]}
     with FakeWandb(sweep) as api:
-        env = {**environ, "WANDB_BASE_URL": api.url, "WANDB_API_KEY": "k" * 40, "SWEEP_ID": api.sweep_path,
-               "AGENT_RUN_MODE": "offline", "AGENT_PROCESS": "warm", "AGENT_COUNT": str(n), "APP_MODE": "agent"}
-        env.pop("WANDB_MODE")
-        trials, exit_s = child("app.container.entrypoint", [], env, work, log, 900)
+        # the warm process itself, as the entrypoint (AGENT_PROCESS=warm, AGENT_RUN_MODE=offline) starts it
+        # after its checks: the runs' WANDB_MODE in its environment, the agent's own calls to the server
+        env = {**environ, "WANDB_BASE_URL": api.url, "WANDB_API_KEY": "k" * 40}
+        trials, exit_s = child("app.sweep.warm_agent", ["--sweep", api.sweep_path, "--count", str(n)], env, work, log, 900)
     if len(trials) != n:
         raise BenchError(f"the warm agent ran {len(trials)} of {n} trials; its output is in {log}")
     return trials, exit_s

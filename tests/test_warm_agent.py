@@ -6,6 +6,7 @@ Docker): the container tests cover the image's wiring of the same entrypoint."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from conftest import REPO, clean_env, wait_for
 from fake_wandb import FakeWandb
 
 from app import artifact, checkpoint, runlog
+from app.sweep import warm_agent
 
 COMMAND = ["${env}", "${interpreter}", "-m", "app", "train", "${args}"]
 
@@ -187,3 +189,76 @@ def test_per_run_an_early_terminate_stop_is_a_sigterm_and_marks_the_run_preempti
     assert stopped.preempting and stopped.exit_code == 143 and "pruned" not in stopped.summary
     assert checkpoint.load(tmp_path / "outputs" / stopped_id / "checkpoint.pt")["epoch"] < long_run
     assert finished.exit_code == 0 and not finished.preempting  # `wandb agent` went on to the next run
+
+
+@pytest.mark.slow
+def test_a_warm_process_killed_mid_run_is_replaced_and_the_sweep_goes_on(tmp_path: Path, small_data: Path):
+    # the kernel's OOM killer (SIGKILL) takes the warm process in the middle of a run: as under `wandb agent`,
+    # that run is lost (never finished), and a fresh process takes the sweep's next run
+    long_run = 300
+    with FakeWandb(grid(epochs=[long_run, 1])) as api:
+        proc = start_agent(agent_env(tmp_path, api, small_data, AGENT_PROCESS="warm"), tmp_path)
+        wait_for(lambda: list((tmp_path / "outputs").glob("*/checkpoint.pt")), 300, "the first epoch's checkpoint")
+        pids = re.findall(r"every run in this process \(pid (\d+),", (tmp_path / "agent.log").read_text())
+        assert len(pids) == 1 and int(pids[0]) != proc.pid
+        os.kill(int(pids[0]), signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, (tmp_path / "agent.log").read_text()[-4000:]
+        killed_id, next_id = [a.run_id for a in api.assignments]
+    log = (tmp_path / "agent.log").read_text()
+    assert (f"the warm process was killed by SIGKILL during run {killed_id} (lost as a crashed run: W&B marks it "
+            "crashed); starting a fresh one for the sweep's next run") in log
+    assert len(re.findall(r"every run in this process \(pid (\d+),", log)) == 2
+    # W&B's service went down with the process: the killed run's log holds what reached it, and no end
+    (killed,) = [runlog.read(f) for f in runlog.find(tmp_path / "runs") if f.name.endswith(f"-{killed_id}")]
+    assert killed.exit_code is None and not killed.finished
+    runs = runs_in(tmp_path / "runs")
+    assert runs[next_id][1].exit_code == 0 and 0 < runs[next_id][1].summary["test_accuracy"] <= 1
+
+
+CHILD = """
+import os, signal, sys
+report = os.fdopen(int(sys.argv[1]), "w", buffering=1)
+for line in sys.argv[2:]:
+    if line == "die":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if line.startswith("exit"):
+        sys.exit(int(line.split()[1]))
+    report.write(line + "\\n")
+"""
+
+
+class ScriptedSupervisor(warm_agent.Supervisor):
+    """The supervisor with each warm process replaced by a small real one that reports the given lines."""
+
+    def __init__(self, scripts: list[list[str]], count: int | None = None):
+        super().__init__("fakeswp1", os.environ, count)
+        self.scripts, self.started = scripts, []
+
+    def command(self, report_fd: int) -> list[str]:
+        self.started.append(super().command(report_fd))
+        return [sys.executable, "-c", CHILD, str(report_fd), *self.scripts[len(self.started) - 1]]
+
+
+def test_crashes_count_as_failures_in_a_row_across_processes(capsys):
+    # one good run, then three processes that each die in their run: the third failure in a row ends it
+    sup = ScriptedSupervisor([["start a", "end 0", "start b", "die"], ["start c", "die"], ["start d", "die"]])
+    assert sup.run() == 1
+    assert len(sup.started) == 3 and sup.done == 4 and sup.failures_in_a_row == 3
+    out = capsys.readouterr().out
+    assert "was killed by SIGSEGV during run d (lost as a crashed run" in out and "3 failures in a row" in out
+
+
+def test_a_process_that_cannot_be_trusted_is_replaced_and_agent_count_carries_over():
+    # AGENT_COUNT=3: the first process runs two that fail (the second by a CUDA error, so the process ends
+    # itself); that is two failures in a row, not three, and the next process runs the one left
+    sup = ScriptedSupervisor([["start a", "end 1", "start b", "end 1", f"exit {warm_agent.UNTRUSTED}"],
+                              ["start c", "end 0", "exit 0"]], count=3)
+    assert sup.run() == 0
+    assert [cmd[cmd.index("--count") + 1] for cmd in sup.started] == ["3", "1"]
+    assert [cmd[cmd.index("--failed-in-a-row") + 1] for cmd in sup.started] == ["0", "2"]  # the next starts at 2
+    assert sup.done == 3 and sup.failures_in_a_row == 0
+
+
+def test_an_agent_that_ends_for_its_own_reason_is_not_restarted():
+    sup = ScriptedSupervisor([["start a", "end 2", "exit 1"]])
+    assert sup.run() == 1 and len(sup.started) == 1

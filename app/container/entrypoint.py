@@ -3,7 +3,7 @@
     docker run IMAGE                          -> one training run (settings from the environment)
     docker run IMAGE --epochs=1               -> one training run with these --key=value settings
     docker run -e SWEEP_ID=e/p/id IMAGE       -> `wandb agent e/p/id` (runs `python -m app train ...`)
-    ... -e AGENT_PROCESS=warm                 -> the same sweep, every run in one warm process (app.sweep.warm_agent)
+    ... -e AGENT_PROCESS=warm                 -> the same sweep, every run in one warm child process (app.sweep.warm_agent)
     docker run -e SWEEP_CONFIG=/app/s.yaml IMAGE -> an offline sweep agent (no W&B server)
     docker run IMAGE bash                     -> any other command runs as given
 
@@ -18,7 +18,6 @@ import glob
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from typing import Mapping
 
@@ -90,31 +89,13 @@ def check_runs(environ: Mapping[str, str]) -> None:
 
 
 def run_child(command: list[str], environ: Mapping[str, str]) -> int:
-    """Run `command` (the agent) with SIGTERM/SIGINT passed on to it; exit 128+signal after a stop, so
-    `docker stop` (143) tells apart from a finished sweep (the agent's 0).
-
-    The child gets its own process group (a terminal's Ctrl-C reaches it once, through us) and this
-    process's inheritable descriptors: the GPU slot's lock stays held for as long as the agent lives.
-    """
-    received: list[int] = []
-    child: list[subprocess.Popen] = []
-
-    def forward(signum, frame) -> None:
-        received.append(signum)
-        if child:
-            child[0].send_signal(signum)
-
-    for sig in interrupts.SIGNALS:
-        signal.signal(sig, forward)
-    child.append(subprocess.Popen(command, env=dict(environ), close_fds=False, process_group=0))
-    for signum in received:  # a stop that came while the child was being started
-        child[0].send_signal(signum)
-    code = child[0].wait()
-    if received:
-        name = signal.Signals(received[0]).name
-        print(f"agent stopped by {name} (exit {128 + received[0]}); its running run, if any, was passed the signal",
-              file=sys.stderr, flush=True)
-        return 128 + received[0]
+    """Run `command` (the agent) with SIGTERM/SIGINT passed on to it (interrupts.run_forwarding); exit
+    128+signal after a stop, so `docker stop` (143) tells apart from a finished sweep (the agent's 0)."""
+    code, stopped = interrupts.run_forwarding(command, environ)
+    if stopped:
+        print(f"agent stopped by {signal.Signals(stopped).name} (exit {128 + stopped}); its running run, if any, "
+              "was passed the signal", file=sys.stderr, flush=True)
+        return 128 + stopped
     return code if code >= 0 else 128 - code
 
 
@@ -152,8 +133,8 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
     # several agents share the host's GPUs: each claims one slot and trains on that GPU only
     # (no GPU found: nothing to claim, unless GPU_COUNT names devices to spread over)
     run_env = gpu_slots.assign(run_env)
-    # the offline-sweep and warm agents train in this very process, and CUDA takes its devices from the
-    # process's environment when it starts: the slot goes there too (a `wandb agent` child gets run_env)
+    # the offline-sweep agent trains in this very process, and CUDA takes its devices from the process's
+    # environment when it starts: the slot goes there too (a `wandb agent` or warm child gets run_env)
     os.environ.update({k: v for k, v in run_env.items() if k in gpu_slots.EXPORTS})
     if warning:
         print(warning, file=sys.stderr, flush=True)
@@ -164,9 +145,9 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
     from app.sweep import warm_agent
 
     if warm_agent.process_kind(environ) == "warm":
-        # every run in this process: it already took the GPU slot and handles the stop signals itself
+        # every run in one warm child process, replaced if it crashes; it inherits the GPU slot's lock
         count = env.positive_int("AGENT_COUNT", environ=environ)
-        return warm_agent.run_warm(env.text("SWEEP_ID", environ=environ), run_env, count)
+        return warm_agent.supervise(env.text("SWEEP_ID", environ=environ), run_env, count)
     print(f"starting: {' '.join(command)}", flush=True)
     return run_child(command, run_env)
 

@@ -16,9 +16,14 @@ set for each run with `wandb.setup(settings)` instead.
 
 What stays as with a process per run: a stop (SIGTERM/SIGINT, `docker stop`) checkpoints the running
 run, marks it preempting and the agent exits 128+signal; a run that raises is recorded as failed and
-the next starts clean (MAX_ERRORS_IN_A_ROW failures in a row stop the agent, exit 1); a CUDA error
-other than running out of memory ends the agent with exit 1, since the process can no longer be
-trusted; nothing of a run outlives it but the data, kept once on the device (app.data).
+the next starts clean (MAX_ERRORS_IN_A_ROW failures in a row stop the agent, exit 1); nothing of a run
+outlives it but the data, kept once on the device (app.data).
+
+A process that can no longer be trusted is replaced, as `wandb agent` replaces a run's process: the
+warm process is a child of `supervise()` (the entrypoint), and when it dies (a segfault, the kernel's
+OOM killer) or ends itself after a CUDA error other than out-of-memory (exit UNTRUSTED), the run it
+was training is lost as a crashed run is under `wandb agent` (W&B marks it crashed once its heartbeat
+stops) and a fresh process takes the sweep's next run. Failures in a row count across the processes.
 
 A sweep with early_terminate (hyperband): W&B's server asks to stop a run with a `stop` command in its
 heartbeat answer, where `wandb agent` would SIGTERM the run's process. Here the heartbeat thread notes
@@ -29,13 +34,15 @@ preempting (a preempting run would be handed out again and resumed, undoing the 
 
 from __future__ import annotations
 
+import argparse
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 import traceback
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from app import cli, env, interrupts, tracking
 from app.errors import UserError
@@ -43,6 +50,7 @@ from app.errors import UserError
 PROCESSES = ("per-run", "warm")
 MAX_ERRORS_IN_A_ROW = 3  # as the offline agent: an agent whose runs keep failing stops
 POLL_S = 5.0  # between heartbeats while the server has nothing to hand out (`wandb agent` polls as often)
+UNTRUSTED = 70  # the warm process ends itself: a CUDA error left it unusable (EX_SOFTWARE); it is replaced
 
 
 def say(msg: str) -> None:
@@ -86,10 +94,13 @@ class Heartbeat(threading.Thread):
 
 
 class WarmAgent:
-    def __init__(self, sweep: str, environ: Mapping[str, str], count: int | None):
+    def __init__(self, sweep: str, environ: Mapping[str, str], count: int | None,
+                 report: Callable[[str], None] = lambda line: None, failed_in_a_row: int = 0):
         self.entity, self.project, self.sweep_id = sweep_parts(sweep)
         self.environ = dict(environ)  # what each run sees: the runs' WANDB_MODE (AGENT_RUN_MODE) included
         self.count = count
+        self.failed_in_a_row = failed_in_a_row  # the supervisor's count, carried over from the process before
+        self.report = report  # "start RUN_ID" and "end CODE" for each run, to the supervising process
         self.exit_asked = False
         self.cuda_broken = False
 
@@ -122,8 +133,8 @@ class WarmAgent:
         from wandb.apis.public.sweeps import _agent_heartbeat
 
         self.connect()
-        say(f"serving sweep {self.sweep_id}: every run in this process (agent {self.agent_id})")
-        done = errors_in_a_row = 0
+        say(f"serving sweep {self.sweep_id}: every run in this process (pid {os.getpid()}, agent {self.agent_id})")
+        done, errors_in_a_row = 0, self.failed_in_a_row
         while (self.count is None or done < self.count) and not self.exit_asked:
             commands = _agent_heartbeat(self.api, self.agent_id, {}, {})
             if not commands:
@@ -136,7 +147,9 @@ class WarmAgent:
                 return 0
             if kind not in ("run", "resume"):
                 continue  # `stop` of a run this agent is not running
+            self.report(f"start {command['run_id']}")
             code = self.run_one(command)
+            self.report(f"end {code}")
             say(f"run {command['run_id']} ended with exit code {code}")
             done += 1
             if code == 0:
@@ -144,8 +157,8 @@ class WarmAgent:
             elif code >= 128:
                 return code  # stopped: the run is checkpointed and marked preempting
             elif code == 1 and self.cuda_broken:
-                say("a CUDA error other than out-of-memory: this process cannot be trusted; agent exits")
-                return 1
+                say("a CUDA error other than out-of-memory: this process cannot be trusted; it ends here")
+                return UNTRUSTED
             else:
                 errors_in_a_row += 1
                 if errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
@@ -208,6 +221,91 @@ def process_kind(environ: Mapping[str, str]) -> str:
     return env.choice("AGENT_PROCESS", PROCESSES, "per-run", environ=environ)
 
 
-def run_warm(sweep: str, environ: Mapping[str, str], count: int | None) -> int:
-    return WarmAgent(sweep, environ, count).run()
+class Supervisor:
+    """Keeps one warm agent process serving the sweep, replacing it when it crashes (see the module doc).
 
+    The child reports each run's start and exit code on a pipe, so that AGENT_COUNT and the failures in
+    a row carry over to the next process, and the line about a crash names the run it took with it."""
+
+    def __init__(self, sweep: str, environ: Mapping[str, str], count: int | None):
+        self.sweep, self.environ, self.count = sweep, dict(environ), count
+        self.done = self.failures_in_a_row = 0
+
+    def command(self, report_fd: int) -> list[str]:
+        left = None if self.count is None else self.count - self.done
+        return [sys.executable, "-m", "app.sweep.warm_agent", "--sweep", self.sweep, "--report-fd", str(report_fd),
+                "--failed-in-a-row", str(self.failures_in_a_row), *(["--count", str(left)] if left is not None else [])]
+
+    def start_one(self) -> tuple[int, int | None, str | None]:
+        """One warm process until it ends: its return code, the stop signal we passed on, the run it was in."""
+        read_fd, write_fd = os.pipe()
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(os.fdopen(read_fd, encoding="utf-8")), daemon=True)
+        reader.start()
+        try:
+            code, stopped = interrupts.run_forwarding(self.command(write_fd), self.environ, pass_fds=(write_fd,))
+        finally:
+            os.close(write_fd)
+        reader.join(timeout=10)  # EOF once the child (the only other holder) is gone
+        running = None
+        for line in lines:
+            kind, _, value = line.strip().partition(" ")
+            if kind == "start":
+                running = value
+            elif kind == "end":
+                running = None
+                self.done += 1
+                self.failures_in_a_row = 0 if value == "0" else self.failures_in_a_row + 1
+        return code, stopped, running
+
+    def run(self) -> int:
+        while True:
+            code, stopped, running = self.start_one()
+            if stopped:
+                return 128 + stopped  # the child checkpointed its run and said so
+            if code >= 0 and code != UNTRUSTED:
+                return code  # the sweep is done, AGENT_COUNT reached, or the child's own reason (said)
+            why = f"was killed by {signal.Signals(-code).name}" if code < 0 else "could no longer be trusted"
+            if running:
+                self.done += 1
+                self.failures_in_a_row += 1
+                why += f" during run {running} (lost as a crashed run: W&B marks it crashed)"
+            elif code < 0:
+                self.failures_in_a_row += 1  # died between runs: a process that cannot start is a failure too
+            if self.failures_in_a_row >= MAX_ERRORS_IN_A_ROW:
+                say(f"the warm process {why}; {self.failures_in_a_row} failures in a row: stopping this agent")
+                return 1
+            if self.count is not None and self.done >= self.count:
+                say(f"the warm process {why}; ran {self.done} run(s) (AGENT_COUNT): agent exits")
+                return 1 if running else 0
+            if interrupts.requested():  # a stop that came after the process ended: no fresh one
+                say(f"the warm process {why}; stopped meanwhile: no fresh one")
+                return 128 + interrupts.requested()
+            say(f"the warm process {why}; starting a fresh one for the sweep's next run")
+
+
+def supervise(sweep: str, environ: Mapping[str, str], count: int | None) -> int:
+    return Supervisor(sweep, environ, count).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The warm process itself, started by `supervise()` with the environment its runs see (bench/trials.py
+    starts it alone, without --report-fd)."""
+    parser = argparse.ArgumentParser(prog="python -m app.sweep.warm_agent")
+    parser.add_argument("--sweep", required=True)
+    parser.add_argument("--report-fd", type=int)
+    parser.add_argument("--count", type=int)
+    parser.add_argument("--failed-in-a-row", type=int, default=0)
+    args = parser.parse_args(argv)
+    report = lambda line: None  # noqa: E731
+    if args.report_fd is not None:
+        os.set_inheritable(args.report_fd, False)  # W&B's service and other helpers must not hold the pipe open
+        report_to = os.fdopen(args.report_fd, "w", encoding="utf-8", buffering=1)
+        report = lambda line: report_to.write(line + "\n")  # noqa: E731
+    return cli.handle(WarmAgent(args.sweep, os.environ, args.count, report, args.failed_in_a_row).run)
+
+
+if __name__ == "__main__":
+    interrupts.install()
+    code = main()
+    cli.exit_after_run(code)  # the runs are finished and flushed; skip the interpreter's module teardown
