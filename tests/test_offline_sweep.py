@@ -442,7 +442,8 @@ def test_a_database_gone_mid_trial_ends_the_agent_in_one_line_and_the_trial_is_r
                                                                                     early_terminate):
     """PostgreSQL goes away while a trial trains: the trial trains to its end and keeps its checkpoint, the
     agent ends with one line naming the storage and exit 1, and nothing is told to Optuna; once the database
-    is back the trial (still RUNNING) is seen dead and handed out again, resuming its checkpoint."""
+    is back the trial (still RUNNING) is seen dead and handed out again, and its retry records the W&B run
+    that already ran to its end instead of training a second one."""
     cfg = write_yaml(tmp_path / "one.yaml", "name: one\nmethod: grid\nmetric: {name: val_accuracy, goal: maximize}\n"
                                             f"{early_terminate}parameters:\n  learning_rate: {{values: [0.01]}}\n")
     with postgres_cluster() as server:
@@ -472,11 +473,16 @@ def test_a_database_gone_mid_trial_ends_the_agent_in_one_line_and_the_trial_is_r
         assert left.state == TrialState.RUNNING and left.value is None  # nothing recorded as done
         again = run_app(["offline-agent"], env, tmp_path, timeout=300)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-        assert f"resuming from run {run_id}'s checkpoint after epoch {epochs}" in again.stdout
+        first = runlog.read(next(f for f in runlog.find(tmp_path / "runs") if f.name.endswith(run_id)))
+        assert (f"W&B run {run_id} of the attempt before ran to its end (val_accuracy "
+                f"{first.summary['val_accuracy']:.4f}) but was never recorded; recorded from it, not trained again"
+                in again.stdout), again.stdout[-3000:]
         trials = study.trials
         assert trials[trial.number].state == TrialState.FAIL and trials[trial.number].system_attrs["sweep_outcome"] == "stale"
         (done,) = [t for t in trials if t.state == TrialState.COMPLETE]
         assert done.system_attrs["retry_of"] == trial.number
+        assert done.user_attrs["run_id"] == run_id and done.value == first.summary["val_accuracy"]
+        assert len(runlog.find(tmp_path / "runs")) == 1  # one W&B run for the grid point: no second one trained
 
 
 @pytest.mark.slow

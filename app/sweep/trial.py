@@ -52,6 +52,9 @@ def train_trial(agent, trial, key: str, values: dict, beat: Heartbeat) -> tuple[
         say(f"trial {trial.number} failed: {exc}")
         return "failed", None
     attempt = agent.storage.get_trial(trial._trial_id).system_attrs.get("attempt", 1)
+    earlier = _finished_run(agent.runs_root, trial, values, p.metric)
+    if earlier is not None:
+        return _adopt(agent, trial, key, values, *earlier)
     trial.set_user_attr("run_id", run_id)
     trial.set_user_attr("agent", agent.who)
     trial.set_user_attr("values", values)
@@ -137,6 +140,39 @@ def _after_run(agent, trial, run_id: str) -> None:
     held = release_device_memory()
     if held:
         say(held)
+
+
+def _finished_run(root: Path, trial, values: dict, metric: str):
+    """The W&B run of the attempt this retry repeats, when it ran to its end: its agent trained and
+    finished it, then could not tell the sweep's database (gone at that moment) and the trial was
+    handed out again. (run, its outcome, its metric); None when there is no such run to stand on."""
+    old = trial.user_attrs.get("resume_run")
+    if not isinstance(old, str) or not runid.valid(old):
+        return None
+    run = _read_run(root, old)
+    if run is None or run.damaged or run.exit_code != 0 or run.preempting:
+        return None
+    if any(run.config.get(k) != v for k, v in values.items()):
+        return None  # not this trial's values: never stand in for them
+    if run.summary.get("pruned") is True:
+        return run, "pruned", None
+    value = run.summary.get(metric)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return run, "complete", float(value)
+
+
+def _adopt(agent, trial, key: str, values: dict, run, outcome_: str, value: float | None) -> tuple[str, float | None]:
+    """Record the earlier attempt's finished run as this trial's result: one finished run per grid point."""
+    trial.set_user_attr("run_id", run.run_id)
+    trial.set_user_attr("agent", agent.who)
+    trial.set_user_attr("values", values)
+    with contextlib.suppress(ValueError):
+        trial.set_user_attr("run_folder", str(run.path.relative_to(agent.runs_root)))
+    result = "pruned by hyperband" if outcome_ == "pruned" else f"{agent.p.metric} {value:.4f}"
+    say(f"trial {trial.number} ({key}): W&B run {run.run_id} of the attempt before ran to its end ({result}) "
+        "but was never recorded; recorded from it, not trained again")
+    return outcome_, value
 
 
 AFTER_TRAINING = ("test_loss", "test_accuracy")  # measured again by a run resumed after its last epoch
