@@ -14,12 +14,15 @@ developer's .env, ./data, ./runs and ./outputs are never read or written.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
-from typing import Mapping, NoReturn
+from typing import Iterator, Mapping, NoReturn
 
 import pytest
 
@@ -61,15 +64,24 @@ def ensure_docker() -> None:
         _unavailable(f"the Docker engine does not answer: {proc.stderr.strip()[-300:]}")
 
 
+@contextlib.contextmanager
+def exclusive(name: str) -> Iterator[None]:
+    """One process at a time on this host (pytest-xdist's workers each run a session's set-up once)."""
+    with open(Path(tempfile.gettempdir()) / f"mnist-sweeps-{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, however the block ends
+        yield
+
+
 @functools.cache
 def ensure_base_image() -> str:
     ensure_docker()
-    if docker("image", "inspect", BASE_IMAGE).returncode == 0:
-        return BASE_IMAGE
-    if shutil.which("debootstrap") is None or os.getuid() != 0:
-        _unavailable(f"{BASE_IMAGE} is missing and only root with debootstrap can make it: sudo scripts/make-test-base")
-    proc = subprocess.run([str(REPO / "scripts/make-test-base"), BASE_IMAGE], capture_output=True, text=True,
-                          timeout=1800)
+    with exclusive("make-test-base"):  # one worker makes it, the others then find it
+        if docker("image", "inspect", BASE_IMAGE).returncode == 0:
+            return BASE_IMAGE
+        if shutil.which("debootstrap") is None or os.getuid() != 0:
+            _unavailable(f"{BASE_IMAGE} is missing and only root with debootstrap can make it: sudo scripts/make-test-base")
+        proc = subprocess.run([str(REPO / "scripts/make-test-base"), BASE_IMAGE], capture_output=True, text=True,
+                              timeout=1800)
     if proc.returncode != 0:
         _unavailable(f"scripts/make-test-base failed:\n{_tail(proc)}")
     return BASE_IMAGE
@@ -79,8 +91,9 @@ def ensure_base_image() -> str:
 def ensure_app_image() -> str:
     """Build TEST_IMAGE from the working tree once per session; a failed build fails the test."""
     base = ensure_base_image()
-    proc = subprocess.run([str(REPO / "scripts/build-image"), "--base-image", base, "--tag", TEST_IMAGE],
-                          capture_output=True, text=True, timeout=3600)
+    with exclusive("build-image"):  # one worker builds, the others then find every layer cached
+        proc = subprocess.run([str(REPO / "scripts/build-image"), "--base-image", base, "--tag", TEST_IMAGE],
+                              capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         pytest.fail(f"scripts/build-image failed:\n{_tail(proc)}", pytrace=False)
     return TEST_IMAGE
