@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import podman_image
 import pytest
 from cluster import postgres_server, slurm_cluster, unavailable
 from containers import app_image  # noqa: F401 (a fixture)
@@ -500,31 +501,6 @@ PODMAN_LINE = re.compile(r"^APP_EXEC='(podman run [^']*)'$", re.M)
 SANDBOX_ULIMITS = "--ulimit nofile=20000:20000 --ulimit nproc=4096:4096"  # this sandbox's runc needs them
 
 
-def podman(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=kw.pop("timeout", 60), **kw)
-
-
-def podman_image(image: str) -> float:
-    """`image` (Docker's) in podman's storage; returns the seconds spent loading it. The 6 GB load takes
-    minutes, so it runs only when podman's copy has another image id than Docker's (a rebuilt image, or
-    none yet); layers podman already holds (torch's) are not stored again."""
-    want = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", image], capture_output=True,
-                          text=True, timeout=60).stdout.strip().removeprefix("sha256:")
-    assert want, f"{image} is not in Docker"
-    old = podman("image", "inspect", "--format", "{{.Id}}", image).stdout.strip()
-    if old == want:
-        return 0.0
-    t0 = time.monotonic()
-    save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
-    load = subprocess.run(["podman", "load"], stdin=save.stdout, capture_output=True, text=True, timeout=1200)
-    save.stdout.close()
-    assert save.wait(timeout=60) == 0 and load.returncode == 0, load.stderr[-2000:]
-    assert podman("image", "inspect", "--format", "{{.Id}}", image).stdout.strip() == want
-    if old:  # the copy of the image this one replaced: untagged now, nothing else uses it
-        podman("rmi", old)
-    return time.monotonic() - t0
-
-
 def test_the_image_through_podman_stops_requeues_and_resumes(cluster, data, app_image, tmp_path, record_property):
     """deploy/slurm/README.md's podman line, as written but for the GPU device and this sandbox's ulimits:
     settings from ENV_FILE with an exported variable winning, a relative SWEEP_CONFIG, files owned by the
@@ -532,7 +508,7 @@ def test_the_image_through_podman_stops_requeues_and_resumes(cluster, data, app_
     if shutil.which("podman") is None:
         unavailable("podman not found: apt-get install podman")
     t0 = time.monotonic()
-    load_s = podman_image(app_image)
+    load_s = podman_image.load(app_image)  # waits for the load .ci/run started, if any
     line = PODMAN_LINE.search((SCRIPT.parent / "README.md").read_text())[1]
     for flag in ("--init", "--userns", "--device nvidia.com/gpu=all", "mnist-sweeps:latest"):
         assert line.count(flag) == (0 if flag in ("--init", "--userns") else 1), (flag, line)
@@ -580,6 +556,7 @@ def test_the_image_through_podman_stops_requeues_and_resumes(cluster, data, app_
     assert not list((tmp_path / "jobtmp").iterdir())  # the settings file (it may hold the API key) is gone
     wall = time.monotonic() - t0
     figures = (f"slurm podman: 1 task, 1 stop -> 1 requeue -> resumed, {len(mine)} task runs, {len(trials)} trials, "
-               f"2 of 2 grid points trained once, {wall:.0f} s (of which podman load {load_s:.0f} s)")
+               f"2 of 2 grid points trained once, {wall:.0f} s (of which waiting for and loading the image into "
+               f"podman {load_s:.0f} s)")
     record_property("slurm_podman", figures)
     print("\n" + figures)
