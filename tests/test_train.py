@@ -17,7 +17,7 @@ import torch
 from conftest import clean_env, run_app
 from idx import write_dataset
 
-from app import data, runlog
+from app import data, interrupts, runlog
 from app.errors import UserError
 from app.export import ExportError, export_onnx, verify
 from app.model import ConvNet, Normalized
@@ -191,6 +191,8 @@ def test_stop_request_turns_a_signal_into_a_flag(signum):
         time.sleep(0.05)
         assert stop.signum == signum  # still running: the loop decides when to stop
     assert signal.getsignal(signum) is before
+    assert interrupts.requested() == signum  # noted for the agent around the run, then cleared for the next test
+    interrupts.clear()
     stopped = Preempted(signum)
     assert stopped.signum == signum and signal.Signals(signum).name in str(stopped)
 

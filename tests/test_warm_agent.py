@@ -227,6 +227,15 @@ for line in sys.argv[2:]:
 """
 
 
+@pytest.fixture
+def own_signal_handlers():
+    """The supervisor forwards SIGTERM/SIGINT to its child from here on: pytest's handlers back after."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
 class ScriptedSupervisor(warm_agent.Supervisor):
     """The supervisor with each warm process replaced by a small real one that reports the given lines."""
 
@@ -239,7 +248,7 @@ class ScriptedSupervisor(warm_agent.Supervisor):
         return [sys.executable, "-c", CHILD, str(report_fd), *self.scripts[len(self.started) - 1]]
 
 
-def test_crashes_count_as_failures_in_a_row_across_processes(capsys):
+def test_crashes_count_as_failures_in_a_row_across_processes(capsys, own_signal_handlers):
     # one good run, then three processes that each die in their run: the third failure in a row ends it
     sup = ScriptedSupervisor([["start a", "end 0", "start b", "die"], ["start c", "die"], ["start d", "die"]])
     assert sup.run() == 1
@@ -248,7 +257,7 @@ def test_crashes_count_as_failures_in_a_row_across_processes(capsys):
     assert "was killed by SIGSEGV during run d (lost as a crashed run" in out and "3 failures in a row" in out
 
 
-def test_a_process_that_cannot_be_trusted_is_replaced_and_agent_count_carries_over():
+def test_a_process_that_cannot_be_trusted_is_replaced_and_agent_count_carries_over(own_signal_handlers):
     # AGENT_COUNT=3: the first process runs two that fail (the second by a CUDA error, so the process ends
     # itself); that is two failures in a row, not three, and the next process runs the one left
     sup = ScriptedSupervisor([["start a", "end 1", "start b", "end 1", f"exit {warm_agent.UNTRUSTED}"],
@@ -259,6 +268,6 @@ def test_a_process_that_cannot_be_trusted_is_replaced_and_agent_count_carries_ov
     assert sup.done == 3 and sup.failures_in_a_row == 0
 
 
-def test_an_agent_that_ends_for_its_own_reason_is_not_restarted():
+def test_an_agent_that_ends_for_its_own_reason_is_not_restarted(own_signal_handlers):
     sup = ScriptedSupervisor([["start a", "end 2", "exit 1"]])
     assert sup.run() == 1 and len(sup.started) == 1

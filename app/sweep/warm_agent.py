@@ -259,6 +259,7 @@ class Supervisor:
         return code, stopped, running
 
     def run(self) -> int:
+        interrupts.clear()  # a stop noted before this agent began is not one for it
         while True:
             code, stopped, running = self.start_one()
             if stopped:
