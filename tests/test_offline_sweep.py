@@ -9,14 +9,17 @@ run grouped under the sweep's name with its values in the config.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import optuna
 import pytest
@@ -283,6 +286,22 @@ def wait_for_trial_mid_training(study, agent: subprocess.Popen, outputs: Path, f
     pytest.fail(f"agent {pid} never got mid-trial (exit status {agent.poll()})\n{logs(folder)}")
 
 
+def one_point_mid_trial(tmp_path: Path, data_dir: Path, metric: str, early_terminate: str = "", **settings):
+    """An offline agent on a one-point grid (learning_rate 0.01, metric `metric`), started and caught
+    mid-trial: (its environment, the agent, its study, the RUNNING trial with an epoch checkpointed)."""
+    cfg = write_yaml(tmp_path / "one.yaml", f"name: one\nmethod: grid\nmetric: {metric}\n{early_terminate}"
+                                            "parameters:\n  learning_rate: {values: [0.01]}\n")
+    env = agent_env(tmp_path, data_dir, SWEEP_CONFIG=str(cfg), **settings)
+    agent = start_agent(env, tmp_path, tmp_path / "agent-0.log")
+    study = None
+    while study is None and agent.poll() is None:
+        try:
+            study = load_study(osw.storage_url(env, "one"), "one")
+        except (KeyError, ValueError, UserError):  # the agent has not created it yet
+            time.sleep(0.2)
+    return env, agent, study, wait_for_trial_mid_training(study, agent, tmp_path / "outputs", tmp_path)
+
+
 def check_sweep(study, grid_size: int, runs_root: Path, name: str) -> dict:
     """No grid point completed twice, every point completed, and each trial is a grouped offline run."""
     trials = study.get_trials(deepcopy=False)
@@ -444,18 +463,9 @@ def test_a_database_gone_mid_trial_ends_the_agent_in_one_line_and_the_trial_is_r
     agent ends with one line naming the storage and exit 1, and nothing is told to Optuna; once the database
     is back the trial (still RUNNING) is seen dead and handed out again, and its retry records the W&B run
     that already ran to its end instead of training a second one."""
-    cfg = write_yaml(tmp_path / "one.yaml", "name: one\nmethod: grid\nmetric: {name: val_accuracy, goal: maximize}\n"
-                                            f"{early_terminate}parameters:\n  learning_rate: {{values: [0.01]}}\n")
     with postgres_cluster() as server:
-        env = agent_env(tmp_path, data_dir, SWEEP_CONFIG=str(cfg), SWEEP_STORAGE=server.url, EPOCHS=str(epochs))
-        agent = start_agent(env, tmp_path, tmp_path / "agent-0.log")
-        study = None
-        while study is None and agent.poll() is None:
-            try:
-                study = load_study(osw.storage_url(env, "one"), "one")
-            except (KeyError, ValueError, UserError):
-                time.sleep(0.2)
-        trial = wait_for_trial_mid_training(study, agent, tmp_path / "outputs", tmp_path)
+        env, agent, study, trial = one_point_mid_trial(tmp_path, data_dir, "{name: val_accuracy, goal: maximize}",
+                                                       early_terminate, SWEEP_STORAGE=server.url, EPOCHS=str(epochs))
         server.stop()  # connections reset, new ones refused at once
         assert agent.wait(timeout=300) == 1, logs(tmp_path)
         out = (tmp_path / "agent-0.log").read_text()
@@ -483,6 +493,62 @@ def test_a_database_gone_mid_trial_ends_the_agent_in_one_line_and_the_trial_is_r
         assert done.system_attrs["retry_of"] == trial.number
         assert done.user_attrs["run_id"] == run_id and done.value == first.summary["val_accuracy"]
         assert len(runlog.find(tmp_path / "runs")) == 1  # one W&B run for the grid point: no second one trained
+
+
+@contextlib.contextmanager
+def volume(path: Path) -> Iterator[Path]:
+    """A file system of its own at `path` (a small tmpfs), to turn read-only under a running agent."""
+    if os.getuid() != 0:
+        message = "mounting a file system needs root"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI runs as root)")
+        pytest.skip(message)
+    path.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], check=True, timeout=30)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], timeout=30)
+
+
+def remount(path: Path, mode: str) -> None:
+    """ro or rw; the kernel refuses ro (busy) while a file is open for writing: an append in flight."""
+    for _ in range(100):
+        if subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], capture_output=True, timeout=30).returncode == 0:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"could not remount {path} {mode}")
+
+
+@pytest.mark.slow
+def test_a_journal_that_turns_read_only_mid_trial_ends_the_agent_in_one_line_and_nothing_is_lost(tmp_path, data_dir):
+    """The journal's volume turns read-only while a trial trains (as a file system does after I/O errors):
+    training goes on to its end, the agent ends with one line naming the journal and exit 1, the journal
+    stays whole; once it is writable the trial is handed out again and its finished run recorded."""
+    with volume(tmp_path / "volume") as vol:
+        journal = vol / "one.journal"
+        env, agent, study, trial = one_point_mid_trial(tmp_path, data_dir, "{name: val_accuracy, goal: maximize}",
+                                                       SWEEP_STORAGE=str(journal))
+        remount(vol, "ro")
+        before = journal.read_bytes()
+        assert agent.wait(timeout=300) == 1, logs(tmp_path)
+        out = (tmp_path / "agent-0.log").read_text()
+        assert "Traceback" not in out, out[-4000:]
+        (line,) = error_lines(out)
+        assert line.startswith(f"error: sweep storage {journal}: the journal could not be written (Read-only file "
+                               f"system); trial {trial.number} stays RUNNING there"), line
+        assert out.count("heartbeat: the sweep journal cannot be written (Read-only file system)") == 1, out[-4000:]
+        assert journal.read_bytes() == before  # not a byte written, half-written or lost
+        run_id = trial.user_attrs["run_id"]
+        assert runlog.read(next(f for f in runlog.find(tmp_path / "runs") if f.name.endswith(run_id))).exit_code == 0
+
+        remount(vol, "rw")
+        again = run_app(["offline-agent"], env, tmp_path, timeout=300)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert f"W&B run {run_id} of the attempt before ran to its end" in again.stdout, again.stdout[-3000:]
+        study = load_study(str(journal), "one")
+        (done,) = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        assert done.system_attrs["retry_of"] == trial.number and done.user_attrs["run_id"] == run_id
 
 
 @pytest.mark.slow
@@ -513,17 +579,7 @@ parameters:
 @pytest.mark.slow
 def test_a_stopped_agent_checkpoints_and_its_trial_resumes(tmp_path, data_dir):
     """SIGTERM (docker stop): the trial is marked preempted at once; the next agent resumes its checkpoint."""
-    cfg = write_yaml(tmp_path / "one.yaml", "name: one\nmethod: grid\nmetric: {name: val_loss}\n"
-                                            "parameters:\n  learning_rate: {values: [0.01]}\n")
-    env = agent_env(tmp_path, data_dir, SWEEP_CONFIG=str(cfg), EPOCHS="3")
-    agent = start_agent(env, tmp_path, tmp_path / "agent-0.log")
-    study = None
-    while study is None and agent.poll() is None:
-        try:
-            study = load_study(osw.storage_url(env, "one"), "one")
-        except (KeyError, ValueError):
-            time.sleep(0.2)
-    trial = wait_for_trial_mid_training(study, agent, tmp_path / "outputs", tmp_path)
+    env, agent, study, trial = one_point_mid_trial(tmp_path, data_dir, "{name: val_loss}", EPOCHS="3")
     agent.send_signal(signal.SIGTERM)
     assert agent.wait(timeout=120) == 128 + signal.SIGTERM, logs(tmp_path)
     stopped = study.trials[trial.number]
@@ -540,17 +596,7 @@ def test_a_stopped_agent_checkpoints_and_its_trial_resumes(tmp_path, data_dir):
 def test_a_trial_stopped_in_test_or_export_resumes_without_training_again(tmp_path, data_dir):
     """SIGTERM after the last epoch's checkpoint, during test/export: the retry trains no epoch, goes
     straight to test and export, and tells Optuna the val metric the last epoch measured."""
-    cfg = write_yaml(tmp_path / "one.yaml", "name: one\nmethod: grid\nmetric: {name: val_accuracy, goal: maximize}\n"
-                                            "parameters:\n  learning_rate: {values: [0.01]}\n")
-    env = agent_env(tmp_path, data_dir, SWEEP_CONFIG=str(cfg), EPOCHS="2")
-    agent = start_agent(env, tmp_path, tmp_path / "agent-0.log")
-    study = None
-    while study is None and agent.poll() is None:
-        try:
-            study = load_study(osw.storage_url(env, "one"), "one")
-        except (KeyError, ValueError):
-            time.sleep(0.2)
-    trial = wait_for_trial_mid_training(study, agent, tmp_path / "outputs", tmp_path)
+    env, agent, study, trial = one_point_mid_trial(tmp_path, data_dir, "{name: val_accuracy, goal: maximize}", EPOCHS="2")
     dead_dir = tmp_path / "outputs" / trial.user_attrs["run_id"]
     deadline = time.monotonic() + 240
     while (saved_checkpoint(dead_dir / "checkpoint.pt") or {}).get("epoch") != 2:  # the last epoch is done

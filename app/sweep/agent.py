@@ -170,14 +170,21 @@ class Agent:
             return self.storage_lost(problem)
 
     def storage_lost(self, problem: str) -> int:
-        """The database went silent or away mid-sweep: nothing more can be recorded, so stop. A trial left
-        RUNNING there keeps its checkpoint; once the database answers, an agent sees its heartbeat stop
-        and hands it out again (resuming the checkpoint)."""
+        """The database went silent or away, or the journal can no longer be written (a full or read-only
+        volume), mid-sweep: nothing more can be recorded, so stop. A trial left RUNNING there keeps its
+        checkpoint; once the storage works again, an agent sees its heartbeat stop and hands it out again
+        (resuming the checkpoint, or recording its run if that ran to its end)."""
         trial = self.current
+        url = self.p.storage_url
+        if "://" in url:
+            where, what, back = f"SWEEP_STORAGE={redact(url)}", "the database stopped answering", "the database answers"
+            again = "when it is back"
+        else:
+            where, what, back = f"sweep storage {url[:160]}", "the journal could not be written", "it can be written"
+            again = "once it can (free space on its volume, or make it writable)"
         left = (f"trial {trial.number} stays RUNNING there and is handed out again (from its checkpoint) once "
-                "the database answers; " if trial is not None else "")
-        print(f"error: SWEEP_STORAGE={redact(self.p.storage_url)}: the database stopped answering ({problem}); "
-              f"{left}start the agents again when it is back", file=sys.stderr, flush=True)
+                f"{back}; " if trial is not None else "")
+        print(f"error: {where}: {what} ({problem}); {left}start the agents again {again}", file=sys.stderr, flush=True)
         return 1
 
     def stopped(self, signum: int, trial=None) -> int:

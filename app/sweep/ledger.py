@@ -140,7 +140,7 @@ class Heartbeat(threading.Thread):
         self._halt = threading.Event()
 
     def run(self):
-        from app.sweep.study import storage_problem
+        from app.sweep.study import storage_down, storage_problem
 
         failing = False
         while not self._halt.is_set():
@@ -154,12 +154,12 @@ class Heartbeat(threading.Thread):
                 if problem is None:
                     print(f"heartbeat: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
                 elif not failing:  # said once per outage, not every beat
-                    print(f"heartbeat: the sweep database is not answering ({problem}); training goes on",
+                    print(f"heartbeat: {storage_down(self.storage)} ({problem}); training goes on",
                           file=sys.stderr, flush=True)
                 failing = problem is not None
             else:
                 if failing:
-                    print("heartbeat: the sweep database answers again", file=sys.stderr, flush=True)
+                    print("heartbeat: the sweep storage works again", file=sys.stderr, flush=True)
                 failing = False
             self._halt.wait(self.interval)
 

@@ -108,20 +108,44 @@ def _wait(conn) -> None:
 
 
 def storage_problem(exc: BaseException) -> str | None:
-    """One line saying how a database storage failed under `exc` (the driver's first line: "Connection
-    refused", "server closed the connection unexpectedly", "no answer from the database within 60 s"),
-    None when `exc` is not the database going silent or away (a bug, a refused write, a stop).
-    Optuna wraps the driver's error in its StorageInternalError, whose own text blames the data."""
+    """One line saying how the sweep's storage failed under `exc`, None when `exc` is not the storage
+    going silent or away (a bug, a refused write, a stop). A database: the driver's first line
+    ("Connection refused", "server closed the connection unexpectedly", "no answer from the database
+    within 60 s"); Optuna wraps it in its StorageInternalError, whose own text blames the data. A journal
+    file: the system's word for an OSError met while reading or appending it ("No space left on device"
+    on a full volume, "Read-only file system" on one remounted read-only)."""
     import sqlalchemy.exc
 
     seen: set[int] = set()
+    journal_error = None
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError)):
             text = str(getattr(exc, "orig", None) or exc).strip()
             return redact(text.splitlines()[0] if text else type(exc).__name__)[:160]
+        if isinstance(exc, OSError) and _raised_in_journal(exc):
+            # the deepest is the cause: Optuna's lock, failing to take the lock file, fails again releasing it
+            journal_error = (exc.strerror or type(exc).__name__)[:160]
         exc = exc.__cause__ or exc.__context__
-    return None
+    return journal_error
+
+
+def _raised_in_journal(exc: BaseException) -> bool:
+    """Whether `exc` came out of the journal file's code (ours in app.sweep.journal, or Optuna's)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if name == journal.__file__ or f"{os.sep}optuna{os.sep}storages{os.sep}journal{os.sep}" in name:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def storage_down(storage_or_url) -> str:
+    """How a storage failing (storage_problem) is said: a database stops answering, a journal stops being written."""
+    is_journal = isinstance(storage_or_url, optuna.storages.JournalStorage) or (
+        isinstance(storage_or_url, str) and "://" not in storage_or_url)
+    return "the sweep journal cannot be written" if is_journal else "the sweep database is not answering"
 
 
 def _bounded_postgres() -> dict:

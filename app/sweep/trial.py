@@ -19,7 +19,7 @@ from app import checkpoint, interrupts, runid, tracking
 from app.config import Config, ConfigError
 from app.errors import UserError
 from app.sweep.ledger import Heartbeat
-from app.sweep.study import storage_problem
+from app.sweep.study import storage_down, storage_problem
 
 JOB_TYPE = "sweep-trial"
 TAG = "offline-sweep"
@@ -85,7 +85,7 @@ def train_trial(agent, trial, key: str, values: dict, beat: Heartbeat) -> tuple[
                     raise
                 # the database went silent or away: like the heartbeat, training goes on (its checkpoints
                 # stand); the agent ends once the trial is over if the database is still gone
-                say(f"trial {trial.number}: epoch {epoch + 1} not reported, the sweep database is not answering "
+                say(f"trial {trial.number}: epoch {epoch + 1} not reported, {storage_down(agent.storage)} "
                     f"({problem}); training goes on")
         return pruned
 
