@@ -141,11 +141,11 @@ def _raised_in_journal(exc: BaseException) -> bool:
     return False
 
 
-def storage_down(storage_or_url) -> str:
+def storage_down(storage) -> str:
     """How a storage failing (storage_problem) is said: a database stops answering, a journal stops being written."""
-    is_journal = isinstance(storage_or_url, optuna.storages.JournalStorage) or (
-        isinstance(storage_or_url, str) and "://" not in storage_or_url)
-    return "the sweep journal cannot be written" if is_journal else "the sweep database is not answering"
+    if isinstance(storage, optuna.storages.JournalStorage):
+        return "the sweep journal cannot be written"
+    return "the sweep database is not answering"
 
 
 def _bounded_postgres() -> dict:

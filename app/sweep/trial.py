@@ -54,10 +54,12 @@ def train_trial(agent, trial, key: str, values: dict, beat: Heartbeat) -> tuple[
     attempt = agent.storage.get_trial(trial._trial_id).system_attrs.get("attempt", 1)
     earlier = _finished_run(agent.runs_root, trial, values, p.metric)
     if earlier is not None:
-        return _adopt(agent, trial, key, values, *earlier)
+        run_id = earlier[0].run_id
     trial.set_user_attr("run_id", run_id)
     trial.set_user_attr("agent", agent.who)
     trial.set_user_attr("values", values)
+    if earlier is not None:
+        return _adopt(agent, trial, key, *earlier)
     resumed = _resume_from(trial, config, run_id, p.metric)
     shown = " ".join(f"{k}={v}" for k, v in values.items())
     say(f"trial {trial.number} ({key}, attempt {attempt}): {shown} -> W&B run {run_id}{resumed}")
@@ -162,11 +164,8 @@ def _finished_run(root: Path, trial, values: dict, metric: str):
     return run, "complete", float(value)
 
 
-def _adopt(agent, trial, key: str, values: dict, run, outcome_: str, value: float | None) -> tuple[str, float | None]:
+def _adopt(agent, trial, key: str, run, outcome_: str, value: float | None) -> tuple[str, float | None]:
     """Record the earlier attempt's finished run as this trial's result: one finished run per grid point."""
-    trial.set_user_attr("run_id", run.run_id)
-    trial.set_user_attr("agent", agent.who)
-    trial.set_user_attr("values", values)
     with contextlib.suppress(ValueError):
         trial.set_user_attr("run_folder", str(run.path.relative_to(agent.runs_root)))
     result = "pruned by hyperband" if outcome_ == "pruned" else f"{agent.p.metric} {value:.4f}"
