@@ -4,7 +4,8 @@ from app import interrupts
 
 interrupts.install()  # before the rest loads: a stop during start-up is one line, never a traceback
 try:
-    from app.cli import exit_after_run, main
+    from app.cli import main
+    from app.runner import exit_after_run
 
     code = main()
 except interrupts.Stopped as stop:  # before main() took over

@@ -9,7 +9,7 @@ dataset, the torch/onnx/onnxruntime versions, and the sweep (name, metric, value
 
 Aliases: `latest` always. An offline sweep trial also gets `best-<sweep>` when its value of the
 sweep's metric beats every trial completed before it in the sweep's storage (the journal or
-PostgreSQL the agents share): that is known without a server. A W&B sweep's best is only known to the
+PostgreSQL the agents share; the trial's agent reads it): that is known without a server. A W&B sweep's best is only known to the
 W&B server (other agents' results live there), so its trials get no best alias; the metadata carries
 the sweep and metric so the W&B UI or `wandb.Api().sweep(...).best_run()` can find it.
 
@@ -33,7 +33,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from app import env, tracking
 
@@ -57,24 +57,9 @@ def _finite(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def sweep_results(environ: Mapping[str, str], sweep: str) -> tuple[str, str, list[float]] | None:
-    """(metric, goal, values of the completed trials) of the offline sweep this run is a trial of, read
-    from the sweep's storage; None when it is not an offline sweep trial or the storage can't be read."""
-    if not sweep or not env.is_set("SWEEP_CONFIG", environ=environ) or env.is_set("SWEEP_ID", environ=environ):
-        return None
-    try:
-        from optuna.trial import TrialState
-
-        from app.sweep.plan import storage_url
-        from app.sweep.study import load_study
-
-        study = load_study(storage_url(environ, sweep), sweep)
-        metric, goal = study.user_attrs.get("metric", "val_loss"), study.user_attrs.get("goal", "minimize")
-        done = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value is not None and math.isfinite(t.value)]
-    except Exception:  # a read-only look for an alias: never a reason to fail a finished run
-        return None
-    return metric, goal, done
+SweepResults = Callable[[], "tuple[str, str, list[float]] | None"]
+"""For an offline sweep trial: (metric, goal, values of the trials completed so far), read when the run
+ends; None when they can't be read. The sweep's agent provides it (app.sweep.optuna.trial)."""
 
 
 def beats(value: Any, goal: str, others: list[float]) -> bool:
@@ -141,10 +126,12 @@ def _alias_part(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "sweep"
 
 
-def log_model(run, config, files: list[Path], figures: Mapping[str, Any], environ: Mapping[str, str]) -> str | None:
+def log_model(run, config, files: list[Path], figures: Mapping[str, Any], environ: Mapping[str, str],
+              sweep_results: SweepResults | None = None) -> str | None:
     """Log `files` as this run's model artifact; returns the artifact's name (None when W&B is disabled).
 
     `figures`: the run's final numbers (test_accuracy, test_loss, the ONNX check, val metrics).
+    `sweep_results`: an offline sweep trial's view of its sweep, for the `best-<sweep>` alias.
     """
     if run.disabled:
         return None
@@ -164,7 +151,7 @@ def log_model(run, config, files: list[Path], figures: Mapping[str, Any], enviro
     if run.sweep_id:
         metadata["wandb_sweep"] = run.sweep_id
     aliases = ["latest"]
-    results = sweep_results(environ, sweep)
+    results = sweep_results() if sweep_results is not None and sweep else None
     if results is not None:
         metric, goal, done = results
         value = figures.get(metric)

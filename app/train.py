@@ -23,6 +23,7 @@ from app.checkpoint import save as save_checkpoint
 from app.config import Config
 from app.errors import UserError
 from app.export import export_onnx
+from app.gpu_share import run_share
 from app.progress import LossReadout, Progress
 from app.step import build_model, compile_model, make_steps, set_optimizer_flags
 
@@ -118,11 +119,13 @@ EpochHook = Callable[[int, dict[str, float]], bool]
 
 
 def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: EpochHook | None = None,
-          ready: preflight.Ready | None = None, run_settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+          ready: preflight.Ready | None = None, run_settings: Mapping[str, Any] | None = None,
+          sweep_results: artifact.SweepResults | None = None) -> dict[str, Any]:
     """One tracked run. `on_epoch(epoch, metrics)` is told each epoch's val metrics; True stops the run
     early (an offline sweep's pruner uses it), skipping test and export. `ready`: the environment
     checks a caller already made (`preflight.check_environment`); the data checks are made here.
-    `run_settings`: the run's name, group, tags... (tracking.start), for a process that runs many."""
+    `run_settings`: the run's name, group, tags... (tracking.start), for a process that runs many.
+    `sweep_results`: an offline sweep trial's view of its sweep, for the model's best alias (app.artifact)."""
     environ = os.environ if environ is None else environ
     phases.mark("start")  # process start and imports (a trial in a warm process: the agent's own work)
 
@@ -142,7 +145,7 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
     try:
         if config != checked:
             preflight.check_data(config)
-        result = _train(run, config, ready.output_root, environ, on_epoch)
+        result = _train(run, config, ready.output_root, environ, on_epoch, sweep_results)
         exit_code = 0
         return result
     except (Preempted, interrupts.Stopped) as stop:
@@ -169,11 +172,10 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
         phases.mark("finish")
 
 
-def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], on_epoch: EpochHook | None) -> dict[str, Any]:
+def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], on_epoch: EpochHook | None,
+           sweep_results: artifact.SweepResults | None) -> dict[str, Any]:
     # --- device and data ---
     if not config.gpu_memory_fraction:
-        from app.container.gpu_slots import run_share
-
         # agents sharing this GPU through slots: an equal share among those on it as this run starts
         config = config.replace(gpu_memory_fraction=round(run_share(environ) or 0.0, 4))
     device, ds, gen, fmt, train_batches, val_batches, test_batches = setup(config)
@@ -315,7 +317,7 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
         tracking.save_file(run, onnx_path)
         artifact.log_model(run, config, [onnx_path, ckpt_path],
                            {"test_accuracy": test_acc, "test_loss": test_loss, "val_accuracy": val_acc,
-                            "val_loss": val_loss, **check}, environ)
+                            "val_loss": val_loss, **check}, environ, sweep_results)
         phases.mark("artifact")
     tracking.log_hint(run)
     return {

@@ -12,7 +12,7 @@ checked with onnxruntime, model artifact). W&B offline. The ways:
             WANDB_SWEEP_PARAM_PATH); one process per trial
   agent     the offline agent (`python -m app offline-agent`), one process for all the trials of a
             grid over the seed
-  warm      the warm W&B-sweep agent's process (`python -m app.sweep.warm_agent`, which the container
+  warm      the warm W&B-sweep agent's process (`python -m app.sweep.wandb.warm_agent`, which the container
             entrypoint starts with AGENT_PROCESS=warm after its checks): one process taking the runs of a
             W&B grid sweep over the seed, served by the local stand-in of W&B's API
             (tests/fake_wandb.py) on loopback
@@ -57,7 +57,7 @@ if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == CHILD:
 
     phases.record()
     atexit.register(_dump)  # runs after the program's own exit code is decided, before W&B's service ends
-    if _kind in ("app", "app.sweep.warm_agent"):
+    if _kind in ("app", "app.sweep.wandb.warm_agent"):
         import runpy
 
         sys.argv = [_kind, *_args]
@@ -165,7 +165,7 @@ def run_warm(n: int, environ: dict[str, str], work: Path, log: Path) -> tuple[li
         # the warm process itself, as the entrypoint (AGENT_PROCESS=warm, AGENT_RUN_MODE=offline) starts it
         # after its checks: the runs' WANDB_MODE in its environment, the agent's own calls to the server
         env = {**environ, "WANDB_BASE_URL": api.url, "WANDB_API_KEY": "k" * 40}
-        trials, exit_s = child("app.sweep.warm_agent", ["--sweep", api.sweep_path, "--count", str(n)], env, work, log, 900)
+        trials, exit_s = child("app.sweep.wandb.warm_agent", ["--sweep", api.sweep_path, "--count", str(n)], env, work, log, 900)
     if len(trials) != n:
         raise BenchError(f"the warm agent ran {len(trials)} of {n} trials; its output is in {log}")
     return trials, exit_s

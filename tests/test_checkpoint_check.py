@@ -126,7 +126,7 @@ def test_weights_for_other_settings_are_refused_by_shape():
 def test_a_sweep_retry_says_why_it_does_not_resume_a_checkpoint_of_the_other_device_type(tmp_path, capsys):
     from types import SimpleNamespace
 
-    from app.sweep import trial as sweep_trial
+    from app.sweep.optuna import trial as sweep_trial
 
     config = CONFIG.replace(output_dir=str(tmp_path))
     (tmp_path / "deadrun1").mkdir()

@@ -200,13 +200,13 @@ def test_check_writable(tmp_path: Path):
 def test_prepare_reads_dotenv_once_under_the_real_environment(tmp_path: Path, small_data: Path, monkeypatch):
     """.env's W&B settings apply as if exported, the real environment wins, empty values are unset,
     and the checks ran once: the W&B mode is resolved and both folders exist."""
-    from app import cli
+    from app import runner
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text("WANDB_PROJECT=from-dotenv\nWANDB_ENTITY=from-dotenv\nEPOCHS=3\nSEED=4\n")
     environ = {"NETRC": str(tmp_path / "none"), "WANDB_ENTITY": "from-env", "WANDB_MODE": "", "SEED": "",
                "WANDB_DIR": str(tmp_path / "runs"), "OUTPUT_DIR": str(tmp_path / "out"), "DATA_DIR": str(small_data)}
-    start = cli.prepare(["--seed=9"], environ)
+    start = runner.prepare(["--seed=9"], environ)
     assert (start.config.epochs, start.config.seed) == (3, 9)
     assert environ["WANDB_PROJECT"] == "from-dotenv" and environ["WANDB_ENTITY"] == "from-env"
     assert "WANDB_MODE" not in environ  # empty: dropped before W&B could reject it

@@ -14,7 +14,7 @@ from conftest import REPO, clean_env, run_app
 
 from app import runlog
 from app.errors import UserError
-from app.sweep import dedupe
+from app.sweep.wandb import dedupe
 
 SWEEP = "swp12345"
 PARAMS = {"learning_rate": 0.01, "batch_size": 64}
@@ -68,7 +68,7 @@ def test_preempted_or_failed_params_can_run_again(tmp_path: Path):
 
 
 def test_a_killed_claimant_leaves_no_stale_claim(tmp_path: Path):
-    code = (f"import sys, time; from pathlib import Path; from app.sweep import dedupe\n"
+    code = (f"import sys, time; from pathlib import Path; from app.sweep.wandb import dedupe\n"
             f"dedupe.claim({SWEEP!r}, 'run-dead', {PARAMS!r}, Path({str(tmp_path)!r}))\n"
             f"print('claimed', flush=True); time.sleep(300)")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})

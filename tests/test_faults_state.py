@@ -31,7 +31,9 @@ from hypothesis import strategies as st
 from conftest import clean_env, error_lines, run_app
 
 from app import runlog
-from app.sweep import agent, journal, study
+from app.sweep.optuna import agent
+from app.sweep.optuna import journal
+from app.sweep.optuna import storage as sweep_storage
 
 SETTLE = {"EPOCHS": "1", "TRAIN_STRIDE": "10", "VAL_SIZE": "200", "WATCH_LOG": "none", "WANDB_MODE": "offline",
           "BATCH_SIZE": "32", "LOG_INTERVAL": "2"}
@@ -269,12 +271,12 @@ def test_a_crashed_append_is_cut_before_the_next_write(sweep):
     status = run_app(["sweep-status"], env, cwd, timeout=120)
     assert status.returncode == 0 and "sweep faults" in status.stdout, status.stderr
     assert path.read_bytes().endswith(b'"us')  # a read-only look changes nothing
-    storage = study.open_storage(str(path))  # what an agent does first
+    storage = sweep_storage.open_storage(str(path))  # what an agent does first
     assert path.read_bytes() == good
     path.write_bytes(good + b'{"op_code": 7, "tr')  # the crash happens while this agent runs
     sid = storage.get_study_id_from_name("faults")
     storage.set_study_user_attr(sid, "after", 1)  # the next append lands on a whole line
-    reread = study.load_study(str(path), "faults")
+    reread = sweep_storage.load_study(str(path), "faults")
     assert reread.user_attrs["after"] == 1 and journal.scan(path).bad == []
 
 
@@ -313,7 +315,7 @@ def test_an_endless_journal_line_is_damage(sweep, monkeypatch):
     with open(path, "ab") as f:
         f.write(b"x" * 5000 + b"\n")
     with pytest.raises(journal.JournalDamaged, match="damaged at line"):
-        study.open_storage(str(path))
+        sweep_storage.open_storage(str(path))
 
 
 UNKNOWN_OPS = {
@@ -419,14 +421,14 @@ def _stale_lock(path: Path, age_s: float) -> Path:
 def test_a_stale_journal_lock_is_said_and_cleared_not_waited_on(sweep, capsys):
     cwd, env, path = sweep
     lock = _stale_lock(path, 3600)  # left an hour ago by an agent that died mid-append
-    storage = study.open_storage(str(path))
+    storage = sweep_storage.open_storage(str(path))
     started = time.monotonic()
     storage.set_study_user_attr(storage.get_study_id_from_name("faults"), "after", 1)
     waited = time.monotonic() - started
     assert waited < 25, waited  # Optuna alone waits out its 30 s grace period in silence
     err = capsys.readouterr().err
     assert f"{lock.name}" in err and "stale" in err, err
-    assert not lock.exists() and study.load_study(str(path), "faults").user_attrs["after"] == 1
+    assert not lock.exists() and sweep_storage.load_study(str(path), "faults").user_attrs["after"] == 1
 
 
 def test_sweep_repair_clears_a_stale_lock_and_says_so(sweep):
@@ -448,7 +450,7 @@ def test_a_fresh_lock_is_a_live_writer_and_is_left_alone(sweep):
 WAIT_FOR_LOCK = """
 import sys
 from app import interrupts
-from app.sweep import journal
+from app.sweep.optuna import journal
 interrupts.install()
 print("waiting", flush=True)
 try:
@@ -849,15 +851,15 @@ def test_a_silent_database_is_one_line_within_the_connect_timeout(tmp_path, smal
 
 def test_a_database_silent_mid_sweep_is_named_as_a_storage_problem(silent_db):
     """What an agent's later call on a database gone silent raises, as Optuna wraps it (its text blames
-    the data): study.storage_problem names the bounded wait instead; other errors are not storage problems."""
+    the data): sweep_storage.storage_problem names the bounded wait instead; other errors are not storage problems."""
     import sqlalchemy
     from optuna.exceptions import StorageInternalError
 
-    from app.sweep import study
+    from app.sweep.optuna import storage as sweep_storage
 
     _, url = silent_db
     url = url.replace("postgresql://", "postgresql+psycopg2://")  # as plan.storage_url passes it
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **study._bounded_postgres())
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **sweep_storage._bounded_postgres())
     try:
         with pytest.raises(sqlalchemy.exc.OperationalError) as raised:
             engine.connect()
@@ -866,10 +868,10 @@ def test_a_database_silent_mid_sweep_is_named_as_a_storage_problem(silent_db):
     try:
         raise StorageInternalError("An exception is raised during the commit.") from raised.value
     except StorageInternalError as wrapped:
-        problem = study.storage_problem(wrapped)
-    assert problem == f"no answer from the database within {study.CONNECT_TIMEOUT_S} s (connecting)", problem
-    assert study.storage_problem(StorageInternalError("invalid data")) is None
-    assert study.storage_problem(ValueError("a bug")) is None
+        problem = sweep_storage.storage_problem(wrapped)
+    assert problem == f"no answer from the database within {sweep_storage.CONNECT_TIMEOUT_S} s (connecting)", problem
+    assert sweep_storage.storage_problem(StorageInternalError("invalid data")) is None
+    assert sweep_storage.storage_problem(ValueError("a bug")) is None
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, clean_env
 
-from app import runlog
+from app import gpu_share, runlog
 from app.container import gpu_slots
 from app.errors import UserError
 
@@ -83,7 +83,7 @@ def test_n_agents_spread_evenly_over_g_gpus(agents: Agents, n: int, g: int, per_
         assert s["GPU_MEMORY_FRACTION"] is None  # no AGENTS_PER_GPU: the share is taken as each run starts
         sharing = counts[s["CUDA_VISIBLE_DEVICES"]]
         # as a run starts now: alone -> no cap; shared -> 1/(agents there), the first agent included
-        assert gpu_slots.run_share(s) == (None if sharing == 1 else pytest.approx(1 / sharing))
+        assert gpu_share.run_share(s) == (None if sharing == 1 else pytest.approx(1 / sharing))
 
 
 def test_agents_per_gpu_gives_every_agent_its_share_and_caps_the_slots(agents: Agents):
@@ -111,7 +111,7 @@ def test_a_killed_agent_frees_its_slot_for_the_next(agents: Agents):
     (replacement,) = agents.start(1, GPU_COUNT="2")
     taken = agents.slot(replacement)
     assert taken["CUDA_VISIBLE_DEVICES"] == "1" and taken["GPU_SLOT"] == slots[victim]["GPU_SLOT"]
-    assert gpu_slots.run_share(taken) == 0.5  # it shares GPU 1 with the survivor there
+    assert gpu_share.run_share(taken) == 0.5  # it shares GPU 1 with the survivor there
     # with everyone alive again the next agent goes to the least-loaded GPU: they tie, so GPU 0
     (fifth,) = agents.start(1, GPU_COUNT="2")
     assert agents.slot(fifth)["CUDA_VISIBLE_DEVICES"] == "0"
@@ -126,7 +126,7 @@ def test_agents_pinned_to_different_gpus_never_share_a_slot(agents: Agents):
     assert (a["CUDA_VISIBLE_DEVICES"], b["CUDA_VISIBLE_DEVICES"], c["CUDA_VISIBLE_DEVICES"]) == ("0", "0", "0")
     assert (a["GPU_SLOT"], b["GPU_SLOT"], c["GPU_SLOT"]) == (
         "gpu-host-a-0.slot-0", "gpu-host-a-1.slot-0", "gpu-host-a-1.slot-1")
-    assert gpu_slots.run_share(a) is None and gpu_slots.run_share(c) == 0.5
+    assert gpu_share.run_share(a) is None and gpu_share.run_share(c) == 0.5
 
 
 def test_two_hosts_sharing_one_runs_folder_never_collide(agents: Agents):
@@ -136,12 +136,12 @@ def test_two_hosts_sharing_one_runs_folder_never_collide(agents: Agents):
     on_b = [agents.slot(p) for p in agents.start(2, GPU_COUNT="2", GPU_HOST_ID="host-b")]
     assert sorted(s["CUDA_VISIBLE_DEVICES"] for s in on_a) == sorted(s["CUDA_VISIBLE_DEVICES"] for s in on_b) == ["0", "1"]
     assert len({s["GPU_SLOT"] for s in on_a + on_b}) == 4
-    assert all(s["GPU_SLOT"].endswith(".slot-0") and gpu_slots.run_share(s) is None for s in on_a + on_b)
+    assert all(s["GPU_SLOT"].endswith(".slot-0") and gpu_share.run_share(s) is None for s in on_a + on_b)
     # a third agent on host b shares one of b's GPUs, not one of a's
     third = agents.slot(agents.start(1, GPU_COUNT="2", GPU_HOST_ID="host-b")[0])
     assert third["GPU_SLOT"].startswith("gpu-host-b-") and third["GPU_SLOT"].endswith(".slot-1")
-    assert gpu_slots.run_share(third) == 0.5
-    assert [gpu_slots.run_share(s) for s in on_a] == [None, None]
+    assert gpu_share.run_share(third) == 0.5
+    assert [gpu_share.run_share(s) for s in on_a] == [None, None]
     # GPUs known by UUID (nvidia-smi, the k8s device plugin) are keyed by it on any host
     uuid = "GPU-2f5a8f1e-0000-1111-2222-333344445555"
     x = agents.slot(agents.start(1, GPU_COUNT="1", NVIDIA_VISIBLE_DEVICES=uuid, GPU_HOST_ID="host-a")[0])
@@ -151,10 +151,10 @@ def test_two_hosts_sharing_one_runs_folder_never_collide(agents: Agents):
 
 def test_three_agents_on_one_gpu_get_equal_shares_without_agents_per_gpu(agents: Agents):
     first = agents.slot(agents.start(1, GPU_COUNT="1")[0])
-    assert gpu_slots.run_share(first) is None  # alone so far: a run starting now takes what it needs
+    assert gpu_share.run_share(first) is None  # alone so far: a run starting now takes what it needs
     later = [agents.slot(p) for p in agents.start(2, GPU_COUNT="1")]
     # the first agent's next run counts the agents that joined since: all three get a third
-    assert [gpu_slots.run_share(s) for s in (first, *later)] == [pytest.approx(1 / 3)] * 3
+    assert [gpu_share.run_share(s) for s in (first, *later)] == [pytest.approx(1 / 3)] * 3
     assert {s["GPU_SLOTS_DIR"] for s in (first, *later)} == {str(agents.env["GPU_SLOTS_DIR"])}
 
 
@@ -204,7 +204,7 @@ def test_memory_share_respects_a_chosen_fraction_and_replaces_zero(tmp_path: Pat
         base = {"GPU_SLOTS_DIR": str(tmp_path / "slots"), "GPU_MEMORY_FRACTION": "0"}  # .env.example's value
         gpu_slots.assign(base, gpus=["0"])
         second = gpu_slots.assign(base, gpus=["0"])
-        assert second["GPU_MEMORY_FRACTION"] == "0" and gpu_slots.run_share(second) == 0.5  # 0: chosen by the run
+        assert second["GPU_MEMORY_FRACTION"] == "0" and gpu_share.run_share(second) == 0.5  # 0: chosen by the run
         chosen = gpu_slots.assign({**base, "GPU_MEMORY_FRACTION": "0.2"}, gpus=["0"])
         assert chosen["GPU_MEMORY_FRACTION"] == "0.2" and chosen["GPU_SLOT"] == "gpu-0.slot-2"
     finally:
@@ -222,7 +222,7 @@ def test_bad_settings_are_one_line(tmp_path: Path):
     with pytest.raises(UserError, match=r"GPU_SLOTS_DIR='.*file/slots' is not usable for GPU slot locks"):
         gpu_slots.assign({"GPU_SLOTS_DIR": str(blocker / "slots")}, gpus=["0"])
     # WANDB_DIR (the shared runs volume) is the default home of the slot locks
-    assert gpu_slots.slots_dir({"WANDB_DIR": "/runs"}) == Path("/runs/.gpu-slots")
+    assert gpu_share.slots_dir({"WANDB_DIR": "/runs"}) == Path("/runs/.gpu-slots")
 
 
 @pytest.mark.slow

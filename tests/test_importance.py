@@ -18,11 +18,11 @@ from optuna.distributions import CategoricalDistribution
 from cluster import postgres_server
 from conftest import clean_env, run_app
 
-from app.runs import importance as imp
-from app.sweep import insight
-from app.sweep import plan as osw
-from app.sweep.status import trial_rows
-from app.sweep.study import load_study, open_study
+from app.sweep.optuna import importance as imp
+from app.sweep.optuna import insight
+from app.sweep.optuna import plan as osw
+from app.sweep.optuna.trials import trial_rows
+from app.sweep.optuna.storage import load_study, open_study
 
 KNOWN = """name: known-answer
 method: {method}

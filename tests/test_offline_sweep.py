@@ -31,11 +31,11 @@ from optuna.trial import TrialState, create_trial
 
 from app import runlog
 from app.errors import UserError
-from app.sweep import agent
-from app.sweep import ledger as sweep_ledger
-from app.sweep import plan as osw
+from app.sweep.optuna import agent
+from app.sweep.optuna import claims
+from app.sweep.optuna import plan as osw
 from app.sweep import spec as sweep_spec
-from app.sweep import study as study_mod
+from app.sweep.optuna import storage as sweep_storage
 
 
 def write_yaml(path: Path, text: str) -> Path:
@@ -120,12 +120,12 @@ def test_the_repository_sweeps_map_onto_optuna(tmp_path):
     grid = osw.plan({**env, "SWEEP_CONFIG": str(REPO / "sweeps/grid.yaml")})
     assert grid.grid_size == 6 and grid.goal == "maximize" and grid.metric == "val_accuracy"
     assert grid.storage_url == str(tmp_path / "sweeps" / "mnist-grid.journal")
-    assert isinstance(study_mod.sampler(grid), optuna.samplers.GridSampler)
+    assert isinstance(sweep_storage.sampler(grid), optuna.samplers.GridSampler)
     rand = osw.plan({**env, "SWEEP_CONFIG": str(REPO / "sweeps/random.yaml")})
-    assert isinstance(study_mod.sampler(rand), optuna.samplers.RandomSampler) and rand.spec.run_cap == 20
+    assert isinstance(sweep_storage.sampler(rand), optuna.samplers.RandomSampler) and rand.spec.run_cap == 20
     bayes = osw.plan({**env, "SWEEP_CONFIG": str(REPO / "sweeps/bayes-hyperband.yaml")})
-    assert isinstance(study_mod.sampler(bayes), optuna.samplers.TPESampler) and bayes.goal == "minimize"
-    hb = study_mod.pruner(bayes)
+    assert isinstance(sweep_storage.sampler(bayes), optuna.samplers.TPESampler) and bayes.goal == "minimize"
+    hb = sweep_storage.pruner(bayes)
     assert isinstance(hb, optuna.pruners.HyperbandPruner)
     # min_iter -> min_resource, eta -> reduction_factor, the sweep's constant epochs -> max_resource
     assert (hb._min_resource, hb._reduction_factor, hb._max_resource) == (1, 3, 9)
@@ -176,7 +176,7 @@ def test_only_the_lowest_numbered_live_trial_of_a_key_trains():
     trials = [_trial(0, F, "grid-0", sweep_outcome="stale"), _trial(1, W, "grid-0"), _trial(2, R, "grid-0"),
               _trial(3, C, "grid-1"), _trial(4, R, "grid-1"), _trial(5, R, "grid-2"),
               _trial(6, F, "grid-3", sweep_outcome="duplicate")]
-    ledger = sweep_ledger.Ledger(trials, grid=True, grid_size=4, run_cap=None)
+    ledger = claims.Ledger(trials, grid=True, grid_size=4, run_cap=None)
     assert ledger.verdict(trials[2]) == "duplicate"  # trial 1 is queued for the same point
     assert ledger.verdict(trials[1]) is None  # the retry of the dead trial 0
     assert ledger.verdict(trials[4]) == "duplicate"  # grid-1 is already complete
@@ -185,16 +185,16 @@ def test_only_the_lowest_numbered_live_trial_of_a_key_trains():
     assert ledger.needs_retry() == ["grid-3"]  # and GridSampler won't pick it again: it is queued
     assert not ledger.finished() and ledger.work_available()
     # a point that died MAX_STALE times is given up, not retried forever
-    dead = [_trial(i, F, "grid-0", sweep_outcome="stale") for i in range(sweep_ledger.MAX_STALE)]
-    assert sweep_ledger.Ledger(dead, True, 1, None).finished()
-    assert sweep_ledger.Ledger(dead[:-1], True, 1, None).needs_retry() == ["grid-0"]
+    dead = [_trial(i, F, "grid-0", sweep_outcome="stale") for i in range(claims.MAX_STALE)]
+    assert claims.Ledger(dead, True, 1, None).finished()
+    assert claims.Ledger(dead[:-1], True, 1, None).needs_retry() == ["grid-0"]
 
 
 def test_run_cap_counts_distinct_trials_and_lets_retries_through():
     R, F = TrialState.RUNNING, TrialState.FAIL
     trials = [_trial(0, F, "trial-0", sweep_outcome="stale"), _trial(1, R, "trial-1"),
               _trial(2, R, "trial-2"), _trial(3, R, "trial-0")]
-    ledger = sweep_ledger.Ledger(trials, grid=False, grid_size=None, run_cap=2)
+    ledger = claims.Ledger(trials, grid=False, grid_size=None, run_cap=2)
     assert ledger.verdict(trials[1]) is None
     assert ledger.verdict(trials[2]) == "capped"  # trials 0 and 1 already hold both places
     assert ledger.verdict(trials[3]) is None  # a retry of trial 0 holds its old place
@@ -203,7 +203,7 @@ def test_run_cap_counts_distinct_trials_and_lets_retries_through():
 
 
 def test_a_dead_heartbeat_is_seen_on_the_observers_clock():
-    watch = sweep_ledger.StaleWatch(interval=0.05)
+    watch = claims.StaleWatch(interval=0.05)
     alive = _trial(0, TrialState.RUNNING, "grid-0", heartbeat=1.0)
     alive._trial_id = 10
     assert watch.stale([alive], mine=set()) == []
@@ -270,7 +270,7 @@ def wait_all(procs, folder: Path, timeout: float) -> list[int]:
 
 
 def load_study(storage_url: str, name: str):
-    return optuna.load_study(study_name=name, storage=study_mod.open_storage(storage_url))
+    return optuna.load_study(study_name=name, storage=sweep_storage.open_storage(storage_url))
 
 
 def wait_for_trial_mid_training(study, agent: subprocess.Popen, outputs: Path, folder: Path, timeout: float = 240):
@@ -351,7 +351,7 @@ def kill_mid_trial_and_finish(tmp_path: Path, data: Path, storage: str, n_agents
     assert dead.state == TrialState.FAIL and dead.system_attrs["sweep_outcome"] == "stale"
     retries = [t for t in trials if t.system_attrs.get("retry_of") == trial.number]
     # agents that find the dead trial at the same moment may each queue a retry: the lowest-numbered one
-    # trains, the others are dropped as duplicates before training (app.sweep.ledger's rule)
+    # trains, the others are dropped as duplicates before training (app.sweep.optuna.claims's rule)
     retry = [t for t in retries if t.state == TrialState.COMPLETE]
     extra = [t for t in retries if t not in retry]
     assert len(retry) == 1 and all(t.state == TrialState.FAIL and t.system_attrs.get("sweep_outcome") == "duplicate"
@@ -428,9 +428,9 @@ def test_agents_opening_a_new_database_together_all_get_it(postgres, tmp_path):
             conn.execute(sqlalchemy.text(f"CREATE DATABASE fresh_{round_}"))
         go = tmp_path / f"go-{round_}"
         code = ("import os, sys, time\n"
-                "from app.sweep import study\n"
+                "from app.sweep.optuna import storage as sweep_storage\n"
                 f"while not os.path.exists({str(go)!r}): time.sleep(0.002)\n"
-                f"study.open_storage({server.rsplit('/', 1)[0] + f'/fresh_{round_}'!r})\n")
+                f"sweep_storage.open_storage({server.rsplit('/', 1)[0] + f'/fresh_{round_}'!r})\n")
         procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
                  for _ in range(8)]
         time.sleep(4)  # every process has imported optuna and waits for the word
@@ -567,7 +567,7 @@ parameters:
     procs = [start_agent(env, tmp_path, tmp_path / f"agent-{i}.log") for i in range(2)]
     assert wait_all(procs, tmp_path, timeout=400) == [0, 0], logs(tmp_path)
     study = load_study(osw.storage_url(env, "hb"), "hb")
-    trained = [t for t in study.trials if sweep_ledger.outcome(t) != "void"]
+    trained = [t for t in study.trials if claims.outcome(t) != "void"]
     assert len(trained) == 3 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trained)
     for t in trained:
         assert t.user_attrs["values"]["batch_size"] in (64, 128, 192, 256)
@@ -626,8 +626,8 @@ def test_a_trial_stopped_in_test_or_export_resumes_without_training_again(tmp_pa
 
 WRITER = r"""
 import sys
-from app.sweep import study
-storage = study.open_storage(sys.argv[1])
+from app.sweep.optuna import storage as sweep_storage
+storage = sweep_storage.open_storage(sys.argv[1])
 sid = storage.get_study_id_from_name("journal-race")
 for i in range(40):
     storage.set_study_user_attr(sid, f"{sys.argv[2]}-{i}", i)
@@ -638,10 +638,10 @@ def test_writers_sharing_a_journal_never_write_behind_a_crashed_append(tmp_path)
     """Four processes append while crashed appends (partial lines, written under the lock as a dying
     writer leaves them) keep landing at the end: every later append cuts the partial line first, so the
     journal stays whole and every attribute is there."""
-    from app.sweep import journal
+    from app.sweep.optuna import journal
 
     path = tmp_path / "race.journal"
-    optuna.create_study(study_name="journal-race", storage=study_mod.open_storage(str(path)))
+    optuna.create_study(study_name="journal-race", storage=sweep_storage.open_storage(str(path)))
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), f"w{k}"], cwd=REPO) for k in range(4)]
     crashes = 0
     while any(p.poll() is None for p in procs) or crashes < 3:
@@ -652,5 +652,5 @@ def test_writers_sharing_a_journal_never_write_behind_a_crashed_append(tmp_path)
         time.sleep(0.05)
     assert [p.wait() for p in procs] == [0, 0, 0, 0]
     assert journal.scan(path).bad == []
-    attrs = study_mod.load_study(str(path), "journal-race").user_attrs
+    attrs = sweep_storage.load_study(str(path), "journal-race").user_attrs
     assert {f"w{k}-{i}" for k in range(4) for i in range(40)} <= set(attrs)

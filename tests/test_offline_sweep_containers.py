@@ -20,7 +20,7 @@ from containers import app_image, compose, docker, give_to_container, project_di
 from optuna.trial import TrialState
 
 from app import data, runlog
-from app.sweep import study as study_mod
+from app.sweep.optuna import storage as sweep_storage
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
@@ -55,7 +55,7 @@ def container_logs(project: Path) -> str:
 
 def study_of(project: Path):
     journal = project / "runs" / "sweeps" / f"{SWEEP}.journal"
-    return study_mod.load_study(str(journal), SWEEP)  # read-only, as sweep-status reads it
+    return sweep_storage.load_study(str(journal), SWEEP)  # read-only, as sweep-status reads it
 
 
 def test_three_agent_containers_run_the_grid_once_through_a_kill(tmp_path, app_image):  # noqa: F811

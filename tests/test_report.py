@@ -23,8 +23,9 @@ import pytest
 from conftest import clean_env, error_lines, run_app
 
 from app import config, runlog
-from app.runs import importance, report, svg, sweepdef
-from app.sweep import study
+from app.runs import report, svg, ranking
+from app.sweep.optuna import importance
+from app.sweep.optuna import storage as sweep_storage
 
 SVG = "{http://www.w3.org/2000/svg}"
 SWEEP = """name: tiny-report
@@ -370,10 +371,10 @@ def test_log_axes_follow_the_sweeps_distribution(tmp_path):
                                 summary={"val_loss": 1.0 + i})
         runs.append(run)
     group = report.make_group("known-answer", runs, "val_loss", "minimize")
-    here = sweepdef.Sources([tmp_path / "runs"]).definition("known-answer")
+    here = ranking.Sources([tmp_path / "runs"]).definition("known-answer")
     assert here.source == f"its journal {tmp_path / 'runs' / 'sweeps' / 'known-answer.journal'}" and not here.assumed
     assert report._log_scale(group, here.log) == {"batch_size": False, "learning_rate": True}
-    elsewhere = sweepdef.Sources([tmp_path / "elsewhere"]).definition("known-answer")
+    elsewhere = ranking.Sources([tmp_path / "elsewhere"]).definition("known-answer")
     assert "no sweeps/known-answer.journal is beside the runs" in elsewhere.assumed
     assert report._log_scale(group, elsewhere.log) == {"batch_size": False, "learning_rate": False}
 
@@ -534,9 +535,9 @@ def test_a_storage_that_does_not_answer_is_one_line_not_a_hang(tmp_path, server)
     try:
         (tmp_path / "runs").mkdir()
         url = f"postgresql://sweep:s3cret@127.0.0.1:{port}/sweeps"
-        # the default bound (study.CONNECT_TIMEOUT_S) ends the wait; the subprocess timeout only catches a hang
+        # the default bound (sweep_storage.CONNECT_TIMEOUT_S) ends the wait; the subprocess timeout only catches a hang
         proc = run_app(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "r"), "--storage", url],
-                       clean_env(tmp_path), tmp_path, timeout=study.CONNECT_TIMEOUT_S + 50)
+                       clean_env(tmp_path), tmp_path, timeout=sweep_storage.CONNECT_TIMEOUT_S + 50)
     finally:
         listener.close()
     assert proc.returncode == 2, proc.stderr

@@ -50,7 +50,7 @@ def test_a_run_id_from_a_journal_that_is_not_a_name_resumes_nothing(tmp_path: Pa
     import torch
 
     from app.config import Config
-    from app.sweep import trial as trials
+    from app.sweep.optuna import trial as trials
 
     outputs = tmp_path / "base" / "outputs"
     victim = tmp_path / "victim"

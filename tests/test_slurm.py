@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from app import runlog
 from app.errors import UserError
-from app.sweep.study import load_study, open_storage
+from app.sweep.optuna.storage import load_study, open_storage
 
 pytestmark = pytest.mark.slow
 SCRIPT = REPO / "deploy" / "slurm" / "agents.sbatch"

@@ -18,7 +18,7 @@ from conftest import REPO, clean_env, wait_for
 from fake_wandb import FakeWandb
 
 from app import artifact, checkpoint, runlog
-from app.sweep import warm_agent
+from app.sweep.wandb import warm_agent
 
 COMMAND = ["${env}", "${interpreter}", "-m", "app", "train", "${args}"]
 

@@ -3,7 +3,7 @@
     docker run IMAGE                          -> one training run (settings from the environment)
     docker run IMAGE --epochs=1               -> one training run with these --key=value settings
     docker run -e SWEEP_ID=e/p/id IMAGE       -> `wandb agent e/p/id` (runs `python -m app train ...`)
-    ... -e AGENT_PROCESS=warm                 -> the same sweep, every run in one warm child process (app.sweep.warm_agent)
+    ... -e AGENT_PROCESS=warm                 -> the same sweep, every run in one warm child process (app.sweep.wandb.warm_agent)
     docker run -e SWEEP_CONFIG=/app/s.yaml IMAGE -> an offline sweep agent (no W&B server)
     docker run IMAGE bash                     -> any other command runs as given
 
@@ -21,7 +21,7 @@ import signal
 import sys
 from typing import Mapping
 
-from app import cli, config, env, interrupts, preflight, tracking
+from app import config, env, interrupts, preflight, runner, tracking
 from app.errors import UserError
 
 MODES = ("auto", "run", "agent", "offline-sweep")
@@ -66,7 +66,7 @@ def check_agent(environ: Mapping[str, str]) -> list[str]:
         raise UserError("SWEEP_ID is set but there is no W&B API key: set WANDB_API_KEY (in .env or the environment)")
     env.choice("AGENT_RUN_MODE", tracking.MODES, environ=environ)
     count = env.positive_int("AGENT_COUNT", environ=environ, meaning="runs per agent; unset = until the sweep ends")
-    from app.sweep.warm_agent import process_kind
+    from app.sweep.wandb.warm_agent import process_kind
 
     process_kind(environ)  # a bad AGENT_PROCESS fails here, before any work
     wandb_cli = shutil.which("wandb") or "wandb"
@@ -104,11 +104,11 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
     mode = choose_mode(environ)
     if mode == "run":
         # the run's own checks: settings, W&B mode, folders (compose's env_file made .env the environment)
-        run = cli.prepare(argv, environ, dotenv_path=None)
+        run = runner.prepare(argv, environ, dotenv_path=None)
         warning = check_gpu(environ, gpus_visible())
         if warning:
             print(warning, file=sys.stderr, flush=True)
-        return cli.run(run)
+        return runner.run(run)
     warning = check_gpu(environ, gpus_visible())
     if argv:
         raise UserError(f"arguments {' '.join(argv)!r} are not used by an agent: the sweep sets the settings")
@@ -119,12 +119,12 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
         command = check_agent(environ)
         run_env = agent_environment(environ)
         check_runs(run_env)
-        from app.sweep import dedupe
+        from app.sweep.wandb import dedupe
 
         dedupe.stagger(run_env)  # a bad AGENT_START_STAGGER fails here, before any slot is taken
     else:
-        from app.sweep import agent as offline_agent
-        from app.sweep.plan import plan
+        from app.sweep.optuna import agent as offline_agent
+        from app.sweep.optuna.plan import plan
 
         sweep_plan = plan(environ)  # the sweep YAML and the settings, read but not yet opened
         check_runs(environ)  # the base settings against the data, before the sweep's storage is opened
@@ -142,7 +142,7 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
         return offline_agent.run_agent(run_env)
     # agents started together ask W&B for work at the same moment, when duplicates are most likely
     dedupe.wait_stagger(run_env)
-    from app.sweep import warm_agent
+    from app.sweep.wandb import warm_agent
 
     if warm_agent.process_kind(environ) == "warm":
         # every run in one warm child process, replaced if it crashes; it inherits the GPU slot's lock
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         os.execvp(argv[0], argv)  # `docker run IMAGE bash` and friends
     interrupts.install()  # a stop during start-up: one line and 128+signal, no traceback
     env.drop_empty_wandb(environ)
-    return cli.handle(start, argv, environ)
+    return runner.handle(start, argv, environ)
 
 
 if __name__ == "__main__":

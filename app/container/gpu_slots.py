@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 from app import env
+from app.gpu_share import is_held, slots_dir
 from app.errors import UserError
 
 DEV_GLOB = "/dev/nvidia[0-9]*"
@@ -134,32 +135,12 @@ def gpu_ids(environ: Mapping[str, str], dev_glob: str = DEV_GLOB,
     return [f"{host}-{g}" if host else g for g in listed]
 
 
-def slots_dir(environ: Mapping[str, str]) -> Path:
-    folder = env.text("GPU_SLOTS_DIR", environ=environ)
-    return Path(folder) if folder else env.runs_root(environ) / ".gpu-slots"
-
-
 def _agents_per_gpu(environ: Mapping[str, str]) -> int | None:
     return env.positive_int("AGENTS_PER_GPU", environ=environ, meaning="agents sharing one GPU")
 
 
 def _safe(gpu: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", gpu)
-
-
-def _is_held(path: Path) -> bool:
-    """True when another process holds the slot; probing takes and drops the lock at once."""
-    try:
-        fd = os.open(path, os.O_RDONLY)  # flock needs no write access: agents may run as different users
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops the probe's lock
-    return False
 
 
 def _slot_indexes(folder: Path, gpu: str) -> list[int]:
@@ -193,7 +174,7 @@ def claim(gpus: list[str], folder: Path, per_gpu: int | None = None) -> Slot:
             with contextlib.suppress(OSError):
                 folder.chmod(0o1777)  # agents running as another user still create their slot files
         with _mutex(folder):
-            held = {g: [i for i in _slot_indexes(folder, g) if _is_held(folder / f"gpu-{_safe(g)}.slot-{i}.lock")]
+            held = {g: [i for i in _slot_indexes(folder, g) if is_held(folder / f"gpu-{_safe(g)}.slot-{i}.lock")]
                     for g in gpus}
             ordinal = min(range(len(gpus)), key=lambda o: (len(held[gpus[o]]), o))
             gpu = gpus[ordinal]
@@ -273,21 +254,6 @@ def assign(environ: Mapping[str, str], gpus: list[str] | None = None) -> dict[st
     print(f"gpu slot: GPU {slot.gpu} (CUDA_VISIBLE_DEVICES={slot.ordinal}), slot {slot.index}, "
           f"{slot.holders} agent(s) on it now, memory share {share}", file=sys.stderr, flush=True)
     return environ
-
-
-def run_share(environ: Mapping[str, str]) -> float | None:
-    """A run's fair share of its GPU's memory: 1/(agents holding a slot on that GPU now), None when alone
-    or without a slot. Read when each run starts, so agents that joined after this one are counted."""
-    slot = env.text("GPU_SLOT", "", environ=environ)
-    m = re.fullmatch(r"(gpu-.+)\.slot-\d+", slot)
-    if not m:
-        return None
-    folder = slots_dir(environ)
-    try:
-        holders = sum(1 for p in folder.glob(f"{glob.escape(m.group(1))}.slot-*.lock") if _is_held(p))
-    except OSError:
-        return None  # the folder went away: no one to share with that we can see
-    return 1 / holders if holders > 1 else None
 
 
 def release_all() -> None:

@@ -9,7 +9,7 @@ sweep's trials share its name as their group, a W&B sweep's runs its sweep id):
 and index.html, which shows the same charts inline (hover a line or point for its run) with a table of
 the runs sorted by the metric, each with its model artifact (name, aliases, size). Each sweep's
 metric, goal and log-scale settings are read from its storage (--storage or SWEEP_STORAGE: a journal
-or PostgreSQL, read-only; else a journal copied along with the runs, app.runs.sweepdef), and attempts
+or PostgreSQL, read-only; else a journal copied along with the runs, app.runs.ranking), and attempts
 that died are listed too; where none holds it (a W&B sweep), the page says what was assumed and why.
 Above the table: the best run in words with the command that trains it again.
 
@@ -30,8 +30,9 @@ from typing import Any
 
 from app import artifact, env, places, runlog
 from app.errors import UserError
-from app.runs import importance, svg, sweepcharts
-from app.runs.sweepdef import DEFAULT_GOAL, DEFAULT_METRIC, Sources
+from app.runs import svg, sweepcharts
+from app.sweep.optuna import importance
+from app.runs.ranking import DEFAULT_GOAL, DEFAULT_METRIC, Sources
 
 NOT_PARAMS = {"data_dir", "output_dir", "device"}  # differ between hosts, not between trials
 
@@ -45,7 +46,7 @@ class Group:
     params: list[str]  # config keys whose values differ between the runs
     died: list[dict]  # attempts the sweep storage saw die, if it is here
     log: dict[str, bool] = field(default_factory=dict)  # swept settings drawn on a log scale
-    source: str = ""  # where metric and goal were read (app.runs.sweepdef), said on the page
+    source: str = ""  # where metric and goal were read (app.runs.ranking), said on the page
     assumed: str = ""  # else why they are the defaults, said on the page
 
 
@@ -59,8 +60,8 @@ def _value(run, metric: str) -> float | None:
 
 def _log_scale(group: Group, from_sweep: dict[str, bool]) -> dict[str, bool]:
     """Which swept settings are drawn on a log scale: as the sweep draws them where its storage was
-    found, else judged from the values (app.sweep.insight.log_scale)."""
-    from app.sweep import insight
+    found, else judged from the values (app.sweep.optuna.insight.log_scale)."""
+    from app.sweep.optuna import insight
 
     return {k: from_sweep[k] if k in from_sweep else insight.log_scale(None, [r.config.get(k) for r in group.runs])
             for k in group.params}

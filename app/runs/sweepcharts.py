@@ -18,7 +18,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
-from app.runs import importance as imp
+from app.sweep.optuna import importance as imp
 from app.runs import svg
 
 MAX_AXES = 12  # swept settings drawn as axes (most important first); more would be unreadable

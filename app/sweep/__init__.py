@@ -1,1 +1,2 @@
-"""Sweeps: the YAML spec, W&B sweep create/validate, the duplicate guard, and offline sweeps on Optuna."""
+"""Sweeps: the YAML spec both backends share (spec), sweeps run by a W&B server (wandb/), and sweeps with
+no server on Optuna (optuna/)."""

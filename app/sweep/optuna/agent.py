@@ -13,9 +13,9 @@ may disagree) fails it and queues a retry with the same values, which resumes fr
 checkpoint when the outputs folder is shared. Optuna's own heartbeat exists only for RDBStorage; one
 mechanism for both storages keeps the recovery path the same everywhere.
 
-No grid point (or random/bayes trial) runs twice to completion: app.sweep.ledger holds the rule and
-why it holds. The W&B parameter forms map onto Optuna distributions in app.sweep.space; the storage
-and the study are app.sweep.study, the plan app.sweep.plan.
+No grid point (or random/bayes trial) runs twice to completion: app.sweep.optuna.claims holds the rule and
+why it holds. The W&B parameter forms map onto Optuna distributions in app.sweep.optuna.space; the storage
+and the study are app.sweep.optuna.storage, the plan app.sweep.optuna.plan.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from optuna.trial import TrialState
 
 from app import env, interrupts
 from app.errors import UserError
-from app.sweep.ledger import STALE_BEATS, Heartbeat, Ledger, StaleWatch, key_of, outcome
-from app.sweep.plan import Plan, plan, redact
-from app.sweep.study import open_storage, open_study, storage_problem
-from app.sweep.trial import Dropped, say, train_trial
+from app.sweep.optuna.claims import STALE_BEATS, Heartbeat, Ledger, StaleWatch, key_of, outcome
+from app.sweep.optuna.plan import Plan, plan, redact
+from app.sweep.optuna.storage import open_storage, open_study, storage_problem
+from app.sweep.optuna.trial import Dropped, say, train_trial
 
 MAX_ERRORS_IN_A_ROW = 3  # an agent whose trials keep raising stops (like `wandb agent`)
 

@@ -2,7 +2,7 @@
 
     python -m app sweep-status [RUNS] [--config sweeps/grid.yaml | --name NAME] [--storage URL] [--json]
 
-Under the table: which swept settings mattered (app.sweep.insight) and the best trial's settings.
+Under the table: which swept settings mattered (app.sweep.optuna.insight) and the best trial's settings.
 
 Read-only: it never creates a study or writes on a journal (a damaged one is refused in one line
 with its repair command). `read_sweep` is the same look for other tools (the report).
@@ -20,35 +20,11 @@ import optuna
 
 from app import env
 from app.errors import UserError
-from app.sweep import insight
+from app.sweep.optuna import insight
 from app.sweep import spec as sweep_spec
-from app.sweep.ledger import key_of, outcome
-from app.sweep.plan import storage_url, sweep_name
-from app.sweep.space import SearchSpace
-from app.sweep.study import load_study, open_storage
-
-
-def trial_rows(study, space: SearchSpace | None = None) -> list[dict[str, Any]]:
-    """One row per trial that trained or is queued (duplicates never trained are left out)."""
-    grid = study.user_attrs.get("method") == "grid"
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        if outcome(t) == "void":
-            continue
-        values = t.user_attrs.get("values")
-        if values is None:
-            values = space.values(t.params) if space else dict(t.params)
-        state = t.state.name
-        if state == "FAIL":
-            state = {"stale": "DIED", "preempted": "STOPPED", "interrupted": "STOPPED"}.get(
-                t.system_attrs.get("sweep_outcome"), "FAIL")
-        rows.append({"trial": t.number, "state": state, "key": key_of(t, grid) or "", "values": values,
-                     "value": t.value, "run": t.user_attrs.get("run_id", ""),
-                     "attempt": t.system_attrs.get("attempt", 1), "agent": t.user_attrs.get("agent", ""),
-                     "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
-                     if t.datetime_complete and t.datetime_start else None,
-                     "run_folder": t.user_attrs.get("run_folder", "")})
-    return rows
+from app.sweep.optuna.plan import storage_url, sweep_name
+from app.sweep.optuna.storage import load_study, open_storage
+from app.sweep.optuna.trials import trial_rows
 
 
 def _fmt(v: Any) -> str:

@@ -8,7 +8,7 @@ first line wins). It needs no fcntl locks (unreliable on Docker Desktop file sha
 what SQLite depends on), and Optuna's RDBStorage on SQLite does not lock rows, so two agents can pop
 the same trial there. For agents on several hosts: SWEEP_STORAGE=postgresql://user:pass@host/db
 (RDBStorage; rows are locked FOR UPDATE). A journal is checked for damage before anything writes on it
-(app.sweep.journal).
+(app.sweep.optuna.journal).
 
 Mapping: grid -> GridSampler, random -> RandomSampler, bayes -> TPESampler, early_terminate hyperband
 -> HyperbandPruner, metric.goal -> study direction.
@@ -26,8 +26,8 @@ from pathlib import Path
 import optuna
 
 from app.errors import UserError
-from app.sweep import journal
-from app.sweep.plan import Plan, redact
+from app.sweep.optuna import journal
+from app.sweep.optuna.plan import Plan, redact
 from app.sweep.spec import SweepSpec
 
 
@@ -131,7 +131,7 @@ def storage_problem(exc: BaseException) -> str | None:
 
 
 def _raised_in_journal(exc: BaseException) -> bool:
-    """Whether `exc` came out of the journal file's code (ours in app.sweep.journal, or Optuna's)."""
+    """Whether `exc` came out of the journal file's code (ours in app.sweep.optuna.journal, or Optuna's)."""
     tb = exc.__traceback__
     while tb is not None:
         name = tb.tb_frame.f_code.co_filename

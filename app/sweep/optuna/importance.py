@@ -1,6 +1,6 @@
 """Which swept settings mattered: an importance and a rank correlation with the metric per setting.
 
-    from app.runs import importance
+    from app.sweep.optuna import importance
     result = importance.evaluate([({"learning_rate": 0.01, "batch_size": 64}, 0.91), ...],
                                  ["learning_rate", "batch_size"], goal="maximize", log={"learning_rate": True})
     for s in result.settings:  # most important first; s.importance / s.correlation may be None, s.note says why

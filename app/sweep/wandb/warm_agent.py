@@ -5,7 +5,7 @@
 `wandb agent` starts each run as a new `python -m app train` process, which pays the imports, W&B's
 service, reading the data and (on a GPU) the CUDA context again for every run. Here W&B's server still
 hands out the runs, through the same calls `wandb agent` makes (CreateAgent, then agentHeartbeat until it
-says exit), and each run goes through the same `cli.prepare` + `cli.run` as `python -m app train`: the
+says exit), and each run goes through the same `runner.prepare` + `dedupe.run_once` as `python -m app train`: the
 sweep's values as --key=value arguments and in W&B's sweep parameter file, WANDB_RUN_ID and
 WANDB_SWEEP_ID set, the duplicate guard, one complete W&B run.
 
@@ -44,7 +44,8 @@ import time
 import traceback
 from typing import Any, Callable, Mapping
 
-from app import cli, env, interrupts, tracking
+from app import env, interrupts, runner, tracking
+from app.sweep.wandb import dedupe
 from app.errors import UserError
 
 PROCESSES = ("per-run", "warm")
@@ -186,10 +187,10 @@ class WarmAgent:
         try:
             # this run's id, sweep and parameter file in W&B's process-wide settings (read by wandb.init)
             wandb.setup(wandb.Settings(run_id=run_id, sweep_id=self.sweep_id, sweep_param_path=str(params)))
-            start = cli.prepare(list(args), environ, dotenv_path=None)
-            return cli.run(start, last=False, on_epoch=lambda epoch, metrics: beat.stop_asked.is_set())
+            start = runner.prepare(list(args), environ, dotenv_path=None)
+            return dedupe.run_once(start, last=False, on_epoch=lambda epoch, metrics: beat.stop_asked.is_set())
         except interrupts.Stopped as stop:
-            print(cli.stopped_line(stop), file=sys.stderr, flush=True)
+            print(runner.stopped_line(stop), file=sys.stderr, flush=True)
             return stop.exit_code
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -233,7 +234,7 @@ class Supervisor:
 
     def command(self, report_fd: int) -> list[str]:
         left = None if self.count is None else self.count - self.done
-        return [sys.executable, "-m", "app.sweep.warm_agent", "--sweep", self.sweep, "--report-fd", str(report_fd),
+        return [sys.executable, "-m", "app.sweep.wandb.warm_agent", "--sweep", self.sweep, "--report-fd", str(report_fd),
                 "--failed-in-a-row", str(self.failures_in_a_row), *(["--count", str(left)] if left is not None else [])]
 
     def start_one(self) -> tuple[int, int | None, str | None]:
@@ -292,7 +293,7 @@ def supervise(sweep: str, environ: Mapping[str, str], count: int | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The warm process itself, started by `supervise()` with the environment its runs see (bench/trials.py
     starts it alone, without --report-fd)."""
-    parser = argparse.ArgumentParser(prog="python -m app.sweep.warm_agent")
+    parser = argparse.ArgumentParser(prog="python -m app.sweep.wandb.warm_agent")
     parser.add_argument("--sweep", required=True)
     parser.add_argument("--report-fd", type=int)
     parser.add_argument("--count", type=int)
@@ -303,10 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         os.set_inheritable(args.report_fd, False)  # W&B's service and other helpers must not hold the pipe open
         report_to = os.fdopen(args.report_fd, "w", encoding="utf-8", buffering=1)
         report = lambda line: report_to.write(line + "\n")  # noqa: E731
-    return cli.handle(WarmAgent(args.sweep, os.environ, args.count, report, args.failed_in_a_row).run)
+    return runner.handle(WarmAgent(args.sweep, os.environ, args.count, report, args.failed_in_a_row).run)
 
 
 if __name__ == "__main__":
     interrupts.install()
     code = main()
-    cli.exit_after_run(code)  # the runs are finished and flushed; skip the interpreter's module teardown
+    runner.exit_after_run(code)  # the runs are finished and flushed; skip the interpreter's module teardown

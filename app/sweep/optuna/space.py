@@ -1,4 +1,4 @@
-"""W&B sweep parameters as Optuna distributions, for offline sweeps (app.sweep.study, app.sweep.agent).
+"""W&B sweep parameters as Optuna distributions, for offline sweeps (app.sweep.optuna.storage, app.sweep.optuna.agent).
 
 Every form Optuna can express is mapped; the rest (normal, beta, inv_log_uniform, weighted categories)
 is refused with one line naming the parameter. Optuna has no quantised log distribution, so the q_log

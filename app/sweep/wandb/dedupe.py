@@ -44,7 +44,7 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
-from app import env
+from app import env, runner
 from app.config import KEYS, ConfigError, parse_cli
 from app.errors import UserError
 
@@ -211,3 +211,14 @@ def wait_stagger(environ: Mapping[str, str]) -> None:
     if delay > 0:
         print(f"agent start staggered by {delay:g}s (AGENT_INDEX x AGENT_START_STAGGER)", file=sys.stderr, flush=True)
         time.sleep(delay)
+
+
+def run_once(start: runner.Start, last: bool = True, on_epoch=None) -> int:
+    """runner.run for a run `wandb agent` may have handed out twice: it first claims its parameters, and
+    a run whose parameters another agent has is skipped (exit 0, recorded in the sweep) instead of trained."""
+    with guard(start.environ, start.args) as taken:
+        if taken and taken.duplicate_of:
+            print(skip_message(taken), file=sys.stderr)
+            record_duplicate(taken, start.ready.mode)  # visible in the sweep: it used up a hand-out
+            return 0  # exit 0: a finished trial to the agent, not a failure that could stop it
+        return runner.run(start, last, on_epoch, claim=taken)

@@ -1,6 +1,6 @@
 """One offline-sweep trial as one offline W&B run: config, resume, train, read the metric back.
 
-Used by app.sweep.agent (`python -m app offline-agent`); nothing here decides which trial runs.
+Used by app.sweep.optuna.agent (`python -m app offline-agent`); nothing here decides which trial runs.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from optuna.trial import TrialState
 from app import checkpoint, interrupts, runid, tracking
 from app.config import Config, ConfigError
 from app.errors import UserError
-from app.sweep.ledger import Heartbeat
-from app.sweep.study import storage_down, storage_problem
+from app.sweep.optuna.claims import Heartbeat
+from app.sweep.optuna.storage import storage_down, storage_problem
 
 JOB_TYPE = "sweep-trial"
 TAG = "offline-sweep"
@@ -36,6 +36,16 @@ def say(msg: str) -> None:
 def _run_folder(root: Path, run_id: str) -> Path | None:
     found = sorted((root / "wandb").glob(f"*run-*-{run_id}"))
     return found[-1] if found else None
+
+
+def _completed(agent) -> tuple[str, str, list[float]] | None:
+    """(metric, goal, values of the completed trials) of the agent's sweep, for the model's best alias."""
+    try:
+        done = [t.value for t in agent.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.value is not None and math.isfinite(t.value)]
+    except Exception:  # a read-only look for an alias: never a reason to fail a finished run
+        return None
+    return agent.p.metric, agent.p.goal, done
 
 
 def train_trial(agent, trial, key: str, values: dict, beat: Heartbeat) -> tuple[str, float | None]:
@@ -93,7 +103,8 @@ def train_trial(agent, trial, key: str, values: dict, beat: Heartbeat) -> tuple[
 
     started = time.monotonic()
     try:
-        result = train(config, environ, on_epoch=on_epoch, run_settings=run_settings)
+        result = train(config, environ, on_epoch=on_epoch, run_settings=run_settings,
+                       sweep_results=lambda: _completed(agent))
     except BaseException as exc:
         _after_run(agent, trial, run_id)
         # Preempted (SIGTERM/SIGINT, checkpoint written), or anything raised once a stop arrived: rerun at

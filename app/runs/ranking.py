@@ -1,8 +1,8 @@
 """What the report ranks a sweep's runs by: the sweep's own metric, goal, log-scale settings and the
 attempts that died, read from the storage its agents used; where there is none, what is assumed and why.
 
-    from app.runs import sweepdef
-    sources = sweepdef.Sources.open(roots, storage)          # storage: --storage, else $SWEEP_STORAGE (app.env)
+    from app.runs import ranking
+    sources = ranking.Sources.open(roots, storage)          # storage: --storage, else $SWEEP_STORAGE (app.env)
     found = sources.definition("grid-lr", wandb_sweep=False)  # found.assumed is "" when read from the sweep
 
 Looked up in order, the first that holds the sweep wins: the storage named by --storage or SWEEP_STORAGE
@@ -11,7 +11,7 @@ with the runs (<runs folder>/sweeps/<name>.journal). Neither (a W&B sweep, whose
 W&B server; runs of no sweep; an offline sweep whose storage was not named): the report ranks by
 val_accuracy, maximize, and says so on the page with the reason. A storage that is named but cannot be
 opened is one error line before any run is read; a database that does not answer is given up after
-app.sweep.study.CONNECT_TIMEOUT_S seconds. Everything is read-only: no study is created, no journal healed.
+app.sweep.optuna.storage.CONNECT_TIMEOUT_S seconds. Everything is read-only: no study is created, no journal healed.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ class Sources:
     def open(cls, roots: list[Path], storage: str | None = None,
              environ: Mapping[str, str] | None = None) -> "Sources":
         """The storage named by `storage` (the --storage option), else by SWEEP_STORAGE, opened for reading."""
-        from app.sweep.plan import storage_url
-        from app.sweep.study import open_storage
+        from app.sweep.optuna.plan import storage_url
+        from app.sweep.optuna.storage import open_storage
 
         if storage is not None and not storage.strip():
             raise UserError("--storage is empty: give the sweep's journal file or its postgresql://user:password@host/db URL")
@@ -78,8 +78,8 @@ class Sources:
 
     def definition(self, name: str, wandb_sweep: bool = False) -> Definition:
         """The sweep `name`'s definition, or the report's defaults with the reason in words."""
-        from app.sweep import status
-        from app.sweep.study import load_study
+        from app.sweep.optuna import status
+        from app.sweep.optuna.storage import load_study
 
         if wandb_sweep:
             return assumed("a W&B sweep keeps its metric and goal on the W&B server, not in its offline runs")
@@ -105,7 +105,7 @@ class Sources:
 
 
 def _redact(url: str) -> str:
-    from app.sweep.plan import redact
+    from app.sweep.optuna.plan import redact
 
     return redact(url)
 

@@ -140,7 +140,7 @@ class Heartbeat(threading.Thread):
         self._halt = threading.Event()
 
     def run(self):
-        from app.sweep.study import storage_down, storage_problem
+        from app.sweep.optuna.storage import storage_down, storage_problem
 
         failing = False
         while not self._halt.is_set():

@@ -1,6 +1,6 @@
 """What a sweep YAML means to an offline (Optuna) sweep: the plan every agent checks before any work.
 
-    python -m app offline-agent --config sweeps/grid.yaml     (app.sweep.agent runs the plan)
+    python -m app offline-agent --config sweeps/grid.yaml     (app.sweep.optuna.agent runs the plan)
 
 `plan(environ)` reads SWEEP_CONFIG, SWEEP_STORAGE, AGENT_COUNT, SWEEP_HEARTBEAT_S and the training
 settings, and returns a `Plan` or raises one `UserError` line. Nothing is written here.
@@ -20,7 +20,7 @@ from app.config import Config, ConfigError
 from app.config import load as load_config
 from app.errors import UserError
 from app.sweep import spec as sweep_spec
-from app.sweep.space import SearchSpace, search_space
+from app.sweep.optuna.space import SearchSpace, search_space
 from app.sweep.spec import SweepSpec, SweepSpecError
 
 HEARTBEAT_S = 10.0  # default seconds between heartbeats (SWEEP_HEARTBEAT_S)

@@ -1,11 +1,11 @@
 """What an offline sweep found: its completed trials, the best one, and which settings mattered.
 
-    from app.sweep import insight
+    from app.sweep.optuna import insight
     found = insight.from_study(study)          # a study read from a journal or PostgreSQL (read-only)
     print(insight.format_findings(found))      # the lines sweep-status prints under its trials table
     json.dumps(insight.as_json(study, found))  # sweep-status --json
 
-The importance figures come from app.runs.importance, which the report also uses for runs read from
+The importance figures come from app.sweep.optuna.importance, which the report also uses for runs read from
 their logs (W&B sweeps, runs copied from several hosts).
 """
 
@@ -17,7 +17,8 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from app.runs import importance as imp
+from app.sweep.optuna import importance as imp
+from app.sweep.optuna.trials import trial_rows
 
 LOG_DISTRIBUTIONS = ("log_uniform", "log_uniform_values", "q_log_uniform", "q_log_uniform_values")
 
@@ -53,7 +54,7 @@ class Findings:
     goal: str
     settings: list[str]  # the swept settings
     log: dict[str, bool]  # setting -> drawn on a log scale
-    finished: list[dict]  # trial rows (app.sweep.status.trial_rows) that completed with a value
+    finished: list[dict]  # trial rows (app.sweep.optuna.trials.trial_rows) that completed with a value
     best: dict | None  # the best of them by the goal
     importance: imp.Importance
 
@@ -67,7 +68,6 @@ def best_of(rows: list[dict], goal: str) -> dict | None:
 
 def log_settings(study) -> dict[str, bool]:
     """Which swept settings the sweep draws on a log scale (the report's axes), from its storage."""
-    from app.sweep.status import trial_rows
 
     trials = study.get_trials(deepcopy=False)
     finished = [r for r in trial_rows(study) if r["state"] == "COMPLETE"]
@@ -87,7 +87,6 @@ def _log_settings(study, trials, settings: list[str], finished: list[dict]) -> d
 
 
 def from_study(study) -> Findings:
-    from app.sweep.status import trial_rows
 
     metric = study.user_attrs.get("metric", "value")
     goal = study.user_attrs.get("goal", "minimize")
@@ -139,7 +138,6 @@ def format_findings(found: Findings) -> str:
 
 def as_json(study, found: Findings) -> dict[str, Any]:
     """The sweep as sweep-status --json prints it: every trial, the best one and the importance."""
-    from app.sweep.status import trial_rows
 
     return {"sweep": found.name, "method": found.method, "metric": found.metric, "goal": found.goal,
             "grid_size": study.user_attrs.get("grid_size"), "settings": found.settings, "log_scale": found.log,

@@ -1,0 +1,117 @@
+"""The one way into a training run, for every mode: `prepare` reads the settings once and checks
+everything before work starts, `run` trains and turns the outcome into the exit code `wandb agent`
+expects, `handle` turns a user's mistake or a stop into one line and an exit code.
+
+    start = runner.prepare(["--epochs=1"])    # .env, the config, the W&B mode, the folders: checked
+    code = runner.run(start)                 # 0 done, 128+signal stopped (checkpointed)
+
+Used by `python -m app train` (app.cli), the warm W&B agent (app.sweep.wandb.warm_agent) and the
+container's entrypoint; a W&B sweep's run goes through app.sweep.wandb.dedupe.run_once first.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, MutableMapping, Protocol
+
+from app import config as cfg
+from app import env, interrupts, tracking
+from app.errors import UserError
+
+if TYPE_CHECKING:
+    from app.train import EpochHook  # the hook's type only: `--help` and a skipped duplicate never load torch
+
+
+@dataclass
+class Start:
+    """What `prepare` checked, for `run`."""
+    args: list[str]
+    config: cfg.Config
+    environ: MutableMapping[str, str]
+    ready: object  # preflight.Ready (imported with the run: keeps `--help` light)
+
+
+class Claim(Protocol):
+    """A sweep run's hold on its parameters (app.sweep.wandb.dedupe): closed with how the run ended."""
+
+    def close(self, outcome: str) -> None: ...
+
+
+PREEMPTED, FINISHED = "preempted", "finished"  # how a run ended, for its claim
+
+
+def prepare(args: list[str], environ: MutableMapping[str, str] | None = None,
+            dotenv_path: str | None = ".env") -> Start:
+    """Read .env once, load the config once, resolve the W&B mode and check WANDB_DIR / OUTPUT_DIR once.
+
+    .env's other settings (WANDB_*) apply as if exported, under the real environment; empty values
+    are unset and are dropped before W&B could read them."""
+    from app import preflight
+
+    environ = os.environ if environ is None else environ
+    dotenv = cfg.read_dotenv(dotenv_path) if dotenv_path and os.path.exists(dotenv_path) else {}
+    config = cfg.load(args, environ, dotenv_path=dotenv_path, dotenv=dotenv)  # errors name .env as the source
+    if dotenv:
+        cfg.apply_dotenv(environ, dotenv_path)
+    env.drop_empty_wandb(environ)
+    return Start(args, config, environ, preflight.check_environment(config, environ))
+
+
+def run(start: Start, last: bool = True, on_epoch: EpochHook | None = None, claim: Claim | None = None) -> int:
+    """The checked run: train(), exit code as `wandb agent` expects.
+    `last=False`: the process goes on to another run (a warm agent), so a stop stays a stop after this one.
+    `on_epoch`: train()'s hook; True after an epoch ends the run early (a warm agent's early_terminate stop).
+    `claim`: a sweep run's hold on its parameters, closed with how the run ended."""
+    from app.train import Preempted, train  # here: a skipped duplicate never loads torch
+
+    try:
+        result = train(start.config, start.environ, on_epoch=on_epoch, ready=start.ready)
+    except Preempted as stop:
+        if claim:
+            claim.close(PREEMPTED)  # the requeued run (same id) takes the params back
+        print(f"{stop}: checkpoint written, run marked preempting", file=sys.stderr)
+        return 128 + stop.signum
+    if claim:
+        claim.close(FINISHED)
+    if last:
+        interrupts.finished()  # the run is recorded: a stop from here on is no failure
+    if result["pruned"]:
+        print(f"done: run {result['run_id']} stopped early (val_accuracy {result['val_accuracy']:.4f}; no test or export)", flush=True)
+    else:
+        print(f"done: run {result['run_id']} test_accuracy {result['test_accuracy']:.4f} onnx {result['onnx']}", flush=True)
+    return 0
+
+
+def stopped_line(stop: interrupts.Stopped) -> str:
+    return f"{stop} before training started or after it ended: nothing to checkpoint (exit {stop.exit_code})"
+
+
+def handle(command, *args) -> int:
+    """Run a command; a UserError is one `error:` line and exit 2, a stop one line and 128+signal."""
+    try:
+        return command(*args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except interrupts.Stopped as stop:
+        print(stopped_line(stop), file=sys.stderr)
+        return stop.exit_code
+    finally:
+        tracking.shutdown()
+
+
+def exit_after_run(code: int) -> None:
+    """End a `train` process without the interpreter's teardown of every module it loaded.
+
+    With torch, W&B and onnx loaded, that teardown takes 0.5-1 s, paid by every run a `wandb agent`
+    starts, and it does nothing a finished run needs: the exit handlers still run (W&B's service
+    teardown, logging's flush, anything registered), then the streams are flushed. The run itself was
+    finished and flushed by `run.finish()` before this."""
+    import atexit
+
+    atexit._run_exitfuncs()  # what normal shutdown runs first; the module teardown after it is skipped
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
