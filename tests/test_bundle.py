@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tarfile
 import uuid
 from pathlib import Path
@@ -42,11 +43,19 @@ def test_bundle_round_trip_on_the_engine(tmp_path):
                          "--env", str(env_file)], env, tmp_path, timeout=600)
         assert saved.returncode == 0, saved.stderr
         assert "WANDB_API_KEY left out" in saved.stdout
+        # not a terminal: a line as each phase starts and one as it ends, with its size, time and rate
+        assert re.search(rf"^bundle: docker save {re.escape(tag)} \(.+B\) \.\.\.$", saved.stdout, re.M), saved.stdout
+        assert re.search(rf"^bundle: docker save {re.escape(tag)}: [0-9.]+ [kMG]?B in [0-9.]+ s", saved.stdout, re.M), saved.stdout
+        assert re.search(r"^bundle: writing bundle.tar: [0-9.]+ [kMG]?B in [0-9.]+ s", saved.stdout, re.M), saved.stdout
         with tarfile.open(archive) as tar:
             names = set(tar.getnames())
             assert {"bundle.json", "image.tar", "project/docker-compose.yml", "project/sweeps/grid.yaml",
-                    "project/.env", "project/data/FashionMNIST/raw/train-labels-idx1-ubyte"} <= names
-            assert b"k" * 40 not in tar.extractfile("project/.env").read()
+                    "project/.env", "project/docs/airgap.md",
+                    "project/data/FashionMNIST/raw/train-labels-idx1-ubyte"} <= names
+            bundled_env = tar.extractfile("project/.env").read().decode()
+            assert "k" * 40 not in bundled_env
+            # compose on the other host runs the image carried, instead of building one
+            assert f"\nIMAGE={tag}\n" in bundled_env and "SWEEP_CONFIG=/app/sweeps/grid.yaml" in bundled_env
 
         # the air-gapped host: the image is not there yet
         assert docker("rmi", tag).returncode == 0
@@ -55,6 +64,11 @@ def test_bundle_round_trip_on_the_engine(tmp_path):
         (host / ".env").write_text("EPOCHS=3\n")  # the host's own settings are kept
         loaded = run_app(["bundle", "load", str(archive), "--into", str(host)], env, tmp_path, timeout=600)
         assert loaded.returncode == 0, loaded.stderr
+        assert re.search(r"^bundle: checking bundle.tar: [0-9.]+ [kMG]?B in", loaded.stdout, re.M), loaded.stdout
+        assert re.search(rf"^bundle: docker load {re.escape(tag)}: [0-9.]+ [kMG]?B in", loaded.stdout, re.M), loaded.stdout
+        # the host's own .env is kept, and it is told what compose needs to run the loaded image
+        assert f"add IMAGE={tag} to it" in loaded.stdout, loaded.stdout
+        assert (host / "docs" / "airgap.md").is_file() and str(host / "docs" / "airgap.md") in loaded.stdout
         assert docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip() == image_id
         assert digest(host / "data") == digest(tmp_path / "data")
         assert (host / ".env").read_text() == "EPOCHS=3\n"
@@ -96,3 +110,13 @@ def test_bundle_of_a_missing_image_is_one_line(tmp_path):
     proc = run_app(["bundle", "save", str(tmp_path / "b.tar"), "--image", "no-such-image:never"], clean_env(tmp_path), tmp_path)
     assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1 and "no such image" in proc.stderr
     assert not (tmp_path / "b.tar").exists()
+
+
+def test_the_bundled_env_names_the_image_it_carries():
+    from app.container.bundle import with_image
+
+    assert with_image("", "mnist-sweeps:v2").endswith("\nIMAGE=mnist-sweeps:v2\n")
+    assert with_image("EPOCHS=3", "x:1").startswith("EPOCHS=3\n#")
+    # an IMAGE already there is replaced, not repeated: compose would take the first
+    replaced = with_image("IMAGE=old:tag\nEPOCHS=3\n", "new:tag")
+    assert replaced == "IMAGE=new:tag\nEPOCHS=3\n"

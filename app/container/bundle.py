@@ -3,9 +3,12 @@
     python -m app bundle save OUT.tar --image mnist-sweeps:latest [--data data] [--env .env]
     python -m app bundle load OUT.tar [--into DIR]
 
-`save` puts `docker save IMAGE`, the compose files, the sweep YAMLs, an optional dataset folder and
-an optional .env into OUT.tar (OUT.tar.gz compresses), with a manifest of sha256 sums. A W&B API key
-is never carried: the air-gapped host runs offline, and the copy of .env gets an empty WANDB_API_KEY.
+`save` puts `docker save IMAGE`, the compose files, the sweep YAMLs, docs/airgap.md, an optional dataset
+folder and a .env into OUT.tar (OUT.tar.gz compresses), with a manifest of sha256 sums. The .env is the
+given one (or an empty one) with `IMAGE=` set to the image carried: compose then runs that image on the
+other host instead of building one. A W&B API key is never carried: the air-gapped host runs offline,
+and the copy of .env gets an empty WANDB_API_KEY. Both commands say what they are doing as they go
+(app.container.meter): a few GB take minutes.
 `load` checks the whole archive before it writes anything or runs `docker load`: only regular files
 and folders, every name confined under the target folder, nothing the manifest does not list, the
 sizes against a cap and the free space, every sha256. Then it `docker load`s the image and lays the
@@ -16,6 +19,7 @@ around it are in docs/airgap.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -30,10 +34,11 @@ import zlib
 from pathlib import Path
 
 from app import places
+from app.container.meter import Meter, Reader
 from app.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]  # app/container/bundle.py -> the repository
-PROJECT_FILES = ("docker-compose.yml", "docker-compose.cpu.yml", ".env.example")
+PROJECT_FILES = ("docker-compose.yml", "docker-compose.cpu.yml", ".env.example", "docs/airgap.md")
 MANIFEST = "bundle.json"
 IMAGE_MEMBER = "image.tar"
 MAX_MEMBERS = 100_000  # the image, compose files, sweeps and a dataset: a few hundred
@@ -42,6 +47,8 @@ MAX_MANIFEST = 16 << 20
 MAX_NAME = 1000  # characters in a member's name: project paths are far shorter
 FREE_MARGIN = 256 << 20  # left free under --into after unpacking
 SECRET = re.compile(r"^(\s*(?:export\s+)?WANDB_API_KEY\s*=).*$", re.M)
+IMAGE_LINE = re.compile(r"^\s*(?:export\s+)?IMAGE\s*=.*$", re.M)
+POLL_S = 0.5  # how often `docker save`'s growing output is measured
 
 
 def _docker() -> str:
@@ -59,16 +66,45 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _image_id(docker: str, image: str) -> str:
-    proc = subprocess.run([docker, "image", "inspect", "--format", "{{.Id}}", image], capture_output=True, text=True)
+def _inspect(docker: str, image: str) -> tuple[str, int]:
+    """The image's id and size in bytes."""
+    proc = subprocess.run([docker, "image", "inspect", "--format", "{{.Id}} {{.Size}}", image], capture_output=True, text=True)
     if proc.returncode != 0:
         raise UserError(f"--image {image}: no such image in the local engine (build it first: scripts/build-image --tag {image})")
-    return proc.stdout.strip()
+    image_id, _, size = proc.stdout.strip().partition(" ")
+    return image_id, int(size) if size.isdigit() else 0
+
+
+def _image_id(docker: str, image: str) -> str:
+    return _inspect(docker, image)[0]
+
+
+def with_image(text: str, image: str) -> str:
+    """A .env's text with IMAGE= set to `image` (the line replaced where there is one): compose reads it."""
+    line = f"IMAGE={image}"
+    if IMAGE_LINE.search(text):
+        return IMAGE_LINE.sub(lambda _: line, text, count=1)
+    return text + ("" if not text or text.endswith("\n") else "\n") + \
+        f"# the image this bundle carries: docker compose runs it instead of building one\n{line}\n"
+
+
+def _docker_save(docker: str, image: str, size: int, out: Path) -> None:
+    with Meter(f"docker save {image}", size) as meter, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([docker, "save", "--output", str(out), image], stdout=subprocess.DEVNULL, stderr=err)
+        while proc.poll() is None:
+            time.sleep(POLL_S)
+            with contextlib.suppress(OSError):
+                meter.at(out.stat().st_size)
+        if proc.returncode != 0:
+            err.seek(0)
+            lines = err.read().decode(errors="replace").strip().splitlines()
+            raise UserError(f"docker save {image} failed: {lines[-1] if lines else proc.returncode}")
+        meter.at(out.stat().st_size)
 
 
 def save(out: Path, image: str, data: Path | None, env_file: Path | None) -> dict:
     docker = _docker()
-    image_id = _image_id(docker, image)
+    image_id, image_size = _inspect(docker, image)
     if data is not None and not data.is_dir():
         raise UserError(f"--data {str(data)!r} is not a folder")
     if env_file is not None and not env_file.is_file():
@@ -79,30 +115,29 @@ def save(out: Path, image: str, data: Path | None, env_file: Path | None) -> dic
     partial = out.with_name(out.name + ".partial")  # a crash never leaves a half archive under the real name
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         image_tar = Path(tmp) / IMAGE_MEMBER
-        proc = subprocess.run([docker, "save", "--output", str(image_tar), image], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise UserError(f"docker save {image} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-        with tarfile.open(partial, mode) as tar:
-            def add(path: Path, name: str) -> None:
-                files[name] = _sha256(path)
-                tar.add(path, arcname=name, recursive=False)
-
-            add(image_tar, IMAGE_MEMBER)
-            for name in PROJECT_FILES:
-                if (REPO / name).is_file():
-                    add(REPO / name, f"project/{name}")
-            for y in sorted((REPO / "sweeps").glob("*.yaml")):
-                add(y, f"project/sweeps/{y.name}")
-            if env_file is not None:
-                text, stripped = SECRET.subn(r"\1", env_file.read_text())
-                clean = Path(tmp) / "env"
-                clean.write_text(text)
-                add(clean, "project/.env")
-                if stripped:
-                    print("bundle: WANDB_API_KEY left out of the bundled .env (offline hosts need none)")
-            if data is not None:
-                for path in sorted(p for p in data.rglob("*") if p.is_file()):
-                    add(path, f"project/data/{path.relative_to(data).as_posix()}")
+        _docker_save(docker, image, image_size, image_tar)
+        settings = ""
+        if env_file is not None:
+            settings, stripped = SECRET.subn(r"\1", env_file.read_text())
+            if stripped:
+                print("bundle: WANDB_API_KEY left out of the bundled .env (offline hosts need none)")
+        clean = Path(tmp) / "env"
+        clean.write_text(with_image(settings, image))
+        members = [(image_tar, IMAGE_MEMBER)]
+        members += [(REPO / name, f"project/{name}") for name in PROJECT_FILES if (REPO / name).is_file()]
+        members += [(y, f"project/sweeps/{y.name}") for y in sorted((REPO / "sweeps").glob("*.yaml"))]
+        members.append((clean, "project/.env"))
+        if data is not None:
+            members += [(p, f"project/data/{p.relative_to(data).as_posix()}")
+                        for p in sorted(p for p in data.rglob("*") if p.is_file())]
+        total = sum(path.stat().st_size for path, _ in members)
+        with tarfile.open(partial, mode) as tar, Meter(f"writing {out.name}", total) as meter:
+            for path, name in members:
+                info = tar.gettarinfo(path, arcname=name)
+                digest = hashlib.sha256()
+                with open(path, "rb") as f:
+                    tar.addfile(info, Reader(f, meter, digest))  # hashed as it is written: one read
+                files[name] = digest.hexdigest()
             manifest = {"image": image, "image_id": image_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "files": files}
             blob = json.dumps(manifest, indent=1).encode()
@@ -113,11 +148,13 @@ def save(out: Path, image: str, data: Path | None, env_file: Path | None) -> dic
     return manifest
 
 
-def _member_sha(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+def _member_sha(tar: tarfile.TarFile, member: tarfile.TarInfo, meter: Meter | None = None) -> str:
     h = hashlib.sha256()
     f = tar.extractfile(member)
     for block in iter(lambda: f.read(1 << 20), b""):
         h.update(block)
+        if meter is not None:
+            meter.add(len(block))
     return h.hexdigest()
 
 
@@ -175,9 +212,11 @@ def check_archive(tar: tarfile.TarFile, archive: Path, into: Path) -> tuple[dict
     if project_bytes + FREE_MARGIN > free:
         raise UserError(f"{archive}: unpacking needs {project_bytes / 1e9:.2f} GB in {into} but "
                         f"{free / 1e9:.2f} GB are free; free some space or pick --into elsewhere")
-    for name, digest in files.items():
-        if name not in members or not members[name].isreg() or _member_sha(tar, members[name]) != digest:
-            raise UserError(f"{archive}: {name[:80]} is missing or damaged (sha256 differs); copy the bundle again")
+    checked = sum(members[n].size for n in files if n in members)
+    with Meter(f"checking {archive.name}", checked) as meter:
+        for name, digest in files.items():
+            if name not in members or not members[name].isreg() or _member_sha(tar, members[name], meter) != digest:
+                raise UserError(f"{archive}: {name[:80]} is missing or damaged (sha256 differs); copy the bundle again")
     return manifest, members
 
 
@@ -204,11 +243,12 @@ def load(archive: Path, into: Path) -> dict:
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # cut short or corrupt compression
             raise UserError(f"{archive} is damaged ({type(exc).__name__}); copy the bundle again") from None
         # the image streams from the archive into the engine: no second copy on disk
-        with tempfile.TemporaryFile() as err:
+        image = members[IMAGE_MEMBER]
+        with tempfile.TemporaryFile() as err, Meter(f"docker load {manifest['image']}", image.size) as meter:
             proc = subprocess.Popen([docker, "load"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
-            with tar.extractfile(members[IMAGE_MEMBER]) as src:
+            with tar.extractfile(image) as src:
                 try:
-                    shutil.copyfileobj(src, proc.stdin, 1 << 20)
+                    shutil.copyfileobj(Reader(src, meter), proc.stdin, 1 << 20)
                 except BrokenPipeError:
                     pass  # docker load stopped reading: its exit status and message say why
             proc.stdin.close()
@@ -225,6 +265,8 @@ def load(archive: Path, into: Path) -> dict:
             if name == "project/.env" and target.exists():
                 target = into / ".env.bundle"  # never overwrite the host's own settings
                 kept.append(".env (the bundled one is .env.bundle)")
+                if not re.search(rf"^\s*IMAGE\s*=\s*{re.escape(manifest['image'])}\s*$", into.joinpath(".env").read_text(errors="replace"), re.M):
+                    kept.append(f"add IMAGE={manifest['image']} to it, or compose builds an image instead of running this one")
             target.parent.mkdir(parents=True, exist_ok=True)
             # write beside, then rename: an existing symlink at the target is replaced, never followed
             tmp = target.with_name(f".{target.name}.bundle-tmp")
@@ -258,7 +300,9 @@ def main(argv: list[str]) -> int:
         print(f"bundle written: {args.out} ({size:.2f} GB, image {m['image']}, {len(m['files'])} files)")
         return 0
     m = load(Path(args.archive), Path(args.into))
-    print(f"loaded image {m['image']} and unpacked the project into {Path(args.into).resolve()}"
-          + (f"; kept the existing {', '.join(m['kept'])}" if m["kept"] else ""))
-    print("next: see docs/airgap.md (docker compose -f docker-compose.yml -f docker-compose.cpu.yml up agent --scale agent=3)")
+    into = Path(args.into).resolve()
+    print(f"loaded image {m['image']} and unpacked the project into {into}"
+          + (f"; kept the existing {'; '.join(m['kept'])}" if m["kept"] else ""))
+    print(f"next: see {into / 'docs' / 'airgap.md'} (in {into}: docker compose run --rm train, or "
+          "docker compose up agent --scale agent=3)")
     return 0
