@@ -1,5 +1,5 @@
 """bench/bench.py on tiny settings: it runs end to end as documented and reports every number the
-README's table needs. No timing assertions: the numbers belong to the machine, not the code."""
+docs/performance.md's table needs. No timing assertions: the numbers belong to the machine, not the code."""
 
 from __future__ import annotations
 

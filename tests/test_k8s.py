@@ -1,6 +1,6 @@
 """deploy/k8s: every overlay renders with `kubectl kustomize`, passes `kubernetes-validate --strict` against
-Kubernetes 1.30's schema, and means what README says (a GPU per pod, the API key only from a Secret, a
-grace period to checkpoint, shared volumes, non-root with a read-only root file system). The image itself
+Kubernetes 1.30's schema, and means what deploy/k8s/README.md says (a GPU per pod, the API key only from a
+Secret, a grace period to checkpoint, shared volumes, non-root with a read-only root file system). The image itself
 runs under the run Job's pod settings (read-only root, its emptyDirs as tmpfs, uid 1000) on the real
 Docker engine. No cluster runs here: applying the manifests to one is not tested.
 
@@ -165,7 +165,7 @@ def test_the_image_trains_under_the_run_jobs_pod_settings(app_image: str, tmp_pa
 
 
 def test_settings_made_from_a_users_env_as_readme_says(tmp_path: Path):
-    """README's command turns a filled-in .env into base/settings.env: the overlays still validate and
+    """deploy/k8s/README.md's command turns a filled-in .env into base/settings.env: the overlays still validate and
     neither the API key nor the database URL reaches the ConfigMap."""
     copy = tmp_path / "k8s"
     shutil.copytree(K8S, copy)
@@ -175,7 +175,7 @@ def test_settings_made_from_a_users_env_as_readme_says(tmp_path: Path):
         assert f"\n{key}=\n" in env
         env = env.replace(f"\n{key}=\n", f"\n{key}={value}\n")
     (tmp_path / ".env").write_text(env)
-    readme = (REPO / "README.md").read_text()
+    readme = (K8S / "README.md").read_text()
     command = next(line.split("#")[0].strip() for line in readme.splitlines() if "> deploy/k8s/base/settings.env" in line)
     subprocess.run(["bash", "-c", command.replace("deploy/k8s", str(copy))], cwd=tmp_path, check=True)
     kubectl = need(shutil.which("kubectl"), "kubectl (with kustomize)")

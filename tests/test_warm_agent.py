@@ -171,7 +171,7 @@ def test_an_early_terminate_stop_ends_the_run_after_its_epoch_as_a_pruned_finish
 
 @pytest.mark.slow
 def test_per_run_an_early_terminate_stop_is_a_sigterm_and_marks_the_run_preempting(tmp_path: Path, small_data: Path):
-    # the per-run limitation README states: `wandb agent` carries out W&B's `stop` by SIGTERM to the run's
+    # the per-run limitation docs/sweeps.md states: `wandb agent` carries out W&B's `stop` by SIGTERM to the run's
     # process, which that process can't tell from `docker stop`: it checkpoints and exits 143 marked preempting
     long_run = 300
     sweep = {**grid(epochs=[long_run, 1]), "early_terminate": {"type": "hyperband", "min_iter": 1}}
