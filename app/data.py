@@ -125,9 +125,12 @@ def ensure(dataset: str, data_dir: str | Path) -> Path:
     except Exception as exc:  # URLError, timeouts, HTTP errors, checksum mismatches
         cause = exc.__cause__ or exc.__context__ or exc
         reason = (str(cause).strip().splitlines() or [type(cause).__name__])[-1]  # the cause, not the preamble
+        # the way to train with no internet at all, said where a user without one first looks
+        offline = ("or, with no internet, apt-get install dataset-fashion-mnist and set DATASET=fashion_mnist"
+                   if dataset == "mnist" else "or apt-get install dataset-fashion-mnist (Debian's copy, used at once)")
         raise DataError(
             f"{dataset} is not in {folder} and could not be downloaded ({reason[:100]}): "
-            f"put {', '.join(f + '.gz' for f in FILES)} there (gzipped or not)"
+            f"put {', '.join(f + '.gz' for f in FILES)} there (gzipped or not), {offline}"
         ) from None
     finally:
         socket.setdefaulttimeout(previous)

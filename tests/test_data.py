@@ -114,6 +114,8 @@ def test_missing_files_without_network_say_where_to_put_what(tmp_path: Path, off
     assert str(raw(tmp_path / "data")) in message
     for f in FILES:
         assert f in message
+    # the offline way in the same line: Debian's Fashion-MNIST, used without any download
+    assert "apt-get install dataset-fashion-mnist and set DATASET=fashion_mnist" in message
 
 
 def test_some_files_missing_is_the_same_error(tmp_path: Path, offline):
