@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app import runlog  # noqa: E402
-from app.runs import importance, report, sweepcharts  # noqa: E402
+from app.runs import report, sweepcharts  # noqa: E402
+from app.sweep.optuna import importance  # noqa: E402
 
 
 def runs(n: int, seed: int = 0) -> list[runlog.OfflineRun]:
