@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app import artifact, env, places, runlog
+from app import artifact, display, env, places, runlog
 from app.errors import UserError
 from app.runs import svg, sweepcharts
 from app.sweep.optuna import importance
@@ -55,7 +55,7 @@ def _value(run, metric: str) -> float | None:
     if v is None:
         rows = run.metric(metric)
         v = rows[-1][1] if rows else None
-    return svg.number(v)
+    return display.number(v)
 
 
 def _log_scale(group: Group, from_sweep: dict[str, bool]) -> dict[str, bool]:
@@ -118,14 +118,10 @@ def _label(run, params: list[str]) -> str:
     return f"{run.run_id} {shown}".strip()
 
 
-VALUE_CHARS = 80  # a config value shown longer than this is cut (a damaged or hand-made log can hold megabytes)
-
-
 def _short(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    text = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-    return text if len(text) <= VALUE_CHARS else text[:VALUE_CHARS - 1] + "…"
+    """A config value in a run's label or cell: cut as the charts cut it, floats to 3 digits (a label
+    holds every swept setting)."""
+    return sweepcharts.short(v, ".3g")
 
 
 def _slug(name: str) -> str:
@@ -209,7 +205,7 @@ def params_svg(group: Group) -> str | None:
     panels = []
     for key in group.params:
         xs = [r.config.get(key) for r, _ in points]
-        if all(svg.number(x) is not None for x in xs):
+        if all(display.number(x) is not None for x in xs):
             log = min(xs) > 0 and max(xs) / min(xs) >= 10
             pos, x_axis = [float(x) for x in xs], svg.Axis.fit([float(x) for x in xs], log=log)
         else:
@@ -243,7 +239,7 @@ def _table(group: Group) -> str:
                                                                      "killed" if not r.finished else f"exit {r.exit_code}")
         models = "; ".join(a.label() for a in artifact.recorded(r.path)) or "-"
         cells = [r.run_id, state, *[_short(r.config.get(k)) for k in group.params],
-                 _fmt(_value(r, group.metric)), str(epochs), _fmt(r.summary.get("test_accuracy")), models, r.path.name]
+                 display.cell(_value(r, group.metric), ".4f"), str(epochs), display.cell(r.summary.get("test_accuracy"), ".4f"), models, r.path.name]
         rows.append(cells)
     for d in group.died:
         if not any(d["run"] == r.run_id for r in group.runs):
@@ -251,10 +247,6 @@ def _table(group: Group) -> str:
     body = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) +
             f"</tr></thead><tbody>\n{body}\n</tbody></table>")
-
-
-def _fmt(v: Any) -> str:
-    return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
 
 def _ordinal(n: int) -> str:
@@ -270,7 +262,7 @@ def findings(g: Group) -> tuple[str, dict[str, str]]:
     swept = g.params[:MAX_SETTINGS]  # a config that varies in thousands of keys is no sweep to rank
     result = importance.evaluate([(t.run.config, t.value) for t in trials], swept, g.goal, g.log)
     ranked = [s.name for s in result.settings]  # most important first: the axes read in that order
-    best = sweepcharts.best_of(trials, g.goal)
+    best = importance.best_of(trials, g.goal, lambda t: t.value)
     parts = [_source(g)]
     if len(g.params) > MAX_SETTINGS:
         parts.append(f"<p>{len(g.params)} settings vary between these runs; the first {MAX_SETTINGS} by name are ranked.</p>")
