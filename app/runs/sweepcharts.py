@@ -45,7 +45,7 @@ def cut(text: str, limit: int = NAME_CHARS) -> str:
 
 
 def short(v: Any, digits: str = ".4g") -> str:
-    """A config value as the charts show it, at most VALUE_CHARS long."""
+    """A config value as the charts show it (a float to `digits`), at most VALUE_CHARS long."""
     return cut(display.text(v, digits), VALUE_CHARS)
 
 

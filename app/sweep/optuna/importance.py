@@ -5,6 +5,7 @@
                                  ["learning_rate", "batch_size"], goal="maximize", log={"learning_rate": True})
     for s in result.settings:  # most important first; s.importance / s.correlation may be None, s.note says why
         print(s.name, s.importance, s.correlation, s.note)
+    best = importance.best_of(trial_rows, "maximize")  # the best by the goal, of those with a finite value
 
 Importance is Optuna's PED-ANOVA (PedAnovaImportanceEvaluator): for each setting, how far the spread of
 its values among the best trials departs from its spread among all trials (a Pearson divergence of two
