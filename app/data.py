@@ -137,11 +137,30 @@ def ensure(dataset: str, data_dir: str | Path) -> Path:
     return folder
 
 
+# IDX, MNIST's file format: a big-endian magic (0x0000, 0x08 = unsigned bytes, the number of dimensions),
+# one big-endian uint32 per dimension, then the bytes. Its headers are parsed here only (idx_shape).
+IDX_MAGIC = b"\0\0\x08"
 MAX_IDX_BYTES = 64 * 1024 * 1024  # the largest file (60 000 images of 28x28) is 47 MB; bound what is read
+MAX_LABEL_BYTES = 1 << 24  # MNIST's are 60 kB; a bigger file is not a label file
+
+
+def idx_ndim(head: bytes) -> int | None:
+    """How many dimensions (1 to 3) an IDX file of unsigned bytes starting with `head` declares; None:
+    `head` does not start with such a magic."""
+    return head[3] if len(head) >= 4 and head[:3] == IDX_MAGIC and 1 <= head[3] <= 3 else None
+
+
+def idx_shape(head: bytes) -> tuple[int, ...] | None:
+    """The shape an IDX file of unsigned bytes starting with `head` declares; None: no such magic, or
+    `head` ends before the sizes do."""
+    ndim = idx_ndim(head)
+    if ndim is None or len(head) < 4 + 4 * ndim:
+        return None
+    return struct.unpack(f">{ndim}I", head[4:4 + 4 * ndim])
 
 
 def _read_idx(path: Path) -> torch.Tensor:
-    """An IDX file of unsigned bytes (big-endian magic 0x0000 0x08 NDIM, one uint32 per dimension, the bytes).
+    """An IDX file of unsigned bytes as a tensor of its shape.
 
     Read here rather than through torchvision's dataset classes: importing torchvision imports
     torch._dynamo, 1-2 s at every process start for a file format of a dozen lines."""
@@ -154,18 +173,50 @@ def _read_idx(path: Path) -> torch.Tensor:
             del blob[f.readinto(blob):]  # a file that shrank since stat() is judged by what it holds
     except OSError as exc:
         raise DataError(f"cannot read {path} ({exc.strerror or exc})") from None
-    if len(blob) < 4 or blob[:3] != b"\0\0\x08" or not 1 <= blob[3] <= 3:
+    if idx_ndim(blob) is None:
         raise DataError(f"{path} is not a valid IDX file of unsigned bytes (bad header)")
-    ndim = blob[3]
-    header = 4 + 4 * ndim
-    if len(blob) < header:
+    dims = idx_shape(blob)
+    if dims is None:
         raise DataError(f"{path} is not a valid IDX file (truncated header)")
-    dims = struct.unpack(f">{ndim}I", blob[4:header])
+    header = 4 + 4 * len(dims)
     if len(blob) != header + math.prod(dims):
         raise DataError(f"{path} is not a valid IDX file ({len(blob) - header} bytes of data for shape {list(dims)})")
     count = math.prod(dims)
     return torch.frombuffer(blob, dtype=torch.uint8, offset=header, count=count).reshape(dims) if count \
         else torch.zeros(dims, dtype=torch.uint8)
+
+
+def read_labels(path: Path) -> bytes:
+    """The labels of an IDX label file, one byte each (preflight reads these, not the images)."""
+    try:
+        if os.path.getsize(path) > MAX_LABEL_BYTES:
+            raise UserError(f"{path} is over {MAX_LABEL_BYTES >> 20} MiB: not an IDX label file")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if idx_shape(raw) != (len(raw) - 8,):
+        raise UserError(f"{path} is not a valid IDX label file: replace it with a good copy")
+    return raw[8:]
+
+
+def check_images(path: Path, count: int, labels: Path) -> None:
+    """An IDX image file's header and size, without reading the images: `count` 28x28 images (as many
+    as `labels` holds). Truncated, empty, foreign or short files are refused here, before any W&B run."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            dims = idx_shape(f.read(16))
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if dims is None or len(dims) != 3:
+        raise UserError(f"{path} is not an IDX image file ({size} bytes, no image header): replace it with a good copy")
+    if dims[1:] != (28, 28):
+        raise UserError(f"{path} holds {dims[1]}x{dims[2]} images, not 28x28: replace it with a good copy")
+    if dims[0] != count:
+        raise UserError(f"{path} holds {dims[0]} images but {labels} has {count} labels: replace both with a good copy")
+    if size != 16 + count * 28 * 28:
+        raise UserError(f"{path} is {size} bytes, not the {16 + count * 28 * 28} its {count} images need "
+                        "(truncated or padded): replace it with a good copy")
 
 
 def _read(dataset: str, data_dir: str, train: bool) -> Split:

@@ -43,13 +43,20 @@ def check_folder(folder: Path, what: str) -> None:
         where = "is a file" if existing == folder else f"cannot be made: {existing} is a file"
         raise UserError(f"{what} {str(folder)!r} {where}; choose a folder")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
+        write_test(existing)
     except OSError as exc:
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
             raise
         raise UserError(f"{what} {str(folder)!r} is not writable ({existing}: {exc.strerror}); choose a writable folder") from None
+
+
+def write_test(folder: Path) -> None:
+    """Create and remove a file in `folder`; OSError when that cannot be done."""
+    # a fresh name created with O_EXCL: process ids repeat across containers sharing a volume, and a
+    # probe named by pid was deleted under another agent's feet
+    fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
 
 
 def file_stem(name: str, limit: int = 100) -> str:

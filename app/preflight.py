@@ -5,15 +5,15 @@ run is left to sync for it.
     train(config, environ, ready=ready)            # train() calls check() itself when not given one
 
 Settings vs the data: `classes` must exceed every label in the files, `train_stride` must not step
-past the whole set, `val_size` must fit in the images held out (data.split_indices decides). Only the label files are read (60 kB), from
-the dataset's raw folder (unpacked or fetched by `data.ensure` first); of the image files, their headers
-and sizes (a damaged file is refused here, not after W&B opened a run). `device=cuda:N` is checked
-against the devices this process sees.
+past the whole set, `val_size` must fit in the images held out (data.split_indices decides). Only the
+label files are read (60 kB), from the dataset's raw folder (unpacked or fetched by `data.ensure`
+first); of the image files, their headers and sizes (a damaged file is refused here, not after W&B
+opened a run). app.data reads both, as it reads every IDX file. `device=cuda:N` is checked against the
+devices this process sees.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -23,10 +23,7 @@ from app.config import Config
 from app.errors import UserError
 
 LABEL_FILES = ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte")
-LABELS_MAGIC = 2049  # IDX: unsigned bytes, one dimension
 IMAGE_FILES = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
-IMAGES_MAGIC = 2051  # IDX: unsigned bytes, three dimensions
-MAX_LABEL_BYTES = 1 << 24  # MNIST's are 60 kB; a bigger file is not a label file
 
 
 @dataclass(frozen=True)
@@ -47,40 +44,6 @@ def check_environment(config: Config, environ: Mapping[str, str]) -> Ready:
     if run_id:  # a rerun's folder may be there already: a file, or read-only, where checkpoints go
         places.check_folder(output_root / run_id, f"the folder of run {run_id}")
     return Ready(mode, root, output_root)
-
-
-def read_labels(path: Path) -> bytes:
-    """The labels of an IDX label file, one byte each."""
-    try:
-        if os.path.getsize(path) > MAX_LABEL_BYTES:
-            raise UserError(f"{path} is over {MAX_LABEL_BYTES >> 20} MiB: not an IDX label file")
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read {path} ({exc.strerror or exc})") from None
-    if len(raw) < 8 or int.from_bytes(raw[:4], "big") != LABELS_MAGIC or int.from_bytes(raw[4:8], "big") != len(raw) - 8:
-        raise UserError(f"{path} is not a valid IDX label file: replace it with a good copy")
-    return raw[8:]
-
-
-def check_images(path: Path, count: int, labels: Path) -> None:
-    """An IDX image file's header and size, without reading the images: `count` 28x28 images (as many
-    as `labels` holds). Truncated, empty, foreign or short files are refused here, before any W&B run."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            header = f.read(16)
-    except OSError as exc:
-        raise UserError(f"cannot read {path} ({exc.strerror or exc})") from None
-    dims = [int.from_bytes(header[i:i + 4], "big") for i in (4, 8, 12)] if len(header) == 16 else []
-    if len(header) < 16 or int.from_bytes(header[:4], "big") != IMAGES_MAGIC:
-        raise UserError(f"{path} is not an IDX image file ({size} bytes, no image header): replace it with a good copy")
-    if dims[1:] != [28, 28]:
-        raise UserError(f"{path} holds {dims[1]}x{dims[2]} images, not 28x28: replace it with a good copy")
-    if dims[0] != count:
-        raise UserError(f"{path} holds {dims[0]} images but {labels} has {count} labels: replace both with a good copy")
-    if size != 16 + count * 28 * 28:
-        raise UserError(f"{path} is {size} bytes, not the {16 + count * 28 * 28} its {count} images need "
-                        "(truncated or padded): replace it with a good copy")
 
 
 def check_device(config: Config) -> None:
@@ -107,9 +70,9 @@ def check_data(config: Config) -> None:
 
     check_device(config)
     folder = data.ensure(config.dataset, config.data_dir)
-    labels = {name: read_labels(folder / name) for name in LABEL_FILES}
+    labels = {name: data.read_labels(folder / name) for name in LABEL_FILES}
     for images, name in zip(IMAGE_FILES, LABEL_FILES):
-        check_images(folder / images, len(labels[name]), folder / name)
+        data.check_images(folder / images, len(labels[name]), folder / name)
     for name, values in labels.items():
         top = max(values, default=-1)
         if top >= config.classes:

@@ -14,12 +14,11 @@ import shlex
 import shutil
 import string
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 from urllib.parse import urlparse
 
-from app import env, interrupts
+from app import env, interrupts, places
 from app.config import Config, merge
 from app.errors import UserError
 
@@ -80,11 +79,7 @@ def check_writable(path: Path, setting: str) -> None:
     """W&B silently falls back to a temp folder when WANDB_DIR is unwritable, and the run is lost."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        # a fresh name created with O_EXCL: process ids repeat across containers sharing a volume, and
-        # a probe named by pid was deleted under another agent's feet
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
+        places.write_test(path)
     except OSError as exc:
         raise UserError(f"{setting}={str(path)!r} is not writable ({exc.strerror or exc}); mount or choose a writable folder") from None
 

@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app import runlog  # noqa: E402
-from app.runs import importance, report, sweepcharts  # noqa: E402
+from app.runs import grouping, report, sweepcharts  # noqa: E402
+from app.sweep.optuna import importance  # noqa: E402
 
 
 def runs(n: int, seed: int = 0) -> list[runlog.OfflineRun]:
@@ -53,7 +54,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--trials", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    group = report.make_group("bench-sweep", runs(args.trials), "val_accuracy", "maximize")
+    group = grouping.make_group("bench-sweep", runs(args.trials), "val_accuracy", "maximize")
     group.log = {"learning_rate": True}
     pages, parts = [], {"importance": [], "parallel": [], "history": []}
     for _ in range(args.repeats):

@@ -15,6 +15,7 @@ from idx import synthetic, write_dataset, write_idx
 
 from app import data
 from app.data import DATASETS, FILES, Batches, DataError, Split
+from app.errors import UserError
 
 CPU = torch.device("cpu")
 
@@ -213,6 +214,28 @@ def test_corrupted_file(tmp_path: Path, how: str):
     with pytest.raises(DataError) as exc:
         data.load("mnist", str(tmp_path), val_size=10, train_stride=1, device=CPU)
     assert str(raw(tmp_path)) in _one_line(exc)
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 28, 28), (2, 784)])
+def test_one_header_parser_serves_every_idx_reader(tmp_path: Path, shape: tuple):
+    """The shape a header declares, read the same way by the training reader and the preflight checks."""
+    blob = write_idx(tmp_path / "f", np.arange(np.prod(shape), dtype=np.uint64).reshape(shape) % 251).read_bytes()
+    assert data.idx_shape(blob) == shape
+    assert data.idx_shape(blob[:3 + 4 * len(shape)]) is None  # the sizes cut short
+    assert data.idx_shape(b"\0\0\x0d" + blob[3:]) is None  # 0x0d: floats, not unsigned bytes
+    assert tuple(data._read_idx(tmp_path / "f").shape) == shape
+    if len(shape) == 1:
+        assert data.read_labels(tmp_path / "f") == blob[8:]
+    else:
+        with pytest.raises(UserError, match="is not a valid IDX label file"):
+            data.read_labels(tmp_path / "f")
+    if shape == (3, 28, 28):
+        data.check_images(tmp_path / "f", 3, tmp_path / "labels")
+        with pytest.raises(UserError, match="holds 3 images but .* has 4 labels"):
+            data.check_images(tmp_path / "f", 4, tmp_path / "labels")
+    else:
+        with pytest.raises(UserError, match="is not an IDX image file"):
+            data.check_images(tmp_path / "f", shape[0], tmp_path / "labels")
 
 
 @pytest.mark.parametrize("how", ["not gzip", "truncated gzip"])

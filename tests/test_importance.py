@@ -188,3 +188,14 @@ def test_a_few_numbers_are_choices_not_a_range():
     result = imp.evaluate(rows, ["learning_rate", "batch_size"], "maximize", {"learning_rate": True})
     assert [s.name for s in result.settings] == ["learning_rate", "batch_size"]
     assert result.settings[0].importance > 0.5
+
+
+def test_the_best_trial_is_the_first_best_finite_value_for_the_goal():
+    """One best_of for sweep-status's findings (trial rows) and the report (its runs, read through `value`)."""
+    rows = [{"trial": 0, "value": float("nan")}, {"trial": 1, "value": 0.5}, {"trial": 2, "value": float("-inf")},
+            {"trial": 3, "value": None}, {"trial": 4, "value": 0.2}, {"trial": 5, "value": 0.2}, {"trial": 6, "value": 0.9}]
+    assert imp.best_of(rows, "minimize")["trial"] == 4  # -inf (a diverged run) is no best; of equals, the first
+    assert imp.best_of(rows, "maximize")["trial"] == 6
+    assert imp.best_of(rows[:1] + rows[2:4], "minimize") is None
+    runs = [("a", 3.0), ("b", 1.0)]
+    assert imp.best_of(runs, "maximize", lambda run: run[1]) == ("a", 3.0)

@@ -23,7 +23,7 @@ import pytest
 from conftest import clean_env, error_lines, run_app
 
 from app import config, runlog
-from app.runs import report, svg, ranking
+from app.runs import grouping, ranking, report, svg
 from app.sweep.optuna import importance
 from app.sweep.optuna import storage as sweep_storage
 
@@ -161,7 +161,7 @@ def hostile_runs() -> list[runlog.OfflineRun]:
 
 
 def test_user_text_is_escaped_and_bad_values_are_skipped():
-    group = report.make_group("</svg><b>sweep", hostile_runs())
+    group = grouping.make_group("</svg><b>sweep", hostile_runs())
     index, charts = report.page(Path("runs <here>"), [group], ["folder <x>: broken"])
     assert sorted(charts) == [f"svg-b-sweep-{kind}.svg" for kind in ("curves", "history", "importance", "parallel", "params")]
     assert "<script" not in index and "<img" not in index and "</svg><b>" not in index
@@ -216,7 +216,7 @@ def test_the_epochs_setting_and_the_epochs_done_are_two_columns():
                                 config={"epochs": epochs}, exit_code=0)
         run.history = [{"_step": e, "epoch": e, "val_loss": 1.0 / (e + 1)} for e in range(epochs)]
         runs.append(run)
-    index, _ = report.page(Path("runs"), [report.make_group("g", runs)], [])
+    index, _ = report.page(Path("runs"), [grouping.make_group("g", runs)], [])
     head = re.search(r"<thead><tr>(.*?)</tr></thead>", index).group(1)
     headers = re.findall(r"<th>(.*?)</th>", head)
     assert len(headers) == len(set(headers)) and "epochs" in headers and "epochs done" in headers
@@ -370,13 +370,13 @@ def test_log_axes_follow_the_sweeps_distribution(tmp_path):
                                 config={"learning_rate": lr, "batch_size": 32 * (i + 1)}, exit_code=0,
                                 summary={"val_loss": 1.0 + i})
         runs.append(run)
-    group = report.make_group("known-answer", runs, "val_loss", "minimize")
+    group = grouping.make_group("known-answer", runs, "val_loss", "minimize")
     here = ranking.Sources([tmp_path / "runs"]).definition("known-answer")
     assert here.source == f"its journal {tmp_path / 'runs' / 'sweeps' / 'known-answer.journal'}" and not here.assumed
-    assert report._log_scale(group, here.log) == {"batch_size": False, "learning_rate": True}
+    assert grouping._log_scale(group, here.log) == {"batch_size": False, "learning_rate": True}
     elsewhere = ranking.Sources([tmp_path / "elsewhere"]).definition("known-answer")
     assert "no sweeps/known-answer.journal is beside the runs" in elsewhere.assumed
-    assert report._log_scale(group, elsewhere.log) == {"batch_size": False, "learning_rate": False}
+    assert grouping._log_scale(group, elsewhere.log) == {"batch_size": False, "learning_rate": False}
 
 
 def test_too_few_runs_show_words_not_importance():
@@ -387,7 +387,7 @@ def test_too_few_runs_show_words_not_importance():
         runs.append(run)
     runs[0].config["optimizer"] = "sgd"
     runs[0].exit_code = None  # never finished: not a trial of the charts, so optimizer never varied among them
-    index, charts = report.page(Path("runs"), [report.make_group("g", runs, "val_loss", "minimize")], [])
+    index, charts = report.page(Path("runs"), [grouping.make_group("g", runs, "val_loss", "minimize")], [])
     found = ET.fromstring(charts["g-importance.svg"])
     assert children(found, "rect", "importance") == []
     notes = texts(found, "note")
@@ -405,7 +405,7 @@ def test_a_big_sweep_draws_its_best_runs_in_colour_over_the_rest_in_grey():
                                 config={"learning_rate": 0.001 * (i + 1)}, summary={"val_loss": 1.0 + i})
         run.history = [{"_step": 10 * (e + 1), "epoch": e, "val_loss": 2.0 + i - e} for e in range(3)]
         runs.append(run)
-    _, charts = report.page(Path("runs"), [report.make_group("g", runs[::-1], "val_loss", "minimize")], [])
+    _, charts = report.page(Path("runs"), [grouping.make_group("g", runs[::-1], "val_loss", "minimize")], [])
     curves = ET.fromstring(charts["g-curves.svg"])
     assert curves.find(f"{SVG}text").text == f"g: {len(runs)} run(s), the best {report.CURVES_IN_COLOUR} in colour"
     best = [r.run_id for r in runs[:report.CURVES_IN_COLOUR]]  # lowest val_loss first
@@ -440,7 +440,7 @@ def test_pruned_and_failed_runs_are_not_trials_and_an_absurd_value_gets_no_comma
             run.summary["pruned"] = True  # stopped by Hyperband after an early epoch: its value is not comparable
         runs.append(run)
     runs[3].config["dataset"] = "x" * 5000
-    index, charts = report.page(Path("runs"), [report.make_group("g", runs, "val_loss", "minimize")], [])
+    index, charts = report.page(Path("runs"), [grouping.make_group("g", runs, "val_loss", "minimize")], [])
     lines = children(ET.fromstring(charts["g-parallel.svg"]), "polyline", "trial")
     assert sorted(line.get("data-run") for line in lines) == ["r0", "r3"]
     assert "Best of 2 completed run(s): <b>r3</b>" in index

@@ -15,7 +15,8 @@ Above the table: the best run in words with the command that trains it again.
 
 An offline artifact has no version number yet: W&B numbers versions (v0, v1, ...) when `sync`
 uploads them, so the table shows the aliases the run asked for and the artifact's content digest.
-The charts come from app.runs.svg; every text (run ids, config values, group names) is escaped.
+Runs are read and grouped by app.runs.grouping; this module draws the page from the groups. The charts
+come from app.runs.svg; every text (run ids, config values, group names) is escaped.
 """
 
 from __future__ import annotations
@@ -24,108 +25,25 @@ import argparse
 import html
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app import artifact, env, places, runlog
+from app import artifact, display, env, places
 from app.errors import UserError
-from app.runs import svg, sweepcharts
+from app.runs import grouping, svg, sweepcharts
+from app.runs.grouping import Group
+from app.runs.ranking import Sources
 from app.sweep.optuna import importance
-from app.runs.ranking import DEFAULT_GOAL, DEFAULT_METRIC, Sources
-
-NOT_PARAMS = {"data_dir", "output_dir", "device"}  # differ between hosts, not between trials
-
-
-@dataclass
-class Group:
-    name: str
-    runs: list  # runlog.OfflineRun, sorted by the metric
-    metric: str
-    goal: str
-    params: list[str]  # config keys whose values differ between the runs
-    died: list[dict]  # attempts the sweep storage saw die, if it is here
-    log: dict[str, bool] = field(default_factory=dict)  # swept settings drawn on a log scale
-    source: str = ""  # where metric and goal were read (app.runs.ranking), said on the page
-    assumed: str = ""  # else why they are the defaults, said on the page
-
-
-def _value(run, metric: str) -> float | None:
-    v = run.summary.get(metric)
-    if v is None:
-        rows = run.metric(metric)
-        v = rows[-1][1] if rows else None
-    return svg.number(v)
-
-
-def _log_scale(group: Group, from_sweep: dict[str, bool]) -> dict[str, bool]:
-    """Which swept settings are drawn on a log scale: as the sweep draws them where its storage was
-    found, else judged from the values (app.sweep.optuna.insight.log_scale)."""
-    from app.sweep.optuna import insight
-
-    return {k: from_sweep[k] if k in from_sweep else insight.log_scale(None, [r.config.get(k) for r in group.runs])
-            for k in group.params}
-
-
-def group_name(run) -> str:
-    """An offline sweep's trials share its name as their group; a W&B sweep's runs share its id."""
-    return run.group or (f"wandb-sweep-{run.sweep_id}" if run.sweep_id else "")
-
-
-def collect(root: Path | list[Path], sources: Sources | None = None) -> tuple[list[Group], list[str]]:
-    """Every run under the folder(s), grouped; runs of one sweep may be spread over several folders.
-    Each sweep's metric and goal come from `sources` (default: journals beside the runs only)."""
-    roots = root if isinstance(root, list) else [root]
-    sources = sources if sources is not None else Sources(roots)
-    runs, problems = [], []
-    folders = sorted({f for r in roots for f in runlog.find(r)})
-    for folder in folders:
-        try:
-            run = runlog.read(folder)
-        except (runlog.RunLogError, OSError) as exc:
-            problems.append(f"{folder}: {exc}")
-            continue
-        if run.empty or not run.run_id:
-            # 0 bytes: W&B had not written yet (a run just starting, or stopped then): nothing to show
-            problems.append(f"{folder}: empty log (no W&B record yet)")
-            continue
-        if run.damaged:
-            problems.append(f"{folder}: damaged log, shown from what could be read ({'; '.join(run.damaged[:3])})")
-        runs.append(run)
-    groups = []
-    for name in sorted({group_name(r) for r in runs}):
-        members = [r for r in runs if group_name(r) == name]
-        found = sources.definition(name, wandb_sweep=not members[0].group and bool(members[0].sweep_id))
-        group = make_group(name, members, found.metric, found.goal, found.died)
-        group.log = _log_scale(group, found.log)
-        group.source, group.assumed = found.source, found.assumed
-        groups.append(group)
-    return groups, problems
-
-
-def make_group(name: str, runs: list, metric: str = DEFAULT_METRIC, goal: str = DEFAULT_GOAL,
-               died: list[dict] | None = None) -> Group:
-    """Runs of one group, best first, with the settings that vary between them."""
-    keys = sorted({k for r in runs for k in r.config} - NOT_PARAMS)
-    params = [k for k in keys if len({repr(r.config.get(k)) for r in runs}) > 1]
-    sign = -1 if goal == "maximize" else 1
-    runs = sorted(runs, key=lambda r: (_value(r, metric) is None, sign * (_value(r, metric) or 0.0)))
-    return Group(name or "ungrouped", runs, metric, goal, params, died or [])
-
 
 def _label(run, params: list[str]) -> str:
     shown = " ".join(f"{k}={_short(run.config.get(k))}" for k in params)
     return f"{run.run_id} {shown}".strip()
 
 
-VALUE_CHARS = 80  # a config value shown longer than this is cut (a damaged or hand-made log can hold megabytes)
-
-
 def _short(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    text = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-    return text if len(text) <= VALUE_CHARS else text[:VALUE_CHARS - 1] + "…"
+    """A config value in a run's label or cell: cut as the charts cut it, floats to 3 digits (a label
+    holds every swept setting)."""
+    return sweepcharts.short(v, ".3g")
 
 
 def _slug(name: str) -> str:
@@ -194,7 +112,7 @@ def curves_svg(group: Group) -> str:
 
 def params_svg(group: Group) -> str | None:
     """Each swept setting against the sweep's metric, one point per finished run; None: nothing to plot."""
-    points = [(r, _value(r, group.metric)) for r in group.runs]
+    points = [(r, grouping.value(r, group.metric)) for r in group.runs]
     points = [(r, v) for r, v in points if v is not None and r.finished]
     if not group.params or not points:
         return None
@@ -209,7 +127,7 @@ def params_svg(group: Group) -> str | None:
     panels = []
     for key in group.params:
         xs = [r.config.get(key) for r, _ in points]
-        if all(svg.number(x) is not None for x in xs):
+        if all(display.number(x) is not None for x in xs):
             log = min(xs) > 0 and max(xs) / min(xs) >= 10
             pos, x_axis = [float(x) for x in xs], svg.Axis.fit([float(x) for x in xs], log=log)
         else:
@@ -243,7 +161,8 @@ def _table(group: Group) -> str:
                                                                      "killed" if not r.finished else f"exit {r.exit_code}")
         models = "; ".join(a.label() for a in artifact.recorded(r.path)) or "-"
         cells = [r.run_id, state, *[_short(r.config.get(k)) for k in group.params],
-                 _fmt(_value(r, group.metric)), str(epochs), _fmt(r.summary.get("test_accuracy")), models, r.path.name]
+                 display.cell(grouping.value(r, group.metric), ".4f"), str(epochs),
+                 display.cell(r.summary.get("test_accuracy"), ".4f"), models, r.path.name]
         rows.append(cells)
     for d in group.died:
         if not any(d["run"] == r.run_id for r in group.runs):
@@ -251,10 +170,6 @@ def _table(group: Group) -> str:
     body = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) +
             f"</tr></thead><tbody>\n{body}\n</tbody></table>")
-
-
-def _fmt(v: Any) -> str:
-    return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
 
 def _ordinal(n: int) -> str:
@@ -265,12 +180,12 @@ def findings(g: Group) -> tuple[str, dict[str, str]]:
     """What the sweep found, above its table: the best run in words (its settings, metric, model artifact
     and the command that trains it again), then parallel coordinates, parameter importance and the
     optimisation history as {file name: SVG}."""
-    trials = sweepcharts.trials_of(g.runs, lambda r: _value(r, g.metric))
+    trials = sweepcharts.trials_of(g.runs, lambda r: grouping.value(r, g.metric))
     slug, charts = _slug(g.name), {}
     swept = g.params[:MAX_SETTINGS]  # a config that varies in thousands of keys is no sweep to rank
     result = importance.evaluate([(t.run.config, t.value) for t in trials], swept, g.goal, g.log)
     ranked = [s.name for s in result.settings]  # most important first: the axes read in that order
-    best = sweepcharts.best_of(trials, g.goal)
+    best = importance.best_of(trials, g.goal, lambda t: t.value)
     parts = [_source(g)]
     if len(g.params) > MAX_SETTINGS:
         parts.append(f"<p>{len(g.params)} settings vary between these runs; the first {MAX_SETTINGS} by name are ranked.</p>")
@@ -306,7 +221,7 @@ def findings(g: Group) -> tuple[str, dict[str, str]]:
 
 def _source(g: Group) -> str:
     """Where the metric and goal the runs are ranked by come from: never a silent guess. Groups made
-    by hand (make_group: tests, the benchmark) were given theirs and say nothing."""
+    by hand (grouping.make_group: tests, the benchmark) were given theirs and say nothing."""
     if g.assumed:
         return (f'<p class="sweep-source assumed">Ranked by <b>{html.escape(g.metric)} ({html.escape(g.goal)})</b>, '
                 f"assumed: {html.escape(g.assumed)}. Log axes are judged from the values "
@@ -356,7 +271,7 @@ def render(root: Path | list[Path], out: Path, storage: str | None = None,
     """Writes the page; returns it and the runs left out (also listed on the page). `storage`: the
     sweeps' storage (--storage), else SWEEP_STORAGE in `environ` (default os.environ), opened first."""
     sources = Sources.open(root if isinstance(root, list) else [root], storage, environ)
-    groups, problems = collect(root, sources)
+    groups, problems = grouping.collect(root, sources)
     if not groups and problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(f"no readable offline runs under {_where(root)}: {problems[0]}{more}")

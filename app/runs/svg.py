@@ -17,13 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def number(v: Any) -> float | None:
-    """v as a finite float; None for NaN/inf (a diverged run), bools, strings and missing values."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else None
+from app import display
 
 
 TAB10 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -195,7 +189,7 @@ def points(rows: list[tuple[Any, Any]], log_y: bool = False) -> list[tuple[float
     # NaN/inf (a diverged run) and non-numbers are left out: the line skips them rather than breaking the chart
     out = []
     for x, y in rows:
-        x, y = number(x), number(y)
+        x, y = display.number(x), display.number(y)
         if x is not None and y is not None and (y > 0 or not log_y):
             out.append((x, y))
     return out

@@ -18,6 +18,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
+from app import display
 from app.sweep.optuna import importance as imp
 from app.runs import svg
 
@@ -43,11 +44,9 @@ def cut(text: str, limit: int = NAME_CHARS) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def short(v: Any) -> str:
-    """A config value as the charts show it, at most VALUE_CHARS long."""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return cut(",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v), VALUE_CHARS)
+def short(v: Any, digits: str = ".4g") -> str:
+    """A config value as the charts show it (a float to `digits`), at most VALUE_CHARS long."""
+    return cut(display.text(v, digits), VALUE_CHARS)
 
 
 def started(run) -> tuple:
@@ -69,12 +68,6 @@ def trials_of(runs: list, value_of) -> list[Trial]:
     return [Trial(r, v, i + 1) for i, (r, v) in enumerate(done)]
 
 
-def best_of(trials: list[Trial], goal: str) -> Trial | None:
-    if not trials:
-        return None
-    return (max if goal == "maximize" else min)(trials, key=lambda t: t.value)
-
-
 def shade(v: float, lo: float, hi: float, goal: str) -> str:
     """Viridis by the metric, yellow = best whichever the goal (as the report's scatter)."""
     t = 0.5 if hi == lo else (v - lo) / (hi - lo)
@@ -90,7 +83,7 @@ def _axis(values: list[Any], log: bool, metric: bool = False) -> tuple[svg.Axis,
     """A vertical axis for one setting and each trial's position on it: a range (log where the sweep
     draws log) for numbers drawn from one, evenly spaced choices for a few numbers (a W&B `values`
     list, as importance treats them: 32, 64, 128, 256 squeeze together on a linear range) and for text."""
-    numbers = [svg.number(v) for v in values]
+    numbers = [display.number(v) for v in values]
     if values and all(x is not None for x in numbers) and (metric or log or len(set(numbers)) > imp.FEW_VALUES):
         log = log and min(numbers) > 0
         return svg.Axis.fit(numbers, log=log), numbers
@@ -119,7 +112,7 @@ def parallel_svg(title: str, trials: list[Trial], params: list[str], metric: str
     axes = [(name, *_axis(values, is_log, metric=j == len(columns) - 1)) for j, (name, values, is_log) in enumerate(columns)]
     values = [t.value for t in trials]
     lo, hi = min(values), max(values)
-    best = best_of(trials, goal)
+    best = imp.best_of(trials, goal, lambda t: t.value)
     gap = max(AXIS_GAP, min(260, 640 // (len(axes) - 1)))  # few axes: spread out, so the lines' slopes read
     footnote = (f"One line per completed run, coloured by {cut(metric, 40)} (yellow = best); the best run in red. "
                 "Hover a line for its run.")
@@ -274,7 +267,7 @@ def history_svg(title: str, trials: list[Trial], params: list[str], metric: str,
     points = svg.Series([(float(t.order), t.value) for t in trials], [shade(t.value, lo, hi, goal) for t in trials],
                         line=False, marker=4.0 if len(trials) <= 100 else 2.5, tips=[tip(t, params, metric) for t in trials])
     so_far = svg.Series(steps, "#d62728", label=f"best {metric} so far", run_id="")
-    top = best_of(trials, goal)
+    top = imp.best_of(trials, goal, lambda t: t.value)
     panel = svg.Panel(f"{metric} by run, best so far in red", "run (in the order they started)", metric,
                       svg.Axis.fit([float(t.order) for t in trials], integer=True), svg.Axis.fit([t.value for t in trials]),
                       [so_far, points], [(float(top.order), top.value)])

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from app import display
 from app.config import KEYS, Config, ConfigError, merge
 
 METHODS = ("grid", "random", "bayes")
@@ -153,7 +154,7 @@ def _param(name: str, spec: Any) -> Param:
         raise SweepSpecError(f"parameters.{name}.values must be a non-empty list")
     lo, hi = spec.get("min"), spec.get("max")
     if lo is not None or hi is not None:
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (lo, hi)):
+        if display.number(lo) is None or display.number(hi) is None:
             raise SweepSpecError(f"parameters.{name}: min and max must be finite numbers")
         if lo >= hi:
             raise SweepSpecError(f"parameters.{name}: min ({lo}) must be below max ({hi})")

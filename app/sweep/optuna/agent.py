@@ -35,7 +35,7 @@ from optuna.trial import TrialState
 
 from app import env, interrupts
 from app.errors import UserError
-from app.sweep.optuna.claims import STALE_BEATS, Heartbeat, Ledger, StaleWatch, key_of, outcome
+from app.sweep.optuna.claims import STALE_BEATS, Ledger, StaleWatch, TrialHeartbeat, key_of, outcome
 from app.sweep.optuna.plan import Plan, plan, redact
 from app.sweep.optuna.storage import open_storage, open_study, storage_problem
 from app.sweep.optuna.trial import Dropped, say, train_trial
@@ -106,7 +106,7 @@ class Agent:
     def run_trial(self, trial) -> str:
         grid = self.p.spec.method == "grid"
         self.mine.add(trial._trial_id)
-        beat = Heartbeat(self.storage, trial._trial_id, self.p.heartbeat_s)
+        beat = TrialHeartbeat(self.storage, trial._trial_id, self.p.heartbeat_s)
         beat.start()
         try:
             params = {d.name: d.suggest(trial) for d in self.p.space.dimensions}

@@ -18,6 +18,8 @@ from typing import Any, Iterable
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
+from app.heartbeat import Heartbeat
+
 STALE_BEATS = 4  # a trial is dead after this many heartbeat intervals without a beat
 MAX_STALE = 3  # give a key up after this many dead attempts (something kills it: OOM, a bad node)
 
@@ -130,42 +132,37 @@ class Ledger:
 # Heartbeats and stale trials
 # --------------------------------------------------------------------------------------------
 
-class Heartbeat(threading.Thread):
-    """Writes the time into the trial every interval; notices when another agent has failed the trial."""
+class TrialHeartbeat(Heartbeat):
+    """Writes the time into the trial every interval, from the start (StaleWatch reads it); notices when
+    another agent has failed the trial."""
 
     def __init__(self, storage, trial_id: int, interval: float):
-        super().__init__(daemon=True, name=f"heartbeat-{trial_id}")
-        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        super().__init__(f"heartbeat-{trial_id}", interval)
+        self.storage, self.trial_id = storage, trial_id
         self.lost = threading.Event()
-        self._halt = threading.Event()
+        self._failing = False  # in a storage outage: said once, not every beat
 
-    def run(self):
+    def beat(self) -> bool:
         from app.sweep.optuna.storage import storage_down, storage_problem
 
-        failing = False
-        while not self._halt.is_set():
-            try:
-                self.storage.set_trial_system_attr(self.trial_id, "heartbeat", time.time())
-            except UpdateFinishedTrialError:
-                self.lost.set()  # another agent declared this trial dead and failed it
-                return
-            except Exception as exc:  # a storage hiccup: keep beating; a long outage looks like death
-                problem = storage_problem(exc)
-                if problem is None:
-                    print(f"heartbeat: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-                elif not failing:  # said once per outage, not every beat
-                    print(f"heartbeat: {storage_down(self.storage)} ({problem}); training goes on",
-                          file=sys.stderr, flush=True)
-                failing = problem is not None
-            else:
-                if failing:
-                    print("heartbeat: the sweep storage works again", file=sys.stderr, flush=True)
-                failing = False
-            self._halt.wait(self.interval)
-
-    def stop(self):
-        self._halt.set()
-        self.join(timeout=30)
+        try:
+            self.storage.set_trial_system_attr(self.trial_id, "heartbeat", time.time())
+        except UpdateFinishedTrialError:
+            self.lost.set()  # another agent declared this trial dead and failed it
+            return False
+        except Exception as exc:  # a storage hiccup: keep beating; a long outage looks like death
+            problem = storage_problem(exc)
+            if problem is None:
+                print(f"heartbeat: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            elif not self._failing:
+                print(f"heartbeat: {storage_down(self.storage)} ({problem}); training goes on",
+                      file=sys.stderr, flush=True)
+            self._failing = problem is not None
+        else:
+            if self._failing:
+                print("heartbeat: the sweep storage works again", file=sys.stderr, flush=True)
+            self._failing = False
+        return True
 
 
 class StaleWatch:

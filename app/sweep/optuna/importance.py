@@ -5,6 +5,7 @@
                                  ["learning_rate", "batch_size"], goal="maximize", log={"learning_rate": True})
     for s in result.settings:  # most important first; s.importance / s.correlation may be None, s.note says why
         print(s.name, s.importance, s.correlation, s.note)
+    best = importance.best_of(trial_rows, "maximize")  # the best by the goal, of those with a finite value
 
 Importance is Optuna's PED-ANOVA (PedAnovaImportanceEvaluator): for each setting, how far the spread of
 its values among the best trials departs from its spread among all trials (a Pearson divergence of two
@@ -27,7 +28,9 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+
+from app import display
 
 MIN_TRIALS = 20  # a setting that alone decides the metric then ranks first in 98 of 100 random sweeps; at 10, in 79
 TOP_TRIALS = 5  # "the best" holds at least this many trials, as Optuna's documentation advises
@@ -55,13 +58,6 @@ class Importance:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _number(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else None
 
 
 def _label(v: Any) -> str:
@@ -118,13 +114,26 @@ def top_count(n: int) -> int:
     return max(TOP_TRIALS, math.ceil(TARGET_QUANTILE * n))
 
 
+T = TypeVar("T")
+
+
+def best_of(items: Iterable[T], goal: str, value: Callable[[T], Any] = lambda row: row["value"]) -> T | None:
+    """The item with the best value for `goal` (maximize: the largest, else the smallest; the first of
+    equals), among those whose value is a finite number; None: none has one. Items are trial rows
+    (app.sweep.optuna.trials) unless `value` reads them otherwise (the report's runs)."""
+    scored = [item for item in items if display.number(value(item)) is not None]
+    if not scored:
+        return None
+    return (max if goal == "maximize" else min)(scored, key=value)
+
+
 def evaluate(trials: Sequence[tuple[Mapping[str, Any], float]], names: Sequence[str], goal: str,
              log: Mapping[str, bool] | None = None) -> Importance:
     """Importance and correlation of each setting in `names` over completed `trials` ((values, metric)
     pairs; trials whose metric is missing or not finite are left out). `log`: settings the sweep draws
     on a log scale (PED-ANOVA then estimates their spread in log space)."""
     log = log or {}
-    rows = [(dict(values), float(v)) for values, v in trials if _number(v) is not None]
+    rows = [(dict(values), float(v)) for values, v in trials if display.number(v) is not None]
     n = len(rows)
     result = Importance(method(n), n)
     varied, constant = [], []
@@ -144,7 +153,7 @@ def evaluate(trials: Sequence[tuple[Mapping[str, Any], float]], names: Sequence[
         result.note = "no setting varied among the completed trials"
     shares = _ped_anova(rows, varied, goal, log) if n >= MIN_TRIALS and varied else {}
     for name in varied:
-        xs = [_number(values.get(name)) for values, _ in rows]
+        xs = [display.number(values.get(name)) for values, _ in rows]
         setting = Setting(name, shares.get(name), None)
         if any(x is None for x in xs):
             setting.note = "categorical: no rank correlation"
@@ -172,7 +181,7 @@ def _ped_anova(rows: list[tuple[dict, float]], names: list[str], goal: str,
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     distributions, params = {}, [dict() for _ in rows]
     for name in names:
-        xs = [_number(values.get(name)) for values, _ in rows]
+        xs = [display.number(values.get(name)) for values, _ in rows]
         if all(x is not None for x in xs) and len(set(xs)) > FEW_VALUES:
             # a continuous draw; a few distinct numbers are choices instead: as a range, Parzen estimates
             # spike on them and a noise setting whose best trials share one value outranks the real one

@@ -17,6 +17,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from app import display
 from app.sweep.optuna import importance as imp
 from app.sweep.optuna.trials import trial_rows
 
@@ -31,8 +32,7 @@ def log_scale(spec: Mapping[str, Any] | None, values: Sequence[Any]) -> bool:
         return True
     if spec and spec.get("distribution") not in (None, "categorical"):
         return False  # uniform, int_uniform, q_uniform: the sweep itself says linear
-    xs = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
-          and math.isfinite(v)]
+    xs = [x for x in map(display.number, values) if x is not None]
     return bool(xs) and len(xs) == len(values) and min(xs) > 0 and max(xs) / min(xs) >= 10
 
 
@@ -57,13 +57,6 @@ class Findings:
     finished: list[dict]  # trial rows (app.sweep.optuna.trials.trial_rows) that completed with a value
     best: dict | None  # the best of them by the goal
     importance: imp.Importance
-
-
-def best_of(rows: list[dict], goal: str) -> dict | None:
-    rows = [r for r in rows if isinstance(r.get("value"), (int, float)) and math.isfinite(r["value"])]
-    if not rows:
-        return None
-    return (max if goal == "maximize" else min)(rows, key=lambda r: r["value"])
 
 
 def log_settings(study) -> dict[str, bool]:
@@ -93,20 +86,11 @@ def from_study(study) -> Findings:
     trials = study.get_trials(deepcopy=False)
     settings = sorted({k for t in trials for k in t.params})
     rows = trial_rows(study)
-    finished = [r for r in rows if r["state"] == "COMPLETE" and isinstance(r["value"], (int, float))
-                and math.isfinite(r["value"])]
+    finished = [r for r in rows if r["state"] == "COMPLETE" and display.number(r["value"]) is not None]
     log = _log_settings(study, trials, settings, finished)
     result = imp.evaluate([(r["values"], r["value"]) for r in finished], settings, goal, log)
     return Findings(study.study_name, study.user_attrs.get("method", "?"), metric, goal, settings, log,
-                    finished, best_of(finished, goal), result)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, (list, tuple)):
-        return ",".join(map(str, v))
-    return str(v)
+                    finished, imp.best_of(finished, goal), result)
 
 
 def importance_lines(result: imp.Importance, metric: str) -> list[str]:
@@ -132,7 +116,7 @@ def format_findings(found: Findings) -> str:
         lines.append(f"best trial {b['trial']}: {found.metric} {b['value']:.4f}, W&B run {b['run'] or '-'}"
                      + (f", folder {b['run_folder']}" if b.get("run_folder") else ""))
         for k, v in b["values"].items():
-            lines.append(f"  {k} = {_fmt(v)}" + ("  (swept)" if k in found.settings else ""))
+            lines.append(f"  {k} = {display.text(v)}" + ("  (swept)" if k in found.settings else ""))
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import optuna
 
-from app import env
+from app import display, env
 from app.errors import UserError
 from app.sweep.optuna import insight
 from app.sweep import spec as sweep_spec
@@ -27,24 +27,14 @@ from app.sweep.optuna.storage import load_study, open_storage
 from app.sweep.optuna.trials import trial_rows
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, (list, tuple)):
-        return ",".join(str(x) for x in v)
-    return str(v)
-
-
 def format_status(study) -> str:
     metric = study.user_attrs.get("metric", "value")
     goal = study.user_attrs.get("goal", "minimize")
     rows = trial_rows(study)
     names = sorted({k for r in rows for k in r["values"]})
     header = ["trial", "state", *names, metric, "run", "attempt", "seconds", "agent"]
-    table = [[str(r["trial"]), r["state"], *[_fmt(r["values"].get(n)) for n in names], _fmt(r["value"]),
-              r["run"] or "-", str(r["attempt"]), _fmt(r["seconds"]), r["agent"] or "-"] for r in rows]
+    table = [[str(r["trial"]), r["state"], *[display.cell(r["values"].get(n)) for n in names], display.cell(r["value"]),
+              r["run"] or "-", str(r["attempt"]), display.cell(r["seconds"]), r["agent"] or "-"] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
     lines = [f"sweep {study.study_name}: {study.user_attrs.get('method', '?')}, {goal} {metric}"]
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
@@ -57,7 +47,7 @@ def format_status(study) -> str:
     complete = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
     if complete:
         best = (max if goal == "maximize" else min)(complete, key=lambda r: r["value"])
-        shown = " ".join(f"{k}={_fmt(v)}" for k, v in best["values"].items())
+        shown = " ".join(f"{k}={display.cell(v)}" for k, v in best["values"].items())
         lines.append(f"best: trial {best['trial']} {metric} {best['value']:.4f}  {shown}  (W&B run {best['run']})")
     else:
         lines.append("best: none complete yet")

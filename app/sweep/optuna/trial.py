@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from app import checkpoint, interrupts, runid, tracking
 from app.config import Config, ConfigError
 from app.errors import UserError
-from app.sweep.optuna.claims import Heartbeat
+from app.sweep.optuna.claims import TrialHeartbeat
 from app.sweep.optuna.storage import storage_down, storage_problem
 
 JOB_TYPE = "sweep-trial"
@@ -48,7 +48,7 @@ def _completed(agent) -> tuple[str, str, list[float]] | None:
     return agent.p.metric, agent.p.goal, done
 
 
-def train_trial(agent, trial, key: str, values: dict, beat: Heartbeat) -> tuple[str, float | None]:
+def train_trial(agent, trial, key: str, values: dict, beat: TrialHeartbeat) -> tuple[str, float | None]:
     from app.train import Preempted, train
 
     p = agent.p

@@ -45,6 +45,7 @@ import traceback
 from typing import Any, Callable, Mapping
 
 from app import env, interrupts, runner, tracking
+from app.heartbeat import Heartbeat
 from app.sweep.wandb import dedupe
 from app.errors import UserError
 
@@ -63,35 +64,33 @@ def sweep_parts(sweep: str) -> tuple[str | None, str | None, str]:
     return (parts[0], parts[1], parts[2]) if len(parts) == 3 else (None, None, parts[-1])
 
 
-class Heartbeat(threading.Thread):
+class ServerHeartbeat(Heartbeat):
     """Tells the server the run is still going while it trains (as `wandb agent` does between polls)."""
 
+    first_now = False  # the server heard from the agent when it handed out the run
+    join_s = 60.0  # W&B's client retries a call for a while before it gives up
+
     def __init__(self, api, agent_id: str, run_id: str):
-        super().__init__(daemon=True, name="sweep-heartbeat")
+        super().__init__("sweep-heartbeat", POLL_S)
         self.api, self.agent_id, self.run_id = api, agent_id, run_id
-        self.done = threading.Event()
         self.exit_asked = False
         self.stop_asked = threading.Event()  # early_terminate: the run ends after its current epoch
 
-    def run(self) -> None:
+    def beat(self) -> bool:
         from wandb.apis.public.sweeps import _agent_heartbeat
 
-        while not self.done.wait(POLL_S):
-            try:
-                commands = _agent_heartbeat(self.api, self.agent_id, {}, {self.run_id: True})
-            except Exception as exc:  # a lost heartbeat is retried at the next one, as `wandb agent` does
-                say(f"heartbeat failed ({type(exc).__name__}); retrying")
-                continue
-            for command in commands:
-                if command.get("type") == "exit":
-                    self.exit_asked = True
-                elif command.get("type") == "stop" and command.get("run_id") == self.run_id and not self.stop_asked.is_set():
-                    say(f"the server asked to stop run {self.run_id} (early_terminate): it ends after this epoch")
-                    self.stop_asked.set()
-
-    def stop(self) -> None:
-        self.done.set()
-        self.join(timeout=60)
+        try:
+            commands = _agent_heartbeat(self.api, self.agent_id, {}, {self.run_id: True})
+        except Exception as exc:  # a lost heartbeat is retried at the next one, as `wandb agent` does
+            say(f"heartbeat failed ({type(exc).__name__}); retrying")
+            return True
+        for command in commands:
+            if command.get("type") == "exit":
+                self.exit_asked = True
+            elif command.get("type") == "stop" and command.get("run_id") == self.run_id and not self.stop_asked.is_set():
+                say(f"the server asked to stop run {self.run_id} (early_terminate): it ends after this epoch")
+                self.stop_asked.set()
+        return True
 
 
 class WarmAgent:
@@ -182,7 +181,7 @@ class WarmAgent:
         environ = {**self.environ, "WANDB_RUN_ID": run_id, "WANDB_SWEEP_PARAM_PATH": str(params)}
         say(f"run {run_id}: {' '.join(args)}")
         self.cuda_broken = False
-        beat = Heartbeat(self.api, self.agent_id, run_id)
+        beat = ServerHeartbeat(self.api, self.agent_id, run_id)
         beat.start()
         try:
             # this run's id, sweep and parameter file in W&B's process-wide settings (read by wandb.init)
