@@ -8,7 +8,7 @@ and names too long for the file system, are one line naming the place instead of
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import hashlib
 import os
 import re
@@ -44,10 +44,9 @@ def check_folder(folder: Path, what: str) -> None:
         raise UserError(f"{what} {str(folder)!r} {where}; choose a folder")
     try:
         write_test(existing)
-    except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise UserError(f"{what} {str(folder)!r} is not writable ({existing}: {exc.strerror}); choose a writable folder") from None
+    except OSError as exc:  # read-only, full, or a place that holds no files at all (/proc, /sys)
+        raise UserError(f"{what} {str(folder)!r} is not writable ({existing}: {exc.strerror or exc}); "
+                        "choose a writable folder") from None
 
 
 def write_test(folder: Path) -> None:
@@ -57,6 +56,23 @@ def write_test(folder: Path) -> None:
     fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
     os.close(fd)
     os.unlink(probe)
+
+
+def write_text(path: Path, text: str, what: str) -> None:
+    """Write `path` whole or not at all: into a new file beside it, then renamed over it. A symlink already
+    at `path` is replaced, never written through; a full or read-only volume is one line naming the file,
+    with the file as it was before."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".part", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise UserError(f"{what}: cannot write {path} ({exc.strerror or exc}); what was there is unchanged") from None
 
 
 def file_stem(name: str, limit: int = 100) -> str:

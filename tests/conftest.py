@@ -7,12 +7,14 @@ starts can reach the internet or a W&B account, so the tests behave the same on 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from idx import write_dataset  # tests/ is on sys.path under pytest (no package)
@@ -71,6 +73,37 @@ def saved_checkpoint(path: Path) -> dict | None:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (FileNotFoundError, EOFError, RuntimeError):
         return None
+
+
+@contextlib.contextmanager
+def volume(path: Path, size: str = "4m") -> Iterator[Path]:
+    """A file system of its own at `path` (a small tmpfs): to fill to the brim, or to turn read-only."""
+    if os.getuid() != 0:
+        message = "mounting a file system needs root"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI runs as root)")
+        pytest.skip(message)
+    path.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True, timeout=30)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], timeout=30)
+
+
+def fill(folder: Path) -> None:
+    """Fill the file system under `folder` to the last byte."""
+    with open(folder / ".filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    with contextlib.suppress(OSError), open(folder / ".filler", "ab") as f:  # the last partial block
+        while True:
+            f.write(b"\0")
+            f.flush()
 
 
 @pytest.fixture

@@ -9,23 +9,20 @@ run grouped under the sweep's name with its values in the config.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import optuna
 import pytest
 from cluster import postgres as postgres_cluster
 from cluster import postgres_server
-from conftest import REPO, clean_env, error_lines, run_app, saved_checkpoint
+from conftest import REPO, clean_env, error_lines, run_app, saved_checkpoint, volume
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -493,22 +490,6 @@ def test_a_database_gone_mid_trial_ends_the_agent_in_one_line_and_the_trial_is_r
         assert done.system_attrs["retry_of"] == trial.number
         assert done.user_attrs["run_id"] == run_id and done.value == first.summary["val_accuracy"]
         assert len(runlog.find(tmp_path / "runs")) == 1  # one W&B run for the grid point: no second one trained
-
-
-@contextlib.contextmanager
-def volume(path: Path) -> Iterator[Path]:
-    """A file system of its own at `path` (a small tmpfs), to turn read-only under a running agent."""
-    if os.getuid() != 0:
-        message = "mounting a file system needs root"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message + " (CI runs as root)")
-        pytest.skip(message)
-    path.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], check=True, timeout=30)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "--lazy", str(path)], timeout=30)
 
 
 def remount(path: Path, mode: str) -> None:

@@ -552,3 +552,69 @@ def test_an_empty_storage_option_is_one_line(tmp_path):
     proc = run_app(["report", str(tmp_path / "runs"), "--storage", " "], clean_env(tmp_path), tmp_path)
     assert proc.returncode == 2 and error_lines(proc.stderr) == [
         "error: --storage is empty: give the sweep's journal file or its postgresql://user:password@host/db URL"]
+
+
+def test_an_importance_under_one_percent_keeps_the_chart_well_formed():
+    """`<1%` is text to escape, not markup: the standalone .svg must parse as XML."""
+    from app.runs import sweepcharts
+
+    result = importance.Importance(method="test", trials=30, settings=[
+        importance.Setting("learning_rate", 0.997, -0.9), importance.Setting("kernels", 0.003, 0.01)])
+    chart = ET.fromstring(sweepcharts.importance_svg("g", result, "val_loss"))
+    assert "<1%" in [t.text for t in chart.iter(f"{SVG}text")]
+
+
+def test_the_report_replaces_links_in_its_folder_and_never_writes_through_them(sweep_runs, tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine\n")
+    (out / "index.html").symlink_to(victim)
+    (out / "tiny-report-curves.svg").symlink_to(victim)
+    proc = run_app(["report", str(sweep_runs), "--out", str(out)], clean_env(tmp_path), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert victim.read_text() == "mine\n"
+    assert not (out / "index.html").is_symlink() and "<svg" in (out / "index.html").read_text()
+    assert not (out / "tiny-report-curves.svg").is_symlink()
+    assert not list(out.glob(".*.part"))  # no temporary file left beside them
+
+
+@pytest.mark.parametrize("where", ["/proc/report", "/sys/report"])
+def test_a_report_folder_where_nothing_can_be_written_is_one_line(sweep_runs, tmp_path, where):
+    proc = run_app(["report", str(sweep_runs), "--out", where], clean_env(tmp_path), tmp_path)
+    assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1, proc.stderr
+    assert f"--out {where!r} is not writable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_invisible_controls_in_a_run_log_are_shown_not_obeyed():
+    """A right-to-left override in a run id or a recorded setting would make the page and the retrain
+    command read as something other than what they are: each is shown as its escape."""
+    from app.runs import sweepcharts
+
+    rlo = "\u202e"
+    runs = hostile_runs()
+    runs[0].run_id = f"ab{rlo}cd"
+    runs[0].config["data_dir"] = f"/data{rlo}x"
+    index, charts = report.page(Path("runs"), [grouping.make_group("g", runs)], [])
+    assert rlo not in index and all(rlo not in c for c in charts.values())
+    assert "ab\\u202ecd" in index
+    command = sweepcharts.retrain_command({"architecture": f"CNN{rlo}x", "epochs": 2}, [])
+    assert rlo not in command and "$'--architecture=CNN\\u202ex'" in command
+    # the form pastes into bash as the very value recorded
+    echoed = subprocess.run(["bash", "-c", f"printf %s {command.split()[-1]}"], capture_output=True, text=True)
+    assert echoed.stdout == f"--architecture=CNN{rlo}x"
+
+
+def test_a_full_volume_under_the_report_is_one_line_and_the_old_report_stands(sweep_runs, tmp_path):
+    from conftest import fill, volume
+
+    with volume(tmp_path / "vol", "1m") as vol:
+        out = vol / "report"
+        first = run_app(["report", str(sweep_runs), "--out", str(out)], clean_env(tmp_path), tmp_path)
+        assert first.returncode == 0, first.stderr
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        fill(vol)
+        proc = run_app(["report", str(sweep_runs), "--out", str(out)], clean_env(tmp_path), tmp_path)
+        assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1, proc.stderr
+        assert "No space left on device" in proc.stderr and "Traceback" not in proc.stderr
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing half-written, nothing lost

@@ -22,7 +22,6 @@ come from app.runs.svg; every text (run ids, config values, group names) is esca
 from __future__ import annotations
 
 import argparse
-import html
 import os
 import sys
 from pathlib import Path
@@ -167,8 +166,8 @@ def _table(group: Group) -> str:
     for d in group.died:
         if not any(d["run"] == r.run_id for r in group.runs):
             rows.append([d["run"] or "-", d["state"].lower(), *["" for _ in group.params], "", "", "", "", "(no run folder)"])
-    body = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) +
+    body = "\n".join("<tr>" + "".join(f"<td>{svg.esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return ("<table><thead><tr>" + "".join(f"<th>{svg.esc(h)}</th>" for h in head) +
             f"</tr></thead><tbody>\n{body}\n</tbody></table>")
 
 
@@ -195,16 +194,16 @@ def findings(g: Group) -> tuple[str, dict[str, str]]:
         models = "; ".join(a.label() for a in artifact.recorded(best.run.path)) or "none logged"
         command = sweepcharts.retrain_command(best.run.config, ranked)
         parts.append(
-            f'<p class="best-run">Best of {len(trials)} completed run(s): <b>{html.escape(best.run.run_id)}</b> '
-            f'(started {_ordinal(best.order)} of {len(trials)}; folder {html.escape(best.run.path.name)}) reached '
-            f'{html.escape(g.metric)} <b>{best.value:.4f}</b> (goal: {html.escape(g.goal)}) with {html.escape(settings)}. '
-            f'Model artifact: {html.escape(models)}. '
+            f'<p class="best-run">Best of {len(trials)} completed run(s): <b>{svg.esc(best.run.run_id)}</b> '
+            f'(started {_ordinal(best.order)} of {len(trials)}; folder {svg.esc(best.run.path.name)}) reached '
+            f'{svg.esc(g.metric)} <b>{best.value:.4f}</b> (goal: {svg.esc(g.goal)}) with {svg.esc(settings)}. '
+            f'Model artifact: {svg.esc(models)}. '
             + ("Train it again with the same settings (data_dir and output_dir are this host's; set them as usual):</p>"
-               f'<pre class="retrain">{html.escape(command)}</pre>' if command else
+               f'<pre class="retrain">{svg.esc(command)}</pre>' if command else
                "Its recorded config holds a value too long for a command line: no retrain command.</p>"))
     else:
-        parts.append(f"<p>No run has completed with a value of {html.escape(g.metric)} yet "
-                     f"(goal: {html.escape(g.goal)}).</p>")
+        parts.append(f"<p>No run has completed with a value of {svg.esc(g.metric)} yet "
+                     f"(goal: {svg.esc(g.goal)}).</p>")
     drawn = [
         ("parallel", sweepcharts.parallel_svg(f"{g.name}: every completed run through its settings to {g.metric}",
                                               trials, ranked, g.metric, g.goal, g.log)),
@@ -223,12 +222,12 @@ def _source(g: Group) -> str:
     """Where the metric and goal the runs are ranked by come from: never a silent guess. Groups made
     by hand (grouping.make_group: tests, the benchmark) were given theirs and say nothing."""
     if g.assumed:
-        return (f'<p class="sweep-source assumed">Ranked by <b>{html.escape(g.metric)} ({html.escape(g.goal)})</b>, '
-                f"assumed: {html.escape(g.assumed)}. Log axes are judged from the values "
+        return (f'<p class="sweep-source assumed">Ranked by <b>{svg.esc(g.metric)} ({svg.esc(g.goal)})</b>, '
+                f"assumed: {svg.esc(g.assumed)}. Log axes are judged from the values "
                 "(a positive setting spanning a factor of 10 or more).</p>")
     if g.source:
-        return (f'<p class="sweep-source">Ranked by {html.escape(g.metric)} ({html.escape(g.goal)}) with log axes as '
-                f"the sweep defines them, read from {html.escape(g.source)}.</p>")
+        return (f'<p class="sweep-source">Ranked by {svg.esc(g.metric)} ({svg.esc(g.goal)}) with log axes as '
+                f"the sweep defines them, read from {svg.esc(g.source)}.</p>")
     return ""
 
 
@@ -241,10 +240,10 @@ p.assumed{background:#fff6d5;padding:.4em}pre.retrain{background:#f6f6f6;padding
 def page(root: Path | list[Path], groups: list[Group], problems: list[str]) -> tuple[str, dict[str, str]]:
     """index.html and the charts it shows, as {file name: SVG}."""
     charts: dict[str, str] = {}
-    parts = [f"<h1>Offline runs in {html.escape(_where(root))}</h1>"]
+    parts = [f"<h1>Offline runs in {svg.esc(_where(root))}</h1>"]
     for g in groups:
         slug = _slug(g.name)
-        parts.append(f"<h2>{html.escape(g.name)}</h2>")
+        parts.append(f"<h2>{svg.esc(g.name)}</h2>")
         found, found_charts = findings(g)
         charts.update(found_charts)
         parts.append(found)
@@ -256,7 +255,7 @@ def page(root: Path | list[Path], groups: list[Group], problems: list[str]) -> t
         charts[f"{slug}-curves.svg"] = curves_svg(g)
         parts.append(charts[f"{slug}-curves.svg"])
     if problems:
-        parts.append("<h2>Runs left out</h2><ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in problems) + "</ul>")
+        parts.append("<h2>Runs left out</h2><ul>" + "".join(f"<li>{svg.esc(p)}</li>" for p in problems) + "</ul>")
     index = (f"<!doctype html><html><head><meta charset='utf-8'><title>Offline runs</title>"
              f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
     return index, charts
@@ -278,10 +277,13 @@ def render(root: Path | list[Path], out: Path, storage: str | None = None,
     if not groups:
         raise UserError(f"no offline runs under {_where(root)}: pass the folder that holds wandb/offline-run-* (or WANDB_DIR)")
     index, charts = page(root, groups, problems)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, chart in charts.items():
-        (out / name).write_text(chart, encoding="utf-8")
-    (out / "index.html").write_text(index, encoding="utf-8")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {str(out)!r} cannot be made ({exc.strerror or exc}); choose a writable folder") from None
+    for name, chart in charts.items():  # the page last: it is never left pointing at charts not yet there
+        places.write_text(out / name, chart, "report")
+    places.write_text(out / "index.html", index, "report")
     return out / "index.html", problems
 
 

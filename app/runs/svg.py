@@ -30,7 +30,8 @@ LEGEND_CHARS = 60  # longer run labels are cut in the legend (the full label is 
 
 
 def esc(text: Any) -> str:
-    return html.escape(str(text), quote=True)  # valid in both XML (.svg files) and HTML (inline)
+    # valid in both XML (.svg files) and HTML (inline); invisible controls shown as escapes (display.visible)
+    return html.escape(display.visible(str(text)), quote=True)
 
 
 def num(v: float) -> str:

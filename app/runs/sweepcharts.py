@@ -13,7 +13,6 @@ or a hostile config still makes a page of bounded size that a browser opens quic
 from __future__ import annotations
 
 import math
-import shlex
 import textwrap
 from dataclasses import dataclass
 from typing import Any
@@ -223,7 +222,7 @@ def importance_svg(title: str, result: imp.Importance, metric: str) -> str:
         if s.importance is not None:
             w = BAR_W * s.importance
             row.append(f'<rect class="importance" x="{imp_x}" y="{y + 5}" width="{svg.num(w)}" height="15" fill="#1f77b4"/>'
-                       f'<text x="{svg.num(imp_x + w + 4)}" y="{y + 16}">{imp.percent(s.importance)}</text>')
+                       f'<text x="{svg.num(imp_x + w + 4)}" y="{y + 16}">{svg.esc(imp.percent(s.importance))}</text>')
         if s.correlation is not None:
             w = BAR_W / 2 * abs(s.correlation)
             x = mid if s.correlation >= 0 else mid - w
@@ -296,7 +295,7 @@ def retrain_command(config: dict, first: list[str], width: int = 100) -> str | N
                 ",".join(map(str, v)) if isinstance(v, (list, tuple)) else repr(v) if isinstance(v, float) else str(v))
             if len(text) > MAX_VALUE_CHARS:
                 return None
-            flag = shlex.quote(f"--{k}={text}")
+            flag = display.shell_word(f"--{k}={text}")
             if k not in swept and (len(lines) == 1 or len(" ".join(lines[-1] + [flag])) > width):
                 lines.append([])
             lines[-1].append(flag)
