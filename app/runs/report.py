@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import html
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app import artifact, env, places, runlog
+from app import artifact, places, runlog, settings
 from app.errors import UserError
 from app.runs import svg, sweepcharts
 from app.sweep.optuna import importance
@@ -380,7 +379,7 @@ def main(argv: list[str]) -> int:
                                           "each sweep's metric and goal (default: $SWEEP_STORAGE, else "
                                           "sweeps/<name>.journal beside the runs)")
     args = parser.parse_args(argv)
-    roots = [Path(p) for p in args.path] or [env.runs_root(os.environ)]
+    roots = [Path(p) for p in args.path] or [settings.runs_root()]
     for root in roots:
         if not root.exists():
             raise UserError(f"runs folder {str(root)!r} does not exist")
