@@ -5,7 +5,9 @@
 Under the table: which swept settings mattered (app.sweep.optuna.insight) and the best trial's settings.
 
 Read-only: it never creates a study or writes on a journal (a damaged one is refused in one line
-with its repair command). `read_sweep` is the same look for other tools (the report).
+with its repair command). `read_sweep` is the same look for other tools (the report). Its settings
+(SWEEP_STORAGE, WANDB_DIR) come from the environment and `.env` in the current folder, checked as
+`train` checks it; the environment wins.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Mapping
 
 import optuna
 
-from app import settings
+from app import settings, sources
 from app.errors import UserError
 from app.sweep.optuna import insight
 from app.sweep import spec as sweep_spec
@@ -98,6 +100,7 @@ def main(argv: list[str]) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     environ = dict(os.environ)
+    sources.apply_dotenv(environ)  # SWEEP_STORAGE, WANDB_DIR from .env, as `train` reads it; the environment wins
     if args.path:
         environ["WANDB_DIR"] = args.path
     found = find_studies(environ, args.config, args.name, args.storage)
