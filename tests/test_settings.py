@@ -12,10 +12,11 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from app import settings, tracking
 from app.errors import UserError
-from app.settings_cli import container_lines, passes_into_container
+from app.settings_cli import container_lines, example_problems, passes_into_container
 from app.sources import read_dotenv
 from conftest import REPO
 
@@ -284,3 +285,91 @@ def test_container_lines_follow_the_scopes():
                                                      "OMP_NUM_THREADS=4", "SWEEP_ID=e/p/s"]
     for s in settings.TABLE.values():
         assert passes_into_container(s.name) is (s.scope not in (settings.HOST, settings.BUILD))
+
+
+def test_the_env_example_lists_every_setting_at_its_default():
+    assert example_problems(REPO / ".env.example") == []
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda t: t.replace("\nSWEEP_DEDUPE=true\n", "\n"), "SWEEP_DEDUPE is missing"),
+    (lambda t: t.replace("\n# SYNC_TIMEOUT_S=120\n", "\n"), "SYNC_TIMEOUT_S is missing"),
+    (lambda t: t + "SWEEP_TIMEOUT=3\n", "SWEEP_TIMEOUT is not a declared setting"),
+    (lambda t: t.replace("\nEPOCHS=5\n", "\nEPOCHS=7\n"), "EPOCHS=7 is not its default (`5`)"),
+    (lambda t: t + "# AGENT_COUNT=2\n", "AGENT_COUNT is listed twice"),
+])
+def test_the_env_example_check_fails_on_a_copy_that_lost_or_changed_an_entry(tmp_path: Path, change, problem):
+    copy = tmp_path / ".env.example"
+    copy.write_text(change((REPO / ".env.example").read_text()))
+    problems = example_problems(copy)
+    assert len(problems) == 1 and problem in problems[0], problems
+
+
+def test_compose_passes_every_agent_and_entrypoint_setting_and_nothing_undeclared():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    passthrough = compose["x-passthrough"]
+    scope = {n: settings.TABLE[n].scope for n in passthrough}  # KeyError: a name nothing declares
+    expected = {n for n, s in settings.TABLE.items() if s.scope in (settings.AGENT, settings.CONTAINER)} - {"APP_MODE"}
+    assert expected <= set(passthrough), sorted(expected - set(passthrough))
+    assert {n for n, v in passthrough.items() if v is None} <= expected | {
+        n for n, sc in scope.items() if sc == settings.WANDB}  # taken from the shell: the user's settings
+    pinned = {n: v for n, v in passthrough.items() if v is not None}
+    assert pinned["DATA_DIR"] == "/data" and pinned["WANDB_DIR"] == "/runs" and pinned["OUTPUT_DIR"] == "/outputs"
+    for name in ("train", "agent"):  # each service says its mode
+        assert compose["services"][name]["environment"]["APP_MODE"] in settings.TABLE["APP_MODE"].choices
+    cpu = yaml.safe_load((REPO / "docker-compose.cpu.yml").read_text().replace("!reset", ""))
+    assert all(n in settings.TABLE for service in cpu["services"].values() for n in service["environment"])
+    # compose's own ${NAME:-default}: declared, host or build settings or ones that reach the image, and the
+    # same default as the table's
+    text = (REPO / "docker-compose.yml").read_text()
+    for name, default in re.findall(r"\$\{([A-Z][A-Z0-9_]*):-([^}]*)\}", text):
+        assert Path(default) == Path(str(settings.TABLE[name].default)), name
+    for arg in compose["x-trainer"]["build"]["args"]:
+        assert settings.TABLE[arg].scope == settings.BUILD
+
+
+def test_the_image_builds_from_the_declared_base():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert f"ARG BASE_IMAGE={settings.TABLE['BASE_IMAGE'].default}\n" in dockerfile
+
+
+def test_k8s_settings_are_declared_and_at_the_tables_defaults():
+    k8s = REPO / "deploy" / "k8s"
+    for number, line in enumerate((k8s / "base" / "settings.env").read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, _, value = line.partition("=")
+        s = settings.TABLE[name]
+        assert s.scope in (settings.TRAINING, settings.WANDB, settings.AGENT, settings.CONTAINER), line
+        assert name not in ("WANDB_API_KEY", "SWEEP_STORAGE"), f"{line}: a secret in the ConfigMap"
+        assert name not in ("DATA_DIR", "WANDB_DIR", "OUTPUT_DIR"), f"{line}: the pods pin the folders"
+        assert settings.get(name, {name: value}) == settings.get(name, {}), f"settings.env:{number}: {line}"
+    for path in k8s.rglob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            text = yaml.safe_dump(doc)
+            for name in re.findall(r"\bname: ([A-Z][A-Z0-9_]*)\n", text):
+                assert name in settings.TABLE, f"{path}: {name}"
+            for generator in (doc or {}).get("configMapGenerator", []):
+                for literal in generator.get("literals", []):
+                    name, _, value = literal.partition("=")
+                    settings.get(name, {name: value})  # declared, and a value it allows
+
+
+def _names_in(path: Path) -> set[str]:
+    return set(re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", path.read_text()))
+
+
+def test_agents_sbatch_reads_only_declared_settings_and_hands_none_of_the_hosts_on():
+    script = REPO / "deploy" / "slurm" / "agents.sbatch"
+    names = _names_in(script) | set(re.findall(r"^\s*([A-Z][A-Z0-9_]*)=", script.read_text(), re.M))
+    slurms_own = {n for n in names if n.startswith("SLURM_") or n in settings.RUNTIME or n in ("PWD",)}
+    for name in sorted(names - slurms_own):
+        assert name in settings.TABLE or settings.known(name), f"agents.sbatch reads {name}: declare it"
+    exported = set(re.findall(r"\bexport ([A-Z][A-Z0-9_]*)=", script.read_text()))
+    exported |= {n for line in re.findall(r"^export (.*)$", script.read_text(), re.M)
+                 for n in re.findall(r"\b([A-Z][A-Z0-9_]*)=", line)}
+    assert {"DATA_DIR", "WANDB_DIR", "OUTPUT_DIR", "APP_MODE"} <= exported
+    assert all(settings.TABLE[n].scope not in (settings.HOST, settings.BUILD) for n in exported if n in settings.TABLE)
+    # what the script itself reads on the host never reaches the container's --env-file
+    for name in ("ENV_FILE", "APP_PYTHON", "APP_EXEC", "REQUEUE_ON_STOP"):
+        assert name in names and not passes_into_container(name)
