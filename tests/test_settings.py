@@ -8,6 +8,8 @@ import ast
 import multiprocessing
 import os
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import yaml
 
 from app import settings, tracking
 from app.errors import UserError
-from app.settings_cli import container_lines, example_problems, passes_into_container
+from app.settings_cli import container_lines, example_problems, generated_part, passes_into_container
 from app.sources import read_dotenv
 from conftest import REPO
 
@@ -373,3 +375,13 @@ def test_agents_sbatch_reads_only_declared_settings_and_hands_none_of_the_hosts_
     # what the script itself reads on the host never reaches the container's --env-file
     for name in ("ENV_FILE", "APP_PYTHON", "APP_EXEC", "REQUEUE_ON_STOP"):
         assert name in names and not passes_into_container(name)
+
+
+def test_docs_settings_holds_the_current_reference():
+    r = subprocess.run([sys.executable, "-m", "app", "env", "--reference"], capture_output=True, text=True,
+                       timeout=60, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert generated_part((REPO / "docs" / "settings.md").read_text()) == r.stdout, \
+        "docs/settings.md is out of date: put `python -m app env --reference` between its markers"
+    for s in settings.TABLE.values():
+        assert f"`{s.name}`" in r.stdout
