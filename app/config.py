@@ -190,10 +190,12 @@ def parse_cli(args: list[str]) -> dict[str, str]:
 
 
 def notes() -> dict[str, str]:
-    """The comment beside each key in `Config`: its one-line meaning (--help, app.settings' table)."""
-    import inspect
-
-    return dict(re.findall(r"^\s+(\w+): [^=]+=[^#]+#\s*(.*)$", inspect.getsource(Config), re.M))
+    """The comment beside each key in `Config`: its one-line meaning (--help, app.settings' table).
+    Read from this file's text (inspect.getsource would cost every command a few ms at start-up)."""
+    with open(__file__, encoding="utf-8") as f:
+        source = f.read()
+    body = source[source.index("\nclass Config:"):source.index("    def __post_init__")]
+    return dict(re.findall(r"^    (\w+): [^=]+=[^#]+#\s*(.*)$", body, re.M))
 
 
 def describe() -> str:
