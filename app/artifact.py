@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from app import env, tracking
+from app import settings, tracking
 
 FOLDER = "model-artifact"  # inside the run folder: the copies the artifact records
 DATA_DIR = ".wandb-data"  # under WANDB_DIR: W&B's staging folder when WANDB_DATA_DIR is unset
@@ -169,8 +169,8 @@ def log_model(run, config, files: list[Path], figures: Mapping[str, Any], enviro
         if offline:
             # read at sync time: a path relative to the folder holding the run folder (see the docstring)
             entry.local_path = os.path.relpath(copy, run_folder.parent)
-    data_dir = {} if env.is_set("WANDB_DATA_DIR", environ=environ) else {
-        "WANDB_DATA_DIR": str((env.runs_root(environ) / DATA_DIR).resolve())}
+    data_dir = {} if settings.is_set("WANDB_DATA_DIR", environ) else {
+        "WANDB_DATA_DIR": str((settings.runs_root(environ) / DATA_DIR).resolve())}
     with tracking.environment(**data_dir):
         run.log_artifact(artifact, aliases=aliases)
     return artifact.name

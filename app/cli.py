@@ -21,6 +21,7 @@ commands:
   report ...                render offline runs and sweeps to SVG / HTML
   bundle save|load ...      carry image + data + settings to an air-gapped host
   env --export FILE         a .env file's checked settings as shell export lines (for scripts)
+  env --reference           every setting the project reads: kind, default, meaning, where it applies
 
 Settings for `train` (lowest precedence first): {precedence}.
 `python -m app train --help` lists them. An empty value (KEY=) is unset.
@@ -58,7 +59,7 @@ COMMANDS = {
     "sync": "app.runs.sync:main",
     "report": "app.runs.report:main",
     "bundle": "app.container.bundle:main",
-    "env": "app.env:main",
+    "env": "app.settings_cli:main",
 }
 
 

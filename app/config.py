@@ -1,10 +1,13 @@
-"""The one typed training config, and how it is assembled from its sources.
+"""The one typed training config: its keys, their types and checks, and how values merge into it.
 
-PRECEDENCE (the one place it is written; --help and README quote it), lowest first:
+PRECEDENCE (the one place it is written; --help and docs/settings.md quote it), lowest first:
 defaults < `.env` < environment (the key in upper case, e.g. EPOCHS=3) < command line (`--epochs=3`,
 the form `wandb agent` passes with ${args}) < a W&B sweep's config.
 An empty value (EPOCHS= in the environment or .env) is unset. An unknown key or a bad value is a
 `ConfigError`: one line naming the key and what is allowed.
+
+Reading those sources is app.settings' job (`settings.load`): this module imports nothing of the
+package but app.errors, so every settings reader can build on it.
 """
 
 from __future__ import annotations
@@ -12,12 +15,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, MutableMapping
+from typing import Any, Mapping
 
-from app import env
 from app.errors import UserError
 
 PRECEDENCE = ("defaults < .env < environment (KEY in upper case, e.g. EPOCHS=3) < --key=value "
@@ -82,7 +83,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 POSITIVE = ("epochs", "classes", "batch_size", "train_stride", "log_interval", "watch_log_freq")
 KEYS = tuple(f.name for f in fields(Config))
-ENV_NAMES = frozenset(k.upper() for k in KEYS)  # how each key is spelled in the environment and .env
+TRUE = ("1", "true", "yes", "on")  # the words of a true/false setting, here and in app.settings
+FALSE = ("0", "false", "no", "off")
 _TYPES = {f.name: f.type for f in fields(Config)}
 
 
@@ -117,7 +119,7 @@ def _check(c: Config) -> None:
         raise ConfigError(f"device={shown(dev)} must be auto, cpu, cuda or cuda:N")
 
 
-def _coerce(key: str, value: Any, source: str) -> Any:
+def coerce(key: str, value: Any, source: str) -> Any:
     """Turn a value from a source (a string from env/CLI, or JSON-ish from W&B) into the key's type."""
     kind = _TYPES[key]
     where = f"{key}={shown(value)} (from {source})"
@@ -135,9 +137,9 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         if isinstance(value, bool):
             return value
         text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
+        if text in TRUE:
             return True
-        if text in ("0", "false", "no", "off"):
+        if text in FALSE:
             return False
         raise ConfigError(f"{where} is not a boolean (true/false)")
     if key == "kernels":
@@ -161,14 +163,8 @@ def merge(base: Config, values: Mapping[str, Any], source: str) -> Config:
     unknown = sorted(set(values) - set(KEYS))
     if unknown:
         raise ConfigError(f"unknown config key {shown(unknown[0])} (from {source}); known keys: {', '.join(KEYS)}")
-    changes = {k: _coerce(k, v, source) for k, v in values.items()}
+    changes = {k: coerce(k, v, source) for k, v in values.items()}
     return dataclasses.replace(base, **changes)
-
-
-def from_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    """The config keys an environment sets: each key in upper case (EPOCHS, BATCH_SIZE, ...); empty = unset."""
-    found = {k: env.text(k.upper(), environ=environ) for k in KEYS}
-    return {k: v for k, v in found.items() if v is not None}
 
 
 def parse_cli(args: list[str]) -> dict[str, str]:
@@ -193,49 +189,19 @@ def parse_cli(args: list[str]) -> dict[str, str]:
     return out
 
 
-def load(
-    cli_args: list[str] | None = None,
-    environ: Mapping[str, str] | None = None,
-    dotenv_path: str | os.PathLike | None = ".env",
-    dotenv: Mapping[str, str] | None = None,
-) -> Config:
-    """Defaults < .env < environment < command line. (The sweep's layer is applied in train.)
-
-    `dotenv_path` is read here; `dotenv` passes a `.env` already read (`env.read_dotenv`) instead."""
-    environ = os.environ if environ is None else environ
-    cfg = Config()
-    if dotenv is None and dotenv_path and os.path.exists(dotenv_path):
-        dotenv = read_dotenv(dotenv_path)
-    if dotenv:
-        cfg = merge(cfg, from_environ(dotenv), source=str(dotenv_path or ".env"))
-    cfg = merge(cfg, from_environ(environ), source="environment")
-    return merge(cfg, parse_cli(cli_args or []), source="command line")
-
-
-def read_dotenv(path: str | os.PathLike) -> dict[str, str]:
-    """A `.env` file's values; its training keys and the documented variables are the known names."""
-    return env.read_dotenv(path, extra_known=ENV_NAMES)
-
-
-def apply_dotenv(environ: MutableMapping[str, str], path: str | os.PathLike = ".env") -> dict[str, str]:
-    """Put a `.env` file's settings under the real environment, as if exported (the environment wins),
-    checked like every `.env` read: a line that doesn't parse or an unknown key is one error line."""
-    dotenv = read_dotenv(path) if os.path.exists(path) else {}
-    for key, value in dotenv.items():
-        if not env.is_set(key, environ=environ):
-            environ[key] = value
-    return dotenv
+def notes() -> dict[str, str]:
+    """The comment beside each key in `Config`: its one-line meaning (--help, app.settings' table).
+    Read from this file's text (inspect.getsource would cost every command a few ms at start-up)."""
+    with open(__file__, encoding="utf-8") as f:
+        source = f.read()
+    body = source[source.index("\nclass Config:"):source.index("    def __post_init__")]
+    return dict(re.findall(r"^    (\w+): [^=]+=[^#]+#\s*(.*)$", body, re.M))
 
 
 def describe() -> str:
     """One line per key: default and the comment beside it in `Config`, for --help."""
-    import inspect
-    import re
-
-    notes = dict(re.findall(r"^\s+(\w+): [^=]+=[^#]+#\s*(.*)$", inspect.getsource(Config), re.M))
+    meanings = notes()
     defaults = Config().to_dict()
-    rows = [(f"--{k}={json.dumps(defaults[k])}", notes.get(k, "")) for k in KEYS]
+    rows = [(f"--{k}={json.dumps(defaults[k])}", meanings.get(k, "")) for k in KEYS]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"  {flag.ljust(width)}  {note}" for flag, note in rows)
-
-

@@ -14,12 +14,11 @@ import re
 from pathlib import Path
 from typing import Mapping
 
-from app import env
+from app import settings
 
 
 def slots_dir(environ: Mapping[str, str]) -> Path:
-    folder = env.text("GPU_SLOTS_DIR", environ=environ)
-    return Path(folder) if folder else env.runs_root(environ) / ".gpu-slots"
+    return settings.get("GPU_SLOTS_DIR", environ) or settings.runs_root(environ) / ".gpu-slots"
 
 
 def is_held(path: Path) -> bool:
@@ -40,7 +39,7 @@ def is_held(path: Path) -> bool:
 def run_share(environ: Mapping[str, str]) -> float | None:
     """A run's fair share of its GPU's memory: 1/(agents holding a slot on that GPU now), None when alone
     or without a slot. Read when each run starts, so agents that joined after this one are counted."""
-    slot = env.text("GPU_SLOT", "", environ=environ)
+    slot = settings.get("GPU_SLOT", environ) or ""
     m = re.fullmatch(r"(gpu-.+)\.slot-\d+", slot)
     if not m:
         return None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from app import env, places, tracking
+from app import places, settings, tracking
 from app.config import Config
 from app.errors import UserError
 
@@ -35,9 +35,9 @@ class Ready:
 
 def check_environment(config: Config, environ: Mapping[str, str]) -> Ready:
     """The run id, the W&B mode and the two folders a run writes, without touching the data (no torch import)."""
-    run_id = env.run_id(environ)  # it names the run's folder: checked before anything is written under it
+    run_id = settings.get("WANDB_RUN_ID", environ)  # it names the run's folder: checked before anything is written under it
     mode = tracking.resolve_mode(environ)
-    root = env.runs_root(environ)
+    root = settings.runs_root(environ)
     tracking.check_writable(root, "WANDB_DIR")
     output_root = Path(config.output_dir)
     tracking.check_writable(output_root, "OUTPUT_DIR")

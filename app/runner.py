@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, MutableMapping, Protocol
 
 from app import config as cfg
-from app import env, interrupts, tracking
+from app import interrupts, settings, sources, tracking
 from app.errors import UserError
 
 if TYPE_CHECKING:
@@ -51,11 +51,11 @@ def prepare(args: list[str], environ: MutableMapping[str, str] | None = None,
     from app import preflight
 
     environ = os.environ if environ is None else environ
-    dotenv = cfg.read_dotenv(dotenv_path) if dotenv_path and os.path.exists(dotenv_path) else {}
-    config = cfg.load(args, environ, dotenv_path=dotenv_path, dotenv=dotenv)  # errors name .env as the source
+    dotenv = sources.read_dotenv(dotenv_path) if dotenv_path and os.path.exists(dotenv_path) else {}
+    config = sources.load(args, environ, dotenv_path=dotenv_path, dotenv=dotenv)  # errors name .env as the source
     if dotenv:
-        cfg.apply_dotenv(environ, dotenv_path)
-    env.drop_empty_wandb(environ)
+        sources.apply_dotenv(environ, dotenv_path)
+    settings.drop_empty_wandb(environ)
     return Start(args, config, environ, preflight.check_environment(config, environ))
 
 

@@ -18,20 +18,20 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 from urllib.parse import urlparse
 
-from app import env, interrupts, places
+from app import interrupts, places, settings
 from app.config import Config, merge
 from app.errors import UserError
 
-MODES = ("online", "offline", "disabled")
-DEFAULT_PROJECT = "pytorch-mnist"
+MODES = settings.MODES  # W&B's modes
+DEFAULT_PROJECT = settings.setting("WANDB_PROJECT").default
 
 
 def has_api_key(environ: Mapping[str, str]) -> bool:
     """A key in WANDB_API_KEY, or one that `wandb login` stored in ~/.netrc for the W&B host."""
-    if env.is_set("WANDB_API_KEY", environ=environ):
+    if settings.is_set("WANDB_API_KEY", environ):
         return True
-    host = urlparse(env.text("WANDB_BASE_URL", "https://api.wandb.ai", environ=environ)).hostname or ""
-    path = env.text("NETRC", os.path.expanduser("~/.netrc"), environ=environ)
+    host = urlparse(settings.get("WANDB_BASE_URL", environ)).hostname or ""
+    path = os.path.expanduser(settings.get("NETRC", environ))
     try:
         return netrc.netrc(path).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
@@ -40,7 +40,7 @@ def has_api_key(environ: Mapping[str, str]) -> bool:
 
 def resolve_mode(environ: Mapping[str, str]) -> str:
     """WANDB_MODE if set and valid; otherwise online with an API key and offline without one."""
-    mode = env.choice("WANDB_MODE", (*MODES, "dryrun"), environ=environ)
+    mode = settings.get("WANDB_MODE", environ)
     if mode == "dryrun":  # W&B's old name for offline
         mode = "offline"
     if not mode:
@@ -53,7 +53,7 @@ def resolve_mode(environ: Mapping[str, str]) -> str:
 def require_server(environ: Mapping[str, str], needs: str, instead: str) -> None:
     """The one refusal of a W&B mode that cannot reach the server for something that needs it (a W&B
     sweep is served and created by the server). `needs`: what is being done; `instead`: the way out."""
-    mode = env.choice("WANDB_MODE", (*MODES, "dryrun"), environ=environ)
+    mode = settings.get("WANDB_MODE", environ)
     if mode in ("offline", "dryrun", "disabled"):
         raise UserError(f"{needs} but WANDB_MODE={mode}: a W&B sweep lives on the W&B server and cannot run "
                         f"offline; unset WANDB_MODE ({instead})")
@@ -92,7 +92,7 @@ def new_run_id() -> str:
 def prepare_wandb_environ(environ: Mapping[str, str] | None = None) -> None:
     """The WANDB_* variables W&B reads from os.environ itself, as our runs need them. Before W&B loads its
     settings: in a process that runs many, W&B warns at each wandb.init once they have changed since."""
-    env.drop_empty_wandb()  # W&B reads os.environ itself and rejects some empty values (WANDB_MODE=)
+    settings.drop_empty_wandb()  # W&B reads os.environ itself and rejects some empty values (WANDB_MODE=)
     if in_container(environ):
         # W&B's own end-of-run lines say `wandb sync /runs/...`, a path only the container has; ours name the host's
         os.environ.setdefault("WANDB_QUIET", "true")
@@ -115,9 +115,10 @@ def start(config: Config, environ: Mapping[str, str] | None = None, mode: str | 
 
     _skip_launch_inputs_import()
     # our own id up front: the output folder and checkpoint are keyed by it before W&B starts
-    run_id = env.run_id(environ) or new_run_id()
-    ids: dict[str, Any] = {"project": env.text("WANDB_PROJECT", DEFAULT_PROJECT, environ=environ), "id": run_id}
-    if env.is_set("WANDB_SWEEP_ID", environ=environ) and env.text("WANDB_RUN_ID", environ=environ) == run_id:
+    given = settings.get("WANDB_RUN_ID", environ)
+    run_id = given or new_run_id()
+    ids: dict[str, Any] = {"project": settings.get("WANDB_PROJECT", environ), "id": run_id}
+    if settings.is_set("WANDB_SWEEP_ID", environ) and given:
         ids = {}  # a `wandb agent` run: W&B takes id and project from the agent and warns it ignores ours
     if "symlink" in init_kwargs:  # a run setting W&B takes in `settings`
         init_kwargs["settings"] = wandb.Settings(symlink=init_kwargs.pop("symlink"))
@@ -125,7 +126,7 @@ def start(config: Config, environ: Mapping[str, str] | None = None, mode: str | 
     try:
         with interrupts.deferred():  # a stop inside wandb.init would leave a run with no exit record
             run = wandb.init(
-                dir=str(env.runs_root(environ)),
+                dir=str(settings.runs_root(environ)),
                 mode=mode,
                 resume="allow",  # a requeued sweep run (same id) continues instead of failing
                 config=config.to_dict(),
@@ -191,7 +192,7 @@ CONTAINER_MARK = "APP_IN_CONTAINER"  # set by the image's entrypoint for everyth
 def in_container(environ: Mapping[str, str] | None = None) -> bool:
     """Started by the image's entrypoint. (Not /.dockerenv: a developer's own shell may run in a
     container where the paths printed are the right ones.)"""
-    return env.flag(CONTAINER_MARK, environ=environ)
+    return settings.get(CONTAINER_MARK, environ)
 
 
 def offline_hint(run, environ: Mapping[str, str] | None = None, container: bool | None = None) -> str:
@@ -205,9 +206,9 @@ def offline_hint(run, environ: Mapping[str, str] | None = None, container: bool 
         # not plain `wandb sync FOLDER`: it uploads the run but drops its model artifact unless run from
         # the folder that holds the run (the artifact's files are recorded relative to it)
         return f"W&B offline run saved in {folder}\n  upload it with: python -m app sync {shlex.quote(str(folder))}"
-    host = env.text("RUNS_DIR_HOST", "runs", environ=environ)
+    host = settings.get("RUNS_DIR_HOST", environ)
     try:
-        inside = folder.relative_to(env.runs_root(environ))
+        inside = folder.relative_to(settings.runs_root(environ))
     except ValueError:
         inside = Path("wandb") / folder.name
     return (f"W&B offline run saved in the runs volume as {inside} (host folder {host})\n"

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import torch
 from torch import nn
 
-from app import artifact, data, env, interrupts, phases, preflight, tracking
+from app import artifact, data, interrupts, phases, preflight, settings, tracking
 from app import checkpoint as checkpoints
 from app.checkpoint import save as save_checkpoint
 from app.config import Config
@@ -132,8 +132,8 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
     # --- every check first (no W&B run is left for a setting that can't work), then one wandb.init ---
     ready = ready or preflight.check_environment(config, environ)
     preflight.check_data(config)
-    run_id = env.text("WANDB_RUN_ID", environ=environ)
-    if run_id and not env.is_set("WANDB_SWEEP_ID", environ=environ):
+    run_id = settings.get("WANDB_RUN_ID", environ)
+    if run_id and not settings.is_set("WANDB_SWEEP_ID", environ):
         # a resume that can't continue the run is refused before W&B opens it (in a W&B sweep the sweep's
         # values are known only after wandb.init: the same check then runs at the resume below)
         checkpoints.check_resume(config, ready.output_root / run_id, run_id)
@@ -181,7 +181,7 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
     device, ds, gen, fmt, train_batches, val_batches, test_batches = setup(config)
     # which GPU slot an agent was given: recorded so a sweep's runs can be traced to their device. From the
     # process's own environment, where CUDA reads it (an in-process agent's `environ` is only a copy)
-    run.summary.update({"device": str(device), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
+    run.summary.update({"device": str(device), "cuda_visible_devices": settings.get("CUDA_VISIBLE_DEVICES") or ""})
     phases.mark("data")
 
     # --- model, optimizer, resume ---

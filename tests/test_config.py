@@ -11,8 +11,9 @@ import torch
 from conftest import LAYERED_RUN_ID, REPO
 
 from app import runlog
-from app.config import KEYS, Config, ConfigError, describe, load, merge, parse_cli
+from app.config import KEYS, Config, ConfigError, describe, merge, parse_cli
 from app.errors import UserError
+from app.sources import load
 
 
 def test_defaults_are_the_tutorials():

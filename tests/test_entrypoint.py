@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app import config, preflight
+from app import preflight, sources
 from app.container import entrypoint
 from app.container.entrypoint import check_agent, check_gpu, choose_mode
 from app.errors import UserError
@@ -117,7 +117,7 @@ def test_agent_without_a_key(no_key):
 # --- folders: the agent modes check them with the runs' own preflight, before the agent starts ---
 
 def check_folders(environ: dict[str, str]) -> None:
-    preflight.check_environment(config.load([], environ, dotenv_path=None), environ)
+    preflight.check_environment(sources.load([], environ, dotenv_path=None), environ)
 
 
 def test_check_folders_creates_the_defaults(tmp_path: Path, monkeypatch):

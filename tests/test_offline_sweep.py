@@ -156,6 +156,37 @@ def test_cli_refuses_a_changed_sweep_with_exit_2(tmp_path):
     assert len(error_lines(proc.stderr)) == 1 and "different config" in proc.stderr, proc.stderr
 
 
+def _journal_with_trials(journal: Path, cfg: Path, values: list[float]) -> None:
+    """A sweep in `journal` whose trials finished with these metric values, as agents record them."""
+    p = osw.plan({"SWEEP_CONFIG": str(cfg), "SWEEP_STORAGE": str(journal)})
+    study = sweep_storage.open_study(p)
+    for i, value in enumerate(values):
+        trial = study.ask()
+        trial.set_user_attr("values", p.space.values({d.name: d.suggest(trial) for d in p.space.dimensions}))
+        trial.set_user_attr("run_id", f"run{i}")
+        study.tell(trial, value)
+
+
+def test_sweep_status_reads_the_storage_from_dotenv_and_the_environment_wins(tmp_path):
+    """sweep-status takes SWEEP_STORAGE from .env in the current folder, as train reads .env."""
+    cfg = write_yaml(tmp_path / "s.yaml", "name: s\nmethod: random\nparameters:\n  learning_rate: {values: [0.1, 0.2]}\n")
+    _journal_with_trials(tmp_path / "shared" / "in-dotenv.journal", cfg, [0.5, 0.4])
+    _journal_with_trials(tmp_path / "shared" / "in-environment.journal", cfg, [0.3, 0.2, 0.1])
+    (tmp_path / ".env").write_text(f"SWEEP_STORAGE={tmp_path / 'shared' / 'in-dotenv.journal'}\n")
+    env = clean_env(tmp_path, WANDB_DIR=str(tmp_path / "runs"))  # no sweeps/ there: only .env names the sweep
+    status = run_app(["sweep-status"], env, tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "sweep s: random" in status.stdout and "2 complete" in status.stdout, status.stdout
+    env["SWEEP_STORAGE"] = str(tmp_path / "shared" / "in-environment.journal")
+    status = run_app(["sweep-status"], env, tmp_path)
+    assert status.returncode == 0 and "3 complete" in status.stdout, status.stdout + status.stderr
+    # .env is checked as train checks it: a typo is one line naming the file and line
+    (tmp_path / ".env").write_text("SWEEP_STORGE=x\n")
+    status = run_app(["sweep-status"], env, tmp_path)
+    assert status.returncode == 2 and error_lines(status.stderr) == [
+        "error: .env:1: unknown setting SWEEP_STORGE; did you mean SWEEP_STORAGE?"], status.stderr
+
+
 # ------------------------------------------------------------------------------------------
 # the coordination rules, on real Optuna trials
 # ------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import clean_env, error_lines, run_app
 
-from app import config, runlog
+from app import config, runlog, sources
 from app.runs import grouping, ranking, report, svg
 from app.sweep.optuna import importance
 from app.sweep.optuna import storage as sweep_storage
@@ -326,7 +326,7 @@ def test_a_wandb_sweep_spread_over_two_runs_folders(wandb_sweep_runs, tmp_path):
                            capture_output=True, text=True, timeout=30)
     assert shell.stdout.splitlines() == argv[4:]  # what bash passes on is what shlex read
     assert argv[:4] == ["python", "-m", "app", "train"]
-    retrained = config.load(argv[4:], environ={}, dotenv_path=None)
+    retrained = sources.load(argv[4:], environ={}, dotenv_path=None)
     assert retrained.learning_rate == best.config["learning_rate"]  # every digit: repr of the float
     assert retrained.batch_size == best.config["batch_size"] and retrained.kernels == (16, 32)
     assert "/data" not in command and "/out" not in command  # the training host's paths are not this host's

@@ -419,13 +419,13 @@ def environment_lines(text: str) -> dict[str, str]:
 
 
 def test_every_reader_gives_a_dotenv_the_same_meaning(tmp_path):
-    from app import config
+    from app import sources
     from app.container.launch import read_env_file
 
     folder = tmp_path / "project"
     folder.mkdir()
     (folder / ".env").write_text(HOSTILE, encoding="utf-8")
-    assert config.read_dotenv(folder / ".env") == MEANT  # the package (python -m app train/offline-agent)
+    assert sources.read_dotenv(folder / ".env") == MEANT  # the package (python -m app train/offline-agent)
     assert read_env_file(folder / ".env") == MEANT  # python -m app launch --env-file
     (folder / "compose.yml").write_text("services:\n  t:\n    image: busybox\n    env_file:\n      - path: .env\n")
     r = subprocess.run(["docker", "compose", "-f", "compose.yml", "config", "--format", "json"], cwd=folder,
@@ -447,7 +447,7 @@ def test_every_reader_gives_a_dotenv_the_same_meaning(tmp_path):
 
 @pytest.mark.parametrize("text", list(REFUSED))
 def test_a_dotenv_refused_by_one_reader_is_refused_by_all_in_the_same_line(tmp_path, monkeypatch, text):
-    from app import config
+    from app import sources
     from app.container.launch import read_env_file
 
     folder = tmp_path / "project"
@@ -455,7 +455,7 @@ def test_a_dotenv_refused_by_one_reader_is_refused_by_all_in_the_same_line(tmp_p
     (folder / ".env").write_text(text)
     monkeypatch.chdir(folder)  # every reader is given the file as `.env` in the submit folder
     line = f".env:{text.count(chr(10))}: {REFUSED[text]}"
-    for reader in (config.read_dotenv, read_env_file):
+    for reader in (sources.read_dotenv, read_env_file):
         with pytest.raises(UserError) as refused:
             reader(Path(".env"))
         assert str(refused.value) == line

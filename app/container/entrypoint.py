@@ -21,10 +21,10 @@ import signal
 import sys
 from typing import Mapping
 
-from app import config, env, interrupts, preflight, runner, tracking
+from app import interrupts, preflight, runner, settings, sources, tracking
 from app.errors import UserError
 
-MODES = ("auto", "run", "agent", "offline-sweep")
+MODES = settings.setting("APP_MODE").choices
 
 
 def gpus_visible() -> bool:
@@ -33,8 +33,8 @@ def gpus_visible() -> bool:
 
 
 def choose_mode(environ: Mapping[str, str]) -> str:
-    mode = env.choice("APP_MODE", MODES, "auto", environ=environ)
-    sweep_id, sweep_config = env.is_set("SWEEP_ID", environ=environ), env.is_set("SWEEP_CONFIG", environ=environ)
+    mode = settings.get("APP_MODE", environ)
+    sweep_id, sweep_config = settings.is_set("SWEEP_ID", environ), settings.is_set("SWEEP_CONFIG", environ)
     if mode == "auto":
         mode = "agent" if sweep_id else "offline-sweep" if sweep_config else "run"
     elif mode == "agent" and not sweep_id and sweep_config:
@@ -44,19 +44,19 @@ def choose_mode(environ: Mapping[str, str]) -> str:
 
 def check_gpu(environ: Mapping[str, str], has_gpu: bool) -> str | None:
     """Refuse to train a GPU job on the CPU by accident; ALLOW_CPU=true makes it a warning."""
-    device = (env.text("DEVICE", "auto", environ=environ)).lower()
+    device = settings.get("DEVICE", environ).lower()
     if device == "cpu" or has_gpu:
         return None
     if device.startswith("cuda"):
         raise UserError(f"DEVICE={device!r} but no GPU is visible in the container: run with --gpus all (or the compose GPU reservation)")
-    if not env.flag("ALLOW_CPU", environ=environ):
+    if not settings.get("ALLOW_CPU", environ):
         raise UserError("no GPU is visible in the container: run with --gpus all, or set ALLOW_CPU=true to train on the CPU")
     return "warning: no GPU is visible; training on the CPU (ALLOW_CPU=true)"
 
 
 def check_agent(environ: Mapping[str, str]) -> list[str]:
     """The `wandb agent` command line for SWEEP_ID; it needs the W&B server."""
-    sweep = env.text("SWEEP_ID", environ=environ)
+    sweep = settings.get("SWEEP_ID", environ)
     if not sweep:
         raise UserError("APP_MODE=agent needs SWEEP_ID (entity/project/sweep_id, printed by `python -m app sweep create`)")
     if len(sweep.split("/")) not in (1, 3) or not all(sweep.split("/")):
@@ -64,8 +64,8 @@ def check_agent(environ: Mapping[str, str]) -> list[str]:
     tracking.require_server(environ, "SWEEP_ID is set", "AGENT_RUN_MODE=offline keeps the runs themselves offline")
     if not tracking.has_api_key(environ):
         raise UserError("SWEEP_ID is set but there is no W&B API key: set WANDB_API_KEY (in .env or the environment)")
-    env.choice("AGENT_RUN_MODE", tracking.MODES, environ=environ)
-    count = env.positive_int("AGENT_COUNT", environ=environ, meaning="runs per agent; unset = until the sweep ends")
+    settings.get("AGENT_RUN_MODE", environ)
+    count = settings.get("AGENT_COUNT", environ)
     from app.sweep.wandb.warm_agent import process_kind
 
     process_kind(environ)  # a bad AGENT_PROCESS fails here, before any work
@@ -77,7 +77,7 @@ def check_agent(environ: Mapping[str, str]) -> list[str]:
 
 def agent_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """What the agent's runs see: AGENT_RUN_MODE becomes their WANDB_MODE."""
-    run_mode = env.choice("AGENT_RUN_MODE", tracking.MODES, environ=environ)
+    run_mode = settings.get("AGENT_RUN_MODE", environ)
     return {**environ, "WANDB_MODE": run_mode} if run_mode else dict(environ)
 
 
@@ -85,7 +85,7 @@ def check_runs(environ: Mapping[str, str]) -> None:
     """The training settings every run of an agent starts from, checked once before the agent starts
     (a bad one would otherwise fail every run the sweep hands out): W&B mode, writable WANDB_DIR and
     OUTPUT_DIR, the settings against the data."""
-    preflight.check(config.load([], environ, dotenv_path=None), environ)
+    preflight.check(sources.load([], environ, dotenv_path=None), environ)
 
 
 def run_child(command: list[str], environ: Mapping[str, str]) -> int:
@@ -146,8 +146,7 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
 
     if warm_agent.process_kind(environ) == "warm":
         # every run in one warm child process, replaced if it crashes; it inherits the GPU slot's lock
-        count = env.positive_int("AGENT_COUNT", environ=environ)
-        return warm_agent.supervise(env.text("SWEEP_ID", environ=environ), run_env, count)
+        return warm_agent.supervise(settings.get("SWEEP_ID", environ), run_env, settings.get("AGENT_COUNT", environ))
     print(f"starting: {' '.join(command)}", flush=True)
     return run_child(command, run_env)
 
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     if argv and not argv[0].startswith("-"):
         os.execvp(argv[0], argv)  # `docker run IMAGE bash` and friends
     interrupts.install()  # a stop during start-up: one line and 128+signal, no traceback
-    env.drop_empty_wandb(environ)
+    settings.drop_empty_wandb(environ)
     return runner.handle(start, argv, environ)
 
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-from app import env
+from app import settings
 from app.gpu_share import is_held, slots_dir
 from app.errors import UserError
 
@@ -96,7 +96,7 @@ def smi_count() -> int:
 def host_id(environ: Mapping[str, str], machine_id: Path = MACHINE_ID) -> str:
     """This host's name in slot keys: GPU_HOST_ID, the machine id, or the hostname ("" in a container
     without a machine id: its hostname is the container's, and containers on one host must agree)."""
-    chosen = env.text("GPU_HOST_ID", "", environ=environ)
+    chosen = settings.get("GPU_HOST_ID", environ)
     if chosen:
         return chosen
     with contextlib.suppress(OSError, UnicodeDecodeError):
@@ -111,19 +111,15 @@ def gpu_ids(environ: Mapping[str, str], dev_glob: str = DEV_GLOB,
             smi: Callable[[], list[str]] = smi_gpus, machine_id: Path = MACHINE_ID) -> list[str]:
     """Keys of the GPUs this container can use, in CUDA order ([] = none): a UUID where one is known,
     else <host id>-<the host's index>, so the same key never means two GPUs on two hosts."""
-    count_text = env.text("GPU_COUNT", "", environ=environ)
+    count = settings.get("GPU_COUNT", environ)
     listed_by_smi: list[str] = []
-    if count_text:
-        if not count_text.isdigit():
-            raise UserError(f"GPU_COUNT={count_text!r} must be a whole number of GPUs (0 = none)")
-        count = int(count_text)
-    else:
+    if count is None:
         nodes = [p for p in glob.glob(dev_glob) if re.search(r"nvidia\d+$", p)]
         listed_by_smi = smi()
         count = len(nodes) or len(listed_by_smi)
     if not count:
         return []
-    visible = env.text("NVIDIA_VISIBLE_DEVICES", "", environ=environ)
+    visible = settings.get("NVIDIA_VISIBLE_DEVICES", environ) or ""
     listed = [v.strip() for v in visible.split(",") if v.strip()]
     if not (listed and visible.lower() not in ("all", "none", "void") and len(listed) == count):
         listed = [str(i) for i in range(count)]
@@ -136,7 +132,7 @@ def gpu_ids(environ: Mapping[str, str], dev_glob: str = DEV_GLOB,
 
 
 def _agents_per_gpu(environ: Mapping[str, str]) -> int | None:
-    return env.positive_int("AGENTS_PER_GPU", environ=environ, meaning="agents sharing one GPU")
+    return settings.get("AGENTS_PER_GPU", environ)
 
 
 def _safe(gpu: str) -> str:
@@ -193,24 +189,20 @@ def claim(gpus: list[str], folder: Path, per_gpu: int | None = None) -> Slot:
 
 
 def _explicit_fraction(environ: Mapping[str, str]) -> bool:
-    """A share the user chose; 0 (the default, also in .env.example) means none was chosen."""
-    try:
-        return float(environ.get("GPU_MEMORY_FRACTION", "") or 0) > 0
-    except ValueError:
-        return True  # not ours to judge: the run's config check reports it as one line
+    """A share the user chose; 0 (the default, also in .env.example) means none was chosen. Read as the
+    run's config reads it (a bad value is that key's one error line)."""
+    return settings.get("GPU_MEMORY_FRACTION", environ) > 0
 
 
 def check(environ: Mapping[str, str]) -> None:
     """The slot settings, before an agent opens its sweep's storage (an offline sweep's first agent
     creates the journal, which fixes the sweep): a mistake is one line, and nothing is created here.
     GPU_COUNT and AGENTS_PER_GPU are checked whatever the host has; GPU_SLOTS_DIR where it will be used."""
-    if env.is_set("CUDA_VISIBLE_DEVICES", environ=environ):
+    if settings.is_set("CUDA_VISIBLE_DEVICES", environ):
         return  # nothing will be claimed
-    count = env.text("GPU_COUNT", "", environ=environ)
-    if count and not count.isdigit():
-        raise UserError(f"GPU_COUNT={count!r} must be a whole number of GPUs (0 = none)")
+    count = settings.get("GPU_COUNT", environ)
     _agents_per_gpu(environ)
-    if count == "0" or not (count or env.is_set("GPU_SLOTS_DIR", environ=environ)):
+    if count == 0 or (count is None and not settings.is_set("GPU_SLOTS_DIR", environ)):
         return  # no GPUs named and no folder chosen: assign() finds the devices, the default folder is WANDB_DIR's
     folder = slots_dir(environ)
     existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path(p.anchor))
@@ -228,9 +220,9 @@ EXPORTS = ("CUDA_VISIBLE_DEVICES", "GPU_SLOT", "GPU_SLOTS_DIR", "AGENT_INDEX", "
 def assign(environ: Mapping[str, str], gpus: list[str] | None = None) -> dict[str, str]:
     """The agent's environment with its GPU slot exported; unchanged when there is no GPU."""
     environ = dict(environ)
-    if env.is_set("CUDA_VISIBLE_DEVICES", environ=environ):
-        by = "Slurm" if env.is_set("SLURM_JOB_ID", environ=environ) else "hand"
-        print(f"gpu slot: none claimed, CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']} was set by {by}",
+    if settings.is_set("CUDA_VISIBLE_DEVICES", environ):
+        by = "Slurm" if settings.is_set("SLURM_JOB_ID", environ) else "hand"
+        print(f"gpu slot: none claimed, CUDA_VISIBLE_DEVICES={settings.raw('CUDA_VISIBLE_DEVICES', environ)} was set by {by}",
               file=sys.stderr, flush=True)
         return environ  # the user's or the scheduler's choice wins over the shared assignment
     gpus = gpu_ids(environ) if gpus is None else gpus
@@ -250,7 +242,7 @@ def assign(environ: Mapping[str, str], gpus: list[str] | None = None) -> dict[st
         environ["GPU_MEMORY_FRACTION"] = f"{1 / per_gpu:.4f}"
     # without AGENTS_PER_GPU the share is taken when each run starts (run_share): agents started
     # together have all claimed by then, so the first one is capped like the last
-    share = environ["GPU_MEMORY_FRACTION"] if _explicit_fraction(environ) else "1/(agents on it when a run starts)"
+    share = settings.text("GPU_MEMORY_FRACTION", environ) if _explicit_fraction(environ) else "1/(agents on it when a run starts)"
     print(f"gpu slot: GPU {slot.gpu} (CUDA_VISIBLE_DEVICES={slot.ordinal}), slot {slot.index}, "
           f"{slot.holders} agent(s) on it now, memory share {share}", file=sys.stderr, flush=True)
     return environ

@@ -26,10 +26,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app import env
+from app import settings
 from app.errors import UserError
 
-IMAGE = "mnist-sweeps:latest"
+IMAGE = settings.setting("APP_IMAGE").default
 GRACE_S = 60  # as docker-compose.yml's stop_grace_period: the run checkpoints within the current batch
 SHM_SIZE = "1g"  # as docker-compose.yml: PyTorch shares tensors between processes through /dev/shm
 LABEL = "app.launch"  # on every container we start; the value is this launch's name prefix
@@ -48,7 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--agents", type=int, required=True, help="agent containers to start")
     p.add_argument("--gpus", help="host GPU ids (or GPU-UUIDs) to spread them over, e.g. 0,1 (default: every GPU nvidia-smi lists)")
     p.add_argument("--cpu", action="store_true", help="no GPUs: start CPU agents (hosts without the NVIDIA runtime)")
-    p.add_argument("--image", default=env.text("APP_IMAGE", IMAGE), help=f"image to run (default {IMAGE}, or APP_IMAGE)")
+    p.add_argument("--image", default=settings.get("APP_IMAGE"), help=f"image to run (default {IMAGE}, or APP_IMAGE)")
     p.add_argument("--env-file", default=".env", help="settings for the agents, as compose's env_file (default .env)")
     p.add_argument("--project-dir", default=".", help="folder holding data/ runs/ outputs/ (default: the current one)")
     p.add_argument("--network", help="docker network for the agents (e.g. host, to reach a W&B server on this host's loopback)")
@@ -87,9 +87,9 @@ def host_gpus() -> list[str]:
 def read_env_file(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise UserError(f"--env-file {str(path)!r} not found: copy .env.example to .env and set SWEEP_ID (or pass --env-file)")
-    from app import config
+    from app import sources
 
-    return config.read_dotenv(path)  # checked as every .env: a bad line or unknown key is one error line
+    return sources.read_dotenv(path)  # checked as every .env: a bad line or unknown key is one error line
 
 
 @dataclass
@@ -127,7 +127,7 @@ def container_env(args: argparse.Namespace, project_dir: Path) -> dict[str, str]
         if not eq or not k:
             raise UserError(f"-e {item!r} must be KEY=VALUE")
         env[k] = v
-    if not (env.get("SWEEP_ID") or "").strip() and not (env.get("SWEEP_CONFIG") or "").strip():
+    if not settings.is_set("SWEEP_ID", env) and not settings.is_set("SWEEP_CONFIG", env):
         raise UserError(f"neither SWEEP_ID nor SWEEP_CONFIG is set in {args.env_file} (or -e): for a W&B sweep "
                         "run `python -m app sweep create sweeps/grid.yaml` and put its SWEEP_ID line there; for an "
                         "offline sweep set SWEEP_CONFIG=/app/sweeps/grid.yaml")

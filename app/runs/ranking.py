@@ -2,7 +2,7 @@
 attempts that died, read from the storage its agents used; where there is none, what is assumed and why.
 
     from app.runs import ranking
-    sources = ranking.Sources.open(roots, storage)          # storage: --storage, else $SWEEP_STORAGE (app.env)
+    sources = ranking.Sources.open(roots, storage)          # storage: --storage, else $SWEEP_STORAGE (app.settings)
     found = sources.definition("grid-lr", wandb_sweep=False)  # found.assumed is "" when read from the sweep
 
 Looked up in order, the first that holds the sweep wins: the storage named by --storage or SWEEP_STORAGE
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from app import env
+from app import settings
 from app.errors import UserError
 
 DEFAULT_METRIC, DEFAULT_GOAL = "val_accuracy", "maximize"
@@ -64,7 +64,7 @@ class Sources:
 
         if storage is not None and not storage.strip():
             raise UserError("--storage is empty: give the sweep's journal file or its postgresql://user:password@host/db URL")
-        given = storage.strip() if storage else env.text("SWEEP_STORAGE", environ=environ)
+        given = storage.strip() if storage else settings.get("SWEEP_STORAGE", environ)
         if not given:
             return cls(roots)
         url = storage_url({"SWEEP_STORAGE": given}, "-")  # checks the scheme; psycopg2 for postgresql://

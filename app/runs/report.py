@@ -22,12 +22,11 @@ come from app.runs.svg; every text (run ids, config values, group names) is esca
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from app import artifact, display, env, places
+from app import artifact, display, places, settings
 from app.errors import UserError
 from app.runs import grouping, svg, sweepcharts
 from app.runs.grouping import Group
@@ -297,7 +296,7 @@ def main(argv: list[str]) -> int:
                                           "each sweep's metric and goal (default: $SWEEP_STORAGE, else "
                                           "sweeps/<name>.journal beside the runs)")
     args = parser.parse_args(argv)
-    roots = [Path(p) for p in args.path] or [env.runs_root(os.environ)]
+    roots = [Path(p) for p in args.path] or [settings.runs_root()]
     for root in roots:
         if not root.exists():
             raise UserError(f"runs folder {str(root)!r} does not exist")

@@ -29,13 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from app import artifact, env, runlog, tracking
+from app import artifact, runlog, settings, tracking
 from app.errors import UserError
 
 QUIET_S = 120  # a run with no exit record whose log changed this recently is probably still training
 BATCH = 20  # runs per `wandb sync` call: one service start per batch, progress kept per batch
-TIMEOUT_S = 120  # default seconds per run before an upload is given up (SYNC_TIMEOUT_S, --timeout)
-DEFAULT_BASE_URL = "https://api.wandb.ai"
+TIMEOUT_S = settings.setting("SYNC_TIMEOUT_S").default  # seconds per run before an upload is given up
 
 
 @dataclass
@@ -100,7 +99,7 @@ def _upload(cmd: list[str], environ: Mapping[str, str], cwd: Path, timeout_s: fl
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _stop_group(proc)
-            url = environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL
+            url = settings.get("WANDB_BASE_URL", environ)
             raise UserError(f"no answer from W&B at {url[:80]} within {timeout_s:.0f} s (SYNC_TIMEOUT_S or --timeout); "
                             "check WANDB_BASE_URL and the network; runs uploaded so far are marked synced") from None
         except BaseException:
@@ -165,7 +164,7 @@ def sync(root: Path, *, dry_run: bool, project: str | None, entity: str | None, 
         for parent in dict.fromkeys(r.folder.parent for r in chunk):
             batches.append([r for r in chunk if r.folder.parent == parent])
     batches += [[r] for r in sorted((r for r in todo if claims[r.folder] is not None), key=lambda r: claims[r.folder])]
-    url = environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL
+    url = settings.get("WANDB_BASE_URL", environ)
     for batch in batches:
         cmd = wandb_command([r.folder for r in batch], project, entity)
         limit = timeout_s * len(batch)
@@ -200,9 +199,8 @@ def main(argv: list[str]) -> int:
     environ = dict(os.environ)
     if args.timeout is not None and not 0 < args.timeout < float("inf"):
         raise UserError(f"--timeout={args.timeout} must be a positive number of seconds")
-    timeout_s = args.timeout or env.positive_int("SYNC_TIMEOUT_S", TIMEOUT_S, environ=environ,
-                                                 meaning="seconds per run before an upload is given up")
-    root = Path(args.path) if args.path else env.runs_root(environ)
+    timeout_s = args.timeout or settings.get("SYNC_TIMEOUT_S", environ)
+    root = Path(args.path) if args.path else settings.runs_root(environ)
     if not root.exists():
         raise UserError(f"runs folder {str(root)!r} does not exist; pass the folder that holds wandb/offline-run-*")
     if not args.dry_run and not tracking.has_api_key(environ):

@@ -33,7 +33,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from app import env, interrupts
+from app import interrupts, settings
 from app.errors import UserError
 from app.sweep.optuna.claims import STALE_BEATS, Ledger, StaleWatch, TrialHeartbeat, key_of, outcome
 from app.sweep.optuna.plan import Plan, plan, redact
@@ -53,7 +53,7 @@ class Agent:
         self.who = f"{socket.gethostname()}:{os.getpid()}"
         self.mine: set[int] = set()
         self.current = None  # the trial this agent is running, if any
-        self.runs_root = env.runs_root(environ)
+        self.runs_root = settings.runs_root(environ)
 
     def ledger(self) -> Ledger:
         trials = self.study.get_trials(deepcopy=False)
@@ -274,10 +274,10 @@ def run_agent(environ: Mapping[str, str], p: Plan | None = None) -> int:
 
 
 def _environ_with(args: argparse.Namespace) -> dict[str, str]:
-    from app import config
+    from app import sources
 
     # into os.environ, as before: W&B reads its WANDB_* settings there in this process's trials
-    config.apply_dotenv(os.environ)  # WANDB_* and training settings in .env apply; the environment wins
+    sources.apply_dotenv(os.environ)  # WANDB_* and training settings in .env apply; the environment wins
     environ = dict(os.environ)
     for key, value in (("SWEEP_CONFIG", getattr(args, "config", None)), ("SWEEP_STORAGE", args.storage),
                        ("AGENT_COUNT", getattr(args, "count", None))):

@@ -15,16 +15,13 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from app import env
+from app import settings
 from app.config import Config, ConfigError
-from app.config import load as load_config
+from app.sources import load as load_config
 from app.errors import UserError
 from app.sweep import spec as sweep_spec
 from app.sweep.optuna.space import SearchSpace, search_space
 from app.sweep.spec import SweepSpec, SweepSpecError
-
-HEARTBEAT_S = 10.0  # default seconds between heartbeats (SWEEP_HEARTBEAT_S)
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -64,9 +61,9 @@ def redact(url: str) -> str:
 
 
 def storage_url(environ: Mapping[str, str], name: str) -> str:
-    url = env.text("SWEEP_STORAGE", "", environ=environ)
+    url = settings.get("SWEEP_STORAGE", environ)
     if not url:
-        return str(env.runs_root(environ) / "sweeps" / f"{name}.journal")
+        return str(settings.runs_root(environ) / "sweeps" / f"{name}.journal")
     if "://" not in url:
         return url  # a journal file path
     scheme = url.split("://", 1)[0].lower()
@@ -81,11 +78,11 @@ def storage_url(environ: Mapping[str, str], name: str) -> str:
 
 
 def plan(environ: Mapping[str, str]) -> Plan:
-    path = env.text("SWEEP_CONFIG", environ=environ)
+    path = settings.get("SWEEP_CONFIG", environ)
     if not path:
         raise UserError("an offline sweep needs SWEEP_CONFIG: the path of a sweep YAML such as sweeps/grid.yaml")
-    mode = (env.text("WANDB_MODE", "", environ=environ) or "").lower()
-    if mode not in ("", "offline", "dryrun"):
+    mode = settings.get("WANDB_MODE", environ)
+    if mode not in (None, "offline", "dryrun"):
         raise UserError(f"WANDB_MODE={mode}: an offline sweep records every trial as an offline W&B run; "
                         "unset WANDB_MODE or set it to offline (upload later with: python -m app sync)")
     spec = sweep_spec.load(path)
@@ -98,9 +95,8 @@ def plan(environ: Mapping[str, str]) -> Plan:
         raise SweepSpecError(f"{path}: {exc}") from None
     return Plan(
         spec=spec, name=name, space=space, storage_url=storage_url(environ, name),
-        count=env.positive_int("AGENT_COUNT", environ=environ, meaning="trials this agent runs"),
-        heartbeat_s=env.non_negative_float("SWEEP_HEARTBEAT_S", HEARTBEAT_S, environ=environ, positive=True,
-                                           meaning="seconds between heartbeats"),
+        count=settings.get("AGENT_COUNT", environ),
+        heartbeat_s=settings.get("SWEEP_HEARTBEAT_S", environ),
         base=base,
         # W&B lets grid and random sweeps omit the metric; Optuna needs a value, so record val_loss
         metric=spec.metric or "val_loss",

@@ -5,7 +5,9 @@
 Under the table: which swept settings mattered (app.sweep.optuna.insight) and the best trial's settings.
 
 Read-only: it never creates a study or writes on a journal (a damaged one is refused in one line
-with its repair command). `read_sweep` is the same look for other tools (the report).
+with its repair command). `read_sweep` is the same look for other tools (the report). Its settings
+(SWEEP_STORAGE, WANDB_DIR) come from the environment and `.env` in the current folder, checked as
+`train` checks it; the environment wins.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Mapping
 
 import optuna
 
-from app import display, env
+from app import display, settings, sources
 from app.errors import UserError
 from app.sweep.optuna import insight
 from app.sweep import spec as sweep_spec
@@ -55,18 +57,20 @@ def format_status(study) -> str:
 
 
 def find_studies(environ: Mapping[str, str], config: str | None, name: str | None, storage: str | None):
-    """(storage url, study name) pairs that sweep-status should show."""
+    """(storage url, study name) pairs that sweep-status should show. `storage` (--storage) wins over
+    SWEEP_STORAGE in `environ`."""
+    if storage:
+        environ = {**environ, "SWEEP_STORAGE": storage}
     if config:
         p_name = sweep_name(sweep_spec.load(config), config)
-        return [(storage_url({**environ, "SWEEP_STORAGE": storage or env.text("SWEEP_STORAGE", "", environ=environ)},
-                             p_name), p_name)]
-    if storage or env.is_set("SWEEP_STORAGE", environ=environ):
-        url = storage_url({**environ, "SWEEP_STORAGE": storage or environ["SWEEP_STORAGE"]}, "x")
+        return [(storage_url(environ, p_name), p_name)]
+    if settings.is_set("SWEEP_STORAGE", environ):
+        url = storage_url(environ, "x")
         if name:
             return [(url, name)]
 
         return [(url, s.study_name) for s in optuna.get_all_study_summaries(open_storage(url, write=False), include_best_trial=False)]
-    folder = env.runs_root(environ) / "sweeps"
+    folder = settings.runs_root(environ) / "sweeps"
     if name:
         return [(str(folder / f"{name}.journal"), name)]
     return [(str(f), f.stem) for f in sorted(folder.glob("*.journal"))]
@@ -85,10 +89,13 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    environ = {**os.environ, **({"WANDB_DIR": args.path} if args.path else {})}
+    environ = dict(os.environ)
+    sources.apply_dotenv(environ)  # SWEEP_STORAGE, WANDB_DIR from .env, as `train` reads it; the environment wins
+    if args.path:
+        environ["WANDB_DIR"] = args.path
     found = find_studies(environ, args.config, args.name, args.storage)
     if not found:
-        raise UserError(f"no offline sweep found under {env.runs_root(environ) / 'sweeps'}; "
+        raise UserError(f"no offline sweep found under {settings.runs_root(environ) / 'sweeps'}; "
                         "pass the runs folder, --config, --name or --storage")
     if args.json:
         print(insight.json_text([load_study(url, study_name) for url, study_name in found]))

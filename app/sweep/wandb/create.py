@@ -48,15 +48,15 @@ def describe(spec: sweep_spec.SweepSpec) -> str:
 def create(spec: sweep_spec.SweepSpec, project: str | None, entity: str | None,
            environ=os.environ) -> str:
     """Create the sweep on the W&B server; returns ENTITY/PROJECT/SWEEP_ID."""
-    from app import config
+    from app import settings, sources
 
-    config.apply_dotenv(environ)  # WANDB_API_KEY / WANDB_BASE_URL from .env, checked as `train` checks it
+    sources.apply_dotenv(environ)  # WANDB_API_KEY / WANDB_BASE_URL from .env, checked as `train` checks it
     if not tracking.has_api_key(environ):
         raise UserError("sweep create needs a W&B API key: set WANDB_API_KEY (in .env or the environment) or run `wandb login`")
     tracking.require_server(environ, "sweep create needs the W&B server",
                             "or run the YAML with no server: python -m app offline-agent")
-    project = project or spec.raw.get("project") or environ.get("WANDB_PROJECT") or tracking.DEFAULT_PROJECT
-    entity = entity or spec.raw.get("entity") or environ.get("WANDB_ENTITY") or None
+    project = project or spec.raw.get("project") or settings.get("WANDB_PROJECT", environ)
+    entity = entity or spec.raw.get("entity") or settings.get("WANDB_ENTITY", environ)
 
     import wandb
 
@@ -70,7 +70,7 @@ def create(spec: sweep_spec.SweepSpec, project: str | None, entity: str | None,
         except wandb.errors.UsageError as exc:
             raise UserError(f"W&B refused the sweep: {str(exc).splitlines()[0]}") from None
         # wandb.sweep stores the entity the server filed the sweep under in WANDB_ENTITY
-        entity = entity or os.environ.get("WANDB_ENTITY") or wandb.Api().default_entity
+        entity = entity or settings.get("WANDB_ENTITY") or wandb.Api().default_entity
     return f"{entity}/{project}/{sweep_id}"
 
 

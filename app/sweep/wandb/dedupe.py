@@ -44,7 +44,7 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
-from app import env, runner
+from app import runner, settings
 from app.config import KEYS, ConfigError, parse_cli
 from app.errors import UserError
 
@@ -53,9 +53,9 @@ RUNNING, FINISHED, FAILED, PREEMPTED = "running", "finished", "failed", "preempt
 
 def sweep_params(environ: Mapping[str, str], argv: list[str]) -> dict[str, Any]:
     """The values W&B handed this run: the agent's param file, else the --key=value arguments."""
-    path = env.text("WANDB_SWEEP_PARAM_PATH", "", environ=environ)
-    if path and os.path.isfile(path):
-        doc = yaml.safe_load(Path(path).read_text()) or {}
+    path = settings.get("WANDB_SWEEP_PARAM_PATH", environ)
+    if path and path.is_file():
+        doc = yaml.safe_load(path.read_text()) or {}
         # the agent writes {key: {value: v}}; wandb's own bookkeeping keys start with "_"
         return {k: (v.get("value") if isinstance(v, dict) else v) for k, v in doc.items() if not k.startswith("_")}
     try:
@@ -71,8 +71,7 @@ def key(params: Mapping[str, Any]) -> str:
 
 
 def claims_dir(environ: Mapping[str, str]) -> Path:
-    folder = env.text("SWEEP_CLAIMS_DIR", environ=environ)
-    return Path(folder) if folder else env.runs_root(environ) / ".sweep-claims"
+    return settings.get("SWEEP_CLAIMS_DIR", environ) or settings.runs_root(environ) / ".sweep-claims"
 
 
 @dataclass
@@ -87,7 +86,7 @@ class Claim:
 
     def _write(self, state: str) -> None:
         doc = {"sweep_id": self.sweep_id, "run_id": self.run_id, "state": state, "params": self.params,
-               "host": socket.gethostname(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+               "host": socket.gethostname(), "cuda_visible_devices": settings.get("CUDA_VISIBLE_DEVICES") or "",
                "updated": time.time()}
         # a random name: pids repeat across containers sharing the volume (a requeued run id can be
         # claimed by two agents at once)
@@ -156,9 +155,9 @@ def guard(environ: Mapping[str, str], argv: list[str]) -> Iterator[Claim | None]
     The caller marks a clean finish with claim.close(FINISHED); leaving the block any other way
     records FAILED (or PREEMPTED, when the caller says so) and frees the params for a retry.
     """
-    sweep_id = env.text("WANDB_SWEEP_ID", environ=environ)
-    run_id = env.text("WANDB_RUN_ID", environ=environ)
-    if not sweep_id or not run_id or not env.flag("SWEEP_DEDUPE", True, environ=environ):
+    sweep_id = settings.get("WANDB_SWEEP_ID", environ)
+    run_id = settings.get("WANDB_RUN_ID", environ)  # checked by the run's preflight before this
+    if not sweep_id or not run_id or not settings.get("SWEEP_DEDUPE", environ):
         yield None
         return
     params = {k: v for k, v in sweep_params(environ, argv).items() if k in KEYS}
@@ -193,17 +192,8 @@ def record_duplicate(c: Claim, mode: str) -> None:
 
 def stagger(environ: Mapping[str, str]) -> float:
     """Seconds this agent waits before starting: AGENT_INDEX x AGENT_START_STAGGER."""
-    text = environ.get("AGENT_START_STAGGER", "").strip()
-    if not text:
-        return 0.0
-    try:
-        step = float(text)
-    except ValueError:
-        step = -1.0
-    if not 0 <= step <= 600:
-        raise UserError(f"AGENT_START_STAGGER={text!r} must be seconds between 0 and 600")
-    index = environ.get("AGENT_INDEX", "0").strip()
-    return step * (int(index) if index.isdigit() else 0)
+    step = settings.get("AGENT_START_STAGGER", environ)
+    return step * settings.get("AGENT_INDEX", environ) if step else 0.0
 
 
 def wait_stagger(environ: Mapping[str, str]) -> None:

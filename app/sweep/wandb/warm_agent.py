@@ -44,12 +44,12 @@ import time
 import traceback
 from typing import Any, Callable, Mapping
 
-from app import env, interrupts, runner, tracking
+from app import interrupts, runner, settings, tracking
 from app.heartbeat import Heartbeat
 from app.sweep.wandb import dedupe
 from app.errors import UserError
 
-PROCESSES = ("per-run", "warm")
+PROCESSES = settings.setting("AGENT_PROCESS").choices
 MAX_ERRORS_IN_A_ROW = 3  # as the offline agent: an agent whose runs keep failing stops
 POLL_S = 5.0  # between heartbeats while the server has nothing to hand out (`wandb agent` polls as often)
 UNTRUSTED = 70  # the warm process ends itself: a CUDA error left it unusable (EX_SOFTWARE); it is replaced
@@ -117,7 +117,8 @@ class WarmAgent:
             os.environ["WANDB_ENTITY"] = self.entity
         if self.project:
             os.environ["WANDB_PROJECT"] = self.project
-        self.environ.update({k: os.environ[k] for k in ("WANDB_SWEEP_ID", "WANDB_ENTITY", "WANDB_PROJECT") if k in os.environ})
+        self.environ.update({k: v for k in ("WANDB_SWEEP_ID", "WANDB_ENTITY", "WANDB_PROJECT")
+                             if (v := settings.raw(k)) is not None})
         # what each run's wandb.init would otherwise change in os.environ, set before W&B reads it here
         tracking.prepare_wandb_environ(self.environ)
 
@@ -175,7 +176,7 @@ class WarmAgent:
 
         run_id = command["run_id"]
         # where `wandb agent` writes a run's parameters; wandb.init reads them into run.config
-        params = env.runs_root(self.environ) / "wandb" / f"sweep-{self.sweep_id}" / f"config-{run_id}.yaml"
+        params = settings.runs_root(self.environ) / "wandb" / f"sweep-{self.sweep_id}" / f"config-{run_id}.yaml"
         config_util.save_config_file_from_dict(str(params), command["args"])
         args = create_sweep_command_args(command)["args"]
         environ = {**self.environ, "WANDB_RUN_ID": run_id, "WANDB_SWEEP_PARAM_PATH": str(params)}
@@ -218,7 +219,7 @@ def _cuda_broken(exc: BaseException) -> bool:
 
 
 def process_kind(environ: Mapping[str, str]) -> str:
-    return env.choice("AGENT_PROCESS", PROCESSES, "per-run", environ=environ)
+    return settings.get("AGENT_PROCESS", environ)
 
 
 class Supervisor:
