@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import clean_env, error_lines, run_app
 
-from app import config, runlog, sources
+from app import runlog, sources
 from app.runs import grouping, ranking, report, svg
 from app.sweep.optuna import importance
 from app.sweep.optuna import storage as sweep_storage
