@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, MutableMapping, Protocol
 
 from app import config as cfg
@@ -77,10 +78,14 @@ def run(start: Start, last: bool = True, on_epoch: EpochHook | None = None, clai
         claim.close(FINISHED)
     if last:
         interrupts.finished()  # the run is recorded: a stop from here on is no failure
+    # after W&B's own lines (the run is finished): where the run is and how to upload it, then the result
+    if result.get("upload"):
+        print(result["upload"], file=sys.stderr, flush=True)
     if result["pruned"]:
         print(f"done: run {result['run_id']} stopped early (val_accuracy {result['val_accuracy']:.4f}; no test or export)", flush=True)
     else:
-        print(f"done: run {result['run_id']} test_accuracy {result['test_accuracy']:.4f} onnx {result['onnx']}", flush=True)
+        onnx = tracking.host_path(result["onnx"], {"OUTPUTS_DIR_HOST": Path(start.config.output_dir)}, start.environ)
+        print(f"done: run {result['run_id']} test_accuracy {result['test_accuracy']:.4f} onnx {onnx}", flush=True)
     return 0
 
 

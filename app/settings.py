@@ -86,14 +86,16 @@ _DECLARED = [
     Setting("WANDB_ENTITY", "text", None, WANDB, "W&B team or user the runs and sweeps belong to; unset: the "
             "API key's default entity"),
     Setting("WANDB_BASE_URL", "text", "https://api.wandb.ai", WANDB, "the W&B server (a self-hosted one's URL)"),
-    Setting("WANDB_DIR", "path", ".", WANDB, "the runs folder: W&B's wandb/ runs, offline sweeps' sweeps/*.journal, "
-            "GPU slots and sweep claims; must be writable"),
+    # `runs` on the host as in the image (/runs, the volume compose mounts from ./runs): one layout, so
+    # sweep-status, report and sync find a sweep with no arguments wherever it ran
+    Setting("WANDB_DIR", "path", "runs", WANDB, "the runs folder: W&B's wandb/ runs, offline sweeps' "
+            "sweeps/*.journal, GPU slots and sweep claims; must be writable"),
     Setting("WANDB_RUN_ID", "run id", None, WANDB, "the run's id, which names its folder: set it to resume that "
             "run from OUTPUT_DIR/<id>/checkpoint.pt (`wandb agent` sets it for sweep runs)"),
     Setting("WANDB_DATA_DIR", "path", None, WANDB, "where W&B stages a model artifact's files; unset: "
             "WANDB_DIR/.wandb-data"),
-    Setting("WANDB_QUIET", "flag", False, WANDB, "W&B's own lines kept short; the image's entrypoint sets it "
-            "(they name paths only the container has)"),
+    Setting("WANDB_QUIET", "flag", True, WANDB, "W&B's own start and end lines kept short (unset: true; our "
+            "lines say where a run is and how to upload it); false: W&B's summary and sync hint too"),
     # --- sweep agents ---
     Setting("SWEEP_ID", "text", None, AGENT, "the W&B sweep the agents serve: ENTITY/PROJECT/ID as `python -m app "
             "sweep create` prints it"),
@@ -127,12 +129,14 @@ _DECLARED = [
     Setting("ALLOW_CPU", "flag", False, CONTAINER, "train on the CPU when no GPU is visible instead of refusing"),
     Setting("RUNS_DIR_HOST", "text", "runs", CONTAINER, "the runs volume's folder on the host (compose mounts it "
             "at /runs): the end-of-run upload hint names it"),
+    Setting("OUTPUTS_DIR_HOST", "text", "./outputs", CONTAINER, "the outputs volume's folder on the host (compose "
+            "mounts it at /outputs): a run's last line names its model there"),
     # --- host only ---
     Setting("UID", "text", "1000", HOST, "host user compose runs the container as: it owns ./data ./runs ./outputs"),
     Setting("GID", "text", "1000", HOST, "that user's group"),
     Setting("IMAGE", "text", "mnist-sweeps:latest", HOST, "the image compose runs and builds"),
     Setting("DATA_DIR_HOST", "text", "./data", HOST, "compose's host folder for /data"),
-    Setting("OUTPUTS_DIR_HOST", "text", "./outputs", HOST, "compose's host folder for /outputs"),
+
     Setting("APP_IMAGE", "text", "mnist-sweeps:latest", HOST, "the image `python -m app launch` runs (--image wins)"),
     Setting("NETRC", "path", "~/.netrc", HOST, "where `wandb login` stored the API key"),
     Setting("SYNC_TIMEOUT_S", "count", 120, HOST, "`python -m app sync`: seconds per run before an upload is "
@@ -273,7 +277,7 @@ _READ = {
 
 
 def runs_root(environ: Mapping[str, str] | None = None) -> Path:
-    """Where W&B writes its `wandb/` folder, offline sweeps their journals: WANDB_DIR, else here."""
+    """Where W&B writes its `wandb/` folder, offline sweeps their journals: WANDB_DIR, else ./runs."""
     return get("WANDB_DIR", environ)
 
 

@@ -93,9 +93,10 @@ def prepare_wandb_environ(environ: Mapping[str, str] | None = None) -> None:
     """The WANDB_* variables W&B reads from os.environ itself, as our runs need them. Before W&B loads its
     settings: in a process that runs many, W&B warns at each wandb.init once they have changed since."""
     settings.drop_empty_wandb()  # W&B reads os.environ itself and rejects some empty values (WANDB_MODE=)
-    if in_container(environ):
-        # W&B's own end-of-run lines say `wandb sync /runs/...`, a path only the container has; ours name the host's
-        os.environ.setdefault("WANDB_QUIET", "true")
+    # W&B's own end of a run is ~25 lines of history and summary (every trial, in an agent's log) and a
+    # `wandb sync offline-run-...` that uploads the run without its model artifact, or names a path only the
+    # container has; our lines say where the run is and how to upload it. WANDB_QUIET=false brings W&B's back.
+    os.environ.setdefault("WANDB_QUIET", "true")
 
 
 def start(config: Config, environ: Mapping[str, str] | None = None, mode: str | None = None,
@@ -231,9 +232,17 @@ def is_offline(run) -> bool:
     return run.settings.mode == "offline" or bool(getattr(run.settings, "_offline", False))
 
 
-def log_hint(run, stream=sys.stderr) -> None:
-    if is_offline(run):
-        print(offline_hint(run), file=stream)
+def host_path(path: str | os.PathLike, roots: Mapping[str, Path], environ: Mapping[str, str] | None = None) -> str:
+    """`path` as the user finds it: in a container, under the host folder its volume is mounted from.
+    `roots`: each volume's folder inside (e.g. /outputs) by the setting naming its host folder."""
+    if not in_container(environ):
+        return str(path)
+    for host_setting, inside in roots.items():
+        try:
+            return str(Path(settings.get(host_setting, environ)) / Path(path).relative_to(inside))
+        except ValueError:
+            continue
+    return str(path)
 
 
 def materialize_links(folder: Path) -> int:

@@ -319,8 +319,8 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
                            {"test_accuracy": test_acc, "test_loss": test_loss, "val_accuracy": val_acc,
                             "val_loss": val_loss, **check}, environ, sweep_results)
         phases.mark("artifact")
-    tracking.log_hint(run)
     return {
+        "upload": tracking.offline_hint(run) if tracking.is_offline(run) else None,  # printed last (app.runner)
         "run_id": run.id,
         "pruned": False,
         "test_accuracy": test_acc,

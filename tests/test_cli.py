@@ -219,3 +219,13 @@ def test_a_sweep_run_leaves_project_and_id_to_the_agent(layered_run):
     _, proc = layered_run
     assert "Ignoring" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
     assert LAYERED_RUN_ID in proc.stdout  # the run still has the id the agent gave it
+
+
+def test_our_upload_line_comes_after_wandbs_own_and_wandbs_footer_is_quiet(layered_run):
+    """W&B's footer offers `wandb sync offline-run-...`, which uploads the run without its model artifact:
+    it is not printed, and our command comes after everything W&B prints."""
+    _, proc = layered_run
+    assert "wandb sync" not in proc.stdout + proc.stderr.split("upload it with")[0]
+    assert "Run summary" not in proc.stdout + proc.stderr  # W&B's per-run summary panel: off unless asked for
+    tail = proc.stderr.rstrip().splitlines()[-2:]
+    assert tail[0].startswith("W&B offline run saved in ") and "upload it with: python -m app sync" in tail[1], tail

@@ -98,7 +98,7 @@ def test_choice_is_case_blind_and_lists_what_is_allowed():
 def test_path_and_runs_root():
     assert settings.get("SWEEP_CLAIMS_DIR", {"SWEEP_CLAIMS_DIR": ""}) is None
     assert settings.get("GPU_SLOTS_DIR", {"GPU_SLOTS_DIR": " /s "}) == Path("/s")
-    assert settings.runs_root({}) == Path(".") and settings.runs_root({"WANDB_DIR": "/runs"}) == Path("/runs")
+    assert settings.runs_root({}) == Path("runs") and settings.runs_root({"WANDB_DIR": "/runs"}) == Path("/runs")
 
 
 def test_a_training_key_reads_as_the_config_reads_it():

@@ -1,6 +1,6 @@
 """A report of offline runs with no server: `python -m app report [PATH ...] --out DIR`.
 
-Reads every offline run under the PATHs (default: $WANDB_DIR, else .; one sweep's runs may be spread
+Reads every offline run under the PATHs (default: $WANDB_DIR, else runs; one sweep's runs may be spread
 over several, one per host) straight from its `.wandb` log and writes, per group of runs (an offline
 sweep's trials share its name as their group, a W&B sweep's runs its sweep id):
   <group>-curves.svg   training loss and the per-epoch val_loss / val_accuracy of every run
@@ -290,7 +290,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m app report",
                                      description="Render offline runs (and offline sweeps) to SVG charts and a static HTML page.")
     parser.add_argument("path", nargs="*", help="runs folder(s): one sweep's runs may be spread over several "
-                                                "(default: $WANDB_DIR, else .)")
+                                                "(default: $WANDB_DIR, else runs)")
     parser.add_argument("--out", default="report", help="folder for index.html and the SVG charts (default: report)")
     parser.add_argument("--storage", help="the sweeps' journal file or postgresql:// URL, as the agents used it, for "
                                           "each sweep's metric and goal (default: $SWEEP_STORAGE, else "

@@ -1,6 +1,6 @@
 """Upload offline W&B runs: `python -m app sync [PATH] [--dry-run] [--project P] [--entity E]`.
 
-Finds every offline run under PATH (default: $WANDB_DIR, else the working directory), skips the ones
+Finds every offline run under PATH (default: $WANDB_DIR, else runs), skips the ones
 already uploaded and the ones still being written, and uploads the rest with the real `wandb sync`.
 `wandb sync` marks each uploaded log with a `run-<id>.wandb.synced` file beside it (wandb 0.31,
 wandb/cli/beta_sync.py `_is_synced`); that marker is the only record of what is done, so running this
@@ -186,7 +186,7 @@ def sync(root: Path, *, dry_run: bool, project: str | None, entity: str | None, 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m app sync",
                                      description="Upload every offline W&B run under PATH that isn't uploaded yet.")
-    parser.add_argument("path", nargs="?", help="runs folder (default: $WANDB_DIR, else .)")
+    parser.add_argument("path", nargs="?", help="runs folder (default: $WANDB_DIR, else runs)")
     parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded; needs no API key")
     parser.add_argument("--project", help="upload into this W&B project instead of the one each run recorded")
     parser.add_argument("--entity", help="upload into this W&B entity (team or user)")

@@ -79,7 +79,7 @@ def find_studies(environ: Mapping[str, str], config: str | None, name: str | Non
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m app sweep-status",
                                      description="The trials table and the best trial of offline sweeps.")
-    parser.add_argument("path", nargs="?", help="runs folder holding sweeps/*.journal (default: $WANDB_DIR, else .)")
+    parser.add_argument("path", nargs="?", help="runs folder holding sweeps/*.journal (default: $WANDB_DIR, else runs)")
     parser.add_argument("--config", help="the sweep YAML (its name: picks the study)")
     parser.add_argument("--name", help="the sweep name (default: every sweep in the storage)")
     parser.add_argument("--storage", help="journal file or postgresql:// URL (default: $SWEEP_STORAGE, "
