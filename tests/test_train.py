@@ -211,6 +211,32 @@ def test_export_onnx_is_checked_against_torch(tmp_path: Path):
         verify(tmp_path / "model.onnx", other, sample.float().div(255))
 
 
+@pytest.mark.parametrize("scale", [1e4, 1e6, 1e8])
+def test_export_judges_agreement_relative_to_the_logits_scale(tmp_path: Path, scale: float):
+    """A model trained with a high learning rate has logits of 1e4..1e8: onnxruntime and torch then differ
+    by far more than 1e-4 in absolute terms (their sums run in other orders) while every class agrees.
+    Within 1e-4 of each image's largest |logit|, and the same argmax, is the same model."""
+    for seed in range(5):
+        torch.manual_seed(seed)
+        model = ConvNet((4, 8), 10)
+        with torch.no_grad():  # the same model with its logits `scale` times larger
+            model.fc.weight.mul_(scale)
+            model.fc.bias.mul_(scale)
+        sample = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+        result = export_onnx(model, 0.1307, 0.3081, sample, tmp_path / f"model-{seed}.onnx")
+        assert result["onnx_argmax_agreement"] == 1.0, seed
+
+
+def test_a_model_with_nan_weights_is_not_exported_and_leaves_no_file(tmp_path: Path):
+    model = ConvNet((4, 8), 10)
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("nan")
+    sample = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    with pytest.raises(ExportError, match=r"the model's logits are not finite \(NaN or inf\)"):
+        export_onnx(model, 0.1307, 0.3081, sample, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- the resume rule (app.checkpoint): which rerun of a run id may continue it ---
 
 def _saved_run(folder: Path, config, epoch: int = 1) -> Path:
