@@ -25,7 +25,7 @@ from app.errors import UserError
 from app.export import export_onnx
 from app.gpu_share import run_share
 from app.progress import LossReadout, Progress
-from app.step import build_model, compile_model, make_steps, set_optimizer_flags
+from app.step import build_model, compile_model, evaluate, make_steps, set_optimizer_flags
 
 
 class Preempted(Exception):
@@ -70,21 +70,6 @@ def pick_device(config: Config) -> torch.device:
             raise UserError(f"device={config.device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
         device = torch.device("cuda", device.index or 0)
     return device
-
-
-def evaluate(model: nn.Module, batches: data.Batches, criterion: nn.Module, autocast) -> tuple[float, float]:
-    """Mean loss and accuracy; sums stay on the device and cross to the host once."""
-    model.eval()
-    loss_sum = torch.zeros((), device=batches.split.labels.device)
-    correct = torch.zeros((), device=batches.split.labels.device, dtype=torch.long)
-    with torch.no_grad(), autocast():
-        for x, y in batches:
-            logits = model(x)
-            loss_sum += criterion(logits.float(), y) * y.shape[0]
-            correct += (logits.argmax(1) == y).sum()
-    model.train()
-    n = len(batches.split)
-    return loss_sum.item() / n, correct.item() / n
 
 
 class Setup(NamedTuple):
