@@ -105,7 +105,8 @@ def _brief(value: Any) -> str:
 def check_state(state: Any, config: Config, path: Path) -> None:
     """The checkpoint's structure and every tensor's shape against what `config` builds; one line naming
     the file otherwise. A checkpoint may come from elsewhere (copied, another version, another run's
-    folder): whatever load_state_dict, the optimizer or the data order would trip on is refused here."""
+    folder): whatever load_state_dict, the optimizer or the data order would trip on is refused here, and so
+    are NaN or infinite weights or Adam moments (a diverged run's: every step from them is NaN)."""
     import torch
 
     from app.model import ConvNet
@@ -134,6 +135,9 @@ def check_state(state: Any, config: Config, path: Path) -> None:
             got = f"no {name}" if name not in weights else f"{name} as {_brief(value)}"
             raise _refuse(path, f"has {got} where kernels={_shown(config.kernels)}, classes={config.classes} need "
                                 f"shape {shape}")
+    bad = nonfinite({name: weights[name] for name in expected})
+    if bad:
+        raise _diverged(path, bad)
     _check_optimizer(state["optimizer"], list(expected.values()), path)
     written = next(kind for kind, size in sizes.items() if size == generator.numel())
     training = _device_type(config)
@@ -142,6 +146,22 @@ def check_state(state: Any, config: Config, path: Path) -> None:
             f"checkpoint {path} was written training on {DEVICE_NAMES[written]} but this run trains on "
             f"{DEVICE_NAMES[training]} (device={config.device}): its data order cannot continue on another device "
             f"type; resume it with device={written}, or set resume=false to train it again from scratch")
+
+
+def nonfinite(tensors: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, None when all are finite.
+    One host-device sync for all of them (train() asks before each checkpoint it writes)."""
+    import torch
+
+    named = [(name, t) for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not named or bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
+        return None
+    return next(name for name, t in named if not bool(torch.isfinite(t).all()))
+
+
+def _diverged(path: Path, name: str) -> UserError:
+    return ResumeRefused(f"checkpoint {path} holds NaN or infinite values in {name} (a diverged run's weights): "
+                         "training cannot continue from it; delete it to train this run again, or set resume=false")
 
 
 DEVICE_NAMES = {"cpu": "the CPU", "cuda": "CUDA"}
@@ -184,6 +204,9 @@ def _check_optimizer(optimizer: dict[str, Any], shapes: list[list[int]], path: P
             value = entry.get(key)
             if not isinstance(value, torch.Tensor) or list(value.shape) != shapes[i]:
                 raise _refuse(path, f"has optimizer {key} of parameter {i} as {_brief(value)}, shape {shapes[i]} expected")
+            bad = nonfinite({f"optimizer {key} of parameter {i}": value})
+            if bad:
+                raise _diverged(path, bad)
         step = entry.get("step")
         if not (isinstance(step, torch.Tensor) and step.numel() == 1) and type(step) not in (int, float):
             raise _refuse(path, f"has optimizer step of parameter {i} as {_brief(step)}")

@@ -3,7 +3,7 @@ everything before work starts, `run` trains and turns the outcome into the exit 
 expects, `handle` turns a user's mistake or a stop into one line and an exit code.
 
     start = runner.prepare(["--epochs=1"])    # .env, the config, the W&B mode, the folders: checked
-    code = runner.run(start)                 # 0 done, 128+signal stopped (checkpointed)
+    code = runner.run(start)                 # 0 done (or diverged), 128+signal stopped (checkpointed)
 
 Used by `python -m app train` (app.cli), the warm W&B agent (app.sweep.wandb.warm_agent) and the
 container's entrypoint; a W&B sweep's run goes through app.sweep.wandb.dedupe.run_once first.
@@ -81,7 +81,10 @@ def run(start: Start, last: bool = True, on_epoch: EpochHook | None = None, clai
     # after W&B's own lines (the run is finished): where the run is and how to upload it, then the result
     if result.get("upload"):
         print(result["upload"], file=sys.stderr, flush=True)
-    if result["pruned"]:
+    if result.get("diverged"):  # a finished run (exit 0): `wandb agent` goes on, W&B keeps its summary
+        print(f"done: run {result['run_id']} diverged: {result['diverged_at']}; stopped there (no test or export)",
+              flush=True)
+    elif result["pruned"]:
         print(f"done: run {result['run_id']} stopped early (val_accuracy {result['val_accuracy']:.4f}; no test or export)", flush=True)
     else:
         onnx = tracking.host_path(result["onnx"], {"OUTPUTS_DIR_HOST": Path(start.config.output_dir)}, start.environ)

@@ -1,5 +1,5 @@
 """One training step (forward, backward, optimizer update), run eagerly or replayed as one CUDA graph,
-and how train() builds the model, the optimizer and its step.
+how train() builds the model, the optimizer and its step, and the evaluation pass.
 
 On a GPU this model is far too small to keep the device busy: an eager step is ~100 operators dispatched
 one by one from Python, and the step's time is that dispatch, not the arithmetic. Capturing the whole step
@@ -182,3 +182,18 @@ def make_steps(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn
     if y.shape[0] < config.batch_size:
         return eager, eager  # fewer examples than one batch: nothing to gain
     return eager, GraphedStep(model, optimizer, x, y, bf16=config.amp == "bf16")
+
+
+def evaluate(model: nn.Module, batches: data.Batches, criterion: nn.Module, autocast) -> tuple[float, float]:
+    """Mean loss and accuracy; sums stay on the device and cross to the host once."""
+    model.eval()
+    loss_sum = torch.zeros((), device=batches.split.labels.device)
+    correct = torch.zeros((), device=batches.split.labels.device, dtype=torch.long)
+    with torch.no_grad(), autocast():
+        for x, y in batches:
+            logits = model(x)
+            loss_sum += criterion(logits.float(), y) * y.shape[0]
+            correct += (logits.argmax(1) == y).sum()
+    model.train()
+    n = len(batches.split)
+    return loss_sum.item() / n, correct.item() / n

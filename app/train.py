@@ -1,7 +1,8 @@
 """`train(config)`: one tracked run, used by `python -m app train` and by every sweep trial.
 
 Phases: W&B run + effective config -> device and data -> model, optimizer, resume -> epochs
-(train, validate, checkpoint) -> test -> ONNX export saved to the run.
+(train, validate, checkpoint) -> test -> ONNX export saved to the run. A loss that turns NaN or inf
+ends the run where it is seen, as a result (app.divergence).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import torch
 from torch import nn
 
-from app import artifact, data, interrupts, phases, preflight, settings, tracking
+from app import artifact, data, divergence, interrupts, phases, preflight, settings, tracking
 from app import checkpoint as checkpoints
 from app.checkpoint import save as save_checkpoint
 from app.config import Config
@@ -25,7 +26,7 @@ from app.errors import UserError
 from app.export import export_onnx
 from app.gpu_share import run_share
 from app.progress import LossReadout, Progress
-from app.step import build_model, compile_model, make_steps, set_optimizer_flags
+from app.step import build_model, compile_model, evaluate, make_steps, set_optimizer_flags
 
 
 class Preempted(Exception):
@@ -72,21 +73,6 @@ def pick_device(config: Config) -> torch.device:
     return device
 
 
-def evaluate(model: nn.Module, batches: data.Batches, criterion: nn.Module, autocast) -> tuple[float, float]:
-    """Mean loss and accuracy; sums stay on the device and cross to the host once."""
-    model.eval()
-    loss_sum = torch.zeros((), device=batches.split.labels.device)
-    correct = torch.zeros((), device=batches.split.labels.device, dtype=torch.long)
-    with torch.no_grad(), autocast():
-        for x, y in batches:
-            logits = model(x)
-            loss_sum += criterion(logits.float(), y) * y.shape[0]
-            correct += (logits.argmax(1) == y).sum()
-    model.train()
-    n = len(batches.split)
-    return loss_sum.item() / n, correct.item() / n
-
-
 class Setup(NamedTuple):
     device: torch.device
     ds: data.Dataset
@@ -122,7 +108,8 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
           ready: preflight.Ready | None = None, run_settings: Mapping[str, Any] | None = None,
           sweep_results: artifact.SweepResults | None = None) -> dict[str, Any]:
     """One tracked run. `on_epoch(epoch, metrics)` is told each epoch's val metrics; True stops the run
-    early (an offline sweep's pruner uses it), skipping test and export. `ready`: the environment
+    early (an offline sweep's pruner uses it), skipping test and export; so does a loss, val_loss, test_loss
+    or weight that turns non-finite (result "diverged": True and where, app.divergence). `ready`: the environment
     checks a caller already made (`preflight.check_environment`); the data checks are made here.
     `run_settings`: the run's name, group, tags... (tracking.start), for a process that runs many.
     `sweep_results`: an offline sweep trial's view of its sweep, for the model's best alias (app.artifact)."""
@@ -148,6 +135,11 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
         result = _train(run, config, ready.output_root, environ, on_epoch, sweep_results)
         exit_code = 0
         return result
+    except divergence.Diverged as diverged:
+        exit_code = 0  # a finished run whose values diverge, not a failed one: an agent goes on to the next
+        run.summary.update(diverged.summary())
+        return {"run_id": run.id, "pruned": False, **diverged.summary(),
+                "upload": tracking.offline_hint(run) if tracking.is_offline(run) else None}
     except (Preempted, interrupts.Stopped) as stop:
         if isinstance(stop, interrupts.Stopped):
             run.mark_preempting()  # stopped before training: a sweep hands these values out again
@@ -207,6 +199,10 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
               + (f" ({resume_at} of epoch {start_epoch + 1})" if resume_at else ""), flush=True)
 
     def checkpoint(epochs_done: int, generator: torch.Tensor | None = None, epoch_examples: int = 0) -> None:
+        bad = checkpoints.nonfinite(model.state_dict())  # no resume could use diverged weights: none is written
+        if bad:  # in the epoch stopped mid-way, or in the one just done
+            raise divergence.Diverged(f"weight {bad} not finite", epochs_done if epoch_examples else epochs_done - 1,
+                                      example_ct)
         save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epochs_done,
                         examples_seen=example_ct, epoch_examples=epoch_examples,
                         generator=gen.get_state() if generator is None else generator,
@@ -239,6 +235,7 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
         for loss_total, (epoch_, step_, seen_, batches_, progress_) in readings:
             run.log({"epoch": epoch_, "loss": loss_total / batches_}, step=step_)
             progress_.update(seen_, loss_total / batches_)
+            divergence.check("loss", loss_total / batches_, epoch_, step_)  # logged first: the history shows it
 
     with StopRequest() as stop:
         for epoch in range(start_epoch, config.epochs):
@@ -280,6 +277,8 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
             val_loss, val_acc = evaluate(step_model, val_batches, criterion, autocast) if len(ds.val) else (val_loss, val_acc)
             run.log({"epoch": epoch, "val_loss": val_loss, "val_accuracy": val_acc,
                      "examples_per_s": (seen - first) / epoch_time}, step=example_ct)
+            if len(ds.val):  # without a val split val_loss stays NaN: the weights' check below still holds
+                divergence.check("val_loss", val_loss, epoch, example_ct)
             checkpoint(epoch + 1)
             progress.close(f"done: val_loss {val_loss:.4f} val_accuracy {val_acc:.4f}", seen)
             # epoch_seconds/examples: the training loop's own time and work (bench/ times runs with them)
@@ -303,6 +302,7 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
         run.log({"test_accuracy": test_acc, "test_loss": test_loss}, step=example_ct)
         run.summary["test_accuracy"] = test_acc
         print(f"test_accuracy {test_acc:.4f} test_loss {test_loss:.4f}", flush=True)
+        divergence.check("test_loss", test_loss, config.epochs - 1, example_ct)  # no export of such a model
         phases.mark("evaluation")
         onnx_path = run_dir / "model.onnx"
         check = export_onnx(model, ds.mean, ds.std, ds.test.images[:256], onnx_path) if stop.signum is None else {}

@@ -238,7 +238,7 @@ def bare_loop(cfg: Config) -> Loop:
 
 def run_bare(cfg: Config) -> tuple[EpochTimer, float]:
     """Ours without train()'s run, logging, checkpoints or progress: the loop's ceiling on this device."""
-    from app.train import evaluate
+    from app.step import evaluate
 
     loop = bare_loop(cfg)
     timer = EpochTimer(loop.setup.device)

@@ -142,3 +142,25 @@ def test_a_sweep_retry_says_why_it_does_not_resume_a_checkpoint_of_the_other_dev
     # on its own device type the same checkpoint is resumed
     assert sweep_trial._resume_from(retry, config.replace(device="cuda"), "newrun01", "val_loss") == \
         ", resuming from run deadrun1's checkpoint after epoch 1"
+
+
+@pytest.mark.parametrize("where, poison", [
+    ("features.0.weight", float("nan")), ("fc.bias", float("inf")),
+    ("optimizer exp_avg_sq of parameter 4", float("inf")), ("optimizer exp_avg of parameter 0", float("nan")),
+])
+def test_a_checkpoint_holding_non_finite_weights_is_refused_in_one_line(where, poison):
+    """A diverged run's weights or Adam moments: every step from them is NaN, so no resume starts there."""
+    from app import checkpoint
+
+    state = good_state()
+    if where.startswith("optimizer"):
+        key, index = where.split()[1], int(where.split()[-1])
+        state["optimizer"]["state"][index][key].view(-1)[0] = poison
+    else:
+        state["model"][where].view(-1)[-1] = poison
+    with pytest.raises(UserError) as refused:
+        checkpoint.check_state(state, CONFIG, PATH)
+    line = str(refused.value)
+    assert line == (f"checkpoint {PATH} holds NaN or infinite values in {where} (a diverged run's weights): training "
+                    "cannot continue from it; delete it to train this run again, or set resume=false"), line
+    assert checkpoint.nonfinite(good_state()["model"]) is None

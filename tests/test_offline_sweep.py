@@ -636,6 +636,59 @@ def test_a_trial_stopped_in_test_or_export_resumes_without_training_again(tmp_pa
     assert (tmp_path / "outputs" / done.user_attrs["run_id"] / "model.onnx").exists()
 
 
+DIVERGING = [1e12, 1e13, 1e14]  # NaN by the second step on tests/idx.py's images (tests/test_train.py)
+
+
+def test_diverged_trials_are_results_and_the_agent_goes_on(tmp_path, small_data):
+    """Three grid points whose learning rate diverges, one that trains: one agent trains all four. Each
+    diverged trial stops at its first NaN loss, is told to the study as COMPLETE with the metric at its
+    worst (-inf: the goal is maximize) and counts as no failure (three failures in a row would stop the
+    agent); sweep-status shows them as DIVERGED, apart from the best."""
+    from app.sweep.optuna import trial as sweep_trial
+
+    lrs = ", ".join(map(str, [*DIVERGING, 0.01]))
+    cfg = write_yaml(tmp_path / "div.yaml", "name: div\nmethod: grid\nmetric: {name: val_accuracy, goal: maximize}\n"
+                                            f"parameters:\n  learning_rate: {{values: [{lrs}]}}\n")
+    env = agent_env(tmp_path, small_data, SWEEP_CONFIG=str(cfg), DATASET="mnist", TRAIN_STRIDE="1", VAL_SIZE="200",
+                    BATCH_SIZE="32", LOG_INTERVAL="2")
+    proc = run_app(["offline-agent"], env, tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "sweep div is done (4 trials)" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-4000:]
+
+    study = load_study(osw.storage_url(env, "div"), "div")
+    assert len(study.trials) == 4 and all(t.state == TrialState.COMPLETE for t in study.trials)
+    diverged = [t for t in study.trials if t.system_attrs.get("sweep_outcome") == "diverged"]
+    assert sorted(t.user_attrs["values"]["learning_rate"] for t in diverged) == DIVERGING
+    assert all(t.value == -math.inf for t in diverged)
+    runs = {r.run_id: r for r in (runlog.read(f) for f in runlog.find(tmp_path / "runs"))}
+    for t in diverged:
+        run_id = t.user_attrs["run_id"]
+        assert f"trial {t.number} diverged: loss " in proc.stdout
+        assert runs[run_id].exit_code == 0 and runs[run_id].summary["diverged"] is True
+        assert not [p.name for p in (tmp_path / "outputs" / run_id).iterdir() if p.name != "checkpoint.pt"]
+        # a retry of that trial (its agent gone before telling the study) records the run as diverged too,
+        # never as complete with the metric of an epoch from before it diverged
+        retry = type("Retry", (), {"user_attrs": {"resume_run": run_id}})()
+        assert sweep_trial._finished_run(tmp_path / "runs", retry, t.user_attrs["values"], "val_accuracy")[1:] == \
+            ("diverged", None)
+    [good] = [t for t in study.trials if t not in diverged]
+    assert 0 < good.value <= 1 and (tmp_path / "outputs" / good.user_attrs["run_id"] / "model.onnx").is_file()
+
+    status = run_app(["sweep-status", "--config", str(cfg)], env, tmp_path)
+    assert status.returncode == 0, status.stderr
+    rows = {cells[0]: cells for cells in map(str.split, status.stdout.splitlines()[2:6])}  # the table's 4 rows
+    assert sorted(int(n) for n, row in rows.items() if row[1] == "DIVERGED") == sorted(t.number for t in diverged), \
+        status.stdout
+    assert rows[str(good.number)][1] == "COMPLETE"
+    assert "1 complete, 3 diverged; 4 of 4 grid points done" in status.stdout or \
+        "3 diverged, 1 complete; 4 of 4 grid points done" in status.stdout, status.stdout
+    assert f"best: trial {good.number} val_accuracy {good.value:.4f}" in status.stdout
+    listed = json.loads(run_app(["sweep-status", "--config", str(cfg), "--json"], env, tmp_path).stdout)[0]
+    assert sorted((r["state"], r["value"] is None) for r in listed["trials"]) == \
+        [("COMPLETE", False)] + [("DIVERGED", True)] * 3  # JSON has no -inf: null
+    assert listed["best"]["trial"] == good.number
+
+
 WRITER = r"""
 import sys
 from app.sweep.optuna import storage as sweep_storage

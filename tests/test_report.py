@@ -447,6 +447,22 @@ def test_pruned_and_failed_runs_are_not_trials_and_an_absurd_value_gets_no_comma
     assert 'class="retrain"' not in index and "no retrain command" in index and "x" * 300 not in index
 
 
+def test_a_diverged_run_is_no_trial_and_the_table_says_diverged():
+    # a run that diverged in its second epoch finished with exit code 0, its summary still holding the first
+    # epoch's val_loss (the lowest here): it must not be ranked, let alone be the best
+    runs = []
+    for i, val_loss in enumerate([0.3, 0.01, 0.2]):
+        run = runlog.OfflineRun(path=Path(f"offline-run-{i}"), run_id=f"r{i}", group="g", exit_code=0,
+                                config={"learning_rate": [0.001, 1e3, 0.003][i]}, summary={"val_loss": val_loss})
+        runs.append(run)
+    runs[1].summary.update(diverged=True, diverged_at="loss nan at step 640 (epoch 2)")
+    index, charts = report.page(Path("runs"), [report.make_group("g", runs, "val_loss", "minimize")], [])
+    lines = children(ET.fromstring(charts["g-parallel.svg"]), "polyline", "trial")
+    assert sorted(line.get("data-run") for line in lines) == ["r0", "r2"]
+    assert "Best of 2 completed run(s): <b>r2</b>" in index
+    assert "<tr><td>r1</td><td>diverged</td>" in index
+
+
 # ------------------------------------------------------------------------------------------
 # where a sweep's metric and goal come from: its own storage, else an assumption said on the page
 # ------------------------------------------------------------------------------------------

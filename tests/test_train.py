@@ -3,7 +3,9 @@ torch, stop-and-resume on SIGTERM, and the pieces train() is built from."""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,10 +16,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import clean_env, run_app
+from conftest import clean_env, error_lines, run_app
 from idx import write_dataset
 
-from app import data, interrupts, runlog
+from app import artifact, data, interrupts, runlog
 from app.errors import UserError
 from app.export import ExportError, export_onnx, verify
 from app.model import ConvNet, Normalized
@@ -162,6 +164,66 @@ def test_sigterm_writes_a_checkpoint_and_the_same_run_id_resumes(tmp_path: Path)
     assert resumed.summary["test_accuracy"] > 0.5
 
 
+# --- a diverged run: a result, not a failure ---
+
+# on tests/idx.py's synthetic images a learning rate up to 1e8 keeps the loss finite (huge, then 0: the
+# classes are easy); 1e12 makes the second step's loss NaN, as 10 or 1e3 do on harder data
+DIVERGING_LR = "1e12"
+
+
+def small_run_env(tmp_path: Path, data_dir: Path, run_id: str, **extra: str) -> dict[str, str]:
+    return clean_env(tmp_path, DATA_DIR=str(data_dir), DATASET="mnist", VAL_SIZE="200", TRAIN_STRIDE="1",
+                     BATCH_SIZE="32", LOG_INTERVAL="2", EPOCHS="2", DEVICE="cpu", WATCH_LOG="none",
+                     WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "runs"), OUTPUT_DIR=str(tmp_path / "outputs"),
+                     WANDB_RUN_ID=run_id, **extra)
+
+
+def test_a_diverging_run_stops_at_its_first_non_finite_loss_as_a_finished_run(tmp_path: Path, small_data: Path):
+    """learning_rate far too high: the run ends at the first log point whose loss is NaN/inf, well inside
+    its first epoch, with exit code 0 (a finished trial for `wandb agent`), summary diverged and where; no
+    test, no ONNX (nor its .tmp), no checkpoint of the NaN weights, no model artifact."""
+    env = small_run_env(tmp_path, small_data, "diverge1")
+    proc = run_app(["train", f"--learning_rate={DIVERGING_LR}"], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = re.search(r"^done: run diverge1 diverged: loss (nan|inf) at step (\d+) \(epoch 1\); stopped there "
+                     r"\(no test or export\)$", proc.stdout, re.M)
+    assert said, proc.stdout[-2000:]
+    step = int(said.group(2))
+    assert step < 1000  # the epoch's 1000 training images: it stopped well inside the first epoch
+
+    [folder] = runlog.find(tmp_path / "runs")
+    run = runlog.read(folder)
+    assert run.exit_code == 0 and not run.preempting
+    assert run.summary["diverged"] is True and run.summary["diverged_step"] == step
+    assert run.summary["diverged_epoch"] == 0 and run.summary["diverged_at"] == f"loss {said.group(1)} at step {step} (epoch 1)"
+    losses = run.metric("loss")
+    # logged up to the first non-finite reading, and not one log point further
+    assert losses[-1][0] == step and not math.isfinite(losses[-1][1])
+    assert all(math.isfinite(v) for _, v in losses[:-1]) and all(s < step for s, _ in losses[:-1])
+    assert not run.metric("val_loss") and "test_accuracy" not in run.summary and "onnx_max_abs_diff" not in run.summary
+    assert artifact.recorded(folder) == []
+    assert [p.name for p in (tmp_path / "outputs" / "diverge1").iterdir()] == []  # no ONNX, .tmp or NaN checkpoint
+
+
+def test_a_checkpoint_holding_a_nan_weight_is_refused_in_one_line_before_the_run_opens(tmp_path: Path,
+                                                                                      small_data: Path):
+    from app import checkpoint, config
+
+    env = small_run_env(tmp_path, small_data, "nanckpt1")
+    folder = _saved_run(tmp_path / "outputs" / "nanckpt1", config.load([], env, dotenv_path=None))
+    state = torch.load(folder / checkpoint.FILE, weights_only=True)
+    state["model"]["fc.weight"][3, 7] = float("nan")
+    torch.save(state, folder / checkpoint.FILE)
+
+    proc = run_app(["train"], env, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [line] = error_lines(proc.stderr)
+    assert line == (f"error: checkpoint {folder / checkpoint.FILE} holds NaN or infinite values in fc.weight (a "
+                    "diverged run's weights): training cannot continue from it; delete it to train this run again, "
+                    "or set resume=false"), proc.stderr[-2000:]
+    assert runlog.find(tmp_path / "runs") == []  # refused before W&B opened a run
+
+
 # --- the pieces ---
 
 def test_pick_device():
@@ -209,6 +271,32 @@ def test_export_onnx_is_checked_against_torch(tmp_path: Path):
     other = Normalized(ConvNet((4, 8), 10), 0.1307, 0.3081).eval()
     with pytest.raises(ExportError, match="ONNX export disagrees with torch"):
         verify(tmp_path / "model.onnx", other, sample.float().div(255))
+
+
+@pytest.mark.parametrize("scale", [1e4, 1e6, 1e8])
+def test_export_judges_agreement_relative_to_the_logits_scale(tmp_path: Path, scale: float):
+    """A model trained with a high learning rate has logits of 1e4..1e8: onnxruntime and torch then differ
+    by far more than 1e-4 in absolute terms (their sums run in other orders) while every class agrees.
+    Within 1e-4 of each image's largest |logit|, and the same argmax, is the same model."""
+    for seed in range(5):
+        torch.manual_seed(seed)
+        model = ConvNet((4, 8), 10)
+        with torch.no_grad():  # the same model with its logits `scale` times larger
+            model.fc.weight.mul_(scale)
+            model.fc.bias.mul_(scale)
+        sample = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+        result = export_onnx(model, 0.1307, 0.3081, sample, tmp_path / f"model-{seed}.onnx")
+        assert result["onnx_argmax_agreement"] == 1.0, seed
+
+
+def test_a_model_with_nan_weights_is_not_exported_and_leaves_no_file(tmp_path: Path):
+    model = ConvNet((4, 8), 10)
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("nan")
+    sample = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    with pytest.raises(ExportError, match=r"the model's logits are not finite \(NaN or inf\)"):
+        export_onnx(model, 0.1307, 0.3081, sample, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- the resume rule (app.checkpoint): which rerun of a run id may continue it ---

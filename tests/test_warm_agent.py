@@ -136,6 +136,31 @@ def test_a_failing_run_fails_alone_and_the_next_starts_clean(tmp_path: Path, sma
 
 
 @pytest.mark.slow
+def test_diverged_runs_are_finished_runs_and_the_agent_goes_on(tmp_path: Path, small_data: Path):
+    # three runs whose learning rate diverges (NaN by the second step on these images), then one that trains:
+    # three failures in a row would stop the agent; diverged runs are finished (exit 0, summary diverged)
+    diverging = [1e12, 1e13, 1e14]
+    with FakeWandb(grid(learning_rate=[*diverging, 0.01])) as api:
+        proc = start_agent(agent_env(tmp_path, api, small_data, AGENT_PROCESS="warm", EPOCHS="2",
+                                     BATCH_SIZE="32", LOG_INTERVAL="2"), tmp_path)
+        assert proc.wait(timeout=600) == 0, (tmp_path / "agent.log").read_text()[-4000:]
+        handed = {a.run_id: a.params["learning_rate"] for a in api.assignments}
+    assert sorted(handed.values()) == [0.01, *diverging]
+    log = (tmp_path / "agent.log").read_text()
+    runs = runs_in(tmp_path / "runs")
+    assert sorted(runs) == sorted(handed)
+    for run_id, lr in handed.items():
+        folder, run = runs[run_id]
+        assert f"run {run_id} ended with exit code 0" in log and run.exit_code == 0 and not run.preempting, run_id
+        if lr in diverging:
+            assert f"done: run {run_id} diverged: loss " in log and run.summary["diverged"] is True, run_id
+            assert not artifact.recorded(folder) and not (tmp_path / "outputs" / run_id / "model.onnx").exists()
+        else:
+            assert "diverged" not in run.summary and 0 < run.summary["test_accuracy"] <= 1
+            assert artifact.recorded(folder) and (tmp_path / "outputs" / run_id / "model.onnx").is_file()
+
+
+@pytest.mark.slow
 def test_an_early_terminate_stop_ends_the_run_after_its_epoch_as_a_pruned_finished_run(tmp_path: Path, small_data: Path):
     # hyperband stops the long run (W&B's `stop` command in the heartbeat answer, once the agent reports it
     # running: its first heartbeat comes POLL_S after the run starts); the short run after it is untouched

@@ -155,8 +155,8 @@ def _table(group: Group) -> str:
     rows = []
     for r in group.runs:
         epochs = len([row for row in r.history if "val_loss" in row])
-        state = "finished" if r.finished and r.exit_code == 0 else ("pruned" if r.summary.get("pruned") else
-                                                                     "killed" if not r.finished else f"exit {r.exit_code}")
+        state = ("diverged" if r.summary.get("diverged") else "finished" if r.finished and r.exit_code == 0 else
+                 "pruned" if r.summary.get("pruned") else "killed" if not r.finished else f"exit {r.exit_code}")
         models = "; ".join(a.label() for a in artifact.recorded(r.path)) or "-"
         cells = [r.run_id, state, *[_short(r.config.get(k)) for k in group.params],
                  display.cell(grouping.value(r, group.metric), ".4f"), str(epochs),

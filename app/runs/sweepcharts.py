@@ -56,8 +56,10 @@ def started(run) -> tuple:
 
 def completed(run) -> bool:
     """Trained to its end: exit code 0 and not stopped early by Hyperband (a pruned run's metric is an
-    early epoch's, not comparable with the others'), as the sweep's storage counts COMPLETE trials."""
-    return run.exit_code == 0 and not run.summary.get("pruned")
+    early epoch's, not comparable with the others'), as the sweep's storage counts COMPLETE trials; nor
+    ended by a diverging loss (app.divergence: its metric is an epoch's from before, or NaN; sweep-status
+    shows such a trial as DIVERGED, apart from the completed ones)."""
+    return run.exit_code == 0 and not run.summary.get("pruned") and not run.summary.get("diverged")
 
 
 def trials_of(runs: list, value_of) -> list[Trial]:

@@ -141,7 +141,7 @@ class Agent:
         try:
             if outcome_ == "pruned":
                 self.study.tell(trial, state=TrialState.PRUNED)
-            elif outcome_ == "complete":
+            elif outcome_ in ("complete", "diverged"):  # diverged: the metric's worst (trial.worst says why)
                 self.study.tell(trial, value)
         except UpdateFinishedTrialError:
             say(f"trial {trial.number} was declared dead by another agent while finishing; its rerun counts")
@@ -246,7 +246,8 @@ class Agent:
             self.current = None
             if result == "capped":
                 continue  # the loop sees cap_reached next time round
-            if result in ("complete", "pruned", "failed"):  # failed: the metric came out NaN (diverged)
+            # diverged: a finished trial (its values' result), no failure; failed: the metric came out NaN
+            if result in ("complete", "pruned", "diverged", "failed"):
                 if result != "failed":
                     errors_in_a_row = 0
                 trained += 1

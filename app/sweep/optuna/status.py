@@ -44,7 +44,7 @@ def format_status(study) -> str:
     states = [r["state"] for r in rows]
     summary = ", ".join(f"{states.count(s)} {s.lower()}" for s in dict.fromkeys(states)) or "no trials yet"
     size = study.user_attrs.get("grid_size")
-    done_points = len({r["key"] for r in rows if r["state"] in ("COMPLETE", "PRUNED")})
+    done_points = len({r["key"] for r in rows if r["state"] in ("COMPLETE", "PRUNED", "DIVERGED")})
     lines.append(summary + (f"; {done_points} of {size} grid points done" if size else ""))
     complete = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
     if complete:

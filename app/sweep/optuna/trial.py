@@ -48,6 +48,15 @@ def _completed(agent) -> tuple[str, str, list[float]] | None:
     return agent.p.metric, agent.p.goal, done
 
 
+def worst(goal: str) -> float:
+    """A diverged trial's value: the sweep's metric at its worst. Told to the study as COMPLETE with it, not
+    as FAIL: samplers learn from COMPLETE trials only, so TPE puts a diverged trial among its bad ones and
+    draws less from where it lies, where a FAIL would leave that region as untried as before (random
+    search ignores values; the grid counts the point as done either way). Optuna refuses NaN, not inf:
+    TPE ranks trials by sorting their values, where inf (-inf for maximize) is simply the last."""
+    return -math.inf if goal == "maximize" else math.inf
+
+
 def train_trial(agent, trial, key: str, values: dict, beat: TrialHeartbeat) -> tuple[str, float | None]:
     from app.train import Preempted, train
 
@@ -123,11 +132,16 @@ def train_trial(agent, trial, key: str, values: dict, beat: TrialHeartbeat) -> t
     _after_run(agent, trial, run_id)
     if beat.lost.is_set():
         raise Dropped("lost")
+    seconds = time.monotonic() - started
+    if result.get("diverged"):
+        agent.mark(trial, "sweep_outcome", "diverged")  # shown as DIVERGED (app.sweep.optuna.trials)
+        say(f"trial {trial.number} diverged: {result['diverged_at']}; recorded with {p.metric} {worst(p.goal)}, "
+            f"the worst ({seconds:.0f} s)")
+        return "diverged", worst(p.goal)
     value = result.get(p.metric)
     if value is None and not pruned:  # `loss` is in the run's summary only: read it back from the run log
         run = _read_run(agent.runs_root, run_id)
         value = run.summary.get(p.metric) if run is not None else None
-    seconds = time.monotonic() - started
     if pruned:
         say(f"trial {trial.number} pruned by hyperband ({seconds:.0f} s)")
         return "pruned", None
@@ -169,6 +183,8 @@ def _finished_run(root: Path, trial, values: dict, metric: str):
         return None  # not this trial's values: never stand in for them
     if run.summary.get("pruned") is True:
         return run, "pruned", None
+    if run.summary.get("diverged") is True:  # its summary's metric is an epoch's from before it diverged
+        return run, "diverged", None
     value = run.summary.get(metric)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         return None
@@ -179,7 +195,11 @@ def _adopt(agent, trial, key: str, run, outcome_: str, value: float | None) -> t
     """Record the earlier attempt's finished run as this trial's result: one finished run per grid point."""
     with contextlib.suppress(ValueError):
         trial.set_user_attr("run_folder", str(run.path.relative_to(agent.runs_root)))
-    result = "pruned by hyperband" if outcome_ == "pruned" else f"{agent.p.metric} {value:.4f}"
+    if outcome_ == "diverged":
+        agent.mark(trial, "sweep_outcome", "diverged")
+        value = worst(agent.p.goal)
+    result = ("pruned by hyperband" if outcome_ == "pruned" else f"diverged ({run.summary.get('diverged_at')})"
+              if outcome_ == "diverged" else f"{agent.p.metric} {value:.4f}")
     say(f"trial {trial.number} ({key}): W&B run {run.run_id} of the attempt before ran to its end ({result}) "
         "but was never recorded; recorded from it, not trained again")
     return outcome_, value

@@ -23,6 +23,8 @@ def trial_rows(study, space: SearchSpace | None = None) -> list[dict[str, Any]]:
         if state == "FAIL":
             state = {"stale": "DIED", "preempted": "STOPPED", "interrupted": "STOPPED"}.get(
                 t.system_attrs.get("sweep_outcome"), "FAIL")
+        elif t.system_attrs.get("sweep_outcome") == "diverged":
+            state = "DIVERGED"  # COMPLETE with the metric's worst value (app.sweep.optuna.trial.worst)
         rows.append({"trial": t.number, "state": state, "key": key_of(t, grid) or "", "values": values,
                      "value": t.value, "run": t.user_attrs.get("run_id", ""),
                      "attempt": t.system_attrs.get("attempt", 1), "agent": t.user_attrs.get("agent", ""),
