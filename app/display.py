@@ -4,6 +4,7 @@
     display.number(float("nan"))   # None: a diverged run's metric is no number to rank or plot
     display.text(0.0123456)        # '0.01235'; display.text([16, 32]) -> '16,32'
     display.cell(None)             # '-': a table's empty cell
+    display.retrain_command(config, ["learning_rate"])   # the `python -m app train ...` that repeats a run
 
 Here, below both the sweep wings and the report, so that each of them shows a value the same way.
 """
@@ -14,6 +15,8 @@ import math
 import re
 import shlex
 from typing import Any
+
+from app.config import KEYS
 
 
 def number(v: Any) -> float | None:
@@ -57,3 +60,29 @@ def shell_word(text: str) -> str:
         return shlex.quote(text)
     body = text.replace("\\", "\\\\").replace("'", "\\'")
     return "$'" + _HIDDEN.sub(lambda m: f"\\u{ord(m.group(0)):04x}", body) + "'"
+
+
+NOT_RETRAIN = ("data_dir", "output_dir")  # where things live on the host that trained: this host has its own
+MAX_VALUE_CHARS = 200  # a recorded setting longer than this is no setting `train` accepts: no command is shown
+
+
+def retrain_command(config: dict, first: list[str], width: int = 100) -> str | None:
+    """`python -m app train --key=value ...` with every training setting the run recorded (the swept ones
+    first, on the first line), so .env or the environment on this host cannot change what is trained;
+    the rest follow on shell continuation lines of about `width` characters, so that a browser never
+    breaks a flag in two and the text still pastes into a shell as one command. None when a recorded
+    value is too long to be one (a damaged or hand-made log)."""
+    swept = [k for k in first if k in KEYS]
+    lines = [["python", "-m", "app", "train"]]
+    for k in swept + [k for k in KEYS if k not in swept]:
+        if k in config and k not in NOT_RETRAIN:
+            v = config[k]
+            text = ("true" if v else "false") if isinstance(v, bool) else (
+                ",".join(map(str, v)) if isinstance(v, (list, tuple)) else repr(v) if isinstance(v, float) else str(v))
+            if len(text) > MAX_VALUE_CHARS:
+                return None
+            flag = shell_word(f"--{k}={text}")
+            if k not in swept and (len(lines) == 1 or len(" ".join(lines[-1] + [flag])) > width):
+                lines.append([])
+            lines[-1].append(flag)
+    return " \\\n    ".join(" ".join(line) for line in lines)

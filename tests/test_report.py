@@ -605,7 +605,7 @@ def test_a_report_folder_where_nothing_can_be_written_is_one_line(sweep_runs, tm
 def test_invisible_controls_in_a_run_log_are_shown_not_obeyed():
     """A right-to-left override in a run id or a recorded setting would make the page and the retrain
     command read as something other than what they are: each is shown as its escape."""
-    from app.runs import sweepcharts
+    from app import display
 
     rlo = "\u202e"
     runs = hostile_runs()
@@ -614,7 +614,7 @@ def test_invisible_controls_in_a_run_log_are_shown_not_obeyed():
     index, charts = report.page(Path("runs"), [grouping.make_group("g", runs)], [])
     assert rlo not in index and all(rlo not in c for c in charts.values())
     assert "ab\\u202ecd" in index
-    command = sweepcharts.retrain_command({"architecture": f"CNN{rlo}x", "epochs": 2}, [])
+    command = display.retrain_command({"architecture": f"CNN{rlo}x", "epochs": 2}, [])
     assert rlo not in command and "$'--architecture=CNN\\u202ex'" in command
     # the form pastes into bash as the very value recorded
     echoed = subprocess.run(["bash", "-c", f"printf %s {command.split()[-1]}"], capture_output=True, text=True)

@@ -191,7 +191,7 @@ def findings(g: Group) -> tuple[str, dict[str, str]]:
         settings = ", ".join(f"{k} = {sweepcharts.cut(sweepcharts.short(best.run.config.get(k)), 60)}"
                              for k in ranked) or "no swept setting"
         models = "; ".join(a.label() for a in artifact.recorded(best.run.path)) or "none logged"
-        command = sweepcharts.retrain_command(best.run.config, ranked)
+        command = display.retrain_command(best.run.config, ranked)
         parts.append(
             f'<p class="best-run">Best of {len(trials)} completed run(s): <b>{svg.esc(best.run.run_id)}</b> '
             f'(started {_ordinal(best.order)} of {len(trials)}; folder {svg.esc(best.run.path.name)}) reached '

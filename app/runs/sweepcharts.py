@@ -28,8 +28,6 @@ NAME_CHARS = 22  # an axis name or category label longer than this is cut (the h
 TIP_CHARS = 400  # a hover text is cut here
 VALUE_CHARS = 80  # one config value in a hover text or a category label
 MAX_CATEGORY_LABELS = 20  # more categories than this on an axis: every k-th is labelled
-NOT_RETRAIN = ("data_dir", "output_dir")  # where things live on the host that trained: this host has its own
-MAX_VALUE_CHARS = 200  # a recorded setting longer than this is no setting `train` accepts: no command is shown
 
 
 @dataclass
@@ -278,27 +276,3 @@ def history_svg(title: str, trials: list[Trial], params: list[str], metric: str,
             '<circle cx="11" cy="36" r="4" fill="#5ec962" stroke="#222" stroke-width="0.5"/><text x="28" y="40">one run</text>',
             '<circle cx="11" cy="56" r="9" fill="none" stroke="red" stroke-width="1.5"/><text x="28" y="60">the best run</text>']
     return svg.figure(title, [panel], side, 180, 70)
-
-
-def retrain_command(config: dict, first: list[str], width: int = 100) -> str | None:
-    """`python -m app train --key=value ...` with every training setting the run recorded (the swept ones
-    first, on the first line), so .env or the environment on this host cannot change what is trained;
-    the rest follow on shell continuation lines of about `width` characters, so that a browser never
-    breaks a flag in two and the text still pastes into a shell as one command. None when a recorded
-    value is too long to be one (a damaged or hand-made log)."""
-    from app.config import KEYS
-
-    swept = [k for k in first if k in KEYS]
-    lines = [["python", "-m", "app", "train"]]
-    for k in swept + [k for k in KEYS if k not in swept]:
-        if k in config and k not in NOT_RETRAIN:
-            v = config[k]
-            text = ("true" if v else "false") if isinstance(v, bool) else (
-                ",".join(map(str, v)) if isinstance(v, (list, tuple)) else repr(v) if isinstance(v, float) else str(v))
-            if len(text) > MAX_VALUE_CHARS:
-                return None
-            flag = display.shell_word(f"--{k}={text}")
-            if k not in swept and (len(lines) == 1 or len(" ".join(lines[-1] + [flag])) > width):
-                lines.append([])
-            lines[-1].append(flag)
-    return " \\\n    ".join(" ".join(line) for line in lines)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -33,7 +34,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from app import interrupts, settings
+from app import display, interrupts, settings
 from app.errors import UserError
 from app.sweep.optuna.claims import STALE_BEATS, Ledger, StaleWatch, TrialHeartbeat, key_of, outcome
 from app.sweep.optuna.plan import Plan, plan, redact
@@ -158,7 +159,9 @@ class Agent:
                  "from min_iter, max_iter (default: epochs) and eta")
         interrupts.clear()
         try:
-            return self._loop()
+            code = self._loop()
+            self.say_best()
+            return code
         except interrupts.Stopped as stop:  # between trials, or before one began training
             return self.stopped(stop.signum)
         except Exception as exc:
@@ -168,6 +171,21 @@ class Agent:
             if interrupts.requested() is not None:  # a stop is a stop, even with the database gone too
                 return self.stopped(interrupts.requested(), self.current)
             return self.storage_lost(problem)
+
+    def say_best(self) -> None:
+        """The sweep's best trial so far, in one line, as the agent ends (sweep-status has its command)."""
+        try:
+            done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if t.value is not None and math.isfinite(t.value)]  # a diverged trial's inf is no best
+        except Exception:  # a last look: the storage going away now changes nothing already recorded
+            return
+        if not done:
+            say(f"sweep {self.p.name}: no trial has completed with a value of {self.p.metric} yet")
+            return
+        best = (max if self.p.goal == "maximize" else min)(done, key=lambda t: t.value)
+        shown = " ".join(f"{k}={display.text(v)}" for k, v in (best.user_attrs.get("values") or best.params).items())
+        say(f"best so far: trial {best.number}, {self.p.metric} {best.value:.4f} ({shown}; W&B run "
+            f"{best.user_attrs.get('run_id', '-')}); `python -m app sweep-status` shows how to train it again")
 
     def storage_lost(self, problem: str) -> int:
         """The database went silent or away, or the journal can no longer be written (a full or read-only

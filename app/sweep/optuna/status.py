@@ -13,6 +13,7 @@ with its repair command). `read_sweep` is the same look for other tools (the rep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any, Mapping
 
 import optuna
 
-from app import display, settings, sources
+from app import display, runlog, settings, sources
 from app.errors import UserError
 from app.sweep.optuna import insight
 from app.sweep import spec as sweep_spec
@@ -29,7 +30,20 @@ from app.sweep.optuna.storage import load_study, open_storage
 from app.sweep.optuna.trials import trial_rows
 
 
-def format_status(study) -> str:
+def retrain(best: Mapping[str, Any], runs_root: Path | None) -> str:
+    """The command that trains the best trial again: every setting its W&B run recorded (the swept ones
+    first), read from the run's folder under the runs folder; only the swept values where it isn't there."""
+    config, whole = dict(best["values"]), False
+    if runs_root is not None and best.get("run_folder"):
+        with contextlib.suppress(runlog.RunLogError, OSError):
+            config, whole = {**runlog.read(runs_root / best["run_folder"]).config, **best["values"]}, True
+    command = display.retrain_command(config, list(best["values"]))
+    if command is None:
+        return "its recorded config holds a value too long for a command line: no retrain command"
+    return command + ("" if whole else "\n(its run folder is not here: settings not swept come from .env and the defaults)")
+
+
+def format_status(study, runs_root: Path | None = None) -> str:
     metric = study.user_attrs.get("metric", "value")
     goal = study.user_attrs.get("goal", "minimize")
     rows = trial_rows(study)
@@ -51,6 +65,7 @@ def format_status(study) -> str:
         best = (max if goal == "maximize" else min)(complete, key=lambda r: r["value"])
         shown = " ".join(f"{k}={display.cell(v)}" for k, v in best["values"].items())
         lines.append(f"best: trial {best['trial']} {metric} {best['value']:.4f}  {shown}  (W&B run {best['run']})")
+        lines.append("train it again with:\n" + retrain(best, runs_root))
     else:
         lines.append("best: none complete yet")
     return "\n".join(lines)
@@ -104,7 +119,7 @@ def main(argv: list[str]) -> int:
         study = load_study(url, study_name)
         if i:
             print()
-        print(format_status(study))
+        print(format_status(study, settings.runs_root(environ)))
         print(insight.format_findings(insight.from_study(study)))
     return 0
 
