@@ -385,3 +385,19 @@ def test_docs_settings_holds_the_current_reference():
         "docs/settings.md is out of date: put `python -m app env --reference` between its markers"
     for s in settings.TABLE.values():
         assert f"`{s.name}`" in r.stdout
+
+
+def test_the_export_of_the_shipped_example_evaluates_in_bash_without_an_error(tmp_path: Path):
+    """agents.sbatch evals `python -m app env --export .env`: after `cp .env.example .env` bash must not
+    print "UID: readonly variable" in every job's log, and UID/GID (compose's host user) stay out."""
+    (tmp_path / ".env").write_text((REPO / ".env.example").read_text())
+    env = {k: v for k, v in os.environ.items() if k not in settings.TABLE}
+    export = subprocess.run([sys.executable, "-m", "app", "env", "--export", ".env"], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)})
+    assert export.returncode == 0, export.stderr
+    assert "export WANDB_PROJECT=" in export.stdout  # the file's settings are there
+    assert not re.search(r"^export (UID|GID)=", export.stdout, re.M), export.stdout
+    shell = subprocess.run(["bash", "-c", 'set -e\neval "$1"\necho "$WANDB_PROJECT"', "bash", export.stdout],
+                           capture_output=True, text=True, timeout=60, env=env)
+    assert shell.returncode == 0 and shell.stderr == "", shell.stderr
+    assert shell.stdout.strip() == settings.setting("WANDB_PROJECT").default
