@@ -11,6 +11,7 @@ run folders that are files or read-only. Run: pytest -q tests/test_faults_settin
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -498,3 +499,12 @@ def test_a_run_folder_made_read_only_during_training_is_one_line(tmp_path: Path,
     errors = error_lines(err)
     assert len(errors) == 1 and str(folder / "checkpoint.pt") in errors[0] and "Traceback" not in err, err[-3000:]
     assert _exit_codes(tmp_path / "runs") == [2]  # the W&B run has its exit record
+
+
+def test_a_checkpoint_that_is_a_fifo_is_refused_not_read(tmp_path: Path, small_data: Path):
+    """Reading a FIFO blocks until something writes to it: the resume would hang with no line."""
+    (tmp_path / "outputs" / "fifo0001").mkdir(parents=True)
+    os.mkfifo(tmp_path / "outputs" / "fifo0001" / "checkpoint.pt")
+    proc = run_app(["train"], _env(tmp_path, small_data, WANDB_RUN_ID="fifo0001"), tmp_path, timeout=60)
+    _one_refusal(proc, f"checkpoint {tmp_path / 'outputs' / 'fifo0001' / 'checkpoint.pt'} is not a regular file")
+    assert not list((tmp_path / "runs").glob("wandb/*run-*")), "a W&B run was opened for a refused resume"
