@@ -55,7 +55,7 @@ def prepare(args: list[str], environ: MutableMapping[str, str] | None = None,
     config = sources.load(args, environ, dotenv_path=dotenv_path, dotenv=dotenv)  # errors name .env as the source
     if dotenv:
         sources.apply_dotenv(environ, dotenv_path)
-    settings.drop_empty_wandb(environ)
+    settings.tidy_wandb(environ)  # what W&B reads from the environment: no empty values, modes as checked
     return Start(args, config, environ, preflight.check_environment(config, environ))
 
 

@@ -287,6 +287,24 @@ def drop_empty_wandb(environ: MutableMapping[str, str] | None = None) -> list[st
     return empty
 
 
+# the modes as W&B reads them: from os.environ, validated by its own settings case- and space-sensitively
+# (` OFFLINE` is a pydantic traceback after our check passed it), while ours are case-blind
+_MODES_W_AND_B_READS = ("WANDB_MODE", "AGENT_RUN_MODE")  # AGENT_RUN_MODE becomes the runs' WANDB_MODE
+
+
+def tidy_wandb(environ: MutableMapping[str, str] | None = None) -> list[str]:
+    """`drop_empty_wandb`, then the modes written back as our check reads them (lower case, stripped),
+    so W&B reads what we checked. A value that is no mode is left as it is: its check refuses it in one
+    line. Call before W&B is imported or a run starts. Returns the names dropped."""
+    environ = os.environ if environ is None else environ
+    dropped = drop_empty_wandb(environ)
+    for name in _MODES_W_AND_B_READS:
+        value = environ.get(name)
+        if value is not None and value.strip().lower() in TABLE[name].choices:
+            environ[name] = value.strip().lower()
+    return dropped
+
+
 # --- what else a .env may hold: the containers' runtime settings, not typos ---
 
 # W&B's own settings, compose's, docker's and pip's (build arguments), and the runtime's: a .env also

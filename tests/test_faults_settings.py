@@ -508,3 +508,19 @@ def test_a_checkpoint_that_is_a_fifo_is_refused_not_read(tmp_path: Path, small_d
     proc = run_app(["train"], _env(tmp_path, small_data, WANDB_RUN_ID="fifo0001"), tmp_path, timeout=60)
     _one_refusal(proc, f"checkpoint {tmp_path / 'outputs' / 'fifo0001' / 'checkpoint.pt'} is not a regular file")
     assert not list((tmp_path / "runs").glob("wandb/*run-*")), "a W&B run was opened for a refused resume"
+
+
+@pytest.mark.parametrize("environ, dotenv", [
+    ({"WANDB_MODE": "OFFLINE"}, ""),
+    ({"WANDB_MODE": " Offline "}, ""),
+    ({}, "WANDB_MODE=' offline'\n"),
+], ids=["upper-case", "spaces-and-capital", "dotenv"])
+def test_a_wandb_mode_in_other_case_or_with_spaces_trains_offline(tmp_path: Path, small_data: Path, environ, dotenv):
+    """Our check reads the mode case-blind; W&B reads WANDB_MODE itself and refused ` Offline` with a
+    validation traceback: it must read the mode as we checked it."""
+    if dotenv:
+        (tmp_path / ".env").write_text(dotenv)
+    proc = run_app(["train"], _env(tmp_path, small_data, **environ), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert len(list((tmp_path / "runs").glob("wandb/offline-run-*"))) == 1

@@ -133,6 +133,17 @@ def test_drop_empty_wandb_leaves_everything_else():
     assert environ == {"WANDB_DIR": "/runs", "EPOCHS": ""}
 
 
+def test_tidy_wandb_writes_the_modes_back_as_checked_and_leaves_a_bad_one_to_its_check():
+    environ = {"WANDB_MODE": " OFFLINE ", "AGENT_RUN_MODE": "Offline", "WANDB_NOTES": "", "EPOCHS": "3"}
+    assert settings.tidy_wandb(environ) == ["WANDB_NOTES"]
+    assert environ == {"WANDB_MODE": "offline", "AGENT_RUN_MODE": "offline", "EPOCHS": "3"}
+    bad = {"WANDB_MODE": " Cloud", "AGENT_RUN_MODE": "dryrun"}  # dryrun: W&B's own word, not a run mode of ours
+    settings.tidy_wandb(bad)
+    assert bad == {"WANDB_MODE": " Cloud", "AGENT_RUN_MODE": "dryrun"}
+    with pytest.raises(UserError, match=r"^WANDB_MODE='Cloud' must be one of"):
+        settings.get("WANDB_MODE", bad)
+
+
 # --- .env files ---
 
 def test_dotenv_values_comments_quotes_and_empty_lines(tmp_path: Path):
