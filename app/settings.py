@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, MutableMapping
@@ -225,10 +226,7 @@ def _flag(s: Setting, value: str) -> bool:
 
 
 def _number(s: Setting, value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
+    number = float(value) if cfg.FLOAT_FORM.fullmatch(value.strip()) else math.nan  # the training keys' forms
     if s.most is not None:
         if not 0 <= number <= s.most:
             raise UserError(f"{s.name}={value.strip()!r} must be {s.unit or 'a number'} between 0 and {s.most:g}")
@@ -240,8 +238,8 @@ def _number(s: Setting, value: str) -> float:
 
 def _count(s: Setting, value: str) -> int:
     try:
-        number = int(value)
-    except ValueError:
+        number = int(value) if cfg.INT_FORM.fullmatch(value.strip()) else 0  # not 1_000 or ١٢, as int() takes
+    except ValueError:  # over Python's 4300 digits
         number = 0
     if number < 1:
         raise UserError(f"{s.name}={value.strip()!r} must be a positive integer{f' ({s.unit})' if s.unit else ''}")
@@ -249,7 +247,8 @@ def _count(s: Setting, value: str) -> int:
 
 
 def _whole(s: Setting, value: str) -> int:
-    if not value.strip().isdigit():
+    # ASCII digits only: isdigit() took '²', which int() refuses; and at most what int() reads
+    if not re.fullmatch(r"[0-9]{1,4000}", value.strip()):
         raise UserError(f"{s.name}={value.strip()!r} must be a whole number{f' of {s.unit}' if s.unit else ''}")
     return int(value)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from app import settings
-from app.config import POSITIVE, PRECEDENCE
+from app.config import MOST, MOST_CHANNELS, POSITIVE, PRECEDENCE
 from app.errors import UserError
 from app.settings import AGENT, BUILD, CONTAINER, GIVEN, HOST, TABLE, TRAINING, WANDB, Setting
 
@@ -90,7 +90,11 @@ def shown_default(s: Setting) -> str:
 
 def allowed(s: Setting) -> str:
     if s.kind == "int" and s.name.lower() in POSITIVE:
-        return "integer >= 1"
+        return f"integer 1 to {MOST[s.name.lower()]}" if s.name.lower() in MOST else "integer >= 1"
+    if s.name == "SEED":
+        return "64-bit integer"
+    if s.name == "KERNELS":
+        return f"1 to 3 integers up to {MOST_CHANNELS}, e.g. 16,32"
     if s.kind == "choice":
         return " \\| ".join(s.choices)
     if s.kind == "number":
