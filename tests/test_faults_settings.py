@@ -98,6 +98,11 @@ TRAIN_CASES = {
     "dotenv-open-quote": ([], {}, "EPOCHS='3\n", "small_data", "is not a KEY=value line"),
     "dotenv-bad-value": ([], {}, "EPOCHS=many\n", "small_data", "epochs='many' (from .env) is not an integer"),
     "dotenv-lr-inf": ([], {}, "LEARNING_RATE=inf\n", "small_data", "learning_rate=inf must be > 0 and finite"),
+    # far out of range or in Python's own number forms: passed, then an allocation or overflow traceback
+    "kernels-huge": ([], {"KERNELS": "100000"}, "", "small_data", "kernels=[100000] must be channel counts of at most 1024"),
+    "classes-huge": ([], {}, "CLASSES=1000000000\n", "small_data", "classes=1000000000 must be at most 100000"),
+    "seed-past-64-bits": ([f"--seed={2**64}"], {}, "", "small_data", f"seed={2**64} must be a 64-bit integer"),
+    "epochs-python-form": ([], {"EPOCHS": "1_000"}, "", "small_data", "epochs='1_000' (from environment) is not an integer"),
     "wandb-mode-odd": ([], {"WANDB_MODE": "cloud"}, "", "small_data", "WANDB_MODE='cloud' must be one of"),
     "wandb-mode-online-no-key": ([], {"WANDB_MODE": "online"}, "", "small_data", "WANDB_MODE=online needs an API key"),
     "dotenv-wandb-online-no-key": ([], {}, "WANDB_MODE=online\n", "small_data", "WANDB_MODE=online needs an API key"),
