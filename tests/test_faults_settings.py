@@ -529,3 +529,16 @@ def test_a_wandb_mode_in_other_case_or_with_spaces_trains_offline(tmp_path: Path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert len(list((tmp_path / "runs").glob("wandb/offline-run-*"))) == 1
+
+
+def test_a_reference_in_dotenv_is_expanded_for_the_run_not_taken_as_a_folder_name(tmp_path: Path, small_data: Path):
+    """`OUTPUT_DIR=${HOME}/outputs` in .env: compose expands it; the run wrote into a folder named `${HOME}`."""
+    home = tmp_path / "home"
+    (tmp_path / ".env").write_text("OUTPUT_DIR=${HOME}/outputs\nWANDB_DIR=\"${HOME}/runs\"\n")
+    env = _env(tmp_path, small_data, HOME=str(home), WANDB_RUN_ID="home0001")
+    del env["OUTPUT_DIR"], env["WANDB_DIR"]  # from the .env
+    proc = run_app(["train"], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (home / "outputs" / "home0001" / "model.onnx").is_file()
+    assert list((home / "runs").glob("wandb/offline-run-*"))
+    assert not [p for p in tmp_path.rglob("*") if "$" in p.name], "a folder named after the literal reference"

@@ -169,6 +169,72 @@ def test_dotenv_errors_name_the_line(tmp_path: Path, text: str, fragment: str):
     assert str(caught.value) == f"{tmp_path}/{fragment}"
 
 
+# `$` in a value: expanded as docker compose does, where python-dotenv's dotenv_values reads it the same
+# (docker compose v2.40 `config` gave these by hand); refused in one line where the two differ
+HOME_ENV = {"HOME": "/home/u", "EMPTY": ""}
+AGREED = {
+    "braced": ("WANDB_DIR=${HOME}/runs\n", {"WANDB_DIR": "/home/u/runs"}),
+    "double-quoted": ('WANDB_DIR="${HOME}/runs"\n', {"WANDB_DIR": "/home/u/runs"}),
+    "default-unset": ("WANDB_DIR=${NOPE:-/r}\n", {"WANDB_DIR": "/r"}),
+    "default-not-taken": ("WANDB_DIR=${HOME:-/r}\n", {"WANDB_DIR": "/home/u"}),
+    "earlier-line": ("DATA_DIR=/d\nOUTPUT_DIR=${DATA_DIR}/out\n", {"DATA_DIR": "/d", "OUTPUT_DIR": "/d/out"}),
+    "unset-is-blank": ("WANDB_NOTES=${NOPE}\nSEED=${NOPE}1\n", {"SEED": "1"}),
+    "single-quoted-lone-dollar": ("WANDB_NOTES='pa$word'\n", {"WANDB_NOTES": "pa$word"}),
+    "dollar-not-a-name": ("WANDB_NOTES=costs $5 or $\n", {"WANDB_NOTES": "costs $5 or $"}),
+}
+
+
+@pytest.mark.parametrize("case", AGREED, ids=list(AGREED))
+def test_dotenv_references_expand_as_compose_and_python_dotenv_both_read_them(tmp_path: Path, monkeypatch, case):
+    from dotenv import dotenv_values
+
+    text, expected = AGREED[case]
+    (tmp_path / ".env").write_text(text)
+    assert read_dotenv(tmp_path / ".env", HOME_ENV) == expected
+    for name, value in HOME_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("NOPE", raising=False)
+    theirs = {k: v for k, v in dotenv_values(tmp_path / ".env", interpolate=True).items() if v}
+    assert theirs == expected  # what a user's own script reads from the same file
+
+
+DISAGREED = {
+    "bare-name": ("WANDB_DIR=$HOME/runs\n", "WANDB_DIR='$HOME/runs' is '/home/u/runs' to docker compose but '$HOME/runs' to python-dotenv"),
+    "double-dollar": ("WANDB_NOTES=a$$b\n", "WANDB_NOTES='a$$b' is 'a$b' to docker compose but 'a$$b' to python-dotenv"),
+    "single-quoted-braced": ("WANDB_DIR='${HOME}'\n", "WANDB_DIR='${HOME}' is '${HOME}' to docker compose but '/home/u'"),
+    "default-of-empty": ("WANDB_DIR=${EMPTY:-/r}\n", "WANDB_DIR='${EMPTY:-/r}' is '/r' to docker compose but ''"),
+    "environment-and-earlier-line": ("HOME=/other\nWANDB_DIR=${HOME}\n", "is '/home/u' to docker compose but '/other'"),
+    "dash-default": ("WANDB_DIR=${HOME-/r}\n", "WANDB_DIR: ${HOME-/r} is read differently by docker compose and python-dotenv"),
+    "nested-default": ("WANDB_DIR=${NOPE:-${HOME}}\n", "WANDB_DIR: ${NOPE:-${HOME} is read differently"),
+    "open-brace": ("WANDB_DIR=${HOME\n", "WANDB_DIR: ${ without its } is read differently"),
+    "escaped-in-double-quotes": ('WANDB_DIR="\\$HOME"\n', "WANDB_DIR: \\$ is read differently"),
+}
+
+
+@pytest.mark.parametrize("case", DISAGREED, ids=list(DISAGREED))
+def test_dotenv_references_compose_and_python_dotenv_read_differently_are_one_line(tmp_path: Path, case):
+    text, fragment = DISAGREED[case]
+    (tmp_path / ".env").write_text("SEED=1\n" + text)
+    with pytest.raises(UserError) as caught:
+        read_dotenv(tmp_path / ".env", HOME_ENV)
+    line = str(caught.value)
+    assert line.startswith(f"{tmp_path / '.env'}:{1 + text.count(chr(10))}: ")  # the line of the value itself
+    assert fragment in line and "\n" not in line, line
+
+
+def test_the_export_for_slurm_expands_references_from_the_jobs_environment(tmp_path: Path):
+    (tmp_path / ".env").write_text("OUTPUT_DIR=${HOME}/outputs\nDATA_DIR='${HOME}'\n")
+    env = {k: v for k, v in os.environ.items() if k not in settings.TABLE}
+    export = subprocess.run([sys.executable, "-m", "app", "env", "--export", ".env"], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path, env={**env, "HOME": "/home/u", "PYTHONPATH": str(REPO)})
+    assert export.returncode == 2 and export.stdout == "", export.stdout
+    assert export.stderr.startswith("error: .env:2: DATA_DIR='${HOME}' is '${HOME}' to docker compose"), export.stderr
+    (tmp_path / ".env").write_text("OUTPUT_DIR=${HOME}/outputs\n")
+    export = subprocess.run([sys.executable, "-m", "app", "env", "--export", ".env"], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path, env={**env, "HOME": "/home/u", "PYTHONPATH": str(REPO)})
+    assert export.stdout == "export OUTPUT_DIR=/home/u/outputs\n", export.stderr
+
+
 def test_dotenv_may_carry_the_runtime_settings_of_the_containers(tmp_path: Path):
     # the same .env feeds compose's and launch's containers: thread counts, CUDA and proxy settings are not typos
     f = tmp_path / ".env"
