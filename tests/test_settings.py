@@ -172,6 +172,7 @@ def test_dotenv_errors_name_the_line(tmp_path: Path, text: str, fragment: str):
 # `$` in a value: expanded as docker compose does, where python-dotenv's dotenv_values reads it the same
 # (docker compose v2.40 `config` gave these by hand); refused in one line where the two differ
 HOME_ENV = {"HOME": "/home/u", "EMPTY": ""}
+DOCKER_CONFIG = os.environ.get("DOCKER_CONFIG") or os.path.expanduser("~/.docker")  # its plugins: not under HOME_ENV's
 AGREED = {
     "braced": ("WANDB_DIR=${HOME}/runs\n", {"WANDB_DIR": "/home/u/runs"}),
     "double-quoted": ('WANDB_DIR="${HOME}/runs"\n', {"WANDB_DIR": "/home/u/runs"}),
@@ -196,6 +197,15 @@ def test_dotenv_references_expand_as_compose_and_python_dotenv_both_read_them(tm
     monkeypatch.delenv("NOPE", raising=False)
     theirs = {k: v for k, v in dotenv_values(tmp_path / ".env", interpolate=True).items() if v}
     assert theirs == expected  # what a user's own script reads from the same file
+    (tmp_path / "compose.yml").write_text("services:\n  t:\n    image: busybox\n    env_file:\n      - path: .env\n")
+    env = {k: v for k, v in os.environ.items() if k not in settings.TABLE and k != "NOPE"}
+    r = subprocess.run(["docker", "compose", "-f", "compose.yml", "config", "--format", "json"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60, env={**env, **HOME_ENV, "DOCKER_CONFIG": DOCKER_CONFIG})
+    if r.returncode != 0 and "CI" not in os.environ:
+        pytest.skip(f"docker compose is not usable here: {r.stderr.strip()[:200]}")
+    assert r.returncode == 0, r.stderr
+    composed = yaml.safe_load(r.stdout)["services"]["t"]["environment"]
+    assert {k: v.replace("$$", "$") for k, v in composed.items() if v} == expected  # config escapes $ as $$
 
 
 DISAGREED = {
