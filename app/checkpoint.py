@@ -65,6 +65,10 @@ def load(path: Path, device: Any = "cpu") -> dict[str, Any]:
     """The checkpoint's state. Loaded with weights_only: a checkpoint is data and never runs code."""
     import torch
 
+    # a FIFO (or a device, a socket) would block the read forever; a folder is refused as damaged below
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise UserError(f"checkpoint {path} is not a regular file; remove it to train this run again, or set "
+                        "resume=false")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # a truncated or foreign file: torch raises several types

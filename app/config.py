@@ -82,6 +82,22 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "watch_log": ("gradients", "parameters", "all", "none"),
 }
 POSITIVE = ("epochs", "classes", "batch_size", "train_stride", "log_interval", "watch_log_freq")
+# the largest value of each, far beyond any real run or sweep: a bigger one passed the checks and then failed
+# in an allocation or an overflow after the W&B run opened (train_stride and val_size: checked against the data)
+MOST = {
+    "epochs": 100_000,  # a run of 100k epochs is weeks even on the smallest subset; 10**12 only overflows later
+    "classes": 100_000,  # the classifier's weights are classes x 1568 floats: 0.6 GB at 100k, 6 TB at 10**9
+    "batch_size": 65_536,  # more than MNIST's 60k training images: a bigger batch is the same one-batch epoch
+    "log_interval": 10**9,  # batches: more than any run makes, so the largest that changes anything
+    "watch_log_freq": 10**9,
+}
+MOST_CHANNELS = 1024  # per conv block: 100k channels is a 37 GB activation for one batch of 128
+SEED_RANGE = (-2**63, 2**63)  # torch.manual_seed's (and W&B's config's) 64-bit integer: >= 2**63 overflows
+# the number forms a value may take: what a compose or shell user writes. int() and float() also take
+# 1_000, non-ASCII digits (١٢) and surrounding Unicode space, which no .env user means as a number.
+# inf and nan parse, so that learning_rate and gpu_memory_fraction refuse them with their own lines
+INT_FORM = re.compile(r"[+-]?[0-9]+")
+FLOAT_FORM = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|infinity|nan)", re.I)
 KEYS = tuple(f.name for f in fields(Config))
 TRUE = ("1", "true", "yes", "on")  # the words of a true/false setting, here and in app.settings
 FALSE = ("0", "false", "no", "off")
@@ -102,12 +118,18 @@ def _check(c: Config) -> None:
     for key in POSITIVE:
         if getattr(c, key) < 1:
             raise ConfigError(f"{key}={getattr(c, key)} must be >= 1")
+        if getattr(c, key) > MOST.get(key, math.inf):
+            raise ConfigError(f"{key}={shown(getattr(c, key))} must be at most {MOST[key]}")
     for key, allowed in CHOICES.items():
         if getattr(c, key) not in allowed:
             raise ConfigError(f"{key}={shown(getattr(c, key))} must be one of: {', '.join(allowed)}")
     # each conv block halves the 28x28 image: more than three would leave nothing to pool
     if not 1 <= len(c.kernels) <= 3 or any(k < 1 for k in c.kernels):
         raise ConfigError(f"kernels={list(c.kernels)} must be 1 to 3 positive channel counts, e.g. 16,32")
+    if any(k > MOST_CHANNELS for k in c.kernels):
+        raise ConfigError(f"kernels={shown(list(c.kernels))} must be channel counts of at most {MOST_CHANNELS}")
+    if not SEED_RANGE[0] <= c.seed < SEED_RANGE[1]:
+        raise ConfigError(f"seed={shown(c.seed)} must be a 64-bit integer (-2**63 to 2**63-1), as torch.manual_seed takes")
     if not (c.learning_rate > 0 and math.isfinite(c.learning_rate)):
         raise ConfigError(f"learning_rate={c.learning_rate} must be > 0 and finite")
     if c.val_size < 0:
@@ -129,6 +151,8 @@ def coerce(key: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{where} is not {noun}")
         if number is int and isinstance(value, float) and value.is_integer():
             return int(value)
+        if isinstance(value, str) and not (INT_FORM if number is int else FLOAT_FORM).fullmatch(value.strip()):
+            raise ConfigError(f"{where} is not {noun}")
         try:
             return number(str(value).strip())
         except ValueError:
@@ -153,10 +177,19 @@ def coerce(key: str, value: Any, source: str) -> Any:
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{where} is not a list of integers like 16,32")
         try:
-            return tuple(int(str(i).strip()) for i in items)
+            return tuple(_list_int(i) for i in items)
         except ValueError:
             raise ConfigError(f"{where} is not a list of integers like 16,32") from None
     return str(value).strip()
+
+
+def _list_int(item: Any) -> int:
+    """An item of a list key: an int from JSON or YAML, else text in the plain integer form."""
+    if isinstance(item, int) and not isinstance(item, bool):
+        return item
+    if not INT_FORM.fullmatch(str(item).strip()):
+        raise ValueError(item)
+    return int(str(item).strip())
 
 
 def merge(base: Config, values: Mapping[str, Any], source: str) -> Config:

@@ -52,11 +52,11 @@ def prepare(args: list[str], environ: MutableMapping[str, str] | None = None,
     from app import preflight
 
     environ = os.environ if environ is None else environ
-    dotenv = sources.read_dotenv(dotenv_path) if dotenv_path and os.path.exists(dotenv_path) else {}
+    dotenv = sources.read_dotenv(dotenv_path, environ) if dotenv_path and os.path.exists(dotenv_path) else {}
     config = sources.load(args, environ, dotenv_path=dotenv_path, dotenv=dotenv)  # errors name .env as the source
     if dotenv:
         sources.apply_dotenv(environ, dotenv_path)
-    settings.drop_empty_wandb(environ)
+    settings.tidy_wandb(environ)  # what W&B reads from the environment: no empty values, modes as checked
     return Start(args, config, environ, preflight.check_environment(config, environ))
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, MutableMapping
@@ -229,10 +230,7 @@ def _flag(s: Setting, value: str) -> bool:
 
 
 def _number(s: Setting, value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
+    number = float(value) if cfg.FLOAT_FORM.fullmatch(value.strip()) else math.nan  # the training keys' forms
     if s.most is not None:
         if not 0 <= number <= s.most:
             raise UserError(f"{s.name}={value.strip()!r} must be {s.unit or 'a number'} between 0 and {s.most:g}")
@@ -244,8 +242,8 @@ def _number(s: Setting, value: str) -> float:
 
 def _count(s: Setting, value: str) -> int:
     try:
-        number = int(value)
-    except ValueError:
+        number = int(value) if cfg.INT_FORM.fullmatch(value.strip()) else 0  # not 1_000 or ١٢, as int() takes
+    except ValueError:  # over Python's 4300 digits
         number = 0
     if number < 1:
         raise UserError(f"{s.name}={value.strip()!r} must be a positive integer{f' ({s.unit})' if s.unit else ''}")
@@ -253,7 +251,8 @@ def _count(s: Setting, value: str) -> int:
 
 
 def _whole(s: Setting, value: str) -> int:
-    if not value.strip().isdigit():
+    # ASCII digits only: isdigit() took '²', which int() refuses; and at most what int() reads
+    if not re.fullmatch(r"[0-9]{1,4000}", value.strip()):
         raise UserError(f"{s.name}={value.strip()!r} must be a whole number{f' of {s.unit}' if s.unit else ''}")
     return int(value)
 
@@ -289,6 +288,24 @@ def drop_empty_wandb(environ: MutableMapping[str, str] | None = None) -> list[st
     for k in empty:
         del environ[k]
     return empty
+
+
+# the modes as W&B reads them: from os.environ, validated by its own settings case- and space-sensitively
+# (` OFFLINE` is a pydantic traceback after our check passed it), while ours are case-blind
+_MODES_W_AND_B_READS = ("WANDB_MODE", "AGENT_RUN_MODE")  # AGENT_RUN_MODE becomes the runs' WANDB_MODE
+
+
+def tidy_wandb(environ: MutableMapping[str, str] | None = None) -> list[str]:
+    """`drop_empty_wandb`, then the modes written back as our check reads them (lower case, stripped),
+    so W&B reads what we checked. A value that is no mode is left as it is: its check refuses it in one
+    line. Call before W&B is imported or a run starts. Returns the names dropped."""
+    environ = os.environ if environ is None else environ
+    dropped = drop_empty_wandb(environ)
+    for name in _MODES_W_AND_B_READS:
+        value = environ.get(name)
+        if value is not None and value.strip().lower() in TABLE[name].choices:
+            environ[name] = value.strip().lower()
+    return dropped
 
 
 # --- what else a .env may hold: the containers' runtime settings, not typos ---

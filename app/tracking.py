@@ -92,7 +92,7 @@ def new_run_id() -> str:
 def prepare_wandb_environ(environ: Mapping[str, str] | None = None) -> None:
     """The WANDB_* variables W&B reads from os.environ itself, as our runs need them. Before W&B loads its
     settings: in a process that runs many, W&B warns at each wandb.init once they have changed since."""
-    settings.drop_empty_wandb()  # W&B reads os.environ itself and rejects some empty values (WANDB_MODE=)
+    settings.tidy_wandb()  # W&B reads os.environ itself: it rejects some empty values (WANDB_MODE=) and ` OFFLINE`
     # W&B's own end of a run is ~25 lines of history and summary (every trial, in an agent's log) and a
     # `wandb sync offline-run-...` that uploads the run without its model artifact, or names a path only the
     # container has; our lines say where the run is and how to upload it. WANDB_QUIET=false brings W&B's back.

@@ -165,6 +165,15 @@ def test_malformed_command_line(args, fragment):
     ("KERNELS", "16,x", "is not a list of integers"),
     ("KERNELS", "[16,", "is not a list of integers"),
     ("KERNELS", "[16, 32.5]", "is not a list of integers"),
+    # Python's own number forms, which int() and float() take and no .env or shell user means
+    ("EPOCHS", "1_000", "epochs='1_000' (from environment) is not an integer"),
+    ("EPOCHS", "١٢", "epochs='١٢' (from environment) is not an integer"),  # Arabic-Indic 12
+    ("SEED", "0x10", "seed='0x10' (from environment) is not an integer"),
+    ("BATCH_SIZE", "1e3", "is not an integer"),
+    ("LEARNING_RATE", "1_0.5", "learning_rate='1_0.5' (from environment) is not a number"),
+    ("LEARNING_RATE", "٠.١", "is not a number"),
+    ("KERNELS", "16,3_2", "is not a list of integers"),
+    ("KERNELS", "[16, true]", "is not a list of integers"),
 ])
 def test_wrong_types_from_the_environment(key, value, fragment):
     assert fragment in _error(environ={key: value})
@@ -205,9 +214,35 @@ def test_wrong_types_from_a_sweep(values):
     ("--kernels=8,16,32,64", "must be 1 to 3 positive channel counts"),
     ("--kernels=[]", "must be 1 to 3 positive channel counts"),
     ("--kernels=16,0", "must be 1 to 3 positive channel counts"),
+    # far out of range: these passed, then failed in an allocation or an overflow after the run opened
+    ("--kernels=100000", "kernels=[100000] must be channel counts of at most 1024"),
+    ("--classes=1000000000", "classes=1000000000 must be at most 100000"),
+    ("--batch_size=1000000000", "batch_size=1000000000 must be at most 65536"),
+    ("--epochs=1000000000000", "epochs=1000000000000 must be at most 100000"),
+    ("--log_interval=1000000000000", "log_interval=1000000000000 must be at most 1000000000"),
+    ("--watch_log_freq=1000000000000", "watch_log_freq=1000000000000 must be at most 1000000000"),
+    (f"--seed={2**64}", f"seed={2**64} must be a 64-bit integer"),
+    (f"--seed={2**63}", "must be a 64-bit integer (-2**63 to 2**63-1), as torch.manual_seed takes"),
+    (f"--seed={-2**63 - 1}", "must be a 64-bit integer"),
 ])
 def test_ranges(arg, fragment):
     assert fragment in _error(cli_args=[arg])
+
+
+def test_the_bounds_refuse_nothing_a_real_run_uses():
+    """The largest values of each bound, every shipped sweep's values and the number forms people write."""
+    top = Config(epochs=100_000, classes=100_000, batch_size=65_536, kernels=(1024, 1024, 1024),
+                 log_interval=10**9, watch_log_freq=10**9, seed=2**63 - 1)
+    assert top.seed == 2**63 - 1 and Config(seed=-2**63).seed == -2**63
+    c = load(["--epochs=+3", "--learning_rate=1E-3", "--gpu_memory_fraction=.5", "--kernels= 8 , 16 "], {}, None)
+    assert (c.epochs, c.learning_rate, c.gpu_memory_fraction, c.kernels) == (3, 0.001, 0.5, (8, 16))
+    assert merge(Config(), {"epochs": 3.0, "kernels": [8, 16], "seed": 2**62}, "W&B sweep").seed == 2**62
+    from app.sweep import spec as sweep_spec
+
+    shipped = sorted((REPO / "sweeps").glob("*.yaml"))
+    assert shipped
+    for path in shipped:
+        sweep_spec.load(path)  # checks every listed value and each range's ends against the config
 
 
 @pytest.mark.parametrize("arg, fragment", [

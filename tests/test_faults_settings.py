@@ -11,6 +11,7 @@ run folders that are files or read-only. Run: pytest -q tests/test_faults_settin
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -97,6 +98,11 @@ TRAIN_CASES = {
     "dotenv-open-quote": ([], {}, "EPOCHS='3\n", "small_data", "is not a KEY=value line"),
     "dotenv-bad-value": ([], {}, "EPOCHS=many\n", "small_data", "epochs='many' (from .env) is not an integer"),
     "dotenv-lr-inf": ([], {}, "LEARNING_RATE=inf\n", "small_data", "learning_rate=inf must be > 0 and finite"),
+    # far out of range or in Python's own number forms: passed, then an allocation or overflow traceback
+    "kernels-huge": ([], {"KERNELS": "100000"}, "", "small_data", "kernels=[100000] must be channel counts of at most 1024"),
+    "classes-huge": ([], {}, "CLASSES=1000000000\n", "small_data", "classes=1000000000 must be at most 100000"),
+    "seed-past-64-bits": ([f"--seed={2**64}"], {}, "", "small_data", f"seed={2**64} must be a 64-bit integer"),
+    "epochs-python-form": ([], {"EPOCHS": "1_000"}, "", "small_data", "epochs='1_000' (from environment) is not an integer"),
     "wandb-mode-odd": ([], {"WANDB_MODE": "cloud"}, "", "small_data", "WANDB_MODE='cloud' must be one of"),
     "wandb-mode-online-no-key": ([], {"WANDB_MODE": "online"}, "", "small_data", "WANDB_MODE=online needs an API key"),
     "dotenv-wandb-online-no-key": ([], {}, "WANDB_MODE=online\n", "small_data", "WANDB_MODE=online needs an API key"),
@@ -498,3 +504,41 @@ def test_a_run_folder_made_read_only_during_training_is_one_line(tmp_path: Path,
     errors = error_lines(err)
     assert len(errors) == 1 and str(folder / "checkpoint.pt") in errors[0] and "Traceback" not in err, err[-3000:]
     assert _exit_codes(tmp_path / "runs") == [2]  # the W&B run has its exit record
+
+
+def test_a_checkpoint_that_is_a_fifo_is_refused_not_read(tmp_path: Path, small_data: Path):
+    """Reading a FIFO blocks until something writes to it: the resume would hang with no line."""
+    (tmp_path / "outputs" / "fifo0001").mkdir(parents=True)
+    os.mkfifo(tmp_path / "outputs" / "fifo0001" / "checkpoint.pt")
+    proc = run_app(["train"], _env(tmp_path, small_data, WANDB_RUN_ID="fifo0001"), tmp_path, timeout=60)
+    _one_refusal(proc, f"checkpoint {tmp_path / 'outputs' / 'fifo0001' / 'checkpoint.pt'} is not a regular file")
+    assert not list((tmp_path / "runs").glob("wandb/*run-*")), "a W&B run was opened for a refused resume"
+
+
+@pytest.mark.parametrize("environ, dotenv", [
+    ({"WANDB_MODE": "OFFLINE"}, ""),
+    ({"WANDB_MODE": " Offline "}, ""),
+    ({}, "WANDB_MODE=' offline'\n"),
+], ids=["upper-case", "spaces-and-capital", "dotenv"])
+def test_a_wandb_mode_in_other_case_or_with_spaces_trains_offline(tmp_path: Path, small_data: Path, environ, dotenv):
+    """Our check reads the mode case-blind; W&B reads WANDB_MODE itself and refused ` Offline` with a
+    validation traceback: it must read the mode as we checked it."""
+    if dotenv:
+        (tmp_path / ".env").write_text(dotenv)
+    proc = run_app(["train"], _env(tmp_path, small_data, **environ), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert len(list((tmp_path / "runs").glob("wandb/offline-run-*"))) == 1
+
+
+def test_a_reference_in_dotenv_is_expanded_for_the_run_not_taken_as_a_folder_name(tmp_path: Path, small_data: Path):
+    """`OUTPUT_DIR=${HOME}/outputs` in .env: compose expands it; the run wrote into a folder named `${HOME}`."""
+    home = tmp_path / "home"
+    (tmp_path / ".env").write_text("OUTPUT_DIR=${HOME}/outputs\nWANDB_DIR=\"${HOME}/runs\"\n")
+    env = _env(tmp_path, small_data, HOME=str(home), WANDB_RUN_ID="home0001")
+    del env["OUTPUT_DIR"], env["WANDB_DIR"]  # from the .env
+    proc = run_app(["train"], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (home / "outputs" / "home0001" / "model.onnx").is_file()
+    assert list((home / "runs").glob("wandb/offline-run-*"))
+    assert not [p for p in tmp_path.rglob("*") if "$" in p.name], "a folder named after the literal reference"

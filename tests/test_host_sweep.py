@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
-from pathlib import Path
 
 from conftest import REPO, clean_env, run_app
 

@@ -51,15 +51,17 @@ def test_count(value, expected):
     assert settings.get("SYNC_TIMEOUT_S", {}) == 120  # the declared default
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5", "1e3"])
+# 1_000, ١٢ (Arabic-Indic digits) and 0x10: int() takes the first two, no .env user writes any of them
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5", "1e3", "1_000", "١٢", "0x10"])
 def test_count_refuses_naming_what_it_counts(value):
     with pytest.raises(UserError, match=rf"^AGENT_COUNT='{value}' must be a positive integer "
                                         r"\(runs per agent; unset = until the sweep ends\)$"):
         settings.get("AGENT_COUNT", {"AGENT_COUNT": value})
 
 
-@pytest.mark.parametrize("value, ok", [("0.5", True), ("2.5", True), ("0", False), ("-1", False), ("nan", False),
-                                       ("inf", False), ("x", False)])
+@pytest.mark.parametrize("value, ok", [("0.5", True), ("2.5", True), ("1e1", True), (".5", True), ("0", False),
+                                       ("-1", False), ("nan", False), ("inf", False), ("x", False), ("1_0", False),
+                                       ("١", False)])
 def test_positive_number(value, ok):
     if ok:
         assert settings.get("SWEEP_HEARTBEAT_S", {"SWEEP_HEARTBEAT_S": value}) == float(value)
@@ -79,12 +81,13 @@ def test_bounded_number(value, ok):
             settings.get("AGENT_START_STAGGER", {"AGENT_START_STAGGER": value})
 
 
-@pytest.mark.parametrize("value, ok", [("0", True), (" 3 ", True), ("-1", False), ("two", False), ("1.0", False)])
+@pytest.mark.parametrize("value, ok", [("0", True), (" 3 ", True), ("-1", False), ("two", False), ("1.0", False),
+                                       ("²", False), ("1_0", False), ("+1", False), ("9" * 5000, False)])
 def test_whole_number(value, ok):
     if ok:
         assert settings.get("GPU_COUNT", {"GPU_COUNT": value}) == int(value)
     else:
-        with pytest.raises(UserError, match=rf"^GPU_COUNT='{value.strip()}' must be a whole number of GPUs \(0 = none\)$"):
+        with pytest.raises(UserError, match=rf"^GPU_COUNT='{re.escape(value.strip())}' must be a whole number of GPUs \(0 = none\)$"):
             settings.get("GPU_COUNT", {"GPU_COUNT": value})
 
 
@@ -133,6 +136,17 @@ def test_drop_empty_wandb_leaves_everything_else():
     assert environ == {"WANDB_DIR": "/runs", "EPOCHS": ""}
 
 
+def test_tidy_wandb_writes_the_modes_back_as_checked_and_leaves_a_bad_one_to_its_check():
+    environ = {"WANDB_MODE": " OFFLINE ", "AGENT_RUN_MODE": "Offline", "WANDB_NOTES": "", "EPOCHS": "3"}
+    assert settings.tidy_wandb(environ) == ["WANDB_NOTES"]
+    assert environ == {"WANDB_MODE": "offline", "AGENT_RUN_MODE": "offline", "EPOCHS": "3"}
+    bad = {"WANDB_MODE": " Cloud", "AGENT_RUN_MODE": "dryrun"}  # dryrun: W&B's own word, not a run mode of ours
+    settings.tidy_wandb(bad)
+    assert bad == {"WANDB_MODE": " Cloud", "AGENT_RUN_MODE": "dryrun"}
+    with pytest.raises(UserError, match=r"^WANDB_MODE='Cloud' must be one of"):
+        settings.get("WANDB_MODE", bad)
+
+
 # --- .env files ---
 
 def test_dotenv_values_comments_quotes_and_empty_lines(tmp_path: Path):
@@ -153,6 +167,82 @@ def test_dotenv_errors_name_the_line(tmp_path: Path, text: str, fragment: str):
     with pytest.raises(UserError) as caught:
         read_dotenv(f)
     assert str(caught.value) == f"{tmp_path}/{fragment}"
+
+
+# `$` in a value: expanded as docker compose does, where python-dotenv's dotenv_values reads it the same
+# (docker compose v2.40 `config` gave these by hand); refused in one line where the two differ
+HOME_ENV = {"HOME": "/home/u", "EMPTY": ""}
+DOCKER_CONFIG = os.environ.get("DOCKER_CONFIG") or os.path.expanduser("~/.docker")  # its plugins: not under HOME_ENV's
+AGREED = {
+    "braced": ("WANDB_DIR=${HOME}/runs\n", {"WANDB_DIR": "/home/u/runs"}),
+    "double-quoted": ('WANDB_DIR="${HOME}/runs"\n', {"WANDB_DIR": "/home/u/runs"}),
+    "default-unset": ("WANDB_DIR=${NOPE:-/r}\n", {"WANDB_DIR": "/r"}),
+    "default-not-taken": ("WANDB_DIR=${HOME:-/r}\n", {"WANDB_DIR": "/home/u"}),
+    "earlier-line": ("DATA_DIR=/d\nOUTPUT_DIR=${DATA_DIR}/out\n", {"DATA_DIR": "/d", "OUTPUT_DIR": "/d/out"}),
+    "unset-is-blank": ("WANDB_NOTES=${NOPE}\nSEED=${NOPE}1\n", {"SEED": "1"}),
+    "single-quoted-lone-dollar": ("WANDB_NOTES='pa$word'\n", {"WANDB_NOTES": "pa$word"}),
+    "dollar-not-a-name": ("WANDB_NOTES=costs $5 or $\n", {"WANDB_NOTES": "costs $5 or $"}),
+}
+
+
+@pytest.mark.parametrize("case", AGREED, ids=list(AGREED))
+def test_dotenv_references_expand_as_compose_and_python_dotenv_both_read_them(tmp_path: Path, monkeypatch, case):
+    from dotenv import dotenv_values
+
+    text, expected = AGREED[case]
+    (tmp_path / ".env").write_text(text)
+    assert read_dotenv(tmp_path / ".env", HOME_ENV) == expected
+    for name, value in HOME_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("NOPE", raising=False)
+    theirs = {k: v for k, v in dotenv_values(tmp_path / ".env", interpolate=True).items() if v}
+    assert theirs == expected  # what a user's own script reads from the same file
+    (tmp_path / "compose.yml").write_text("services:\n  t:\n    image: busybox\n    env_file:\n      - path: .env\n")
+    env = {k: v for k, v in os.environ.items() if k not in settings.TABLE and k != "NOPE"}
+    r = subprocess.run(["docker", "compose", "-f", "compose.yml", "config", "--format", "json"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60, env={**env, **HOME_ENV, "DOCKER_CONFIG": DOCKER_CONFIG})
+    if r.returncode != 0 and "CI" not in os.environ:
+        pytest.skip(f"docker compose is not usable here: {r.stderr.strip()[:200]}")
+    assert r.returncode == 0, r.stderr
+    composed = yaml.safe_load(r.stdout)["services"]["t"]["environment"]
+    assert {k: v.replace("$$", "$") for k, v in composed.items() if v} == expected  # config escapes $ as $$
+
+
+DISAGREED = {
+    "bare-name": ("WANDB_DIR=$HOME/runs\n", "WANDB_DIR='$HOME/runs' is '/home/u/runs' to docker compose but '$HOME/runs' to python-dotenv"),
+    "double-dollar": ("WANDB_NOTES=a$$b\n", "WANDB_NOTES='a$$b' is 'a$b' to docker compose but 'a$$b' to python-dotenv"),
+    "single-quoted-braced": ("WANDB_DIR='${HOME}'\n", "WANDB_DIR='${HOME}' is '${HOME}' to docker compose but '/home/u'"),
+    "default-of-empty": ("WANDB_DIR=${EMPTY:-/r}\n", "WANDB_DIR='${EMPTY:-/r}' is '/r' to docker compose but ''"),
+    "environment-and-earlier-line": ("HOME=/other\nWANDB_DIR=${HOME}\n", "is '/home/u' to docker compose but '/other'"),
+    "dash-default": ("WANDB_DIR=${HOME-/r}\n", "WANDB_DIR: ${HOME-/r} is read differently by docker compose and python-dotenv"),
+    "nested-default": ("WANDB_DIR=${NOPE:-${HOME}}\n", "WANDB_DIR: ${NOPE:-${HOME} is read differently"),
+    "open-brace": ("WANDB_DIR=${HOME\n", "WANDB_DIR: ${ without its } is read differently"),
+    "escaped-in-double-quotes": ('WANDB_DIR="\\$HOME"\n', "WANDB_DIR: \\$ is read differently"),
+}
+
+
+@pytest.mark.parametrize("case", DISAGREED, ids=list(DISAGREED))
+def test_dotenv_references_compose_and_python_dotenv_read_differently_are_one_line(tmp_path: Path, case):
+    text, fragment = DISAGREED[case]
+    (tmp_path / ".env").write_text("SEED=1\n" + text)
+    with pytest.raises(UserError) as caught:
+        read_dotenv(tmp_path / ".env", HOME_ENV)
+    line = str(caught.value)
+    assert line.startswith(f"{tmp_path / '.env'}:{1 + text.count(chr(10))}: ")  # the line of the value itself
+    assert fragment in line and "\n" not in line, line
+
+
+def test_the_export_for_slurm_expands_references_from_the_jobs_environment(tmp_path: Path):
+    (tmp_path / ".env").write_text("OUTPUT_DIR=${HOME}/outputs\nDATA_DIR='${HOME}'\n")
+    env = {k: v for k, v in os.environ.items() if k not in settings.TABLE}
+    export = subprocess.run([sys.executable, "-m", "app", "env", "--export", ".env"], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path, env={**env, "HOME": "/home/u", "PYTHONPATH": str(REPO)})
+    assert export.returncode == 2 and export.stdout == "", export.stdout
+    assert export.stderr.startswith("error: .env:2: DATA_DIR='${HOME}' is '${HOME}' to docker compose"), export.stderr
+    (tmp_path / ".env").write_text("OUTPUT_DIR=${HOME}/outputs\n")
+    export = subprocess.run([sys.executable, "-m", "app", "env", "--export", ".env"], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path, env={**env, "HOME": "/home/u", "PYTHONPATH": str(REPO)})
+    assert export.stdout == "export OUTPUT_DIR=/home/u/outputs\n", export.stderr
 
 
 def test_dotenv_may_carry_the_runtime_settings_of_the_containers(tmp_path: Path):
@@ -385,3 +475,19 @@ def test_docs_settings_holds_the_current_reference():
         "docs/settings.md is out of date: put `python -m app env --reference` between its markers"
     for s in settings.TABLE.values():
         assert f"`{s.name}`" in r.stdout
+
+
+def test_the_export_of_the_shipped_example_evaluates_in_bash_without_an_error(tmp_path: Path):
+    """agents.sbatch evals `python -m app env --export .env`: after `cp .env.example .env` bash must not
+    print "UID: readonly variable" in every job's log, and UID/GID (compose's host user) stay out."""
+    (tmp_path / ".env").write_text((REPO / ".env.example").read_text())
+    env = {k: v for k, v in os.environ.items() if k not in settings.TABLE}
+    export = subprocess.run([sys.executable, "-m", "app", "env", "--export", ".env"], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)})
+    assert export.returncode == 0, export.stderr
+    assert "export WANDB_PROJECT=" in export.stdout  # the file's settings are there
+    assert not re.search(r"^export (UID|GID)=", export.stdout, re.M), export.stdout
+    shell = subprocess.run(["bash", "-c", 'set -e\neval "$1"\necho "$WANDB_PROJECT"', "bash", export.stdout],
+                           capture_output=True, text=True, timeout=60, env=env)
+    assert shell.returncode == 0 and shell.stderr == "", shell.stderr
+    assert shell.stdout.strip() == settings.setting("WANDB_PROJECT").default

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     if argv and not argv[0].startswith("-"):
         os.execvp(argv[0], argv)  # `docker run IMAGE bash` and friends
     interrupts.install()  # a stop during start-up: one line and 128+signal, no traceback
-    settings.drop_empty_wandb(environ)
+    settings.tidy_wandb(environ)  # what W&B reads from the environment: no empty values, modes as checked
     return runner.handle(start, argv, environ)
 
 

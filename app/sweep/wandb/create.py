@@ -57,6 +57,7 @@ def create(spec: sweep_spec.SweepSpec, project: str | None, entity: str | None,
                             "or run the YAML with no server: python -m app offline-agent")
     project = project or spec.raw.get("project") or settings.get("WANDB_PROJECT", environ)
     entity = entity or spec.raw.get("entity") or settings.get("WANDB_ENTITY", environ)
+    tracking.prepare_wandb_environ(environ)  # W&B reads WANDB_MODE itself: as checked, not ` Online`
 
     import wandb
 
