@@ -112,10 +112,10 @@ class Steps:
 
 
 def test_readme_commands_work_as_written_on_a_fresh_checkout(app_image, tmp_path: Path, record_property):
-    readme = (REPO / "README.md").read_text()
-    airgap = (REPO / "docs" / "airgap.md").read_text()
-    checkout = tmp_path / "checkout"
+    checkout = tmp_path / "checkout"  # committed files only: what a user gets (commit before running this)
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(checkout)], check=True, timeout=120)
+    readme = (checkout / "README.md").read_text()
+    airgap = (checkout / "docs" / "airgap.md").read_text()
     # the repository's venv stands in for scripts/venv's: it returns at once when the lock stamp matches.
     # It must never install here: `pip install --editable` from the clone would repoint the shared venv.
     locks = b"".join((checkout / p).read_bytes() for p in
@@ -214,6 +214,10 @@ def walk(steps: Steps, readme: str, airgap: str, checkout: Path, tmp: Path, stam
     export = command_line(airgap, "export UID")
     one_run = command_line(airgap, "run --rm train")
     assert "docker-compose.cpu.yml" in one_run, one_run
+    files = [w for w in shlex.split(one_run) if w.endswith(".yml")]
+    images = subprocess.run(["docker", "compose", *(f"--file={f}" for f in files), "config", "--images"], cwd=host,
+                            env=steps.env, capture_output=True, text=True, timeout=60)
+    assert set(images.stdout.split()) == {BUNDLE_TAG}, images.stdout + images.stderr  # the image loaded, not :latest
     ran = steps.run("air-gapped compose run", adapt(f"{export} && {one_run}", "airgap"), host)
     assert not re.search(r"\bbuild", ran.stdout + ran.stderr, re.I), (ran.stdout + ran.stderr)[-2000:]
     (folder,) = runlog.find(host / "runs")
