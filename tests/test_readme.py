@@ -18,6 +18,7 @@ README's `python -m app sync` (an upload to wandb.ai) and `bash .ci/run` (what r
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
@@ -111,7 +112,7 @@ class Steps:
         return proc
 
 
-def test_readme_commands_work_as_written_on_a_fresh_checkout(app_image, tmp_path: Path, record_property):
+def test_readme_commands_work_as_written_on_a_fresh_checkout(app_image, tmp_path: Path, record_property, capsys):
     checkout = tmp_path / "checkout"  # committed files only: what a user gets (commit before running this)
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(checkout)], check=True, timeout=120)
     readme = (checkout / "README.md").read_text()
@@ -120,7 +121,7 @@ def test_readme_commands_work_as_written_on_a_fresh_checkout(app_image, tmp_path
     # It must never install here: `pip install --editable` from the clone would repoint the shared venv.
     locks = b"".join((checkout / p).read_bytes() for p in
                      ("requirements/torch.txt", "requirements/app.txt", "requirements/dev.txt", "pyproject.toml"))
-    stamp = REPO / ".venv" / f".locks-{subprocess.run(['sha256sum'], input=locks, capture_output=True).stdout[:16].decode()}"
+    stamp = REPO / ".venv" / f".locks-{hashlib.sha256(locks).hexdigest()[:16]}"  # as scripts/venv names it
     if not stamp.exists():
         pytest.fail(f"{REPO / '.venv'} is not up to date with the locks (no {stamp.name}): run scripts/venv there first",
                     pytrace=False)
@@ -129,7 +130,7 @@ def test_readme_commands_work_as_written_on_a_fresh_checkout(app_image, tmp_path
     env = {k: v for k, v in clean_env(tmp_path).items() if k not in _CALLER_SETTINGS}
     steps = Steps(env)
     try:
-        walk(steps, readme, airgap, checkout, tmp_path, stamp, stamp_time)
+        walk(steps, readme, airgap, checkout, stamp, stamp_time)
     finally:
         subprocess.run(["docker", "compose", "--project-name", PROJECT, "down", "--remove-orphans"], cwd=checkout,
                        env=env, capture_output=True, timeout=120)
@@ -137,12 +138,13 @@ def test_readme_commands_work_as_written_on_a_fresh_checkout(app_image, tmp_path
         (checkout / "mnist-sweeps-bundle.tar").unlink(missing_ok=True)  # 6 GB: pytest keeps old tmp folders
         report = "\n".join(f"  {name:<34} {took:6.1f} s" for name, took in steps.times)
         total = sum(took for _n, took in steps.times)
-        print(f"README steps on this host:\n{report}\n  {'total':<34} {total:6.1f} s")
+        with capsys.disabled():  # shown without -s: each step's time on this host
+            print(f"\nREADME steps on this host:\n{report}\n  {'total':<34} {total:6.1f} s")
         for name, took in steps.times:
             record_property(name, round(took, 1))
 
 
-def walk(steps: Steps, readme: str, airgap: str, checkout: Path, tmp: Path, stamp: Path, stamp_time: int) -> None:
+def walk(steps: Steps, readme: str, airgap: str, checkout: Path, stamp: Path, stamp_time: int) -> None:
     # 1. Quick start: the venv, then one offline run
     quick = command_line(readme, "scripts/venv")
     assert quick == "scripts/venv && .venv/bin/python -m app train", quick  # the line this step is about
