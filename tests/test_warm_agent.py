@@ -215,6 +215,31 @@ def test_a_warm_process_killed_mid_run_is_replaced_and_the_sweep_goes_on(tmp_pat
     assert runs[next_id][1].exit_code == 0 and 0 < runs[next_id][1].summary["test_accuracy"] <= 1
 
 
+def tree(pid: int) -> list[int]:
+    """`pid` and every process below it, parents first."""
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    return [pid, *(p for child in children for p in tree(int(child)))]
+
+
+@pytest.mark.slow
+def test_a_stop_while_idle_is_one_line_and_no_traceback(tmp_path: Path, small_data: Path):
+    with FakeWandb(grid(learning_rate=[0.003])) as api:
+        api.hold_open = True
+        proc = start_agent(agent_env(tmp_path, api, small_data, AGENT_PROCESS="warm"), tmp_path)
+        wait_for(lambda: "ended with exit code 0" in (tmp_path / "agent.log").read_text() or proc.poll() is not None,
+                 300, "the run's end")
+        time.sleep(warm_agent.POLL_S + 1)  # polling for the next run: a heartbeat, then the wait between them
+        # as a plain `scancel` does (and any stop of the whole process tree): every process of the agent is
+        # sent SIGTERM, the supervisor, the warm process and W&B's service, besides the supervisor's forward
+        for pid in reversed(tree(proc.pid)):
+            os.kill(pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143, (tmp_path / "agent.log").read_text()[-3000:]
+    log = (tmp_path / "agent.log").read_text()
+    assert "Traceback" not in log and "Stopped" not in log, log[-3000:]
+    tail = log[log.index("ended with exit code 0"):].splitlines()[1:]
+    assert len(tail) == 1 and "stopped by SIGTERM" in tail[0], tail
+
+
 CHILD = """
 import os, signal, sys
 report = os.fdopen(int(sys.argv[1]), "w", buffering=1)
