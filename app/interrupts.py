@@ -25,7 +25,7 @@ import threading
 from typing import Iterator, Mapping
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_state = {"deferring": False, "pending": None, "requested": None}
+_state = {"deferring": False, "pending": None, "requested": None, "raised": False}
 
 
 class Stopped(BaseException):
@@ -53,6 +53,7 @@ def requested() -> int | None:
 
 def clear() -> None:
     _state["requested"] = None
+    _state["raised"] = False
 
 
 def wandb_lost(exc: BaseException) -> bool:
@@ -91,6 +92,10 @@ def _importing(frame) -> bool:
 
 def _raise(signum, frame) -> None:
     note(signum)
+    if _state["raised"]:
+        # the process is already ending on the first stop: a second one (a plain `scancel` signals every
+        # process, and the supervisor forwards its own too) raised in the middle of that would be a traceback
+        return
     if _state["deferring"]:
         _state["pending"] = signum
         return
@@ -102,6 +107,7 @@ def _raise(signum, frame) -> None:
         timer.daemon = True
         timer.start()
         return
+    _state["raised"] = True
     raise Stopped(signum)
 
 
@@ -137,6 +143,7 @@ def deferred() -> Iterator[None]:
         _state["deferring"] = outer
     if not outer and _state["pending"] is not None:
         signum, _state["pending"] = _state["pending"], None
+        _state["raised"] = True
         raise Stopped(signum)
 
 

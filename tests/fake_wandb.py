@@ -30,6 +30,12 @@ with `{"type": "stop", "run_id": ...}` (hyperband). `early_stop` lists the param
 
     api.early_stop.append({"epochs": 30})  # every heartbeat reporting such a run running answers `stop`
     api.stops                             # [run_id, ...] of each stop sent, in order
+
+An outage: the server goes away under a running agent, as a closed port (`go_away`: connections are
+refused) or as a host that accepts connections and never answers (`go_silent`: a listening socket on
+the same port that takes each connection and holds it, reading nothing).
+
+    api.go_silent()   # or api.go_away()
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import base64
 import hashlib
 import json
 import re
+import socket
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -87,6 +94,9 @@ class FakeWandb(Uploads):
         self._server = ThreadingHTTPServer((host, port), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._stopped = False
+        self._silent: socket.socket | None = None
+        self._held: list[socket.socket] = []  # connections the silent socket took and never answers
 
     # --- lifecycle ---
     @property
@@ -103,8 +113,37 @@ class FakeWandb(Uploads):
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        if not self._stopped:
+            self._stopped = True
+            self._server.shutdown()
+            self._server.server_close()
+        if self._silent is not None:
+            self._silent.close()
+            for conn in self._held:
+                conn.close()
+
+    def go_away(self) -> None:
+        """The server is gone: its port refuses connections."""
+        self.stop()
+
+    def go_silent(self) -> None:
+        """The server stops answering: its port still accepts connections, and nothing is ever sent back."""
+        address = self._server.server_address[:2]
+        self.stop()
+        self._silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._silent.bind(address)
+        self._silent.listen(64)
+
+        def hold() -> None:
+            while True:
+                try:
+                    conn, _ = self._silent.accept()
+                except OSError:
+                    return  # closed by stop()
+                self._held.append(conn)
+
+        threading.Thread(target=hold, daemon=True).start()
 
     def __enter__(self) -> "FakeWandb":
         return self.start()

@@ -1,6 +1,7 @@
 """The warm W&B-sweep agent (AGENT_PROCESS=warm) against the stand-in W&B API, with the real wandb library:
 every run handed out is a whole run with the same content a `wandb agent` child process records; a
-stop checkpoints and exits 143; a failing run fails alone. Natively (the entrypoint's agent mode, no
+stop checkpoints and exits 143; a failing run fails alone; a server that goes away (a closed port, or a
+silent one) is one line and exit 1 within server.OUTAGE_S, the running run checkpointed. Natively (the entrypoint's agent mode, no
 Docker): the container tests cover the image's wiring of the same entrypoint."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from conftest import REPO, clean_env, wait_for
 from fake_wandb import FakeWandb
 
 from app import artifact, checkpoint, runlog
-from app.sweep.wandb import warm_agent
+from app.sweep.wandb import server, warm_agent
 
 COMMAND = ["${env}", "${interpreter}", "-m", "app", "train", "${args}"]
 
@@ -238,6 +239,129 @@ def test_a_warm_process_killed_mid_run_is_replaced_and_the_sweep_goes_on(tmp_pat
     assert killed.exit_code is None and not killed.finished
     runs = runs_in(tmp_path / "runs")
     assert runs[next_id][1].exit_code == 0 and 0 < runs[next_id][1].summary["test_accuracy"] <= 1
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and every process below it, parents first."""
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    return [pid, *(p for child in children for p in tree(int(child)))]
+
+
+def outage_lines(log: str, api: FakeWandb) -> list[str]:
+    return [line for line in log.splitlines() if f"W&B server {api.url} (WANDB_BASE_URL) did not answer" in line]
+
+
+def ended_within(procs: list[subprocess.Popen], since: float, bound: float) -> list[tuple[int, float]]:
+    """Each process's exit code and how long after `since` it ended; a process still running at the bound fails."""
+    ended = {}
+    while len(ended) < len(procs) and time.monotonic() - since < bound:
+        for i, proc in enumerate(procs):
+            if i not in ended and proc.poll() is not None:
+                ended[i] = (proc.returncode, time.monotonic() - since)
+        time.sleep(0.2)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(ended) == len(procs), f"still running {bound:.0f} s after the server went away"
+    return [ended[i] for i in range(len(procs))]
+
+
+# what the bound allows besides OUTAGE_S: the heartbeat's interval, the batch the checkpoint waits for
+# and W&B's service shutting down
+SLACK_S = 40
+
+
+@pytest.mark.slow
+def test_a_server_that_goes_away_mid_run_is_one_line_exit_1_and_the_run_checkpointed(tmp_path: Path, small_data: Path):
+    # two agents side by side, each mid-run: one's server stays open and silent (accepts, never answers)
+    # under an online run, whose finish would wait on the server for minutes; the other's port is closed
+    # under an offline run. Today W&B's own retry loop holds either for minutes with no line
+    with FakeWandb(grid(learning_rate=[0.003])) as silent, FakeWandb(grid(learning_rate=[0.003])) as gone:
+        agents = []
+        for name, api, mode in (("silent", silent, "online"), ("gone", gone, "offline")):
+            env = agent_env(tmp_path / name, api, small_data, AGENT_PROCESS="warm", EPOCHS="100000", AGENT_RUN_MODE=mode)
+            agents.append(start_agent(env, tmp_path / name))
+        for name, proc in zip(("silent", "gone"), agents):
+            wait_for(lambda: list((tmp_path / name / "outputs").glob("*/checkpoint.pt")) or proc.poll() is not None,
+                     300, f"{name}: the first epoch's checkpoint")
+            assert proc.poll() is None, (tmp_path / name / "agent.log").read_text()[-3000:]
+        silent.go_silent()
+        gone.go_away()
+        since = time.monotonic()
+        ended = ended_within(agents, since, server.OUTAGE_S + SLACK_S)
+        for (name, api), (code, seconds) in zip((("silent", silent), ("gone", gone)), ended):
+            log = (tmp_path / name / "agent.log").read_text()
+            print(f"{name}: exit {code} {seconds:.1f} s after the server went away")  # shown with -s
+            assert code == 1, (name, log[-3000:])
+            [line] = outage_lines(log, api)
+            [folder] = (tmp_path / name / "runs" / "wandb").glob("*run-*")  # online run-*, offline offline-run-*
+            run = runlog.read(folder)
+            assert f"run {run.run_id} checkpointed and marked preempting" in line, line
+            # the online run's finish waits on the gone server: it is given up on, its data kept for `wandb sync`
+            assert ("its upload was given up" in line) == (name == "silent"), line
+            assert "Traceback" not in log and "k" * 40 not in log, log[-3000:]  # one line, and no secret
+            # the run's retry resumes: its checkpoint is there and the run is marked preempting, not finished
+            assert run.preempting and run.exit_code != 0, name
+            assert 1 <= checkpoint.load(tmp_path / name / "outputs" / run.run_id / "checkpoint.pt")["epoch"] < 100000
+            assert len(api.assignments) == 1
+
+
+@pytest.mark.slow
+def test_a_server_that_goes_away_between_runs_is_one_line_and_exit_1(tmp_path: Path, small_data: Path):
+    # idle: the one run is done and the agent is waiting for the next (hold_open) when the server goes
+    with FakeWandb(grid(learning_rate=[0.003])) as silent, FakeWandb(grid(learning_rate=[0.003])) as gone:
+        agents = []
+        for name, api in (("silent", silent), ("gone", gone)):
+            api.hold_open = True
+            agents.append(start_agent(agent_env(tmp_path / name, api, small_data, AGENT_PROCESS="warm"), tmp_path / name))
+        for name, proc in zip(("silent", "gone"), agents):
+            wait_for(lambda: "ended with exit code 0" in (tmp_path / name / "agent.log").read_text() or proc.poll() is not None,
+                     300, f"{name}: the run's end")
+            assert proc.poll() is None, (tmp_path / name / "agent.log").read_text()[-3000:]
+        silent.go_silent()
+        gone.go_away()
+        ended = ended_within(agents, time.monotonic(), server.OUTAGE_S + SLACK_S)
+        for (name, api), (code, seconds) in zip((("silent", silent), ("gone", gone)), ended):
+            log = (tmp_path / name / "agent.log").read_text()
+            print(f"{name}: exit {code} {seconds:.1f} s after the server went away")  # shown with -s
+            assert code == 1, (name, log[-3000:])
+            [line] = outage_lines(log, api)
+            assert "no run was in progress" in line, line
+            assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_a_server_gone_at_the_start_is_one_line_and_exit_1(tmp_path: Path, small_data: Path):
+    # W&B's client checks the API key with the server when the agent starts: a closed port there was a
+    # traceback (AuthenticationError) after W&B's own timeout
+    with FakeWandb(grid(learning_rate=[0.003])) as api:
+        pass  # the port is closed again
+    proc = start_agent(agent_env(tmp_path, api, small_data, AGENT_PROCESS="warm"), tmp_path)
+    [(code, seconds)] = ended_within([proc], time.monotonic(), server.OUTAGE_S + SLACK_S)
+    log = (tmp_path / "agent.log").read_text()
+    assert code == 1, log[-3000:]
+    [line] = [line for line in log.splitlines() if f"W&B server {api.url} (WANDB_BASE_URL) did not answer" in line]
+    assert "Connection refused" in line and "no run was in progress" in line, line
+    assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_a_stop_while_idle_is_one_line_and_no_traceback(tmp_path: Path, small_data: Path):
+    with FakeWandb(grid(learning_rate=[0.003])) as api:
+        api.hold_open = True
+        proc = start_agent(agent_env(tmp_path, api, small_data, AGENT_PROCESS="warm"), tmp_path)
+        wait_for(lambda: "ended with exit code 0" in (tmp_path / "agent.log").read_text() or proc.poll() is not None,
+                 300, "the run's end")
+        time.sleep(warm_agent.POLL_S + 1)  # polling for the next run: a heartbeat, then the wait between them
+        # as a plain `scancel` does (and any stop of the whole process tree): every process of the agent is
+        # sent SIGTERM, the supervisor, the warm process and W&B's service, besides the supervisor's forward
+        for pid in reversed(tree(proc.pid)):
+            os.kill(pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143, (tmp_path / "agent.log").read_text()[-3000:]
+    log = (tmp_path / "agent.log").read_text()
+    assert "Traceback" not in log and "Stopped" not in log, log[-3000:]
+    tail = log[log.index("ended with exit code 0"):].splitlines()[1:]
+    assert len(tail) == 1 and "stopped by SIGTERM" in tail[0], tail
 
 
 CHILD = """

@@ -30,6 +30,12 @@ heartbeat answer, where `wandb agent` would SIGTERM the run's process. Here the 
 it and the run ends at its next epoch boundary as an offline sweep's pruned trial ends (train()'s
 on_epoch hook): summary pruned=True, no test or export, finished with exit code 0 and not marked
 preempting (a preempting run would be handed out again and resumed, undoing the stop).
+
+W&B's server going away (app.sweep.wandb.server): once it has not answered for OUTAGE_S (60 s), the
+agent stops as after a stop signal (it sends itself SIGTERM: a running run checkpoints within its
+batch and is marked preempting, so its retry resumes), says so in one line naming WANDB_BASE_URL, and
+exits 1, as the offline agent does when its database stops answering. The supervisor starts no fresh
+process for it: the next one would wait on the same server.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ from typing import Any, Callable, Mapping
 from app import interrupts, runner, settings, tracking
 from app.heartbeat import Heartbeat
 from app.sweep.wandb import dedupe
+from app.sweep.wandb import server
+from app.sweep.wandb.server import FINISH_S, Outage, Server, end_after, outage_line, say_once
 from app.errors import UserError
 
 PROCESSES = settings.setting("AGENT_PROCESS").choices
@@ -68,19 +76,28 @@ class ServerHeartbeat(Heartbeat):
     """Tells the server the run is still going while it trains (as `wandb agent` does between polls)."""
 
     first_now = False  # the server heard from the agent when it handed out the run
-    join_s = 60.0  # W&B's client retries a call for a while before it gives up
+    join_s = 60.0  # a beat's call gives up once the server has not answered for OUTAGE_S
 
-    def __init__(self, api, agent_id: str, run_id: str):
+    def __init__(self, server: Server, agent_id: str, run_id: str):
         super().__init__("sweep-heartbeat", POLL_S)
-        self.api, self.agent_id, self.run_id = api, agent_id, run_id
+        self.server, self.agent_id, self.run_id = server, agent_id, run_id
         self.exit_asked = False
         self.stop_asked = threading.Event()  # early_terminate: the run ends after its current epoch
+        self.outage: Outage | None = None
 
     def beat(self) -> bool:
-        from wandb.apis.public.sweeps import _agent_heartbeat
-
         try:
-            commands = _agent_heartbeat(self.api, self.agent_id, {}, {self.run_id: True})
+            commands = self.server.heartbeat(self.agent_id, {self.run_id: True})  # retried up to OUTAGE_S
+        except Outage as outage:
+            # the run stops as a stop signal stops it (checkpoint, preempting); run() then says why, once.
+            # (Not once the run is over: the agent's own next heartbeat then meets the outage.)
+            self.outage = outage
+            if not self._halt.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)
+                # the checkpoint is written before any W&B call; an online run's finish, which would wait
+                # on the gone server for minutes, is given FINISH_S
+                end_after(FINISH_S, outage_line(outage, self.run_id, cut_short=True))
+            return False
         except Exception as exc:  # a lost heartbeat is retried at the next one, as `wandb agent` does
             say(f"heartbeat failed ({type(exc).__name__}); retrying")
             return True
@@ -103,6 +120,7 @@ class WarmAgent:
         self.report = report  # "start RUN_ID" and "end CODE" for each run, to the supervising process
         self.exit_asked = False
         self.cuda_broken = False
+        self.outage: Outage | None = None  # the server stopped answering during a run
 
     def connect(self):
         """W&B's own settings, the API and the agent's registration."""
@@ -122,22 +140,23 @@ class WarmAgent:
         # what each run's wandb.init would otherwise change in os.environ, set before W&B reads it here
         tracking.prepare_wandb_environ(self.environ)
 
-        import wandb
-        from wandb.apis.public.sweeps import _register_agent
-
-        self.api = wandb.Api()
-        agent = _register_agent(self.api, socket.gethostname(), sweep_id=self.sweep_id, project=self.project,
-                                entity=self.entity)
-        self.agent_id = agent["id"]
+        self.server = server.connect(self.environ)
+        self.agent_id = self.server.register(socket.gethostname(), sweep_id=self.sweep_id, project=self.project,
+                                             entity=self.entity)
 
     def run(self) -> int:
-        from wandb.apis.public.sweeps import _agent_heartbeat
+        try:
+            return self.serve()
+        except Outage as outage:  # between runs: nothing to checkpoint
+            say_once(outage_line(outage))
+            return 1
 
+    def serve(self) -> int:
         self.connect()
         say(f"serving sweep {self.sweep_id}: every run in this process (pid {os.getpid()}, agent {self.agent_id})")
         done, errors_in_a_row = 0, self.failed_in_a_row
         while (self.count is None or done < self.count) and not self.exit_asked:
-            commands = _agent_heartbeat(self.api, self.agent_id, {}, {})
+            commands = self.server.heartbeat(self.agent_id, {})
             if not commands:
                 time.sleep(POLL_S)
                 continue
@@ -153,6 +172,9 @@ class WarmAgent:
             self.report(f"end {code}")
             say(f"run {command['run_id']} ended with exit code {code}")
             done += 1
+            if self.outage is not None:
+                say_once(outage_line(self.outage, command["run_id"], code))
+                return 1
             if code == 0:
                 errors_in_a_row = 0
             elif code >= 128:
@@ -182,7 +204,7 @@ class WarmAgent:
         environ = {**self.environ, "WANDB_RUN_ID": run_id, "WANDB_SWEEP_PARAM_PATH": str(params)}
         say(f"run {run_id}: {' '.join(args)}")
         self.cuda_broken = False
-        beat = ServerHeartbeat(self.api, self.agent_id, run_id)
+        beat = ServerHeartbeat(self.server, self.agent_id, run_id)
         beat.start()
         try:
             # this run's id, sweep and parameter file in W&B's process-wide settings (read by wandb.init)
@@ -208,6 +230,7 @@ class WarmAgent:
             if held:
                 say(held)
             self.exit_asked = beat.exit_asked  # the server said exit while the run trained: none after it
+            self.outage = beat.outage
 
 
 def _cuda_broken(exc: BaseException) -> bool:
