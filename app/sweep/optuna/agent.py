@@ -81,7 +81,11 @@ class Agent:
             for k in ("grid_id", "search_space"):  # GridSampler then leaves the queued values alone
                 if k in last.system_attrs:
                     system[k] = last.system_attrs[k]
-            user = {"resume_run": last.user_attrs["run_id"]} if "run_id" in last.user_attrs else {}
+            # every attempt's run, newest first: one stopped before it opened its run (or wrote a checkpoint)
+            # must not hide the checkpoint of the attempt before it (trial._resume_from picks the newest)
+            runs = [t.user_attrs["run_id"] for t in sorted(ledger.by_key[key], key=lambda t: -t.number)
+                    if "run_id" in t.user_attrs]
+            user = {"resume_run": runs[0], "resume_runs": runs} if runs else {}
             self.study.add_trial(optuna.trial.create_trial(
                 state=TrialState.WAITING, params=last.params, distributions=last.distributions,
                 system_attrs=system, user_attrs=user))
