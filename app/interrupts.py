@@ -17,6 +17,7 @@ service process (`wandb-core`) too: it shuts down, and every later call into the
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -29,7 +30,12 @@ _state = {"deferring": False, "pending": None, "requested": None}
 
 
 class Stopped(BaseException):
-    """A stop before training started or after it ended (BaseException: `except Exception` lets it by)."""
+    """A stop before training started or after it ended (BaseException: `except Exception` lets it by).
+
+    `told`: W&B recorded the run as preempting (set by what recorded it; a stop before the run opened, or
+    once W&B's service was gone, is not one W&B knows of)."""
+
+    told = False
 
     def __init__(self, signum: int):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
@@ -67,14 +73,23 @@ def wandb_lost(exc: BaseException) -> bool:
     return False
 
 
+class Recording:
+    """What `unless_wandb_lost` saw: `lost` when W&B's service was gone, so nothing was recorded."""
+
+    lost = False
+
+
 @contextlib.contextmanager
-def unless_wandb_lost() -> Iterator[None]:
-    """Around W&B calls that only record a stop: with the service gone there is nothing to record to."""
+def unless_wandb_lost() -> Iterator[Recording]:
+    """Around W&B calls that only record a stop: with the service gone there is nothing to record to
+    (and the caller must not claim it recorded anything: `as recording`, then `recording.lost`)."""
+    recording = Recording()
     try:
-        yield
+        yield recording
     except Exception as exc:
         if not wandb_lost(exc):
             raise
+        recording.lost = True
 
 
 RETRY_S = 0.05  # how soon a stop that came during an import is taken again
@@ -117,7 +132,29 @@ def _set(handler) -> None:
             signal.signal(sig, handler)
 
 
+def quiet_wandb_lost() -> None:
+    """W&B's own threads and exit handler print a lost service (ConnectionResetError) as a traceback: after
+    a job-wide stop that is expected and said in one line by the run; other exceptions print as before."""
+    if getattr(threading.excepthook, "_quiet_wandb_lost", False):
+        return
+    thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
+
+    def in_thread(args) -> None:
+        if args.exc_value is None or not wandb_lost(args.exc_value):
+            thread_hook(args)
+
+    def unraisable(args) -> None:
+        if args.exc_value is None or not wandb_lost(args.exc_value):
+            unraisable_hook(args)
+
+    in_thread._quiet_wandb_lost = True  # type: ignore[attr-defined]
+    threading.excepthook, sys.unraisablehook = in_thread, unraisable
+    # asyncio's own line for writes to W&B's closed socket, logged by the service client's event loop
+    logging.getLogger("asyncio").addFilter(lambda record: not record.getMessage().startswith("socket.send() raised"))
+
+
 def install() -> None:
+    quiet_wandb_lost()
     _set(_raise)
 
 
