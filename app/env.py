@@ -186,7 +186,12 @@ def export_lines(values: Mapping[str, str], environ: Mapping[str, str] | None = 
     """`export KEY='value'` lines (shell-quoted: nothing in a value is evaluated) for the settings not
     already set in `environ`: a variable exported where the script runs wins over the file."""
     return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in values.items()
-                   if not is_set(key, environ=environ))
+                   if not is_set(key, environ=environ) and key not in BUILD_IDS)
+
+
+# the image build's user ids (compose's build args, in `.env.example`): no setting of a job, which runs as
+# its submitter; and bash's UID is read-only (`export UID=...` prints "UID: readonly variable")
+BUILD_IDS = frozenset({"UID", "GID"})
 
 
 # what a container must not take from the host: its own PATH, HOME, locale and Python, the build's and
