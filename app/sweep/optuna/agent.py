@@ -43,6 +43,16 @@ from app.sweep.optuna.trial import Dropped, say, train_trial
 MAX_ERRORS_IN_A_ROW = 3  # an agent whose trials keep raising stops (like `wandb agent`)
 
 
+def agent_name(environ: Mapping[str, str]) -> str:
+    """host:pid, with the Slurm task between them when there is one (`node1:12_3:6`): agents in containers
+    on one host (`--network host`: the host's name) all run as pid 6 or so; the pid stays last."""
+    task = env.text("SLURM_JOB_ID", environ=environ)
+    array, index = env.text("SLURM_ARRAY_JOB_ID", environ=environ), env.text("SLURM_ARRAY_TASK_ID", environ=environ)
+    if array and index:
+        task = f"{array}_{index}"
+    return f"{socket.gethostname()}:{task + ':' if task else ''}{os.getpid()}"
+
+
 class Agent:
     def __init__(self, p: Plan, environ: Mapping[str, str]):
         self.p = p
@@ -50,7 +60,7 @@ class Agent:
         self.storage = open_storage(p.storage_url)
         self.study = open_study(p, self.storage)
         self.watch = StaleWatch(p.heartbeat_s)
-        self.who = f"{socket.gethostname()}:{os.getpid()}"
+        self.who = agent_name(environ)
         self.mine: set[int] = set()
         self.current = None  # the trial this agent is running, if any
         self.runs_root = env.runs_root(environ)
