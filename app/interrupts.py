@@ -5,8 +5,8 @@
         run = wandb.init(...)   #   so W&B never stops half-way and every run gets its exit record
     interrupts.finished()       # after "done:": the work is saved, a stop now exits 0
 
-The training loop replaces these handlers with its own while it runs (checkpoint, then `Preempted`)
-and puts them back when it ends. Every handler notes the signal (`requested()`): an agent that sees one
+The training loop replaces these handlers with its own while it runs (`StopRequest`: a flag it checks
+between steps; checkpoint, then `Preempted`) and puts them back when it ends. Every handler notes the signal (`requested()`): an agent that sees one
 takes no new trial, whichever handler caught it.
 
 A job-wide stop (a plain `scancel`, a pod's or a container's whole process group) signals W&B's own
@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _state = {"deferring": False, "pending": None, "requested": None}
@@ -90,6 +90,28 @@ def unless_wandb_lost() -> Iterator[Recording]:
         if not wandb_lost(exc):
             raise
         recording.lost = True
+
+
+class StopRequest(contextlib.AbstractContextManager):
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps, so a stop never tears a checkpoint."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        note(signum)  # the sweep agent running this trial takes no new one
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
 
 
 RETRY_S = 0.05  # how soon a stop that came during an import is taken again

@@ -40,28 +40,6 @@ class Preempted(Exception):
         self.told = told
 
 
-class StopRequest(contextlib.AbstractContextManager):
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps, so a stop never tears a checkpoint."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        interrupts.note(signum)  # the sweep agent running this trial takes no new one
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
-
-
 def pick_device(config: Config) -> torch.device:
     """The training device, with an index on CUDA (`torch.cuda.set_device` refuses a bare "cuda")."""
     if config.device == "auto":
@@ -251,7 +229,7 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
             run.log({"epoch": epoch_, "loss": loss_total / batches_}, step=step_)
             progress_.update(seen_, loss_total / batches_)
 
-    with StopRequest() as stop:
+    with interrupts.StopRequest() as stop:
         for epoch in range(start_epoch, config.epochs):
             progress = Progress(epoch + 1, config.epochs, len(ds.train))
             loss_sum = torch.zeros((), device=device)  # summed on the device; read at log points only
