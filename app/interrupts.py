@@ -5,8 +5,8 @@
         run = wandb.init(...)   #   so W&B never stops half-way and every run gets its exit record
     interrupts.finished()       # after "done:": the work is saved, a stop now exits 0
 
-The training loop replaces these handlers with its own while it runs (checkpoint, then `Preempted`)
-and puts them back when it ends. Every handler notes the signal (`requested()`): an agent that sees one
+The training loop replaces these handlers with its own while it runs (`StopRequest`: a flag it checks
+between steps; checkpoint, then `Preempted`) and puts them back when it ends. Every handler notes the signal (`requested()`): an agent that sees one
 takes no new trial, whichever handler caught it.
 
 A job-wide stop (a plain `scancel`, a pod's or a container's whole process group) signals W&B's own
@@ -17,19 +17,25 @@ service process (`wandb-core`) too: it shuts down, and every later call into the
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _state = {"deferring": False, "pending": None, "requested": None, "raised": False}
 
 
 class Stopped(BaseException):
-    """A stop before training started or after it ended (BaseException: `except Exception` lets it by)."""
+    """A stop before training started or after it ended (BaseException: `except Exception` lets it by).
+
+    `told`: W&B recorded the run as preempting (set by what recorded it; a stop before the run opened, or
+    once W&B's service was gone, is not one W&B knows of)."""
+
+    told = False
 
     def __init__(self, signum: int):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
@@ -68,14 +74,45 @@ def wandb_lost(exc: BaseException) -> bool:
     return False
 
 
+class Recording:
+    """What `unless_wandb_lost` saw: `lost` when W&B's service was gone, so nothing was recorded."""
+
+    lost = False
+
+
 @contextlib.contextmanager
-def unless_wandb_lost() -> Iterator[None]:
-    """Around W&B calls that only record a stop: with the service gone there is nothing to record to."""
+def unless_wandb_lost() -> Iterator[Recording]:
+    """Around W&B calls that only record a stop: with the service gone there is nothing to record to
+    (and the caller must not claim it recorded anything: `as recording`, then `recording.lost`)."""
+    recording = Recording()
     try:
-        yield
+        yield recording
     except Exception as exc:
         if not wandb_lost(exc):
             raise
+        recording.lost = True
+
+
+class StopRequest(contextlib.AbstractContextManager):
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps, so a stop never tears a checkpoint."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        note(signum)  # the sweep agent running this trial takes no new one
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
 
 
 RETRY_S = 0.05  # how soon a stop that came during an import is taken again
@@ -123,7 +160,29 @@ def _set(handler) -> None:
             signal.signal(sig, handler)
 
 
+def quiet_wandb_lost() -> None:
+    """W&B's own threads and exit handler print a lost service (ConnectionResetError) as a traceback: after
+    a job-wide stop that is expected and said in one line by the run; other exceptions print as before."""
+    if getattr(threading.excepthook, "_quiet_wandb_lost", False):
+        return
+    thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
+
+    def in_thread(args) -> None:
+        if args.exc_value is None or not wandb_lost(args.exc_value):
+            thread_hook(args)
+
+    def unraisable(args) -> None:
+        if args.exc_value is None or not wandb_lost(args.exc_value):
+            unraisable_hook(args)
+
+    in_thread._quiet_wandb_lost = True  # type: ignore[attr-defined]
+    threading.excepthook, sys.unraisablehook = in_thread, unraisable
+    # asyncio's own line for writes to W&B's closed socket, logged by the service client's event loop
+    logging.getLogger("asyncio").addFilter(lambda record: not record.getMessage().startswith("socket.send() raised"))
+
+
 def install() -> None:
+    quiet_wandb_lost()
     _set(_raise)
 
 

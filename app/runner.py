@@ -40,7 +40,9 @@ class Claim(Protocol):
     def close(self, outcome: str) -> None: ...
 
 
-PREEMPTED, FINISHED = "preempted", "finished"  # how a run ended, for its claim
+# how a run ended, for its claim; ORPHANED: preempted, but W&B was not told (its service was gone), so
+# W&B will never hand it out again and an agent on the sweep resumes it (app.sweep.wandb.orphans)
+PREEMPTED, ORPHANED, FINISHED = "preempted", "orphaned", "finished"
 
 
 def prepare(args: list[str], environ: MutableMapping[str, str] | None = None,
@@ -71,8 +73,8 @@ def run(start: Start, last: bool = True, on_epoch: EpochHook | None = None, clai
         result = train(start.config, start.environ, on_epoch=on_epoch, ready=start.ready)
     except Preempted as stop:
         if claim:
-            claim.close(PREEMPTED)  # the requeued run (same id) takes the params back
-        print(f"{stop}: checkpoint written, run marked preempting", file=sys.stderr)
+            claim.close(PREEMPTED if stop.told else ORPHANED)  # the requeued run (same id) takes the params back
+        print(stop_line(stop, in_sweep=claim is not None), file=sys.stderr)
         return 128 + stop.signum
     if claim:
         claim.close(FINISHED)
@@ -90,6 +92,15 @@ def run(start: Start, last: bool = True, on_epoch: EpochHook | None = None, clai
         onnx = tracking.host_path(result["onnx"], {"OUTPUTS_DIR_HOST": Path(start.config.output_dir)}, start.environ)
         print(f"done: run {result['run_id']} test_accuracy {result['test_accuracy']:.4f} onnx {onnx}", flush=True)
     return 0
+
+
+def stop_line(stop, in_sweep: bool) -> str:
+    """What a stopped run says: whether W&B was told (a job-wide stop can end W&B's service first)."""
+    if stop.told:
+        return f"{stop}: checkpoint written, run marked preempting"
+    then = ("the next agent on this sweep resumes it from its checkpoint" if in_sweep
+            else "start it again with its WANDB_RUN_ID to resume it")
+    return f"{stop}: checkpoint written, but W&B's service had already stopped, so W&B was not told the run is preempting: {then}"
 
 
 def stopped_line(stop: interrupts.Stopped) -> str:

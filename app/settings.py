@@ -165,6 +165,8 @@ _DECLARED = [
     Setting("CUDA_VISIBLE_DEVICES", "text", None, GIVEN, "GPUs this process may use (Slurm, or by hand): the "
             "agent then claims no GPU slot"),
     Setting("SLURM_JOB_ID", "text", None, GIVEN, "the Slurm job this process runs in (Slurm)"),
+    Setting("SLURM_ARRAY_JOB_ID", "text", None, GIVEN, "the job array this task belongs to (Slurm)"),
+    Setting("SLURM_ARRAY_TASK_ID", "text", None, GIVEN, "this task's index in its job array (Slurm)"),
     Setting("APP_IN_CONTAINER", "flag", False, GIVEN, "started by the image's entrypoint: hints name host paths"),
     Setting("APP_ENV_FILE", "path", None, GIVEN, "agents.sbatch: the --env-file it writes for APP_EXEC"),
 ]

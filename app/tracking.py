@@ -136,8 +136,10 @@ def start(config: Config, environ: Mapping[str, str] | None = None, mode: str | 
             )
     except interrupts.Stopped as stop:
         if run is not None:
-            run.mark_preempting()  # nothing trained yet: a sweep requeues the run instead of losing its values
-            run.finish(exit_code=stop.exit_code)
+            with interrupts.unless_wandb_lost() as recording:  # a job-wide stop may have ended W&B's service
+                run.mark_preempting()  # nothing trained yet: a sweep requeues the run instead of losing its values
+                run.finish(exit_code=stop.exit_code)
+            stop.told = not recording.lost
         raise
     try:
         effective = merge(config, {k: v for k, v in dict(run.config).items() if not k.startswith("_")}, source="W&B sweep")

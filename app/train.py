@@ -30,33 +30,15 @@ from app.step import build_model, compile_model, evaluate, make_steps, set_optim
 
 
 class Preempted(Exception):
-    """Training stopped on SIGTERM/SIGINT after writing a checkpoint; exit non-zero so W&B requeues."""
+    """Training stopped on SIGTERM/SIGINT after writing a checkpoint; exit non-zero so W&B requeues.
 
-    def __init__(self, signum: int):
+    `told`: W&B recorded the run as preempting (and its exit). False when a job-wide stop ended W&B's
+    service first: W&B then never hands the run out again, so a sweep must resume it by itself."""
+
+    def __init__(self, signum: int, told: bool = True):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
-
-
-class StopRequest(contextlib.AbstractContextManager):
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps, so a stop never tears a checkpoint."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        interrupts.note(signum)  # the sweep agent running this trial takes no new one
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
+        self.told = told
 
 
 def pick_device(config: Config) -> torch.device:
@@ -129,6 +111,7 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
     run, config = tracking.start(config, environ, mode=ready.mode, **(run_settings or {}))  # a sweep's values: the last layer
     phases.mark("wandb_init")
     exit_code = 1  # anything that escapes below is a failed run, not a finished one
+    stopped: Preempted | interrupts.Stopped | None = None
     try:
         if config != checked:
             preflight.check_data(config)
@@ -142,7 +125,10 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
                 "upload": tracking.offline_hint(run) if tracking.is_offline(run) else None}
     except (Preempted, interrupts.Stopped) as stop:
         if isinstance(stop, interrupts.Stopped):
-            run.mark_preempting()  # stopped before training: a sweep hands these values out again
+            with interrupts.unless_wandb_lost() as marking:
+                run.mark_preempting()  # stopped before training: a sweep hands these values out again
+            stop.told = not marking.lost
+        stopped = stop
         exit_code = 128 + stop.signum
         raise
     except UserError:
@@ -155,10 +141,13 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
         # last checkpoint, not a failed run
         signum = interrupts.requested() or signal.SIGTERM
         exit_code = 128 + signum
-        raise Preempted(signum) from exc
+        stopped = Preempted(signum, told=False)  # nothing could mark it preempting
+        raise stopped from exc
     finally:
-        with interrupts.deferred(), interrupts.unless_wandb_lost():  # a stop must not cut the exit record short
+        with interrupts.deferred(), interrupts.unless_wandb_lost() as finishing:  # a stop must not cut the exit record short
             run.finish(exit_code=exit_code)
+        if stopped is not None and finishing.lost:
+            stopped.told = False  # the preempting mark went nowhere: the service was gone before it recorded it
         if not run.disabled:
             tracking.materialize_links(Path(run.dir).parent)  # the runs folder must survive a move
         phases.mark("finish")
@@ -237,7 +226,7 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
             progress_.update(seen_, loss_total / batches_)
             divergence.check("loss", loss_total / batches_, epoch_, step_)  # logged first: the history shows it
 
-    with StopRequest() as stop:
+    with interrupts.StopRequest() as stop:
         for epoch in range(start_epoch, config.epochs):
             progress = Progress(epoch + 1, config.epochs, len(ds.train))
             loss_sum = torch.zeros((), device=device)  # summed on the device; read at log points only
@@ -265,9 +254,9 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
                     with interrupts.unless_wandb_lost():
                         log_losses(readout.drain())
                     progress.close(f"stopped at {seen}/{len(ds.train)} examples; checkpoint {ckpt_path}", seen)
-                    with interrupts.unless_wandb_lost():
+                    with interrupts.unless_wandb_lost() as marking:
                         run.mark_preempting()
-                    raise Preempted(stop.signum)
+                    raise Preempted(stop.signum, told=not marking.lost)
             log_losses(readout.drain())
             if device.type == "cuda":
                 torch.cuda.synchronize()

@@ -136,3 +136,47 @@ def test_train_skips_a_duplicate_and_records_a_finished_run(tmp_path: Path, smal
     assert recorded.summary["duplicate_of"] == "runfirst" and recorded.summary["duplicate_state"] == "finished"
     assert not recorded.history  # no metric: bayes and hyperband never read it as a result
     assert b"duplicate" in next(dup_folder.glob("run-*.wandb")).read_bytes()  # job type and tag
+
+
+def test_an_orphaned_run_is_resumed_once_by_the_agent_that_holds_it(tmp_path: Path):
+    """A run stopped with W&B's service gone (W&B never told) is recorded orphaned; an agent on the sweep
+    resumes it under its own run id, a second agent looking at the same moment leaves it alone, and once
+    it finished nobody resumes it again."""
+    from app.runner import ORPHANED
+    from app.sweep.wandb import orphans
+
+    environ = {"WANDB_DIR": str(tmp_path / "runs")}
+    folder = dedupe.claims_dir(environ)
+    stopped = dedupe.claim(SWEEP, "run00001", PARAMS, folder)
+    stopped.close(ORPHANED)
+    dedupe.claim(SWEEP, "run00002", {**PARAMS, "learning_rate": 0.5}, folder).close(dedupe.PREEMPTED)  # W&B told
+    resumed: list[tuple[str, dict]] = []
+
+    def resume(doc: dict) -> int:
+        # meanwhile another agent looks: the run is held, it has nothing to resume
+        assert orphans.resume_all(environ, f"ent/proj/{SWEEP}", lambda d: pytest.fail(f"resumed twice: {d}")) == 0
+        again = dedupe.claim(SWEEP, doc["run_id"], doc["params"], folder)  # what the resumed run's guard takes
+        assert again.duplicate_of is None
+        again.close(dedupe.FINISHED)
+        resumed.append((doc["run_id"], doc["params"]))
+        return 0
+
+    assert orphans.resume_all(environ, f"ent/proj/{SWEEP}", resume) == 0
+    assert resumed == [("run00001", PARAMS)]
+    assert orphans.resume_all(environ, SWEEP, lambda d: pytest.fail(f"a finished run resumed: {d}")) == 0
+    assert orphans.sweep_args({"params": PARAMS}) == {k: {"value": v} for k, v in PARAMS.items()}
+
+
+def test_a_stop_before_training_leaves_the_run_orphaned_unless_w_and_b_was_told(tmp_path: Path):
+    from app import interrupts
+
+    environ = {"WANDB_DIR": str(tmp_path / "runs"), "WANDB_SWEEP_ID": SWEEP, "WANDB_RUN_ID": "run00003"}
+    folder = dedupe.claims_dir(environ)
+    for told, state in ((False, "orphaned"), (True, dedupe.PREEMPTED)):
+        stop = interrupts.Stopped(signal.SIGTERM)
+        stop.told = told
+        with pytest.raises(interrupts.Stopped):
+            with dedupe.guard(environ, ["--learning_rate=0.01", "--batch_size=64"]):
+                raise stop
+        doc = record(folder, {"learning_rate": "0.01", "batch_size": "64"})  # as parsed from the arguments
+        assert doc["state"] == state and doc["run_id"] == "run00003"

@@ -605,6 +605,35 @@ def test_a_stopped_agent_checkpoints_and_its_trial_resumes(tmp_path, data_dir):
 
 
 @pytest.mark.slow
+def test_a_retry_stopped_before_its_run_opened_does_not_break_the_resume_chain(tmp_path, data_dir):
+    """Attempt 1 checkpoints and is stopped; attempt 2 is stopped before it opened its run (a short
+    `--time`: it has a run id but no checkpoint of its own); attempt 3 resumes attempt 1's checkpoint."""
+    env, agent, study, trial = one_point_mid_trial(tmp_path, data_dir, "{name: val_loss}", EPOCHS="3")
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=120) == 128 + signal.SIGTERM, logs(tmp_path)
+    first = study.trials[trial.number]
+    assert first.system_attrs["sweep_outcome"] == "preempted"
+    assert [t.number for t in study.trials if t.state == TrialState.WAITING] == []  # the next agent queues the retry
+    # what the stopped second attempt left in the sweep: a preempted trial with its run id, nothing in outputs/
+    second_run = "stopped0"
+    study.add_trial(create_trial(
+        state=TrialState.FAIL, params=first.params, distributions=first.distributions,
+        system_attrs={**{k: first.system_attrs[k] for k in ("sweep_key", "grid_id", "search_space") if k in first.system_attrs},
+                      "retry_of": first.number, "attempt": 2, "sweep_outcome": "preempted"},
+        user_attrs={"run_id": second_run, "resume_run": first.user_attrs["run_id"], "values": first.user_attrs["values"]}))
+    assert not (tmp_path / "outputs" / second_run).exists()
+
+    again = run_app(["offline-agent"], env, tmp_path, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:]
+    (done,) = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert done.system_attrs["attempt"] == 3 and done.user_attrs["resume_run"] == second_run
+    assert f"resuming from run {first.user_attrs['run_id']}'s checkpoint" in again.stdout, again.stdout[-3000:]
+    retry = runlog.read(next(f for f in runlog.find(tmp_path / "runs") if f.name.endswith(done.user_attrs["run_id"])))
+    trained = [row["epoch"] for row in retry.history if "val_loss" in row]
+    assert trained and trained[0] >= 1, trained  # epoch 1 (index 0) was not trained again
+
+
+@pytest.mark.slow
 def test_a_trial_stopped_in_test_or_export_resumes_without_training_again(tmp_path, data_dir):
     """SIGTERM after the last epoch's checkpoint, during test/export: the retry trains no epoch, goes
     straight to test and export, and tells Optuna the val metric the last epoch measured."""

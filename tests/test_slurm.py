@@ -358,6 +358,69 @@ def test_the_same_script_serves_a_wandb_sweep(cluster, data, tmp_path, record_pr
     print(f"\nslurm W&B sweep: {len(all_spans)} tasks, {len(done)} runs, {wall:.0f} s")
 
 
+WANDB_GRID4 = {**WANDB_GRID, "parameters": {"learning_rate": {"values": [0.003, 0.03]}, "batch_size": {"values": [32, 64]}}}
+
+
+def claims(folder: Path) -> dict[str, dict]:
+    """The sweep's claim records (app.sweep.wandb.dedupe), by run id."""
+    docs = (json.loads(p.read_text()) for p in (folder / "runs" / ".sweep-claims").rglob("*.json"))
+    return {d["run_id"]: d for d in docs}
+
+
+@pytest.mark.parametrize("process", ["per-run", "warm"])
+def test_a_plain_scancel_of_a_wandb_sweep_loses_no_grid_point(cluster, data, tmp_path, record_property, process):
+    """A plain `scancel` of the whole array mid-run ends W&B's service with the runs: W&B is never told
+    they were preempting and never hands them out again. The log says so, and the next agents on the
+    sweep (the array submitted again) resume them under their own run ids: every point trained once."""
+    t0 = time.monotonic()
+    with FakeWandb(WANDB_GRID4) as api:
+        folder = project(tmp_path, data, SWEEP_ID=api.sweep_path, WANDB_BASE_URL=api.url, WANDB_API_KEY="k" * 40,
+                         AGENT_RUN_MODE="offline", EPOCHS="3", AGENT_PROCESS=process)
+        env = clean_env(tmp_path, **cluster.env)
+        job = submit(cluster, folder, env, "0-1")
+        deadline = time.monotonic() + 180
+        while not [r for r, d in claims(folder).items()
+                   if d["state"] == "running" and (folder / "outputs" / r / "checkpoint.pt").exists()]:
+            assert time.monotonic() < deadline, f"no run reached a checkpoint\n{task_logs(folder)}"
+            time.sleep(0.2)
+        assert cluster.run(["scancel", job]).returncode == 0  # plain: every process of every task
+        wait_done(cluster, job, folder, 120, [])
+        stopped = {r: d for r, d in claims(folder).items() if d["state"] != "finished"}
+        assert stopped, task_logs(folder)
+        # what W&B's server does: a run that reached it as preempting is handed out again
+        for f in runlog.find(folder / "runs"):
+            if runlog.read(f).preempting:
+                api.requeue(runlog.read(f).run_id)
+        first_logs = "\n".join(p.read_text() for p in sorted(folder.glob("*.out")))
+        again = submit(cluster, folder, env, "0-1")
+        wait_done(cluster, again, folder, 300, [])
+    logs = "\n".join(p.read_text() for p in sorted(folder.glob("*.out")))
+    runs = [runlog.read(f) for f in runlog.find(folder / "runs")]
+    done = [r for r in runs if r.exit_code == 0]
+    # every grid point finished exactly once, each under the run id W&B gave it
+    points = sorted((r.config["learning_rate"], r.config["batch_size"]) for r in done)
+    assert points == [(0.003, 32), (0.003, 64), (0.03, 32), (0.03, 64)], logs
+    assert {r.run_id for r in done} == {a.run_id for a in api.assignments if a.command == "run"}, logs
+    assert len({a.run_id for a in api.assignments}) == 4, api.assignments
+    # each stopped run was resumed from its checkpoint, not trained again from scratch
+    for run_id in stopped:
+        assert f"resuming run {run_id} from" in logs, logs
+    assert all(d["state"] == "finished" for d in claims(folder).values()), claims(folder)
+    # the log says what happened to W&B: a run W&B never heard of as preempting is not claimed to be one
+    told = {r.run_id for r in runs if r.preempting}
+    for run_id in set(stopped) - told:
+        assert f"resuming run {run_id} of sweep" in logs, logs
+    if set(stopped) - told:
+        assert "W&B was not told the run is preempting" in first_logs, first_logs
+    assert first_logs.count("run marked preempting") <= len(told), first_logs
+    assert "ConnectionResetError" not in logs and "socket.send()" not in logs, logs
+    wall = time.monotonic() - t0
+    figures = (f"slurm W&B sweep ({process}), plain scancel: {len(stopped)} runs stopped, {len(told)} told to W&B, "
+               f"{len(done)} of 4 points finished once, {wall:.0f} s")
+    record_property(f"slurm_wandb_scancel_{process}", figures)
+    print("\n" + figures)
+
+
 def test_shard_gres_shares_one_gpu_between_tasks(cluster, tmp_path):
     """`--gres=shard:1` (GPU sharing, deploy/slurm/README.md): 4 tasks per GPU, each told its GPU."""
     out = tmp_path / "shards"
@@ -388,6 +451,27 @@ def test_a_cancelled_task_stays_cancelled(cluster, tmp_path):
     (span,) = spans(folder)
     assert span.status == 143 and re.search(r"not requeued \(JobState=(CANCELLED|COMPLETING)\)", logs), logs
     assert "requeueing" not in logs
+
+
+def test_a_short_time_limit_stops_the_agent_a_quarter_of_it_before_the_end(cluster, tmp_path):
+    """`--time=2` with the script's `--signal=B:TERM@120`: Slurm's warning would come at the task's start
+    (every run stopped seconds in, requeued, stopped again). The script derives the warning from the
+    limit instead: the agent runs until 30 s before the limit, then is stopped as by the warning."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / ".env").write_text("APP_EXEC=sleep 300\nREQUEUE_ON_STOP=false\n")  # the agent's place; no rerun
+    env = {**clean_env(tmp_path, **cluster.env), "OMP_NUM_THREADS": "1", "APP_PYTHON": sys.executable}
+    r = cluster.run(["sbatch", "--parsable", "--array=0", "--time=2", str(SCRIPT)], cwd=folder, env=env)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    wait_done(cluster, job, folder, 200, [])
+    logs = task_logs(folder)
+    (span,) = spans(folder)
+    ran = span.end - span.start
+    assert 80 <= ran <= 100 and span.status == 143, (ran, logs)
+    assert re.search(r"time limit: 1[0-2]\d s left, too short for a 120 s warning .*: the agent is stopped "
+                     r"\d+ s before the limit instead", logs), logs
+    assert "time limit: stopping the agent" in logs and "SIGTERM: stopping the agent" not in logs, logs
 
 
 # --- .env: one meaning for every reader --------------------------------------------------------------
@@ -477,6 +561,18 @@ def test_a_missing_env_file_or_venv_is_one_line_and_exit_2(tmp_path, setting, ne
     assert line.startswith("slurm ? | error: ") and needle in line, line
 
 
+def test_the_env_examples_build_ids_stay_out_of_the_jobs_environment(tmp_path):
+    """`cp .env.example .env` (UID=, GID= for the image build): bash's UID is read-only, and exporting it
+    printed "UID: readonly variable" in every task's log; the job runs as its submitter anyway."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    shutil.copy(REPO / ".env.example", folder / ".env")
+    assert "\nUID=" in (folder / ".env").read_text()
+    r = read_by_sbatch(folder)
+    assert r.returncode == 0 and "readonly" not in r.stderr, r.stderr
+    assert environment_lines(r.stdout).get("GID") is None, r.stdout
+
+
 def test_the_container_gets_the_jobs_settings_and_nothing_of_the_hosts(tmp_path):
     """`python -m app env --container`: the file the script hands to the runtime's --env-file."""
     environ = {"EPOCHS": "2", "WANDB_PROJECT": "team project", "SWEEP_CONFIG": "grid.yaml", "DATA_DIR": "/p/data",
@@ -559,4 +655,62 @@ def test_the_image_through_podman_stops_requeues_and_resumes(cluster, data, app_
                f"2 of 2 grid points trained once, {wall:.0f} s (of which waiting for and loading the image into "
                f"podman {load_s:.0f} s)")
     record_property("slurm_podman", figures)
+    print("\n" + figures)
+
+
+def containers_of(folder: Path) -> list[str]:
+    """podman's containers (running or not) that mount the project folder: this test's, whatever their name."""
+    r = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}} {{.Mounts}}"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [line for line in r.stdout.splitlines() if str(folder) in line]
+
+
+def test_a_plain_scancel_of_a_podman_task_leaves_no_container(cluster, data, app_image, tmp_path, record_property):
+    """A plain `scancel` of a task running the image through podman: podman's own forwarding of the
+    SIGTERM fails and the container is no process of the task, so Slurm's kill never reaches it. The
+    script stops, waits for and removes the container it named: nothing of it outlives the task, its
+    trial is handed back (preempted) and the task submitted again finishes every point once."""
+    if shutil.which("podman") is None:
+        unavailable("podman not found: apt-get install podman")
+    t0 = time.monotonic()
+    podman_image.load(app_image)
+    line = PODMAN_LINE.search((SCRIPT.parent / "README.md").read_text())[1]
+    line = (line.replace(" --device nvidia.com/gpu=all", "").replace("mnist-sweeps:latest", app_image)
+            .replace("podman run ", f"podman run {SANDBOX_ULIMITS} ", 1))
+    folder = tmp_path / "project"
+    shutil.copytree(data, folder / "data")
+    (folder / "grid.yaml").write_text(GRID_YAML.replace("  batch_size: {values: [32, 64]}\n", ""))
+    settings = {"SWEEP_CONFIG": "grid.yaml", "WANDB_MODE": "offline", "DATASET": "mnist", "VAL_SIZE": "200",
+                "EPOCHS": "12", "WATCH_LOG": "none", "DEVICE": "cpu", "ALLOW_CPU": "true", "WANDB_SILENT": "true",
+                "SWEEP_HEARTBEAT_S": "2", "TRAIN_STRIDE": "1"}
+    (folder / ".env").write_text(f"APP_EXEC='{line}'\n" + "".join(f"{k}={v}\n" for k, v in settings.items()))
+    env = clean_env(tmp_path, **cluster.env)
+    job = submit(cluster, folder, env, "0")
+    task = f"{job}_0"
+    deadline = time.monotonic() + 300
+    victim = None
+    while victim is None:  # (the agent's pid is the container's, not the task's: no wait_mid_trial)
+        assert time.monotonic() < deadline, f"no trial reached a checkpoint\n{task_logs(folder)}"
+        study = journal_study(folder)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if study else ():
+            run_id = t.user_attrs.get("run_id")
+            if run_id and (folder / "outputs" / run_id / "checkpoint.pt").exists():
+                victim = t
+        time.sleep(0.2)
+    assert f":{task}:" in victim.user_attrs["agent"], victim.user_attrs  # agents in containers told apart
+    assert cluster.run(["scancel", task]).returncode == 0
+    wait_done(cluster, job, folder, 120, [])
+    assert containers_of(folder) == [], task_logs(folder)  # none running, none stopped and kept
+    stopped = study.get_trials(deepcopy=False)[victim.number]
+    assert stopped.state == TrialState.FAIL and stopped.system_attrs["sweep_outcome"] == "preempted", task_logs(folder)
+    again = submit(cluster, folder, env, "0")
+    wait_done(cluster, again, folder, 420, [])
+    trials = study.get_trials(deepcopy=False)
+    logs = task_logs(folder)
+    check_every_point_trained_once(trials, victim, logs, points=2)
+    assert containers_of(folder) == [], logs
+    wall = time.monotonic() - t0
+    figures = f"slurm podman, plain scancel: 0 containers left, {len(trials)} trials, 2 of 2 points trained once, {wall:.0f} s"
+    record_property("slurm_podman_scancel", figures)
     print("\n" + figures)

@@ -23,7 +23,8 @@ from app import artifact, data, interrupts, runlog
 from app.errors import UserError
 from app.export import ExportError, export_onnx, verify
 from app.model import ConvNet, Normalized
-from app.train import Preempted, StopRequest, pick_device, save_checkpoint
+from app.interrupts import StopRequest
+from app.train import Preempted, pick_device, save_checkpoint
 
 TUTORIAL = {"epochs": 1, "classes": 10, "kernels": [16, 32], "batch_size": 128, "learning_rate": 0.005,
             "dataset": "fashion_mnist", "architecture": "CNN", "train_stride": 5}

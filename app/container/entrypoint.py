@@ -147,8 +147,18 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
     if warm_agent.process_kind(environ) == "warm":
         # every run in one warm child process, replaced if it crashes; it inherits the GPU slot's lock
         return warm_agent.supervise(settings.get("SWEEP_ID", environ), run_env, settings.get("AGENT_COUNT", environ))
+    from app.sweep.wandb import orphans
+
+    sweep = settings.get("SWEEP_ID", environ)
+    # runs a job-wide stop took from W&B (it will not hand them out again): resumed first, and once more
+    # when the sweep has nothing more for this agent (one may have been stopped meanwhile)
+    code = orphans.resume_all(run_env, sweep, lambda doc: orphans.resume_in_child(doc, run_env, sweep))
+    if code:
+        return code
     print(f"starting: {' '.join(command)}", flush=True)
-    return run_child(command, run_env)
+    # W&B's command line in a process that mutes a lost service's tracebacks (app.sweep.wandb.agent_process)
+    code = run_child([sys.executable, "-m", "app.sweep.wandb.agent_process", *command[1:]], run_env)
+    return code or orphans.resume_all(run_env, sweep, lambda doc: orphans.resume_in_child(doc, run_env, sweep))
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:

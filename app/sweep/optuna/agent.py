@@ -44,6 +44,16 @@ from app.sweep.optuna.trial import Dropped, say, train_trial
 MAX_ERRORS_IN_A_ROW = 3  # an agent whose trials keep raising stops (like `wandb agent`)
 
 
+def agent_name(environ: Mapping[str, str]) -> str:
+    """host:pid, with the Slurm task between them when there is one (`node1:12_3:6`): agents in containers
+    on one host (`--network host`: the host's name) all run as pid 6 or so; the pid stays last."""
+    task = settings.get("SLURM_JOB_ID", environ)
+    array, index = settings.get("SLURM_ARRAY_JOB_ID", environ), settings.get("SLURM_ARRAY_TASK_ID", environ)
+    if array and index:
+        task = f"{array}_{index}"
+    return f"{socket.gethostname()}:{task + ':' if task else ''}{os.getpid()}"
+
+
 class Agent:
     def __init__(self, p: Plan, environ: Mapping[str, str]):
         self.p = p
@@ -51,7 +61,7 @@ class Agent:
         self.storage = open_storage(p.storage_url)
         self.study = open_study(p, self.storage)
         self.watch = StaleWatch(p.heartbeat_s)
-        self.who = f"{socket.gethostname()}:{os.getpid()}"
+        self.who = agent_name(environ)
         self.mine: set[int] = set()
         self.current = None  # the trial this agent is running, if any
         self.runs_root = settings.runs_root(environ)
@@ -82,7 +92,11 @@ class Agent:
             for k in ("grid_id", "search_space"):  # GridSampler then leaves the queued values alone
                 if k in last.system_attrs:
                     system[k] = last.system_attrs[k]
-            user = {"resume_run": last.user_attrs["run_id"]} if "run_id" in last.user_attrs else {}
+            # every attempt's run, newest first: one stopped before it opened its run (or wrote a checkpoint)
+            # must not hide the checkpoint of the attempt before it (trial._resume_from picks the newest)
+            runs = [t.user_attrs["run_id"] for t in sorted(ledger.by_key[key], key=lambda t: -t.number)
+                    if "run_id" in t.user_attrs]
+            user = {"resume_run": runs[0], "resume_runs": runs} if runs else {}
             self.study.add_trial(optuna.trial.create_trial(
                 state=TrialState.WAITING, params=last.params, distributions=last.distributions,
                 system_attrs=system, user_attrs=user))

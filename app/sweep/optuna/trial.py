@@ -208,15 +208,25 @@ def _adopt(agent, trial, key: str, run, outcome_: str, value: float | None) -> t
 AFTER_TRAINING = ("test_loss", "test_accuracy")  # measured again by a run resumed after its last epoch
 
 
+def _newest_checkpoint(trial, config: Config) -> tuple[str, Path] | None:
+    """(run id, checkpoint) of the newest checkpoint any earlier attempt of the trial wrote: the attempt
+    just before may have been stopped before it opened its run, with no checkpoint of its own."""
+    runs = trial.user_attrs.get("resume_runs")
+    olds = [trial.user_attrs.get("resume_run"), *(runs if isinstance(runs, list) else [])]
+    # the ids come from the sweep's storage: one that is not a plain name is never joined to a path
+    found = {old: Path(config.output_dir) / old / checkpoint.FILE for old in olds if isinstance(old, str) and runid.valid(old)}
+    found = {old: src for old, src in found.items() if src.is_file()}
+    if not found:
+        return None
+    return max(found.items(), key=lambda item: item[1].stat().st_mtime)
+
+
 def _resume_from(trial, config: Config, run_id: str, metric: str) -> str:
-    """A retry starts from the dead attempt's last epoch checkpoint when the outputs folder has it."""
-    old = trial.user_attrs.get("resume_run")
-    # the id comes from the sweep's storage: one that is not a plain name is never joined to a path
-    if not isinstance(old, str) or not runid.valid(old) or not config.resume:
+    """A retry starts from the newest last-epoch checkpoint an earlier attempt left in the outputs folder."""
+    newest = _newest_checkpoint(trial, config) if config.resume else None
+    if newest is None:
         return ""
-    src = Path(config.output_dir) / old / checkpoint.FILE
-    if not src.is_file():
-        return ""
+    old, src = newest
     try:
         done, last_val = checkpoint.epochs_done(src, config)
     except UserError as exc:  # damaged, or written on another device type: this attempt trains from the start

@@ -40,11 +40,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, MutableMapping
 
 import yaml
 
-from app import runner, settings
+from app import interrupts, runner, settings
 from app.config import KEYS, ConfigError, parse_cli
 from app.errors import UserError
 
@@ -164,6 +164,10 @@ def guard(environ: Mapping[str, str], argv: list[str]) -> Iterator[Claim | None]
     c = claim(sweep_id, run_id, params, claims_dir(environ))
     try:
         yield c
+    except interrupts.Stopped as stop:
+        # stopped before training (or while W&B opened the run): W&B requeues it only if it was told
+        c.close(PREEMPTED if getattr(stop, "told", False) else runner.ORPHANED)
+        raise
     finally:
         c.close(FAILED)
 
@@ -203,10 +207,14 @@ def wait_stagger(environ: Mapping[str, str]) -> None:
         time.sleep(delay)
 
 
-def run_once(start: runner.Start, last: bool = True, on_epoch=None) -> int:
+def run_once(args: list[str], environ: MutableMapping[str, str], prepare: Callable[[], runner.Start],
+             last: bool = True, on_epoch=None) -> int:
     """runner.run for a run `wandb agent` may have handed out twice: it first claims its parameters, and
-    a run whose parameters another agent has is skipped (exit 0, recorded in the sweep) instead of trained."""
-    with guard(start.environ, start.args) as taken:
+    a run whose parameters another agent has is skipped (exit 0, recorded in the sweep) instead of trained.
+    The claim comes before `prepare()` (runner.prepare: settings, checks, imports): a stop at any point
+    after it leaves a record of the run, so the run is not lost when W&B was not told."""
+    with guard(environ, args) as taken:
+        start = prepare()
         if taken and taken.duplicate_of:
             print(skip_message(taken), file=sys.stderr)
             record_duplicate(taken, start.ready.mode)  # visible in the sweep: it used up a hand-out

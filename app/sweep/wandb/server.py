@@ -25,7 +25,7 @@ import urllib.request
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from app import env
+from app import settings
 
 # how long the server may go without answering before the agent gives up: a deploy or a network blip
 # passes within it, the offline sweep's database gets the same minute (STATEMENT_TIMEOUT_S)
@@ -35,7 +35,6 @@ PROBE_S = 5.0  # the one direct connection that says what is wrong (probe)
 # after the run's stop: its checkpoint takes a batch, an offline run's finish a moment; an online run's
 # finish would wait for W&B's service to upload to the server that is gone, minutes
 FINISH_S = 20.0
-DEFAULT_URL = "https://api.wandb.ai"
 
 REGISTER = """
 mutation CreateAgent($host: String!, $projectName: String, $entityName: String, $sweep: String!) {
@@ -118,7 +117,7 @@ def end_after(seconds: float, line: str) -> threading.Timer:
 
 def shown_url(environ: Mapping[str, str]) -> str:
     """WANDB_BASE_URL as it may be printed: a user:password@ in it is left out."""
-    url = env.text("WANDB_BASE_URL", DEFAULT_URL, environ=environ)
+    url = settings.get("WANDB_BASE_URL", environ)
     parts = urlsplit(url)
     if parts.username or parts.password:
         parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))

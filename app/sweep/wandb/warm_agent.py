@@ -52,7 +52,7 @@ from typing import Any, Callable, Mapping
 
 from app import interrupts, runner, settings, tracking
 from app.heartbeat import Heartbeat
-from app.sweep.wandb import dedupe
+from app.sweep.wandb import dedupe, orphans
 from app.sweep.wandb import server
 from app.sweep.wandb.server import FINISH_S, Outage, Server, end_after, outage_line, say_once
 from app.errors import UserError
@@ -155,6 +155,9 @@ class WarmAgent:
         self.connect()
         say(f"serving sweep {self.sweep_id}: every run in this process (pid {os.getpid()}, agent {self.agent_id})")
         done, errors_in_a_row = 0, self.failed_in_a_row
+        code = self.resume_orphans()  # runs a job-wide stop took from W&B first: W&B will not hand them out
+        if code:
+            return code
         while (self.count is None or done < self.count) and not self.exit_asked:
             commands = self.server.heartbeat(self.agent_id, {})
             if not commands:
@@ -163,6 +166,9 @@ class WarmAgent:
             command = commands[0]
             kind = command.get("type")
             if kind == "exit":
+                code = self.resume_orphans()  # one may have been stopped since this agent started
+                if code:
+                    return code
                 say("the sweep has no more runs for this agent; exiting")
                 return 0
             if kind not in ("run", "resume"):
@@ -190,6 +196,18 @@ class WarmAgent:
         say("the sweep asked this agent to exit" if self.exit_asked else f"ran {done} run(s) (AGENT_COUNT); agent exits")
         return 0
 
+    def resume_orphans(self) -> int:
+        """Resume, in this process, each run of the sweep a job-wide stop took from W&B (app.sweep.wandb.orphans)."""
+        def resume(doc: dict[str, Any]) -> int:
+            command = {"type": "resume", "run_id": doc["run_id"], "args": orphans.sweep_args(doc)}
+            self.report(f"start {doc['run_id']}")
+            code = self.run_one(command)
+            self.report(f"end {code}")
+            say(f"run {doc['run_id']} ended with exit code {code}")
+            return code
+
+        return orphans.resume_all(self.environ, self.sweep_id, resume)
+
     def run_one(self, command: dict[str, Any]) -> int:
         """One run as `python -m app train` runs it; its exit code as that process's would be."""
         import wandb
@@ -209,8 +227,8 @@ class WarmAgent:
         try:
             # this run's id, sweep and parameter file in W&B's process-wide settings (read by wandb.init)
             wandb.setup(wandb.Settings(run_id=run_id, sweep_id=self.sweep_id, sweep_param_path=str(params)))
-            start = runner.prepare(list(args), environ, dotenv_path=None)
-            return dedupe.run_once(start, last=False, on_epoch=lambda epoch, metrics: beat.stop_asked.is_set())
+            return dedupe.run_once(list(args), environ, lambda: runner.prepare(list(args), environ, dotenv_path=None),
+                                   last=False, on_epoch=lambda epoch, metrics: beat.stop_asked.is_set())
         except interrupts.Stopped as stop:
             print(runner.stopped_line(stop), file=sys.stderr, flush=True)
             return stop.exit_code
