@@ -19,7 +19,7 @@ from conftest import REPO, clean_env, wait_for
 from fake_wandb import FakeWandb
 
 from app import artifact, checkpoint, runlog
-from app.sweep.wandb import server, warm_agent
+from app.sweep.wandb import server, supervisor, warm_agent
 
 COMMAND = ["${env}", "${interpreter}", "-m", "app", "train", "${args}"]
 
@@ -385,7 +385,7 @@ def own_signal_handlers():
         signal.signal(sig, handler)
 
 
-class ScriptedSupervisor(warm_agent.Supervisor):
+class ScriptedSupervisor(supervisor.Supervisor):
     """The supervisor with each warm process replaced by a small real one that reports the given lines."""
 
     def __init__(self, scripts: list[list[str]], count: int | None = None):

@@ -142,11 +142,11 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
         return offline_agent.run_agent(run_env)
     # agents started together ask W&B for work at the same moment, when duplicates are most likely
     dedupe.wait_stagger(run_env)
-    from app.sweep.wandb import warm_agent
+    from app.sweep.wandb import supervisor, warm_agent
 
     if warm_agent.process_kind(environ) == "warm":
         # every run in one warm child process, replaced if it crashes; it inherits the GPU slot's lock
-        return warm_agent.supervise(settings.get("SWEEP_ID", environ), run_env, settings.get("AGENT_COUNT", environ))
+        return supervisor.supervise(settings.get("SWEEP_ID", environ), run_env, settings.get("AGENT_COUNT", environ))
     from app.sweep.wandb import orphans
 
     sweep = settings.get("SWEEP_ID", environ)
