@@ -456,7 +456,7 @@ def test_a_diverged_run_is_no_trial_and_the_table_says_diverged():
                                 config={"learning_rate": [0.001, 1e3, 0.003][i]}, summary={"val_loss": val_loss})
         runs.append(run)
     runs[1].summary.update(diverged=True, diverged_at="loss nan at step 640 (epoch 2)")
-    index, charts = report.page(Path("runs"), [report.make_group("g", runs, "val_loss", "minimize")], [])
+    index, charts = report.page(Path("runs"), [grouping.make_group("g", runs, "val_loss", "minimize")], [])
     lines = children(ET.fromstring(charts["g-parallel.svg"]), "polyline", "trial")
     assert sorted(line.get("data-run") for line in lines) == ["r0", "r2"]
     assert "Best of 2 completed run(s): <b>r2</b>" in index

@@ -454,7 +454,8 @@ def _names_in(path: Path) -> set[str]:
 def test_agents_sbatch_reads_only_declared_settings_and_hands_none_of_the_hosts_on():
     script = REPO / "deploy" / "slurm" / "agents.sbatch"
     names = _names_in(script) | set(re.findall(r"^\s*([A-Z][A-Z0-9_]*)=", script.read_text(), re.M))
-    slurms_own = {n for n in names if n.startswith("SLURM_") or n in settings.RUNTIME or n in ("PWD",)}
+    # Slurm's, the runtime's and bash's own (IFS: the script splits a time limit with it)
+    slurms_own = {n for n in names if n.startswith("SLURM_") or n in settings.RUNTIME or n in ("PWD", "IFS")}
     for name in sorted(names - slurms_own):
         assert name in settings.TABLE or settings.known(name), f"agents.sbatch reads {name}: declare it"
     exported = set(re.findall(r"\bexport ([A-Z][A-Z0-9_]*)=", script.read_text()))

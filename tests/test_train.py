@@ -208,10 +208,10 @@ def test_a_diverging_run_stops_at_its_first_non_finite_loss_as_a_finished_run(tm
 
 def test_a_checkpoint_holding_a_nan_weight_is_refused_in_one_line_before_the_run_opens(tmp_path: Path,
                                                                                       small_data: Path):
-    from app import checkpoint, config
+    from app import checkpoint, sources
 
     env = small_run_env(tmp_path, small_data, "nanckpt1")
-    folder = _saved_run(tmp_path / "outputs" / "nanckpt1", config.load([], env, dotenv_path=None))
+    folder = _saved_run(tmp_path / "outputs" / "nanckpt1", sources.load([], env, dotenv_path=None))
     state = torch.load(folder / checkpoint.FILE, weights_only=True)
     state["model"]["fc.weight"][3, 7] = float("nan")
     torch.save(state, folder / checkpoint.FILE)
