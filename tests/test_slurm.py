@@ -379,9 +379,11 @@ def test_a_plain_scancel_of_a_wandb_sweep_loses_no_grid_point(cluster, data, tmp
         env = clean_env(tmp_path, **cluster.env)
         job = submit(cluster, folder, env, "0-1")
         deadline = time.monotonic() + 180
-        while not [r for r, d in claims(folder).items()
-                   if d["state"] == "running" and (folder / "outputs" / r / "checkpoint.pt").exists()]:
-            assert time.monotonic() < deadline, f"no run reached a checkpoint\n{task_logs(folder)}"
+        # both tasks' runs are training (each has a checkpoint): a stop while a run is still starting
+        # (Python's imports, wandb.init) is not covered yet (deploy/slurm/README.md says so)
+        while len([r for r, d in claims(folder).items()
+                   if d["state"] == "running" and (folder / "outputs" / r / "checkpoint.pt").exists()]) < 2:
+            assert time.monotonic() < deadline, f"no two runs training at once\n{task_logs(folder)}"
             time.sleep(0.2)
         assert cluster.run(["scancel", job]).returncode == 0  # plain: every process of every task
         wait_done(cluster, job, folder, 120, [])
