@@ -90,6 +90,48 @@ def test_a_copy_into_a_full_volume_is_whole_or_not_at_all(tmp_path):
         assert source.read_bytes() == b"new model " * 20_000
 
 
+# a real offline W&B run on a volume that fills up after the run opened: the model artifact's copies into
+# the run folder (artifact.log_model) cannot be written
+LOGS_A_MODEL_ON_A_FULL_VOLUME = textwrap.dedent("""\
+    import sys, wandb
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from conftest import fill
+    from app import artifact, settings
+    from app.config import Config
+    from app.errors import UserError
+
+    run = wandb.init(project="full", dir={runs!r}, mode="offline")
+    fill(Path({volume!r}))
+    files = [Path({model!r}), Path({checkpoint!r})]
+    try:
+        artifact.log_model(run, Config(), files, {{"test_accuracy": 0.5}}, {{"WANDB_DIR": {runs!r}}})
+    except UserError as exc:
+        print(f"error: {{exc}}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        run.finish()
+""")
+
+
+def test_the_model_artifact_on_a_full_volume_is_one_line_and_no_partial_copy(tmp_path):
+    """Before: an OSError traceback out of shutil.copyfile and a half-written model-artifact/model.onnx."""
+    model, ckpt = tmp_path / "model.onnx", tmp_path / "checkpoint.pt"
+    model.write_bytes(b"m" * 300_000)  # more than the volume has left
+    ckpt.write_bytes(b"c" * 1000)
+    with volume(tmp_path / "vol", "4m") as vol:
+        driver = LOGS_A_MODEL_ON_A_FULL_VOLUME.format(tests=str(REPO / "tests"), runs=str(vol / "runs"),
+                                                      volume=str(vol), model=str(model), checkpoint=str(ckpt))
+        proc = subprocess.run([sys.executable, "-c", driver], env=clean_env(tmp_path, WANDB_SILENT="true"),
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        (line,) = error_lines(proc.stderr)
+        (copies,) = (vol / "runs" / "wandb").glob("offline-run-*/model-artifact")
+        assert line.startswith(f"error: the model artifact: cannot write {copies / 'model.onnx'} ({NO_SPACE})"), line
+        assert leftovers(vol) == [] and list(copies.iterdir()) == [], leftovers(vol)
+        assert model.read_bytes() == b"m" * 300_000  # the model itself is untouched
+
+
 # a `python -m app train` whose on_epoch hook (the one an offline sweep's pruner uses) fills a volume after
 # the first epoch: the run folder, or the model artifact's folder, fills up while the run trains
 FILLS_AFTER_EPOCH_1 = textwrap.dedent("""\
