@@ -10,6 +10,7 @@ and names too long for the file system, are one line naming the place instead of
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -47,6 +48,9 @@ def check_folder(folder: Path, what: str) -> None:
     try:
         write_test(existing)
     except OSError as exc:  # read-only, full, or a place that holds no files at all (/proc, /sys)
+        if exc.errno == errno.ENOSPC:
+            raise UserError(f"{what} {str(folder)!r}: its volume is full (No space left on device); free space there "
+                            "or choose a folder on another volume") from None
         raise UserError(f"{what} {str(folder)!r} is not writable ({existing}: {exc.strerror or exc}); "
                         "choose a writable folder") from None
 
