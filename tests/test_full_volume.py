@@ -217,3 +217,18 @@ def test_a_bundle_on_a_full_volume_is_one_line_and_the_older_bundle_stays(tmp_pa
         assert leftovers(vol) == [] and out.read_bytes() == before
         with tarfile.open(out) as tar:
             assert "project/docker-compose.yml" in tar.getnames()
+
+
+def test_bundle_save_onto_a_full_volume_is_one_line_before_docker_is_asked(tmp_path):
+    """Checked before `docker save` writes gigabytes beside the archive: no engine is needed to see it.
+    Before: `docker save` failed into a temporary folder on the full volume (or, where a folder takes a
+    block, as ext4's do, making that folder was an OSError traceback)."""
+    with volume(tmp_path / "vol", "1m") as vol:
+        fill(vol)
+        proc = run_app(["bundle", "save", str(vol / "carry" / "b.tar"), "--image", "nothing:here"],
+                       clean_env(tmp_path), tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        (line,) = error_lines(proc.stderr)
+        assert line == (f"error: the bundle's folder '{vol / 'carry'}': its volume is full ({NO_SPACE}); free space "
+                        "there or choose a folder on another volume"), line
+        assert sorted(p.name for p in vol.iterdir()) == [".filler"]

@@ -103,6 +103,8 @@ def _docker_save(docker: str, image: str, size: int, out: Path) -> None:
 
 
 def save(out: Path, image: str, data: Path | None, env_file: Path | None) -> dict:
+    # first: `docker save` writes gigabytes into a temporary folder beside OUT before anything else would notice
+    places.check_folder(out.parent, "the bundle's folder")
     docker = _docker()
     image_id, image_size = _inspect(docker, image)
     if data is not None and not data.is_dir():
