@@ -30,12 +30,11 @@ import json
 import math
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from app import settings, tracking
+from app import places, settings, tracking
 
 FOLDER = "model-artifact"  # inside the run folder: the copies the artifact records
 DATA_DIR = ".wandb-data"  # under WANDB_DIR: W&B's staging folder when WANDB_DATA_DIR is unset
@@ -164,7 +163,9 @@ def log_model(run, config, files: list[Path], figures: Mapping[str, Any], enviro
     folder.mkdir(parents=True, exist_ok=True)
     for path in files:
         copy = folder / path.name
-        shutil.copyfile(path, copy)  # the run's own copy: the outputs folder may be gone at sync time
+        # the run's own copy (the outputs folder may be gone at sync time), whole or not at all
+        places.copy_file(path, copy, "the model artifact", "free space on the volume of WANDB_DIR, then rerun this "
+                         "run id to test and export it again")
         entry = artifact.add_file(str(copy), name=path.name, policy="immutable")
         if offline:
             # read at sync time: a path relative to the folder holding the run folder (see the docstring)

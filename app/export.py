@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from app.errors import UserError
 from app.model import Normalized
 
 # float32 logits agree to ~1e-6 of their scale, whatever the scale: a model trained with a high learning rate
@@ -32,14 +33,20 @@ def export_onnx(model: nn.Module, mean: float, std: float, sample: torch.Tensor,
     net = Normalized(copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format), mean, std).eval()
     images = sample.detach().cpu().float().div(255.0)
     tmp = path.with_suffix(".onnx.tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter is chatty about things that don't apply here
-        torch.onnx.export(
-            # traced on two images: the batch axis is dynamic, the file is byte for byte the one a trace of
-            # the whole sample writes, and the trace's forward pass costs 1/128 of it
-            net, (images[:2],), str(tmp), input_names=["images"], output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
-        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter is chatty about things that don't apply here
+            torch.onnx.export(
+                # traced on two images: the batch axis is dynamic, the file is byte for byte the one a trace of
+                # the whole sample writes, and the trace's forward pass costs 1/128 of it
+                net, (images[:2],), str(tmp), input_names=["images"], output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+            )
+    except OSError as exc:  # the volume filled up or turned read-only: no half-written file, any older model kept
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write the ONNX model {path} ({exc.strerror or exc}); nothing half-written is left and "
+                        "the checkpoint of the last epoch is kept: free space or make the folder writable, then rerun "
+                        "this run id to test and export it") from None
     # the torch side of the check in the memory format the model trained in: on the CPU a channels_last
     # forward of the sample is ~4x faster than the contiguous copy the exporter needs (same weights)
     reference = Normalized(copy.deepcopy(model).float().cpu(), mean, std).eval()

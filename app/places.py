@@ -4,14 +4,17 @@ and names too long for the file system, are one line naming the place instead of
     places.check_folder(Path("report"), "--out")      # exists as a writable folder, or can be made
     places.check_name(path, "bundle member")           # every component and the whole path fit
     places.file_stem(name)                              # an untrusted name as a bounded file-name stem
+    places.copy_file(source, target, what, then)        # whole or not at all; a full volume is one line
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -45,6 +48,9 @@ def check_folder(folder: Path, what: str) -> None:
     try:
         write_test(existing)
     except OSError as exc:  # read-only, full, or a place that holds no files at all (/proc, /sys)
+        if exc.errno == errno.ENOSPC:
+            raise UserError(f"{what} {str(folder)!r}: its volume is full (No space left on device); free space there "
+                            "or choose a folder on another volume") from None
         raise UserError(f"{what} {str(folder)!r} is not writable ({existing}: {exc.strerror or exc}); "
                         "choose a writable folder") from None
 
@@ -54,8 +60,13 @@ def write_test(folder: Path) -> None:
     # a fresh name created with O_EXCL: process ids repeat across containers sharing a volume, and a
     # probe named by pid was deleted under another agent's feet
     fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
-    os.close(fd)
-    os.unlink(probe)
+    try:
+        # a byte of data: a full volume still makes empty files (they take no block) but refuses data, and a
+        # run on it would train an epoch before its first checkpoint found out
+        os.write(fd, b"\0")
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
 def write_text(path: Path, text: str, what: str) -> None:
@@ -73,6 +84,22 @@ def write_text(path: Path, text: str, what: str) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise UserError(f"{what}: cannot write {path} ({exc.strerror or exc}); what was there is unchanged") from None
+
+
+def copy_file(source: Path, target: Path, what: str, then: str) -> None:
+    """Copy `source` to `target` whole or not at all: into a new file beside it, then renamed over it. A full
+    or read-only volume is one line naming the file, what `then` happens, and no half-written copy left."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:100]}.", suffix=".part", dir=target.parent)
+        os.close(fd)
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise UserError(f"{what}: cannot write {target} ({exc.strerror or exc}); {then}") from None
 
 
 def file_stem(name: str, limit: int = 100) -> str:

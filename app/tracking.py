@@ -7,11 +7,12 @@ W&B is imported here and nowhere else in the training path, so the rest of the p
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import netrc
 import os
 import secrets
 import shlex
-import shutil
 import string
 import sys
 from pathlib import Path
@@ -81,7 +82,25 @@ def check_writable(path: Path, setting: str) -> None:
         path.mkdir(parents=True, exist_ok=True)
         places.write_test(path)
     except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise UserError(f"{setting}={str(path)!r}: its volume is full (No space left on device); free space there "
+                            "or choose a folder on another volume") from None
         raise UserError(f"{setting}={str(path)!r} is not writable ({exc.strerror or exc}); mount or choose a writable folder") from None
+
+
+@contextlib.contextmanager
+def own_files(run, failing: bool) -> Iterator[None]:
+    """Around `run.finish`: W&B's own log files live in the run folder, and on a volume that filled up (or
+    turned read-only) under the run, closing them raises OSError. That is one line naming the folder; nothing
+    when the run is `failing` already (an error of its own, or a stop: that one is said)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+            raise
+        if not failing:
+            raise UserError(f"W&B could not write its files in the run folder {Path(run.dir).parent} "
+                            f"({exc.strerror}): its record is incomplete; free space on the volume of WANDB_DIR") from None
 
 
 def new_run_id() -> str:
@@ -111,6 +130,10 @@ def start(config: Config, environ: Mapping[str, str] | None = None, mode: str | 
     environ = os.environ if environ is None else environ
     mode = mode or resolve_mode(environ)
     prepare_wandb_environ(environ)
+    # W&B logs to files in the run folder: on a volume that fills up under the run each of its log calls would
+    # print a traceback ("--- Logging error ---"), hundreds a run; what could not be written is said in one
+    # line instead (our own writes into the run folder, and own_files above)
+    logging.raiseExceptions = False
 
     import wandb
 
@@ -184,7 +207,8 @@ def save_file(run, path: Path) -> Path:
     if run.disabled:
         return path
     target = Path(run.dir) / path.name
-    shutil.copyfile(path, target)
+    places.copy_file(path, target, "the W&B run folder", "free space on the volume of WANDB_DIR, then rerun this "
+                     "run id to test and export it again")
     run.save(str(target), base_path=run.dir, policy="now")
     return target
 
@@ -258,8 +282,12 @@ def materialize_links(folder: Path) -> int:
         if not path.is_symlink():
             continue
         target = path.resolve()
-        path.unlink()
-        if target.is_file():
-            shutil.copyfile(target, path)
+        if not target.is_file():
+            path.unlink()
+        else:
+            try:  # the copy replaces the link by rename: on a full volume the link stays, nothing half-written
+                places.copy_file(target, path, "the W&B run folder", "the link is kept")
+            except UserError:
+                continue  # the run's own line has said the volume is full (its record is incomplete)
         replaced += 1
     return replaced

@@ -11,6 +11,7 @@ import contextlib
 import gc
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
@@ -144,8 +145,9 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
         stopped = Preempted(signum, told=False)  # nothing could mark it preempting
         raise stopped from exc
     finally:
-        with interrupts.deferred(), interrupts.unless_wandb_lost() as finishing:  # a stop must not cut the exit record short
-            run.finish(exit_code=exit_code)
+        failing = sys.exc_info()[1] is not None  # its line is the one said; W&B's files on a full volume add none
+        with interrupts.deferred(), interrupts.unless_wandb_lost() as finishing, tracking.own_files(run, failing):
+            run.finish(exit_code=exit_code)  # a stop must not cut the exit record short
         if stopped is not None and finishing.lost:
             stopped.told = False  # the preempting mark went nowhere: the service was gone before it recorded it
         if not run.disabled:
@@ -303,10 +305,14 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
             raise Preempted(stop.signum)
         run.summary.update(check)
         phases.mark("export")
-        tracking.save_file(run, onnx_path)
-        artifact.log_model(run, config, [onnx_path, ckpt_path],
-                           {"test_accuracy": test_acc, "test_loss": test_loss, "val_accuracy": val_acc,
-                            "val_loss": val_loss, **check}, environ, sweep_results)
+        try:
+            tracking.save_file(run, onnx_path)
+            artifact.log_model(run, config, [onnx_path, ckpt_path],
+                               {"test_accuracy": test_acc, "test_loss": test_loss, "val_accuracy": val_acc,
+                                "val_loss": val_loss, **check}, environ, sweep_results)
+        except UserError:  # the run folder's volume is full: not finished, so a rerun of this id exports it again
+            onnx_path.unlink(missing_ok=True)
+            raise
         phases.mark("artifact")
     return {
         "upload": tracking.offline_hint(run) if tracking.is_offline(run) else None,  # printed last (app.runner)

@@ -93,17 +93,12 @@ def volume(path: Path, size: str = "4m") -> Iterator[Path]:
 
 def fill(folder: Path) -> None:
     """Fill the file system under `folder` to the last byte."""
-    with open(folder / ".filler", "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-    with contextlib.suppress(OSError), open(folder / ".filler", "ab") as f:  # the last partial block
-        while True:
-            f.write(b"\0")
-            f.flush()
+    # unbuffered: a buffered file's close() would raise ENOSPC again for the bytes still in its buffer
+    with open(folder / ".filler", "wb", buffering=0) as f:
+        for block in (b"\0" * 65536, b"\0"):  # big blocks, then the last partial one byte by byte
+            with contextlib.suppress(OSError):
+                while f.write(block):
+                    pass
 
 
 @pytest.fixture

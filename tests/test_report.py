@@ -633,4 +633,5 @@ def test_a_full_volume_under_the_report_is_one_line_and_the_old_report_stands(sw
         proc = run_app(["report", str(sweep_runs), "--out", str(out)], clean_env(tmp_path), tmp_path)
         assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1, proc.stderr
         assert "No space left on device" in proc.stderr and "Traceback" not in proc.stderr
+        assert f"--out {str(out)!r}: its volume is full" in proc.stderr, proc.stderr  # before any run is read
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing half-written, nothing lost

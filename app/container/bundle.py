@@ -103,6 +103,8 @@ def _docker_save(docker: str, image: str, size: int, out: Path) -> None:
 
 
 def save(out: Path, image: str, data: Path | None, env_file: Path | None) -> dict:
+    # first: `docker save` writes gigabytes into a temporary folder beside OUT before anything else would notice
+    places.check_folder(out.parent, "the bundle's folder")
     docker = _docker()
     image_id, image_size = _inspect(docker, image)
     if data is not None and not data.is_dir():
@@ -110,9 +112,6 @@ def save(out: Path, image: str, data: Path | None, env_file: Path | None) -> dic
     if env_file is not None and not env_file.is_file():
         raise UserError(f"--env {str(env_file)!r} does not exist")
     out.parent.mkdir(parents=True, exist_ok=True)
-    mode = "w:gz" if out.name.endswith((".tar.gz", ".tgz")) else "w"
-    files: dict[str, str] = {}
-    partial = out.with_name(out.name + ".partial")  # a crash never leaves a half archive under the real name
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         image_tar = Path(tmp) / IMAGE_MEMBER
         _docker_save(docker, image, image_size, image_tar)
@@ -130,7 +129,18 @@ def save(out: Path, image: str, data: Path | None, env_file: Path | None) -> dic
         if data is not None:
             members += [(p, f"project/data/{p.relative_to(data).as_posix()}")
                         for p in sorted(p for p in data.rglob("*") if p.is_file())]
-        total = sum(path.stat().st_size for path, _ in members)
+        return write_archive(out, members, {"image": image, "image_id": image_id})
+
+
+def write_archive(out: Path, members: list[tuple[Path, str]], head: dict) -> dict:
+    """`members` (path, name in the archive) and a manifest (`head` + when + every member's sha256) into
+    `out`, whole or not at all: written as OUT.partial, renamed at the end. A full or read-only volume is one
+    line naming the archive; the partial file is removed and a bundle already at `out` stays as it was."""
+    mode = "w:gz" if out.name.endswith((".tar.gz", ".tgz")) else "w"
+    partial = out.with_name(out.name + ".partial")  # a crash never leaves a half archive under the real name
+    files: dict[str, str] = {}
+    total = sum(path.stat().st_size for path, _ in members)
+    try:
         with tarfile.open(partial, mode) as tar, Meter(f"writing {out.name}", total) as meter:
             for path, name in members:
                 info = tar.gettarinfo(path, arcname=name)
@@ -138,13 +148,18 @@ def save(out: Path, image: str, data: Path | None, env_file: Path | None) -> dic
                 with open(path, "rb") as f:
                     tar.addfile(info, Reader(f, meter, digest))  # hashed as it is written: one read
                 files[name] = digest.hexdigest()
-            manifest = {"image": image, "image_id": image_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                        "files": files}
+            manifest = {**head, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
             blob = json.dumps(manifest, indent=1).encode()
             info = tarfile.TarInfo(MANIFEST)
             info.size, info.mtime = len(blob), int(time.time())
             tar.addfile(info, io.BytesIO(blob))
-    os.replace(partial, out)
+        os.replace(partial, out)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise UserError(f"cannot write the bundle {out} ({exc.strerror or exc}); nothing half-written is left"
+                        + (" and the bundle already there is kept" if out.exists() else "")
+                        + ": free space on that volume or write the bundle elsewhere") from None
     return manifest
 
 
