@@ -148,6 +148,32 @@ def claim(sweep_id: str, run_id: str, params: dict[str, Any], folder: Path) -> C
                         "mount a shared writable folder there") from None
 
 
+def record_orphan(sweep_id: str, run_id: str, params: dict[str, Any], folder: Path) -> bool:
+    """After a stop ended the run's process: record it orphaned (the next agent resumes it) unless how it
+    ended is on record (finished, preempted: W&B requeues it, orphaned) or a live run holds its values.
+    For a run killed before it could record itself: still starting, or killed outright. True: recorded."""
+    base = folder / sweep_id.replace("/", "_")
+    base.mkdir(parents=True, exist_ok=True)
+    h = key(params)
+    fd = os.open(base / f"{h}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False  # a live run has these values
+    if _read(base / f"{h}.json").get("state") in (FINISHED, PREEMPTED, runner.ORPHANED):
+        os.close(fd)
+        return False
+    # running (its process killed), failed (W&B's service gone under it) or never claimed (still starting)
+    Claim(sweep_id, run_id, params, base / f"{h}.json", _fd=fd).close(runner.ORPHANED)
+    return True
+
+
+def handed_params(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of a hand-out ({key: {"value": v}}, as W&B sends them), as the run's claim keys them."""
+    return {k: (v.get("value") if isinstance(v, dict) else v) for k, v in args.items() if k in KEYS}
+
+
 @contextlib.contextmanager
 def guard(environ: Mapping[str, str], argv: list[str]) -> Iterator[Claim | None]:
     """Around one run: None outside a sweep; a Claim whose duplicate_of says whether to skip.
