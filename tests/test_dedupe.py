@@ -215,3 +215,28 @@ def test_a_hand_out_is_orphaned_after_a_stop_unless_its_end_is_on_record(tmp_pat
     handouts.settle_abandoned(tmp_path, SWEEP)
     assert (record(tmp_path, left)["state"], record(tmp_path, left)["run_id"]) == (ORPHANED, "run00005")
     assert not list(handouts.folder_of(tmp_path, SWEEP).glob("*.json"))
+
+
+@pytest.mark.parametrize("dotenv, where", [("SWEEP_CLAIMS_DIR={claims}\n", "claims"),
+                                           ("SWEEP_DEDUPE=false\n", None)])
+def test_a_runs_claim_reads_the_dotenv_the_run_reads(tmp_path: Path, monkeypatch, dotenv: str, where: str | None):
+    """`python -m app train` in a sweep: SWEEP_CLAIMS_DIR or SWEEP_DEDUPE set only in `.env` apply to the
+    run's claim as to the rest of the run (a run refused by its own checks still claims, and frees, its values)."""
+    from app import cli
+
+    (tmp_path / ".env").write_text(dotenv.format(claims=tmp_path / "claims"))
+    monkeypatch.chdir(tmp_path)
+    for name in ("SWEEP_CLAIMS_DIR", "SWEEP_DEDUPE", "WANDB_SWEEP_PARAM_PATH"):
+        monkeypatch.setenv(name, "")  # unset (empty = unset), restored after
+    for name, value in {"WANDB_DIR": str(tmp_path / "runs"), "WANDB_SWEEP_ID": SWEEP, "WANDB_RUN_ID": "run00009",
+                        "WANDB_MODE": "offline"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match="epochs"):
+        cli.cmd_train(["--learning_rate=0.01", "--batch_size=64", "--epochs=0"])
+    values = {"learning_rate": "0.01", "batch_size": "64", "epochs": "0"}
+    records = list(tmp_path.rglob(f"{dedupe.key(values)}.json"))
+    if where is None:
+        assert records == []  # dedupe off: no claim
+    else:
+        assert [p.parent.parent.name for p in records] == [where]  # not under WANDB_DIR/.sweep-claims
+        assert json.loads(records[0].read_text())["state"] == dedupe.FAILED

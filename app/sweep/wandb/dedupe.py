@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator, Mapping, MutableMapping
 
 import yaml
 
-from app import interrupts, runner, settings
+from app import interrupts, runner, settings, sources
 from app.config import KEYS, ConfigError, parse_cli
 from app.errors import UserError
 
@@ -234,12 +234,16 @@ def wait_stagger(environ: Mapping[str, str]) -> None:
 
 
 def run_once(args: list[str], environ: MutableMapping[str, str], prepare: Callable[[], runner.Start],
-             last: bool = True, on_epoch=None) -> int:
+             last: bool = True, on_epoch=None, dotenv_path: str | None = None) -> int:
     """runner.run for a run `wandb agent` may have handed out twice: it first claims its parameters, and
     a run whose parameters another agent has is skipped (exit 0, recorded in the sweep) instead of trained.
     The claim comes before `prepare()` (runner.prepare: settings, checks, imports): a stop at any point
-    after it leaves a record of the run, so the run is not lost when W&B was not told."""
-    with guard(environ, args) as taken:
+    after it leaves a record of the run, so the run is not lost when W&B was not told. `dotenv_path`: the
+    `.env` prepare() reads; the claim reads SWEEP_DEDUPE, SWEEP_CLAIMS_DIR and WANDB_DIR there too."""
+    seen = dict(environ)
+    if dotenv_path and os.path.exists(dotenv_path):
+        sources.apply_dotenv(seen, dotenv_path)  # a copy: prepare() reads the file itself, naming it in errors
+    with guard(seen, args) as taken:
         start = prepare()
         if taken and taken.duplicate_of:
             print(skip_message(taken), file=sys.stderr)
