@@ -600,6 +600,37 @@ PODMAN_LINE = re.compile(r"^APP_EXEC='(podman run [^']*)'$", re.M)
 SANDBOX_ULIMITS = "--ulimit nofile=20000:20000 --ulimit nproc=4096:4096"  # this sandbox's runc needs them
 
 
+def podman_project(tmp_path: Path, data: Path, image: str, env_file: str, epochs: str) -> Path:
+    """A submit folder for the image through podman, as deploy/slurm/README.md has it: its podman line for
+    this sandbox (no GPU device, the image under test, the sandbox's ulimits), the grid without batch_size,
+    and the settings in `env_file`."""
+    line = PODMAN_LINE.search((SCRIPT.parent / "README.md").read_text())[1]
+    line = (line.replace(" --device nvidia.com/gpu=all", "").replace("mnist-sweeps:latest", image)
+            .replace("podman run ", f"podman run {SANDBOX_ULIMITS} ", 1))
+    folder = tmp_path / "project"
+    shutil.copytree(data, folder / "data")
+    (folder / "grid.yaml").write_text(GRID_YAML.replace("  batch_size: {values: [32, 64]}\n", ""))
+    settings = {"SWEEP_CONFIG": "grid.yaml", "WANDB_MODE": "offline", "DATASET": "mnist", "VAL_SIZE": "200",
+                "EPOCHS": epochs, "WATCH_LOG": "none", "DEVICE": "cpu", "ALLOW_CPU": "true", "WANDB_SILENT": "true",
+                "SWEEP_HEARTBEAT_S": "2", "TRAIN_STRIDE": "1"}
+    (folder / env_file).write_text(f"APP_EXEC='{line}'\n" + "".join(f"{k}={v}\n" for k, v in settings.items()))
+    return folder
+
+
+def checkpointed_trial(folder: Path, timeout: float):
+    """The sweep's study and a RUNNING trial whose run has checkpointed (the agent's pid is the container's,
+    not the task's: no wait_mid_trial)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert time.monotonic() < deadline, f"no trial reached a checkpoint\n{task_logs(folder)}"
+        study = journal_study(folder)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if study else ():
+            run_id = t.user_attrs.get("run_id")
+            if run_id and (folder / "outputs" / run_id / "checkpoint.pt").exists():
+                return study, t
+        time.sleep(0.2)
+
+
 def test_the_image_through_podman_stops_requeues_and_resumes(cluster, data, app_image, tmp_path, record_property):
     """deploy/slurm/README.md's podman line, as written but for the GPU device and this sandbox's ulimits:
     settings from ENV_FILE with an exported variable winning, a relative SWEEP_CONFIG, files owned by the
@@ -611,30 +642,13 @@ def test_the_image_through_podman_stops_requeues_and_resumes(cluster, data, app_
     line = PODMAN_LINE.search((SCRIPT.parent / "README.md").read_text())[1]
     for flag in ("--init", "--userns", "--device nvidia.com/gpu=all", "mnist-sweeps:latest"):
         assert line.count(flag) == (0 if flag in ("--init", "--userns") else 1), (flag, line)
-    line = (line.replace(" --device nvidia.com/gpu=all", "").replace("mnist-sweeps:latest", app_image)
-            .replace("podman run ", f"podman run {SANDBOX_ULIMITS} ", 1))
-    folder = tmp_path / "project"
-    shutil.copytree(data, folder / "data")
-    (folder / "grid.yaml").write_text(GRID_YAML.replace("  batch_size: {values: [32, 64]}\n", ""))
-    settings = {"SWEEP_CONFIG": "grid.yaml", "WANDB_MODE": "offline", "DATASET": "mnist", "VAL_SIZE": "200",
-                "EPOCHS": "5", "WATCH_LOG": "none", "DEVICE": "cpu", "ALLOW_CPU": "true", "WANDB_SILENT": "true",
-                "SWEEP_HEARTBEAT_S": "2", "TRAIN_STRIDE": "1"}
-    (folder / "team.env").write_text(f"APP_EXEC='{line}'\n" + "".join(f"{k}={v}\n" for k, v in settings.items()))
+    folder = podman_project(tmp_path, data, app_image, "team.env", epochs="5")
     (tmp_path / "jobtmp").mkdir()
     env = clean_env(tmp_path, **cluster.env, ENV_FILE="team.env", EPOCHS="2",  # exported: wins over the file
                     TMPDIR=str(tmp_path / "jobtmp"))
     job = submit(cluster, folder, env, "0")
     task = f"{job}_0"
-    deadline = time.monotonic() + 300
-    victim = None
-    while victim is None:
-        assert time.monotonic() < deadline, f"no trial reached a checkpoint\n{task_logs(folder)}"
-        study = journal_study(folder)
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if study else ():
-            run_id = t.user_attrs.get("run_id")
-            if run_id and (folder / "outputs" / run_id / "checkpoint.pt").exists():
-                victim = t
-        time.sleep(0.2)
+    study, victim = checkpointed_trial(folder, 300)
     stop = subprocess.run(["scancel", "--signal=TERM", "--full", task], env={**env, **cluster.env},
                           capture_output=True, text=True, timeout=30)
     assert stop.returncode == 0, stop.stderr
@@ -678,29 +692,11 @@ def test_a_plain_scancel_of_a_podman_task_leaves_no_container(cluster, data, app
         unavailable("podman not found: apt-get install podman")
     t0 = time.monotonic()
     podman_image.load(app_image)
-    line = PODMAN_LINE.search((SCRIPT.parent / "README.md").read_text())[1]
-    line = (line.replace(" --device nvidia.com/gpu=all", "").replace("mnist-sweeps:latest", app_image)
-            .replace("podman run ", f"podman run {SANDBOX_ULIMITS} ", 1))
-    folder = tmp_path / "project"
-    shutil.copytree(data, folder / "data")
-    (folder / "grid.yaml").write_text(GRID_YAML.replace("  batch_size: {values: [32, 64]}\n", ""))
-    settings = {"SWEEP_CONFIG": "grid.yaml", "WANDB_MODE": "offline", "DATASET": "mnist", "VAL_SIZE": "200",
-                "EPOCHS": "12", "WATCH_LOG": "none", "DEVICE": "cpu", "ALLOW_CPU": "true", "WANDB_SILENT": "true",
-                "SWEEP_HEARTBEAT_S": "2", "TRAIN_STRIDE": "1"}
-    (folder / ".env").write_text(f"APP_EXEC='{line}'\n" + "".join(f"{k}={v}\n" for k, v in settings.items()))
+    folder = podman_project(tmp_path, data, app_image, ".env", epochs="12")
     env = clean_env(tmp_path, **cluster.env)
     job = submit(cluster, folder, env, "0")
     task = f"{job}_0"
-    deadline = time.monotonic() + 300
-    victim = None
-    while victim is None:  # (the agent's pid is the container's, not the task's: no wait_mid_trial)
-        assert time.monotonic() < deadline, f"no trial reached a checkpoint\n{task_logs(folder)}"
-        study = journal_study(folder)
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if study else ():
-            run_id = t.user_attrs.get("run_id")
-            if run_id and (folder / "outputs" / run_id / "checkpoint.pt").exists():
-                victim = t
-        time.sleep(0.2)
+    study, victim = checkpointed_trial(folder, 300)
     assert f":{task}:" in victim.user_attrs["agent"], victim.user_attrs  # agents in containers told apart
     assert cluster.run(["scancel", task]).returncode == 0
     wait_done(cluster, job, folder, 120, [])
