@@ -597,16 +597,13 @@ def test_the_container_gets_the_jobs_settings_and_nothing_of_the_hosts(tmp_path)
 # --- the image under Slurm through podman -------------------------------------------------------------
 
 PODMAN_LINE = re.compile(r"^APP_EXEC='(podman run [^']*)'$", re.M)
-SANDBOX_ULIMITS = "--ulimit nofile=20000:20000 --ulimit nproc=4096:4096"  # this sandbox's runc needs them
 
 
 def podman_project(tmp_path: Path, data: Path, image: str, env_file: str, epochs: str) -> Path:
-    """A submit folder for the image through podman, as deploy/slurm/README.md has it: its podman line for
-    this sandbox (no GPU device, the image under test, the sandbox's ulimits), the grid without batch_size,
-    and the settings in `env_file`."""
+    """A submit folder for the image through podman, as deploy/slurm/README.md has it: its podman line
+    (no GPU device here, the image under test), the grid without batch_size, the settings in `env_file`."""
     line = PODMAN_LINE.search((SCRIPT.parent / "README.md").read_text())[1]
-    line = (line.replace(" --device nvidia.com/gpu=all", "").replace("mnist-sweeps:latest", image)
-            .replace("podman run ", f"podman run {SANDBOX_ULIMITS} ", 1))
+    line = line.replace(" --device nvidia.com/gpu=all", "").replace("mnist-sweeps:latest", image)
     folder = tmp_path / "project"
     shutil.copytree(data, folder / "data")
     (folder / "grid.yaml").write_text(GRID_YAML.replace("  batch_size: {values: [32, 64]}\n", ""))
@@ -632,7 +629,7 @@ def checkpointed_trial(folder: Path, timeout: float):
 
 
 def test_the_image_through_podman_stops_requeues_and_resumes(cluster, data, app_image, tmp_path, record_property):
-    """deploy/slurm/README.md's podman line, as written but for the GPU device and this sandbox's ulimits:
+    """deploy/slurm/README.md's podman line, as written but for the GPU device:
     settings from ENV_FILE with an exported variable winning, a relative SWEEP_CONFIG, files owned by the
     submitter; a stop mid-trial checkpoints through podman, the task requeues and the run resumes."""
     if shutil.which("podman") is None:
@@ -640,8 +637,11 @@ def test_the_image_through_podman_stops_requeues_and_resumes(cluster, data, app_
     t0 = time.monotonic()
     load_s = podman_image.load(app_image)  # waits for the load .ci/run started, if any
     line = PODMAN_LINE.search((SCRIPT.parent / "README.md").read_text())[1]
-    for flag in ("--init", "--userns", "--device nvidia.com/gpu=all", "mnist-sweeps:latest"):
+    for flag in ("--init", "--userns", "--device nvidia.com/gpu=all", "mnist-sweeps:latest",
+                 "--ulimit nofile=$(ulimit -Hn):$(ulimit -Hn)", "--ulimit nproc=4096:4096"):
         assert line.count(flag) == (0 if flag in ("--init", "--userns") else 1), (flag, line)
+    # the tag the build makes (scripts/build-image's default)
+    assert re.search(r"^tag=mnist-sweeps:latest$", (REPO / "scripts" / "build-image").read_text(), re.M)
     folder = podman_project(tmp_path, data, app_image, "team.env", epochs="5")
     (tmp_path / "jobtmp").mkdir()
     env = clean_env(tmp_path, **cluster.env, ENV_FILE="team.env", EPOCHS="2",  # exported: wins over the file
