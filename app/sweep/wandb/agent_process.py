@@ -85,7 +85,7 @@ def _holding() -> Iterator[None]:
 
 
 def _record(command: dict[str, Any]) -> None:
-    sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID", ""), command.get("run_id")
+    sweep_id, run_id = settings.get("WANDB_SWEEP_ID", os.environ), command.get("run_id")
     if not (sweep_id and run_id and settings.get("SWEEP_DEDUPE", os.environ)) or run_id in _open:
         return
     params = dedupe.handed_params(command.get("args") or {})
