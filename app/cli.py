@@ -46,7 +46,7 @@ def cmd_train(args: list[str]) -> int:
         return 0
     from app.sweep.wandb import dedupe  # `wandb agent` starts sweep runs through this command
 
-    return dedupe.run_once(args, os.environ, lambda: runner.prepare(args))
+    return dedupe.run_once(args, os.environ, lambda: runner.prepare(args), dotenv_path=".env")
 
 
 # each command lives in its own module, imported only when called: `train` must not pay for docker or optuna

@@ -180,3 +180,63 @@ def test_a_stop_before_training_leaves_the_run_orphaned_unless_w_and_b_was_told(
                 raise stop
         doc = record(folder, {"learning_rate": "0.01", "batch_size": "64"})  # as parsed from the arguments
         assert doc["state"] == state and doc["run_id"] == "run00003"
+
+
+def test_a_hand_out_is_orphaned_after_a_stop_unless_its_end_is_on_record(tmp_path: Path):
+    """The agent's record of a run it handed out (app.sweep.wandb.handouts): after a stop, a run that never
+    recorded itself (killed while starting) is recorded orphaned; one that finished, or whose values a
+    live run holds, is left alone; without a stop nothing is recorded; a hand-out whose agent died
+    unsettled is settled by the next agent, one held by a live agent is not."""
+    from app.runner import ORPHANED
+    from app.sweep.wandb import handouts
+
+    h = handouts.record(tmp_path, SWEEP, "run00001", PARAMS)
+    assert handouts.record(tmp_path, SWEEP, "run00001", PARAMS) is None  # held by its agent
+    handouts.settle_abandoned(tmp_path, SWEEP)  # its agent is alive: not touched
+    assert h.path.exists() and not (tmp_path / SWEEP / f"{dedupe.key(PARAMS)}.json").exists()
+    handouts.settle(h, stopped=True)
+    assert not h.path.exists() and (record(tmp_path)["state"], record(tmp_path)["run_id"]) == (ORPHANED, "run00001")
+
+    finished = {**PARAMS, "learning_rate": 0.5}
+    dedupe.claim(SWEEP, "run00002", finished, tmp_path).close(dedupe.FINISHED)
+    handouts.settle(handouts.record(tmp_path, SWEEP, "run00002", finished), stopped=True)
+    live = {**PARAMS, "learning_rate": 0.7}
+    holder = dedupe.claim(SWEEP, "run00003", live, tmp_path)  # the run is alive: it records its own end
+    handouts.settle(handouts.record(tmp_path, SWEEP, "run00003", live), stopped=True)
+    crashed = {**PARAMS, "learning_rate": 0.9}
+    handouts.settle(handouts.record(tmp_path, SWEEP, "run00004", crashed), stopped=False)  # no stop: a crash
+    assert [record(tmp_path, p)["state"] for p in (finished, live)] == [dedupe.FINISHED, dedupe.RUNNING]
+    assert not (tmp_path / SWEEP / f"{dedupe.key(crashed)}.json").exists()
+    holder.close(dedupe.FINISHED)
+
+    # an agent killed before it settled (its lock gone with it): the next agent settles it as stopped
+    left = {**PARAMS, "learning_rate": 0.2}
+    os.close(handouts.record(tmp_path, SWEEP, "run00005", left).fd)
+    handouts.settle_abandoned(tmp_path, SWEEP)
+    assert (record(tmp_path, left)["state"], record(tmp_path, left)["run_id"]) == (ORPHANED, "run00005")
+    assert not list(handouts.folder_of(tmp_path, SWEEP).glob("*.json"))
+
+
+@pytest.mark.parametrize("dotenv, where", [("SWEEP_CLAIMS_DIR={claims}\n", "claims"),
+                                           ("SWEEP_DEDUPE=false\n", None)])
+def test_a_runs_claim_reads_the_dotenv_the_run_reads(tmp_path: Path, monkeypatch, dotenv: str, where: str | None):
+    """`python -m app train` in a sweep: SWEEP_CLAIMS_DIR or SWEEP_DEDUPE set only in `.env` apply to the
+    run's claim as to the rest of the run (a run refused by its own checks still claims, and frees, its values)."""
+    from app import cli
+
+    (tmp_path / ".env").write_text(dotenv.format(claims=tmp_path / "claims"))
+    monkeypatch.chdir(tmp_path)
+    for name in ("SWEEP_CLAIMS_DIR", "SWEEP_DEDUPE", "WANDB_SWEEP_PARAM_PATH"):
+        monkeypatch.setenv(name, "")  # unset (empty = unset), restored after
+    for name, value in {"WANDB_DIR": str(tmp_path / "runs"), "WANDB_SWEEP_ID": SWEEP, "WANDB_RUN_ID": "run00009",
+                        "WANDB_MODE": "offline"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match="epochs"):
+        cli.cmd_train(["--learning_rate=0.01", "--batch_size=64", "--epochs=0"])
+    values = {"learning_rate": "0.01", "batch_size": "64", "epochs": "0"}
+    records = list(tmp_path.rglob(f"{dedupe.key(values)}.json"))
+    if where is None:
+        assert records == []  # dedupe off: no claim
+    else:
+        assert [p.parent.parent.name for p in records] == [where]  # not under WANDB_DIR/.sweep-claims
+        assert json.loads(records[0].read_text())["state"] == dedupe.FAILED

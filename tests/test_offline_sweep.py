@@ -717,6 +717,18 @@ def test_diverged_trials_are_results_and_the_agent_goes_on(tmp_path, small_data)
         [("COMPLETE", False)] + [("DIVERGED", True)] * 3  # JSON has no -inf: null
     assert listed["best"]["trial"] == good.number
 
+    # the small venv beside an image (deploy/slurm/README.md: the package, its settings reader and optuna;
+    # no torch, W&B, onnx): the same table, and the retrain command from the swept values
+    small = subprocess.run([sys.executable, "-c", SMALL_VENV, "sweep-status", "--config", str(cfg)], env=env,
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert small.returncode == 0 and small.stdout.startswith(status.stdout.split("\nbest: ")[0]), small.stderr[-2000:]
+    assert "(W&B is not installed here to read its run folder: settings not swept come from .env" in small.stdout
+
+
+# `python -m app` as in a venv with only what deploy/slurm/README.md installs beside an image
+SMALL_VENV = ("import sys; sys.modules.update(dict.fromkeys(('torch', 'torchvision', 'wandb', 'onnx', 'onnxruntime', "
+              "'docker'))); from app.cli import main; sys.exit(main(sys.argv[1:]))")
+
 
 WRITER = r"""
 import sys

@@ -13,7 +13,6 @@ with its repair command). `read_sweep` is the same look for other tools (the rep
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +32,18 @@ from app.sweep.optuna.trials import trial_rows
 def retrain(best: Mapping[str, Any], runs_root: Path | None) -> str:
     """The command that trains the best trial again: every setting its W&B run recorded (the swept ones
     first), read from the run's folder under the runs folder; only the swept values where it isn't there."""
-    config, whole = dict(best["values"]), False
+    config, whole, why = dict(best["values"]), False, "its run folder is not here"
     if runs_root is not None and best.get("run_folder"):
-        with contextlib.suppress(runlog.RunLogError, OSError):
+        try:
             config, whole = {**runlog.read(runs_root / best["run_folder"]).config, **best["values"]}, True
+        except (runlog.RunLogError, OSError):
+            pass
+        except ImportError:  # the small venv beside an image (deploy/slurm/README.md): no W&B to read the run
+            why = "W&B is not installed here to read its run folder"
     command = display.retrain_command(config, list(best["values"]))
     if command is None:
         return "its recorded config holds a value too long for a command line: no retrain command"
-    return command + ("" if whole else "\n(its run folder is not here: settings not swept come from .env and the defaults)")
+    return command + ("" if whole else f"\n({why}: settings not swept come from .env and the defaults)")
 
 
 def format_status(study, runs_root: Path | None = None) -> str:

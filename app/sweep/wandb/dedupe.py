@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator, Mapping, MutableMapping
 
 import yaml
 
-from app import interrupts, runner, settings
+from app import interrupts, runner, settings, sources
 from app.config import KEYS, ConfigError, parse_cli
 from app.errors import UserError
 
@@ -148,6 +148,32 @@ def claim(sweep_id: str, run_id: str, params: dict[str, Any], folder: Path) -> C
                         "mount a shared writable folder there") from None
 
 
+def record_orphan(sweep_id: str, run_id: str, params: dict[str, Any], folder: Path) -> bool:
+    """After a stop ended the run's process: record it orphaned (the next agent resumes it) unless how it
+    ended is on record (finished, preempted: W&B requeues it, orphaned) or a live run holds its values.
+    For a run killed before it could record itself: still starting, or killed outright. True: recorded."""
+    base = folder / sweep_id.replace("/", "_")
+    base.mkdir(parents=True, exist_ok=True)
+    h = key(params)
+    fd = os.open(base / f"{h}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False  # a live run has these values
+    if _read(base / f"{h}.json").get("state") in (FINISHED, PREEMPTED, runner.ORPHANED):
+        os.close(fd)
+        return False
+    # running (its process killed), failed (W&B's service gone under it) or never claimed (still starting)
+    Claim(sweep_id, run_id, params, base / f"{h}.json", _fd=fd).close(runner.ORPHANED)
+    return True
+
+
+def handed_params(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of a hand-out ({key: {"value": v}}, as W&B sends them), as the run's claim keys them."""
+    return {k: (v.get("value") if isinstance(v, dict) else v) for k, v in args.items() if k in KEYS}
+
+
 @contextlib.contextmanager
 def guard(environ: Mapping[str, str], argv: list[str]) -> Iterator[Claim | None]:
     """Around one run: None outside a sweep; a Claim whose duplicate_of says whether to skip.
@@ -208,12 +234,16 @@ def wait_stagger(environ: Mapping[str, str]) -> None:
 
 
 def run_once(args: list[str], environ: MutableMapping[str, str], prepare: Callable[[], runner.Start],
-             last: bool = True, on_epoch=None) -> int:
+             last: bool = True, on_epoch=None, dotenv_path: str | None = None) -> int:
     """runner.run for a run `wandb agent` may have handed out twice: it first claims its parameters, and
     a run whose parameters another agent has is skipped (exit 0, recorded in the sweep) instead of trained.
     The claim comes before `prepare()` (runner.prepare: settings, checks, imports): a stop at any point
-    after it leaves a record of the run, so the run is not lost when W&B was not told."""
-    with guard(environ, args) as taken:
+    after it leaves a record of the run, so the run is not lost when W&B was not told. `dotenv_path`: the
+    `.env` prepare() reads; the claim reads SWEEP_DEDUPE, SWEEP_CLAIMS_DIR and WANDB_DIR there too."""
+    seen = dict(environ)
+    if dotenv_path and os.path.exists(dotenv_path):
+        sources.apply_dotenv(seen, dotenv_path)  # a copy: prepare() reads the file itself, naming it in errors
+    with guard(seen, args) as taken:
         start = prepare()
         if taken and taken.duplicate_of:
             print(skip_message(taken), file=sys.stderr)

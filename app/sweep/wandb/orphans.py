@@ -27,6 +27,7 @@ import yaml
 
 from app import interrupts, settings
 from app.runner import ORPHANED
+from app.sweep.wandb import handouts
 from app.sweep.wandb.dedupe import _read, claims_dir
 
 
@@ -63,6 +64,8 @@ def take(record: Path) -> Iterator[dict[str, Any] | None]:
 def resume_all(environ: Mapping[str, str], sweep_id: str, resume: Callable[[dict[str, Any]], int]) -> int:
     """Resume every orphaned run of the sweep, one at a time: 0, or the first stop's 128+signal."""
     folder = sweep_folder(environ, sweep_id)
+    # runs whose agent was killed before it could settle them (app.sweep.wandb.handouts): orphaned first
+    handouts.settle_abandoned(claims_dir(environ), folder.name)
     for record in sorted(folder.glob("*.json")) if folder.is_dir() else ():
         if _read(record).get("state") != ORPHANED:
             continue
@@ -94,7 +97,14 @@ def resume_in_child(doc: Mapping[str, Any], environ: Mapping[str, str], sweep: s
     if len(parts) == 3:
         run_env.update(WANDB_ENTITY=parts[0], WANDB_PROJECT=parts[1])
     args = [f"--{k}={v}" for k, v in doc.get("params", {}).items()]
-    code, stopped = interrupts.run_forwarding([sys.executable, "-m", "app", "train", *args], run_env)
+    # held while the run lives, as `wandb agent`'s hand-outs are: a stop that kills it before it records
+    # itself, or kills this agent too, leaves it orphaned again, never lost
+    handout = handouts.record(claims_dir(environ), sweep_id, run_id, doc.get("params", {}))
+    try:
+        code, stopped = interrupts.run_forwarding([sys.executable, "-m", "app", "train", *args], run_env)
+    finally:
+        if handout:
+            handouts.settle(handout, stopped=bool(interrupts.requested()))
     if stopped:
         return 128 + stopped
     return code if code >= 0 else 128 - code
