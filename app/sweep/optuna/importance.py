@@ -127,10 +127,10 @@ def percent(share: float | None) -> str:
 
 
 def interval(s: Setting) -> str:
-    """The share's interval as people read it: "30-80%"; "" with no importance."""
+    """The share's interval as people read it: "30-80%", "0-22%"; "" with no importance."""
     if s.low is None or s.high is None:
         return ""
-    return f"{percent(s.low).rstrip('%')}-{percent(s.high)}"
+    return f"{s.low:.0%}".rstrip("%") + f"-{s.high:.0%}"
 
 
 CORRELATION = ("Correlation: Spearman's rank correlation with the metric (a trend only: a setting with a sweet "
