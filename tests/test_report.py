@@ -23,7 +23,7 @@ import pytest
 from conftest import clean_env, error_lines, run_app
 
 from app import runlog, sources
-from app.runs import grouping, ranking, report, svg
+from app.runs import grouping, ranking, report, svg, table
 from app.sweep.optuna import importance
 from app.sweep.optuna import storage as sweep_storage
 
@@ -73,6 +73,14 @@ def assert_finite_geometry(svg: ET.Element) -> None:
             assert all(math.isfinite(float(n)) for n in numbers), (element.tag, name, element.get(name))
 
 
+def table_rows(page: str) -> list[dict[str, str]]:
+    """The runs table as {column head: cell text} per row, in the page's order."""
+    found = re.search(r'<table class="runs"><thead><tr>(.*?)</tr></thead><tbody>(.*?)</tbody>', page, re.S)
+    heads = [html.unescape(h) for h in re.findall(r"<th>(.*?)</th>", found.group(1))]
+    return [dict(zip(heads, [html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]))
+            for row in re.findall(r"<tr[^>]*>(.*?)</tr>", found.group(2))]
+
+
 def tick_value(label: str) -> float:
     return float(label[:-1]) * {"k": 1e3, "M": 1e6}[label[-1]] if label[-1] in "kM" else float(label)
 
@@ -90,7 +98,7 @@ def test_report_renders_the_sweep(sweep_runs, tmp_path):
     # the table: both trials, the sweep's metric (val_loss, minimize) from its journal, best first
     assert "<th>learning_rate</th><th>val_loss</th>" in page and "(goal: minimize)" in page
     assert f"with log axes as the sweep defines them, read from its journal {sweep_runs / 'sweeps' / 'tiny-report.journal'}.</p>" in page
-    rows = re.findall(r"<tr><td>(\w{8})</td><td>finished</td><td>([\d.]+)</td><td>([\d.]+)</td>", page)
+    rows = [(r["run"], r["learning_rate"], r["val_loss"]) for r in table_rows(page) if r["state"] == "finished"]
     assert len(rows) == 2, page
     assert float(rows[0][2]) <= float(rows[1][2])
     assert {r[1] for r in rows} == {"0.0005", "0.02"}
@@ -164,6 +172,9 @@ def test_user_text_is_escaped_and_bad_values_are_skipped():
     group = grouping.make_group("</svg><b>sweep", hostile_runs())
     index, charts = report.page(Path("runs <here>"), [group], ["folder <x>: broken"])
     assert sorted(charts) == [f"svg-b-sweep-{kind}.svg" for kind in ("curves", "history", "importance", "parallel", "params")]
+    # the page's one script is the table's sorter, a constant: nothing a run log holds becomes markup
+    assert index.count("<script") == 1 and index.endswith(table.SORT_SCRIPT + "</body></html>\n")
+    index = index.replace(table.SORT_SCRIPT, "")
     assert "<script" not in index and "<img" not in index and "</svg><b>" not in index
     assert '<b>&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;</b>' in index  # the best run, in words
     assert "<td>&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;</td>" in index
@@ -221,9 +232,9 @@ def test_the_epochs_setting_and_the_epochs_done_are_two_columns():
     headers = re.findall(r"<th>(.*?)</th>", head)
     assert len(headers) == len(set(headers)) and "epochs" in headers and "epochs done" in headers
     done = headers.index("epochs done")
-    cells = {r[0]: r for r in (re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr><td>.*?</tr>", index))}
-    assert cells["run0"][done] == "1" and cells["run1"][done] == "3"
-    assert cells["run0"][headers.index("model artifact")] == "-"  # logged no artifact
+    cells = {r["run"]: r for r in table_rows(index)}
+    assert cells["run0"]["epochs done"] == "1" and cells["run1"]["epochs done"] == "3" and done > headers.index("epochs")
+    assert cells["run0"]["model artifact"] == "-"  # logged no artifact
 
 
 # ------------------------------------------------------------------------------------------
@@ -460,7 +471,7 @@ def test_a_diverged_run_is_no_trial_and_the_table_says_diverged():
     lines = children(ET.fromstring(charts["g-parallel.svg"]), "polyline", "trial")
     assert sorted(line.get("data-run") for line in lines) == ["r0", "r2"]
     assert "Best of 2 completed run(s): <b>r2</b>" in index
-    assert "<tr><td>r1</td><td>diverged</td>" in index
+    assert {r["run"]: r["state"] for r in table_rows(index)}["r1"] == "diverged"
 
 
 # ------------------------------------------------------------------------------------------
@@ -526,7 +537,7 @@ def test_a_sweep_kept_in_postgresql_is_ranked_by_its_own_metric(tmp_path):
                 f"its storage postgresql+psycopg2://sweep@127.0.0.1:{port}/postgres.</p>") in page
         # 0.002..0.008 spans 4x: only the sweep's log_uniform_values makes it a log axis
         assert parallel_notes(tmp_path / folder)["learning_rate"] == "log scale"
-        rows = re.findall(r"<tr><td>(pg-\w)</td>", page)
+        rows = [r["run"] for r in table_rows(page)]
         assert rows == ["pg-c", "pg-a", "pg-b", "pg-d"]  # by val_loss, lowest first
     assert unnamed.returncode == 0, unnamed.stderr
     page = (tmp_path / "unnamed" / "index.html").read_text()
