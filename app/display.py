@@ -69,6 +69,13 @@ DEVICE_BOUND = ("device", "cuda_graph", "compile", "channels_last", "gpu_memory_
 MAX_VALUE_CHARS = 200  # a recorded setting longer than this is no setting `train` accepts: no command is shown
 
 
+def flag_text(v: Any) -> str:
+    """A recorded value as `train` reads it back from --key=value: true/false, 16,32, every digit of a float."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else repr(v) if isinstance(v, float) else str(v)
+
+
 def retrain_command(config: dict, first: list[str], width: int = 100) -> str | None:
     """`python -m app train --key=value ...` with every training setting the run recorded (the swept ones
     first, on the first line), so .env or the environment on this host cannot change what is trained
@@ -81,8 +88,7 @@ def retrain_command(config: dict, first: list[str], width: int = 100) -> str | N
     for k in swept + [k for k in KEYS if k not in swept]:
         if k in config and k not in NOT_RETRAIN and (k in swept or k not in DEVICE_BOUND):
             v = config[k]
-            text = ("true" if v else "false") if isinstance(v, bool) else (
-                ",".join(map(str, v)) if isinstance(v, (list, tuple)) else repr(v) if isinstance(v, float) else str(v))
+            text = flag_text(v)
             if len(text) > MAX_VALUE_CHARS:
                 return None
             flag = shell_word(f"--{k}={text}")

@@ -47,8 +47,8 @@ def value(run, metric: str) -> float | None:
 
 def state(run) -> str:
     """How a run ended, in the words sweep-status uses: finished, diverged, pruned, killed (never finished), exit N."""
-    return ("diverged" if run.summary.get("diverged") else "finished" if run.finished and run.exit_code == 0 else
-            "pruned" if run.summary.get("pruned") else "killed" if not run.finished else f"exit {run.exit_code}")
+    return ("diverged" if run.summary.get("diverged") else "pruned" if run.summary.get("pruned") else
+            "finished" if run.finished and run.exit_code == 0 else "killed" if not run.finished else f"exit {run.exit_code}")
 
 
 def trial_number(group: Group, run) -> int | None:

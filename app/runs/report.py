@@ -118,14 +118,6 @@ def _ended(run) -> str:
     return "" if not run.finished or sweepcharts.completed(run) else grouping.state(run)
 
 
-def _at(axis: svg.Axis, v) -> float | None:
-    """Where a value sits on a panel's x axis (a category's index); None: off it (a value no completed run has)."""
-    if axis.categories is not None:
-        return float(axis.categories.index(_short(v))) if _short(v) in axis.categories else None
-    x = display.number(v)
-    return x if x is not None and axis.lo <= x <= axis.hi else None
-
-
 def params_svg(group: Group) -> str | None:
     """Each swept setting against the sweep's metric, one point per finished run; None: nothing to plot."""
     points = [(r, grouping.value(r, group.metric)) for r in group.runs]
@@ -144,7 +136,7 @@ def params_svg(group: Group) -> str | None:
 
     panels = []
     for key in group.params:
-        xs = [r.config.get(key) for r, _ in points]
+        xs = [r.config.get(key) for r, _ in points + ended]  # the axis spans the ended runs' values too
         if all(display.number(x) is not None for x in xs):
             log = min(xs) > 0 and max(xs) / min(xs) >= 10
             pos, x_axis = [float(x) for x in xs], svg.Axis.fit([float(x) for x in xs], log=log)
@@ -152,16 +144,15 @@ def params_svg(group: Group) -> str | None:
             cats = sorted({_short(x) for x in xs})
             pos = [float(cats.index(_short(x))) for x in xs]
             x_axis = svg.Axis(-0.5, len(cats) - 0.5, categories=cats)
+        pos, crossed = pos[:len(points)], pos[len(points):]
         tips = [f"{r.run_id}: {key}={_short(x)} {group.metric} {v:.4f}" for (r, v), x in zip(points, xs)]
         series = [svg.Series(list(zip(pos, values)), [shade(v) for v in values], line=False, marker=5.0, tips=tips)]
         rings = [(x, v) for x, v in zip(pos, values) if v == best]
-        shown = [(r, v, _at(x_axis, r.config.get(key))) for r, v in ended]
-        shown = [(r, v, x) for r, v, x in shown if x is not None]
-        if shown:
-            series.append(svg.Series([(x, v) for _, v, x in shown], "#777", line=False, marker=4.0, crosses=True,
-                                     tips=[f"{r.run_id} ({_ended(r)}): {key}={_short(r.config.get(key))} "
-                                           f"{group.metric} {v:.4f}" for r, v, _ in shown]))
-        y_axis = svg.Axis.fit(values + [v for _, v, _ in shown])
+        if ended:
+            series.append(svg.Series([(x, v) for x, (_, v) in zip(crossed, ended)], "#777", line=False, marker=4.0,
+                                     crosses=True, tips=[f"{r.run_id} ({_ended(r)}): {key}={_short(r.config.get(key))} "
+                                                         f"{group.metric} {v:.4f}" for r, v in ended]))
+        y_axis = svg.Axis.fit(values + [v for _, v in ended])
         panels.append(svg.Panel(key, key, group.metric, x_axis, y_axis, series, rings))
     # the colour bar: 20 bands from worst (bottom) to best (top), with the metric's range
     bar = [f'<text class="legend-title" x="0" y="0" font-weight="bold">{svg.esc(group.metric)}</text>']
@@ -238,7 +229,7 @@ def _ran_on(run) -> str:
     """Which device the run trained on, and its device settings, so that a retrain on another kind of host
     can be made to match (a CPU run repeated on a GPU host uses the GPU unless told otherwise)."""
     device = run.summary.get("device")
-    pinned = [f"--{k}={display.text(run.config[k])}" for k in display.DEVICE_BOUND if k in run.config and k != "device"]
+    pinned = [f"--{k}={display.flag_text(run.config[k])}" for k in display.DEVICE_BOUND if k in run.config and k != "device"]
     if not isinstance(device, str) or not device:
         return ""
     return (f'<p class="ran-on">It trained on {svg.esc(device)} with {svg.esc(" ".join(pinned) or "the default device settings")}; '
