@@ -26,6 +26,7 @@ from app import artifact, display, runlog, sources
 from app.runs import grouping, ranking, report, svg, sweepcharts, table
 from app.sweep.optuna import importance
 from app.sweep.optuna import storage as sweep_storage
+from app.sweep.optuna.trials import trial_rows
 
 SVG = "{http://www.w3.org/2000/svg}"
 SWEEP = """name: tiny-report
@@ -102,6 +103,10 @@ def test_report_renders_the_sweep(sweep_runs, tmp_path):
     assert len(rows) == 2, page
     assert float(rows[0][2]) <= float(rows[1][2])
     assert {r[1] for r in rows} == {"0.0005", "0.02"}
+    # each run's trial number and seconds are those sweep-status shows (its journal's trial rows)
+    journal = sweep_storage.load_study(str(sweep_runs / "sweeps" / "tiny-report.journal"), "tiny-report")
+    shown = {r["run"]: (r["trial"], r["seconds"]) for r in table_rows(page)}
+    assert shown == {t["run"]: (str(t["trial"]), f"{t['seconds']:.4g}") for t in trial_rows(journal)}
 
     curves = ET.parse(out / "tiny-report-curves.svg").getroot()
     assert_finite_geometry(curves)
