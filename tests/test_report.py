@@ -725,6 +725,15 @@ def test_pruned_runs_are_crosses_and_a_one_epoch_run_is_a_point():
     best = next(p for p in shapes(lr, "circle", "point") if p.find(f"{SVG}title").text.startswith("r1:"))
     assert (ring.get("cx"), ring.get("cy")) == (best.get("cx"), best.get("cy"))
 
+    # a diverged and a failed run end in a cross too, each saying how it ended
+    runs = offline_trials()
+    runs[0].exit_code = 1
+    runs[1].summary["diverged"] = True
+    _, charts = report.page(Path("runs"), [grouping.make_group("g", runs, "val_loss", "minimize")], [])
+    val_loss = panels(ET.fromstring(charts["g-curves.svg"]))["val_loss"]
+    assert sorted((e.get("data-run"), e.get("data-state")) for e in shapes(val_loss, "path", "ended")) == [
+        ("r0", "exit 1"), ("r1", "diverged"), ("r2", "pruned")]
+
 
 def test_the_retrain_command_leaves_the_device_to_the_host_and_says_where_it_ran():
     config = {"learning_rate": 0.01, "epochs": 1, "device": "auto", "cuda_graph": True, "compile": "none",
