@@ -23,7 +23,7 @@ from app.runs.grouping import Group
 SORT_SCRIPT = """<script>
 document.querySelectorAll("table.runs").forEach(function (table) {
   table.querySelectorAll("th").forEach(function (th, column) {
-    th.title = "sort by this column"; th.style.cursor = "pointer";
+    th.title = "sort by this column";
     th.addEventListener("click", function () {
       var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows), up = th.dataset.sort !== "up";
       table.querySelectorAll("th").forEach(function (other) { delete other.dataset.sort; });
