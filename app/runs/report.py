@@ -7,11 +7,14 @@ sweep's trials share its name as their group, a W&B sweep's runs its sweep id):
   <group>-params.svg   each swept setting against the sweep's metric (one point per finished run)
   <group>-parallel.svg, -importance.svg, -history.svg   what the sweep found (app.runs.sweepcharts)
 and index.html, which shows the same charts inline (hover a line or point for its run) with a table of
-the runs sorted by the metric, each with its model artifact (name, aliases, size). Each sweep's
+the runs sorted by the metric (sortable by any column: app.runs.table), each with its trial number and
+seconds as sweep-status shows them and its model artifact (name, aliases, size). Runs that were pruned,
+diverged or failed end in a cross in the charts. Each sweep's
 metric, goal and log-scale settings are read from its storage (--storage or SWEEP_STORAGE: a journal
 or PostgreSQL, read-only; else a journal copied along with the runs, app.runs.ranking), and attempts
 that died are listed too; where none holds it (a W&B sweep), the page says what was assumed and why.
-Above the table: the best run in words with the command that trains it again.
+Above the table: the best run in words with the command that trains it again (without the settings
+that pick and tune the device: it says which device the run trained on instead).
 
 An offline artifact has no version number yet: W&B numbers versions (v0, v1, ...) when `sync`
 uploads them, so the table shows the aliases the run asked for and the artifact's content digest.
