@@ -683,6 +683,7 @@ def test_the_table_shows_trial_numbers_and_seconds_as_sweep_status_and_one_best_
         "r0": ("3", "12.5", "finished"), "r1": ("15", "42", "finished"), "r2": ("7", "7", "pruned"), "r3": ("9", "-", "killed")}
     assert index.count('<tr class="best"') == 1 and re.search(r'<tr class="best"[^>]*><td>15</td><td>r1</td>', index)
     assert "<b>r1</b> (trial 15, 42 s; folder offline-run-1)" in index and "(started" not in index
+    assert "<title>run r1 (trial 15): val_loss 0.2;" in index  # the charts' hover texts too
 
     # runs no sweep storage numbers (a W&B sweep's): the order they started in, sorting as a number
     wandb_runs = offline_trials()

@@ -176,6 +176,8 @@ def findings(g: Group) -> tuple[str, dict[str, str]]:
     and the command that trains it again), then parallel coordinates, parameter importance and the
     optimisation history as {file name: SVG}."""
     trials = sweepcharts.trials_of(g.runs, lambda r: grouping.value(r, g.metric))
+    for t in trials:  # hover texts name a trial as sweep-status does
+        t.number = grouping.trial_number(g, t.run)
     slug, charts = _slug(g.name), {}
     swept = g.params[:MAX_SETTINGS]  # a config that varies in thousands of keys is no sweep to rank
     result = importance.evaluate([(t.run.config, t.value) for t in trials], swept, g.goal, g.log)

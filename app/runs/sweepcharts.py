@@ -35,6 +35,7 @@ class Trial:
     run: Any  # runlog.OfflineRun
     value: float  # the sweep's metric
     order: int  # 1-based, in the order the runs started
+    number: int | None = None  # its trial number as sweep-status shows it, where known (app.runs.grouping)
 
 
 def cut(text: str, limit: int = NAME_CHARS) -> str:
@@ -75,7 +76,8 @@ def shade(v: float, lo: float, hi: float, goal: str) -> str:
 
 def tip(trial: Trial, params: list[str], metric: str) -> str:
     shown = " ".join(f"{k}={short(trial.run.config.get(k))}" for k in params)
-    return cut(f"run {trial.run.run_id} (#{trial.order}): {metric} {trial.value:.4g}; {shown}", TIP_CHARS)
+    which = f"trial {trial.number}" if trial.number is not None else f"#{trial.order}"
+    return cut(f"run {trial.run.run_id} ({which}): {metric} {trial.value:.4g}; {shown}", TIP_CHARS)
 
 
 def _axis(values: list[Any], log: bool, metric: bool = False) -> tuple[svg.Axis, list[float]]:
