@@ -63,22 +63,32 @@ def shell_word(text: str) -> str:
 
 
 NOT_RETRAIN = ("data_dir", "output_dir")  # where things live on the host that trained: this host has its own
+# which device trains and how fast it goes: the host's (its .env), not the run's. A run that trained on a CPU
+# host under device=auto, cuda_graph=true would otherwise be "repeated" with those on a GPU host. Kept when swept.
+DEVICE_BOUND = ("device", "cuda_graph", "compile", "channels_last", "gpu_memory_fraction")
 MAX_VALUE_CHARS = 200  # a recorded setting longer than this is no setting `train` accepts: no command is shown
+
+
+def flag_text(v: Any) -> str:
+    """A recorded value as `train` reads it back from --key=value: true/false, 16,32, every digit of a float."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else repr(v) if isinstance(v, float) else str(v)
 
 
 def retrain_command(config: dict, first: list[str], width: int = 100) -> str | None:
     """`python -m app train --key=value ...` with every training setting the run recorded (the swept ones
-    first, on the first line), so .env or the environment on this host cannot change what is trained;
+    first, on the first line), so .env or the environment on this host cannot change what is trained
+    (but not the settings that pick and tune the device, DEVICE_BOUND, unless swept: those are the host's);
     the rest follow on shell continuation lines of about `width` characters, so that a browser never
     breaks a flag in two and the text still pastes into a shell as one command. None when a recorded
     value is too long to be one (a damaged or hand-made log)."""
     swept = [k for k in first if k in KEYS]
     lines = [["python", "-m", "app", "train"]]
     for k in swept + [k for k in KEYS if k not in swept]:
-        if k in config and k not in NOT_RETRAIN:
+        if k in config and k not in NOT_RETRAIN and (k in swept or k not in DEVICE_BOUND):
             v = config[k]
-            text = ("true" if v else "false") if isinstance(v, bool) else (
-                ",".join(map(str, v)) if isinstance(v, (list, tuple)) else repr(v) if isinstance(v, float) else str(v))
+            text = flag_text(v)
             if len(text) > MAX_VALUE_CHARS:
                 return None
             flag = shell_word(f"--{k}={text}")

@@ -121,10 +121,12 @@ class OfflineRun:
     project: str = ""
     group: str = ""
     sweep_id: str = ""
+    name: str = ""  # its display name: an offline sweep's trial is "<sweep>-<trial number>"
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None  # None: the run never finished (killed, or still running)
+    runtime: float | None = None  # seconds it ran, as W&B counts them (its exit record); None: never finished
     preempting: bool = False
     damaged: list[str] = field(default_factory=list)  # where the log is damaged (skipped); empty: intact
     empty: bool = False  # a 0-byte log: W&B had not written anything yet (a run just starting, or stopped then)
@@ -169,6 +171,7 @@ def read(run_folder: str | Path) -> OfflineRun:
         if kind == "run":
             r = rec.run
             run.run_id, run.project, run.group, run.sweep_id = r.run_id, r.project, r.run_group, r.sweep_id
+            run.name = r.display_name
             run.config.update({k: _config_value(v) for k, v in _items(r.config.update, damage).items()})
         elif kind == "config":
             run.config.update({k: _config_value(v) for k, v in _items(rec.config.update, damage).items()})
@@ -179,7 +182,7 @@ def read(run_folder: str | Path) -> OfflineRun:
         elif kind == "summary":
             run.summary.update(_items(rec.summary.update, damage))
         elif kind == "exit":
-            run.exit_code = rec.exit.exit_code
+            run.exit_code, run.runtime = rec.exit.exit_code, float(rec.exit.runtime)
         elif kind == "preempting":
             run.preempting = True
     run.config = {k: v for k, v in run.config.items() if not k.startswith("_")}

@@ -10,6 +10,7 @@ upload reads must have lived on the runs volume.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -205,7 +206,8 @@ def test_the_report_renders_its_tables_and_charts_in_a_real_browser(sweep_runs, 
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout
     # what the browser built from the page: the run table with its artifact column, and the inline charts
-    assert html.count("<table>") == 1 and "<th>model artifact</th>" in html and "<th>epochs done</th>" in html
+    assert html.count("<table") == 1 and re.search(r"<th[^>]*>model artifact</th>", html) and re.search(r"<th[^>]*>epochs done</th>", html)
+    assert html.count('<th title="sort by this column">') == html.count("</th>") > 5  # the table's sorter ran
     assert html.count("fashion-mnist-convnet:latest") == 4  # a table row per run, and the best run's summary
     # what the sweep found (parallel coordinates, importance, history), then the scatter and the curves
     assert html.count('<svg xmlns="http://www.w3.org/2000/svg"') == 5

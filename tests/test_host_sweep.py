@@ -49,6 +49,7 @@ def test_an_offline_sweep_on_the_host_uses_the_runs_folder_and_is_found_without_
     assert words[:5] == ["python", "-m", "app", "train", f"--learning_rate={float(best[3])!r}"], words
     assert {"--dataset=fashion_mnist", "--epochs=1", "--train_stride=50", "--val_size=500"} <= set(words)
     assert not any(w.startswith(("--data_dir", "--output_dir")) for w in words)  # this host's own places
+    assert not any(w.startswith(("--device", "--cuda_graph", "--compile")) for w in words)  # nor its device
 
     report = run_app(["report"], env, project, timeout=300)
     assert report.returncode == 0, report.stderr

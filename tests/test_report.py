@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 from conftest import clean_env, error_lines, run_app
 
-from app import runlog, sources
-from app.runs import grouping, ranking, report, svg
+from app import artifact, display, runlog, sources
+from app.runs import grouping, ranking, report, svg, sweepcharts, table
 from app.sweep.optuna import importance
 from app.sweep.optuna import storage as sweep_storage
+from app.sweep.optuna.trials import trial_rows
 
 SVG = "{http://www.w3.org/2000/svg}"
 SWEEP = """name: tiny-report
@@ -73,6 +74,14 @@ def assert_finite_geometry(svg: ET.Element) -> None:
             assert all(math.isfinite(float(n)) for n in numbers), (element.tag, name, element.get(name))
 
 
+def table_rows(page: str) -> list[dict[str, str]]:
+    """The runs table as {column head: cell text} per row, in the page's order."""
+    found = re.search(r'<table class="runs"><thead><tr>(.*?)</tr></thead><tbody>(.*?)</tbody>', page, re.S)
+    heads = [html.unescape(h) for h in re.findall(r"<th>(.*?)</th>", found.group(1))]
+    return [dict(zip(heads, [html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]))
+            for row in re.findall(r"<tr[^>]*>(.*?)</tr>", found.group(2))]
+
+
 def tick_value(label: str) -> float:
     return float(label[:-1]) * {"k": 1e3, "M": 1e6}[label[-1]] if label[-1] in "kM" else float(label)
 
@@ -90,10 +99,14 @@ def test_report_renders_the_sweep(sweep_runs, tmp_path):
     # the table: both trials, the sweep's metric (val_loss, minimize) from its journal, best first
     assert "<th>learning_rate</th><th>val_loss</th>" in page and "(goal: minimize)" in page
     assert f"with log axes as the sweep defines them, read from its journal {sweep_runs / 'sweeps' / 'tiny-report.journal'}.</p>" in page
-    rows = re.findall(r"<tr><td>(\w{8})</td><td>finished</td><td>([\d.]+)</td><td>([\d.]+)</td>", page)
+    rows = [(r["run"], r["learning_rate"], r["val_loss"]) for r in table_rows(page) if r["state"] == "finished"]
     assert len(rows) == 2, page
     assert float(rows[0][2]) <= float(rows[1][2])
     assert {r[1] for r in rows} == {"0.0005", "0.02"}
+    # each run's trial number and seconds are those sweep-status shows (its journal's trial rows)
+    journal = sweep_storage.load_study(str(sweep_runs / "sweeps" / "tiny-report.journal"), "tiny-report")
+    shown = {r["run"]: (r["trial"], r["seconds"]) for r in table_rows(page)}
+    assert shown == {t["run"]: (str(t["trial"]), f"{t['seconds']:.4g}") for t in trial_rows(journal)}
 
     curves = ET.parse(out / "tiny-report-curves.svg").getroot()
     assert_finite_geometry(curves)
@@ -164,6 +177,9 @@ def test_user_text_is_escaped_and_bad_values_are_skipped():
     group = grouping.make_group("</svg><b>sweep", hostile_runs())
     index, charts = report.page(Path("runs <here>"), [group], ["folder <x>: broken"])
     assert sorted(charts) == [f"svg-b-sweep-{kind}.svg" for kind in ("curves", "history", "importance", "parallel", "params")]
+    # the page's one script is the table's sorter, a constant: nothing a run log holds becomes markup
+    assert index.count("<script") == 1 and index.endswith(table.SORT_SCRIPT + "</body></html>\n")
+    index = index.replace(table.SORT_SCRIPT, "")
     assert "<script" not in index and "<img" not in index and "</svg><b>" not in index
     assert '<b>&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;</b>' in index  # the best run, in words
     assert "<td>&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;</td>" in index
@@ -221,9 +237,9 @@ def test_the_epochs_setting_and_the_epochs_done_are_two_columns():
     headers = re.findall(r"<th>(.*?)</th>", head)
     assert len(headers) == len(set(headers)) and "epochs" in headers and "epochs done" in headers
     done = headers.index("epochs done")
-    cells = {r[0]: r for r in (re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr><td>.*?</tr>", index))}
-    assert cells["run0"][done] == "1" and cells["run1"][done] == "3"
-    assert cells["run0"][headers.index("model artifact")] == "-"  # logged no artifact
+    cells = {r["run"]: r for r in table_rows(index)}
+    assert cells["run0"]["epochs done"] == "1" and cells["run1"]["epochs done"] == "3" and done > headers.index("epochs")
+    assert cells["run0"]["model artifact"] == "-"  # logged no artifact
 
 
 # ------------------------------------------------------------------------------------------
@@ -460,7 +476,7 @@ def test_a_diverged_run_is_no_trial_and_the_table_says_diverged():
     lines = children(ET.fromstring(charts["g-parallel.svg"]), "polyline", "trial")
     assert sorted(line.get("data-run") for line in lines) == ["r0", "r2"]
     assert "Best of 2 completed run(s): <b>r2</b>" in index
-    assert "<tr><td>r1</td><td>diverged</td>" in index
+    assert {r["run"]: r["state"] for r in table_rows(index)}["r1"] == "diverged"
 
 
 # ------------------------------------------------------------------------------------------
@@ -526,7 +542,7 @@ def test_a_sweep_kept_in_postgresql_is_ranked_by_its_own_metric(tmp_path):
                 f"its storage postgresql+psycopg2://sweep@127.0.0.1:{port}/postgres.</p>") in page
         # 0.002..0.008 spans 4x: only the sweep's log_uniform_values makes it a log axis
         assert parallel_notes(tmp_path / folder)["learning_rate"] == "log scale"
-        rows = re.findall(r"<tr><td>(pg-\w)</td>", page)
+        rows = [r["run"] for r in table_rows(page)]
         assert rows == ["pg-c", "pg-a", "pg-b", "pg-d"]  # by val_loss, lowest first
     assert unnamed.returncode == 0, unnamed.stderr
     page = (tmp_path / "unnamed" / "index.html").read_text()
@@ -635,3 +651,138 @@ def test_a_full_volume_under_the_report_is_one_line_and_the_old_report_stands(sw
         assert "No space left on device" in proc.stderr and "Traceback" not in proc.stderr
         assert f"--out {str(out)!r}: its volume is full" in proc.stderr, proc.stderr  # before any run is read
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing half-written, nothing lost
+
+
+# ------------------------------------------------------------------------------------------
+# the table and the charts tell the runs apart: trial numbers, one best, how each ended
+# ------------------------------------------------------------------------------------------
+
+def offline_trials() -> list[runlog.OfflineRun]:
+    """Four trials of offline sweep "g" as their logs hold them (the agent names a trial's run <sweep>-<trial>):
+    r1 the best completed, r2 pruned with the lowest (early, not comparable) val_loss, r3 still running,
+    r0 a one-epoch run (one loss point, one val point)."""
+    runs = []
+    for i, (trial, seconds, val_loss) in enumerate([(3, 12.5, 0.4), (5, 30.0, 0.2), (7, 7.0, 0.01), (9, None, 0.3)]):
+        run = runlog.OfflineRun(path=Path(f"offline-run-{i}"), run_id=f"r{i}", group="g", name=f"g-{trial}",
+                                exit_code=None if seconds is None else 0, runtime=seconds,
+                                config={"learning_rate": 0.001 * 3 ** i, "device": "auto", "cuda_graph": True},
+                                summary={"val_loss": val_loss, "device": "cpu"})
+        epochs = 1 if i == 0 else 3
+        run.history = [row for e in range(epochs) for row in ({"_step": 10 * e + 5, "loss": 1.0 / (e + 2)},
+                                                             {"_step": 10 * e + 9, "epoch": e, "val_loss": val_loss + 0.1 * (epochs - e)})]
+        runs.append(run)
+    runs[2].summary["pruned"] = True
+    return runs
+
+
+def test_the_table_shows_trial_numbers_and_seconds_as_sweep_status_and_one_best_row():
+    group = grouping.make_group("g", offline_trials(), "val_loss", "minimize")
+    group.trials = {"r1": {"trial": 15, "seconds": 42.0}}  # the storage's word wins: r1 was retried as trial 15
+    index, _ = report.page(Path("runs"), [group], [])
+    rows = {r["run"]: r for r in table_rows(index)}
+    assert {k: (r["trial"], r["seconds"], r["state"]) for k, r in rows.items()} == {
+        "r0": ("3", "12.5", "finished"), "r1": ("15", "42", "finished"), "r2": ("7", "7", "pruned"), "r3": ("9", "-", "killed")}
+    assert index.count('<tr class="best"') == 1 and re.search(r'<tr class="best"[^>]*><td>15</td><td>r1</td>', index)
+    assert "<b>r1</b> (trial 15, 42 s; folder offline-run-1)" in index and "(started" not in index
+    assert "<title>run r1 (trial 15): val_loss 0.2;" in index  # the charts' hover texts too
+
+    # runs no sweep storage numbers (a W&B sweep's): the order they started in, sorting as a number
+    wandb_runs = offline_trials()
+    for i, run in enumerate(wandb_runs):
+        run.group, run.name, run.sweep_id = "", "", "swp1"
+        run.history[0]["_timestamp"] = 1000.0 - i  # the last one started first
+    index, _ = report.page(Path("runs"), [grouping.make_group("wandb-sweep-swp1", wandb_runs, "val_loss", "minimize")], [])
+    assert {r["run"]: r["trial"] for r in table_rows(index)} == {"r0": "#4", "r1": "#3", "r2": "#2", "r3": "#1"}
+    assert '<td data-sort="4">#4</td>' in index and "(the 3rd of 4 runs to start, 30 s;" in index
+
+
+def test_only_the_sweeps_best_run_carries_the_best_alias():
+    recorded = artifact.Recorded("model-r0", ["latest", "best-g"], 479_000, "d1", ["model.onnx"], {})
+    assert table.model_label(recorded, best=True) == "model-r0:latest +best-g (479 kB)"
+    assert table.model_label(recorded, best=False) == "model-r0:latest +was best-g (479 kB)"  # it was, when it finished
+    assert recorded.aliases == ["latest", "best-g"]  # the record itself is left as it is
+
+
+def test_pruned_runs_are_crosses_and_a_one_epoch_run_is_a_point():
+    _, charts = report.page(Path("runs"), [grouping.make_group("g", offline_trials(), "val_loss", "minimize")], [])
+    curves = ET.fromstring(charts["g-curves.svg"])
+    assert_finite_geometry(curves)
+    drawn = panels(curves)
+    for title, chart in [(t, drawn[t]) for t in ("training loss", "val_loss")]:  # no val_accuracy was logged
+        ended = shapes(chart, "path", "ended")
+        assert [(e.get("data-run"), e.get("data-state")) for e in ended] == [("r2", "pruned")], title
+        assert ended[0].find(f"{SVG}title").text.endswith(": pruned")
+        # r0 logged one point of each: a dot, where a line of one point draws nothing
+        assert shapes(chart, "polyline", "line", "r0") and len(shapes(chart, "circle", "point", "r0")) == 1, title
+    legend = [e.text for g in curves.iter(f"{SVG}g") if g.get("class") == "legend-entry" for e in g.iter(f"{SVG}text")]
+    assert any(label.startswith("r2 ") and label.endswith("(pruned)") for label in legend)
+    assert "pruned, diverged or failed" in " ".join(texts(curves, "ended-note"))
+
+    params = ET.fromstring(charts["g-params.svg"])
+    (lr,) = panels(params).values()
+    assert len(shapes(lr, "circle", "point")) == 2  # r0 and r1: completed
+    (cross,) = shapes(lr, "path", "ended")
+    assert cross.find(f"{SVG}title").text.startswith("r2 (pruned): learning_rate=")
+    (ring,) = shapes(lr, "circle", "best")  # r1's, not the pruned run's lower value
+    best = next(p for p in shapes(lr, "circle", "point") if p.find(f"{SVG}title").text.startswith("r1:"))
+    assert (ring.get("cx"), ring.get("cy")) == (best.get("cx"), best.get("cy"))
+
+    # a diverged and a failed run end in a cross too, each saying how it ended
+    runs = offline_trials()
+    runs[0].exit_code = 1
+    runs[1].summary["diverged"] = True
+    _, charts = report.page(Path("runs"), [grouping.make_group("g", runs, "val_loss", "minimize")], [])
+    val_loss = panels(ET.fromstring(charts["g-curves.svg"]))["val_loss"]
+    assert sorted((e.get("data-run"), e.get("data-state")) for e in shapes(val_loss, "path", "ended")) == [
+        ("r0", "exit 1"), ("r1", "diverged"), ("r2", "pruned")]
+
+
+def test_the_retrain_command_leaves_the_device_to_the_host_and_says_where_it_ran():
+    config = {"learning_rate": 0.01, "epochs": 1, "device": "auto", "cuda_graph": True, "compile": "none",
+              "channels_last": True, "gpu_memory_fraction": 0.0, "amp": "bf16"}
+    command = display.retrain_command(config, ["learning_rate"])
+    argv = shlex.split(command.replace(" \\\n", " "))
+    assert argv[4] == "--learning_rate=0.01" and "--amp=bf16" in argv and "--epochs=1" in argv
+    assert not any(a.split("=")[0][2:] in display.DEVICE_BOUND for a in argv[4:]), argv
+    assert "--device=cpu" in display.retrain_command({**config, "device": "cpu"}, ["device"])  # swept: kept
+
+    group = grouping.make_group("g", offline_trials(), "val_loss", "minimize")
+    index, _ = report.page(Path("runs"), [group], [])
+    shown = html.unescape(re.search(r'<pre class="retrain">(.*?)</pre>', index, re.S).group(1))
+    assert "--device" not in shown and "--cuda_graph" not in shown and "--learning_rate=0.003" in shown
+    assert ('<p class="ran-on">It trained on cpu with --cuda_graph=true; to repeat it on the same kind of device '
+            "add --device=cpu --cuda_graph=true.</p>") in index
+
+
+def test_the_importance_chart_draws_each_interval_and_says_rough():
+    from test_importance import issue_sweep
+
+    result = importance.evaluate(issue_sweep(30, 34), ["learning_rate", "batch_size", "kernels"], "minimize",
+                                 {"learning_rate": True})
+    chart = ET.fromstring(sweepcharts.importance_svg("t", result, "val_loss"))
+    assert_finite_geometry(chart)
+    settings = {g.get("data-name"): g for g in chart.iter(f"{SVG}g") if g.get("class") == "setting"}
+    for s in result.settings:
+        (whisker,) = children(settings[s.name], "path", "interval")
+        words = " ".join(t.text or "" for t in settings[s.name].iter(f"{SVG}text"))
+        assert f"({importance.interval(s)})" in words and ("rough" in words) == s.rough
+    assert " ".join(texts(chart, "method")).count("A rough ranking: 30 trials, under 50") == 1
+
+
+def test_the_table_sorts_in_a_real_browser(tmp_path):
+    from test_artifacts import browse
+
+    group = grouping.make_group("g", offline_trials(), "val_loss", "minimize")
+    index, _ = report.page(Path("runs"), [group], [])
+    # click "seconds" (ascending; "-" last), note the order, then "trial" twice (descending)
+    clicks = ("<script>var heads = Array.from(document.querySelectorAll('table.runs th'));"
+              "function order() { return Array.from(document.querySelectorAll('table.runs tbody tr'))"
+              ".map(function (r) { return r.cells[1].textContent; }).join(' '); }"
+              "function click(name) { heads.find(function (h) { return h.textContent === name; }).click(); }"
+              "click('seconds'); document.body.dataset.bySeconds = order();"
+              "click('trial'); click('trial'); document.body.dataset.byTrial = order();</script>")
+    page = tmp_path / "index.html"
+    page.write_text(index.replace("</body>", clicks + "</body>"))
+    dom = browse(page, tmp_path / "profile", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'data-by-seconds="r2 r0 r1 r3"' in dom.stdout and 'data-by-trial="r3 r2 r1 r0"' in dom.stdout

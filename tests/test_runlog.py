@@ -19,7 +19,7 @@ WRITER = r"""
 import sys, wandb
 root = sys.argv[1]
 big = "x" * 100_000  # the run record then spans several 32 KiB blocks: FIRST, MIDDLE and LAST chunks
-run = wandb.init(project="runlog-test", dir=root + "/finished", mode="offline", id="rlfinish", group="g1",
+run = wandb.init(project="runlog-test", dir=root + "/finished", mode="offline", id="rlfinish", group="g1", name="g1-17",
                  config={"a": 1, "nested": {"b": 2}, "big": big, "kernels": [16, 32]})
 for i, step in enumerate(range(0, 500, 100)):
     run.log({"loss": 1.0 / (step + 1), "epoch": i // 2}, step=step)
@@ -67,6 +67,7 @@ def test_reads_config_history_summary_exit_code(finished: Path):
     assert [row["_step"] for row in run.history] == [0, 100, 200, 300, 400, 450]
     assert run.summary["test_accuracy"] == 0.9 and run.summary["loss"] == pytest.approx(1 / 401)
     assert run.exit_code == 3 and run.finished and not run.preempting
+    assert run.name == "g1-17" and run.runtime is not None and run.runtime >= 0  # the report's trial number, seconds
 
 
 def test_preempted_run(runs: Path):

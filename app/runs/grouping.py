@@ -12,6 +12,7 @@ whose log cannot be read are left out and said in `problems`. The page is drawn 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class Group:
     log: dict[str, bool] = field(default_factory=dict)  # swept settings drawn on a log scale
     source: str = ""  # where metric and goal were read (app.runs.ranking), said on the page
     assumed: str = ""  # else why they are the defaults, said on the page
+    trials: dict[str, dict] = field(default_factory=dict)  # run id -> {"trial", "seconds"} from the sweep's storage
 
 
 def value(run, metric: str) -> float | None:
@@ -41,6 +43,29 @@ def value(run, metric: str) -> float | None:
         rows = run.metric(metric)
         v = rows[-1][1] if rows else None
     return display.number(v)
+
+
+def state(run) -> str:
+    """How a run ended, in the words sweep-status uses: finished, diverged, pruned, killed (never finished), exit N."""
+    return ("diverged" if run.summary.get("diverged") else "pruned" if run.summary.get("pruned") else
+            "finished" if run.finished and run.exit_code == 0 else "killed" if not run.finished else f"exit {run.exit_code}")
+
+
+def trial_number(group: Group, run) -> int | None:
+    """The run's trial number as sweep-status shows it: from the sweep's storage, else from the name an
+    offline agent gives its trial's run (<sweep>-<trial number>); None for other runs (a W&B sweep
+    numbers its runs on its server)."""
+    if run.run_id in group.trials:
+        return group.trials[run.run_id]["trial"]
+    found = re.fullmatch(re.escape(run.group) + r"-(\d{1,9})", run.name) if run.group and run.name else None
+    return int(found.group(1)) if found else None
+
+
+def seconds(group: Group, run) -> float | None:
+    """How long the run took: as sweep-status counts it (the trial's start to its end, in the storage),
+    else as W&B counted it (None: it never finished)."""
+    stored = display.number(group.trials.get(run.run_id, {}).get("seconds"))
+    return stored if stored is not None else run.runtime
 
 
 def _log_scale(group: Group, from_sweep: dict[str, bool]) -> dict[str, bool]:
@@ -83,7 +108,7 @@ def collect(root: Path | list[Path], sources: Sources | None = None) -> tuple[li
         found = sources.definition(name, wandb_sweep=not members[0].group and bool(members[0].sweep_id))
         group = make_group(name, members, found.metric, found.goal, found.died)
         group.log = _log_scale(group, found.log)
-        group.source, group.assumed = found.source, found.assumed
+        group.source, group.assumed, group.trials = found.source, found.assumed, found.trials
         groups.append(group)
     return groups, problems
 

@@ -32,6 +32,7 @@ class Definition:
     goal: str
     died: list[dict] = field(default_factory=list)  # attempts the storage saw die, stop or fail
     log: dict[str, bool] = field(default_factory=dict)  # settings drawn on a log scale ({}: judge from values)
+    trials: dict[str, dict] = field(default_factory=dict)  # run id -> {"trial": number, "seconds": s}, as sweep-status shows
     source: str = ""  # where it was read, in words ("" when assumed)
     assumed: str = ""  # why the metric and goal are the report's defaults ("" when read from the sweep)
 
@@ -80,6 +81,7 @@ class Sources:
         """The sweep `name`'s definition, or the report's defaults with the reason in words."""
         from app.sweep.optuna import status
         from app.sweep.optuna.storage import load_study
+        from app.sweep.optuna.trials import trial_rows
 
         if wandb_sweep:
             return assumed("a W&B sweep keeps its metric and goal on the W&B server, not in its offline runs")
@@ -87,21 +89,37 @@ class Sources:
             return assumed("these runs belong to no sweep")
         if name in self.names:
             try:
-                found = status.summarize(load_study(self.url, name, self.storage))
+                study = load_study(self.url, name, self.storage)
+                found = status.summarize(study)
+                trials = trial_numbers(trial_rows(study))
             except Exception as exc:  # a query refused or timed out: one line, not a traceback
                 raise UserError(f"{self.setting}={_redact(self.url)}: cannot read sweep {name!r} ({_first_line(exc)})") from None
-            return Definition(found.metric, found.goal, found.unfinished, found.log, f"its storage {_redact(self.url)}")
+            return Definition(found.metric, found.goal, found.unfinished, found.log, trials,
+                              f"its storage {_redact(self.url)}")
         journal = journal_beside(self.roots, name)
         if journal is not None:
             try:
-                found = status.read_sweep(journal, name)
+                study = load_study(str(journal), name)
             except UserError as exc:  # damaged, or another sweep's: the runs still make a report
                 return assumed(f"its journal {journal} could not be read ({exc})")
-            return Definition(found.metric, found.goal, found.unfinished, found.log, f"its journal {journal}")
+            found = status.summarize(study)
+            return Definition(found.metric, found.goal, found.unfinished, found.log, trial_numbers(trial_rows(study)),
+                              f"its journal {journal}")
         where = (f"not in {self.setting}={_redact(self.url)}" if self.url else
                  "in no storage named (no --storage given, SWEEP_STORAGE unset)")
         return assumed(f"sweep {name!r} is {where} and no sweeps/{name}.journal is beside the runs; "
                        "pass --storage with the storage its agents used")
+
+
+def trial_numbers(rows: list[dict]) -> dict[str, dict]:
+    """Run id -> the trial number and seconds sweep-status shows for it: of a run tried more than once
+    (a retry resumes the same W&B run), the attempt that finished, else the last one."""
+    out: dict[str, dict] = {}
+    for row in sorted(rows, key=lambda r: r["trial"]):
+        done = row["state"] in ("COMPLETE", "PRUNED", "DIVERGED")
+        if row["run"] and (done or not out.get(row["run"], {}).get("done")):
+            out[row["run"]] = {"trial": row["trial"], "seconds": row["seconds"], "done": done}
+    return out
 
 
 def _redact(url: str) -> str:

@@ -7,11 +7,14 @@ sweep's trials share its name as their group, a W&B sweep's runs its sweep id):
   <group>-params.svg   each swept setting against the sweep's metric (one point per finished run)
   <group>-parallel.svg, -importance.svg, -history.svg   what the sweep found (app.runs.sweepcharts)
 and index.html, which shows the same charts inline (hover a line or point for its run) with a table of
-the runs sorted by the metric, each with its model artifact (name, aliases, size). Each sweep's
+the runs sorted by the metric (sortable by any column: app.runs.table), each with its trial number and
+seconds as sweep-status shows them and its model artifact (name, aliases, size). Runs that were pruned,
+diverged or failed end in a cross in the charts. Each sweep's
 metric, goal and log-scale settings are read from its storage (--storage or SWEEP_STORAGE: a journal
 or PostgreSQL, read-only; else a journal copied along with the runs, app.runs.ranking), and attempts
 that died are listed too; where none holds it (a W&B sweep), the page says what was assumed and why.
-Above the table: the best run in words with the command that trains it again.
+Above the table: the best run in words with the command that trains it again (without the settings
+that pick and tune the device: it says which device the run trained on instead).
 
 An offline artifact has no version number yet: W&B numbers versions (v0, v1, ...) when `sync`
 uploads them, so the table shows the aliases the run asked for and the artifact's content digest.
@@ -28,7 +31,7 @@ from typing import Any
 
 from app import artifact, display, places, settings
 from app.errors import UserError
-from app.runs import grouping, svg, sweepcharts
+from app.runs import grouping, svg, sweepcharts, table
 from app.runs.grouping import Group
 from app.runs.ranking import Sources
 from app.sweep.optuna import importance
@@ -79,7 +82,7 @@ def curves_svg(group: Group) -> str:
             if points:
                 label = _label(run, group.params)
                 marked = color != GREY and key != "loss"
-                series.append(svg.Series(points, color, label=label, dashed=not run.finished,
+                series.append(svg.Series(points, color, label=label, dashed=not run.finished, ended=_ended(run),
                                          marker=2.5 if marked else 0.0, run_id=run.run_id,
                                          tips=[f"{label}: {ylabel} {y:.4g} at {xlabel} {svg.tick_label(x)}"
                                                for x, y in points] if color != GREY else []))
@@ -88,7 +91,7 @@ def curves_svg(group: Group) -> str:
         panels.append(svg.Panel(title, xlabel, ylabel, svg.Axis.fit(xs, integer=xlabel == "epoch"), svg.Axis.fit(ys), series))
     legend = ['<text class="legend-title" x="0" y="0" font-weight="bold">run</text>']
     for i, (run, color) in enumerate(zip(coloured, colors)):
-        label = _label(run, group.params)
+        label = _label(run, group.params) + (f" ({_ended(run)})" if _ended(run) else "")
         shown = label if len(label) <= svg.LEGEND_CHARS else label[:svg.LEGEND_CHARS - 1] + "…"
         dash = ' stroke-dasharray="3 3"' if not run.finished else ""
         y = 18 + 16 * i
@@ -103,15 +106,27 @@ def curves_svg(group: Group) -> str:
         rows += 1
     if any(not r.finished for r in group.runs):
         legend.append(f'<text x="0" y="{18 + 16 * rows + 6}" fill="#555">dotted: never finished</text>')
+        rows += 1
+    if any(_ended(r) for r in group.runs):
+        legend.append(f'<text class="ended-note" x="0" y="{18 + 16 * rows + 6}" fill="#555">× a line\'s end: '
+                      "pruned, diverged or failed (hover it)</text>")
     width = 40 + 0.6 * svg.FONT * max([len(_label(r, group.params)[:svg.LEGEND_CHARS]) for r in coloured] + [30])
     title = f"{group.name}: {n} run(s)" + (f", the best {len(coloured)} in colour" if grey else "")
     return svg.figure(title, panels, legend, width, 18 + 16 * (rows + 1))
+
+
+def _ended(run) -> str:
+    """How a run that finished without completing ended (pruned, diverged, exit N); "" for the others
+    (completed, or never finished: a dotted line, it may still be running)."""
+    return "" if not run.finished or sweepcharts.completed(run) else grouping.state(run)
 
 
 def params_svg(group: Group) -> str | None:
     """Each swept setting against the sweep's metric, one point per finished run; None: nothing to plot."""
     points = [(r, grouping.value(r, group.metric)) for r in group.runs]
     points = [(r, v) for r, v in points if v is not None and r.finished]
+    ended = [(r, v) for r, v in points if _ended(r)]  # pruned, diverged, failed: marked, never the best
+    points = [(r, v) for r, v in points if not _ended(r)]
     if not group.params or not points:
         return None
     values = [v for _, v in points]
@@ -124,7 +139,7 @@ def params_svg(group: Group) -> str | None:
 
     panels = []
     for key in group.params:
-        xs = [r.config.get(key) for r, _ in points]
+        xs = [r.config.get(key) for r, _ in points + ended]  # the axis spans the ended runs' values too
         if all(display.number(x) is not None for x in xs):
             log = min(xs) > 0 and max(xs) / min(xs) >= 10
             pos, x_axis = [float(x) for x in xs], svg.Axis.fit([float(x) for x in xs], log=log)
@@ -132,10 +147,16 @@ def params_svg(group: Group) -> str | None:
             cats = sorted({_short(x) for x in xs})
             pos = [float(cats.index(_short(x))) for x in xs]
             x_axis = svg.Axis(-0.5, len(cats) - 0.5, categories=cats)
+        pos, crossed = pos[:len(points)], pos[len(points):]
         tips = [f"{r.run_id}: {key}={_short(x)} {group.metric} {v:.4f}" for (r, v), x in zip(points, xs)]
-        series = svg.Series(list(zip(pos, values)), [shade(v) for v in values], line=False, marker=5.0, tips=tips)
+        series = [svg.Series(list(zip(pos, values)), [shade(v) for v in values], line=False, marker=5.0, tips=tips)]
         rings = [(x, v) for x, v in zip(pos, values) if v == best]
-        panels.append(svg.Panel(key, key, group.metric, x_axis, svg.Axis.fit(values), [series], rings))
+        if ended:
+            series.append(svg.Series([(x, v) for x, (_, v) in zip(crossed, ended)], "#777", line=False, marker=4.0,
+                                     crosses=True, tips=[f"{r.run_id} ({_ended(r)}): {key}={_short(r.config.get(key))} "
+                                                         f"{group.metric} {v:.4f}" for r, v in ended]))
+        y_axis = svg.Axis.fit(values + [v for _, v in ended])
+        panels.append(svg.Panel(key, key, group.metric, x_axis, y_axis, series, rings))
     # the colour bar: 20 bands from worst (bottom) to best (top), with the metric's range
     bar = [f'<text class="legend-title" x="0" y="0" font-weight="bold">{svg.esc(group.metric)}</text>']
     for i in range(20):
@@ -145,33 +166,9 @@ def params_svg(group: Group) -> str | None:
     top_v, bottom_v = (hi, lo) if group.goal == "maximize" else (lo, hi)
     bar.append(f'<text class="bar-label" x="22" y="20">{top_v:.4g} (best)</text>'
                f'<text class="bar-label" x="22" y="210">{bottom_v:.4g}</text>')
-    title = f"{group.name}: {group.metric} ({group.goal}) by setting; red ring = best"
+    title = f"{group.name}: {group.metric} ({group.goal}) by setting; red ring = best" + (
+        "; grey × = pruned, diverged or failed" if ended else "")
     return svg.figure(title, panels, bar, 40 + 0.6 * svg.FONT * max(len(group.metric), 14), 220)
-
-
-def _table(group: Group) -> str:
-    # "epochs done" (history), not "epochs": that is also the setting's name when a sweep varies it
-    head = ["run", "state", *group.params, group.metric, "epochs done", "test_accuracy", "model artifact", "folder"]
-    rows = []
-    for r in group.runs:
-        epochs = len([row for row in r.history if "val_loss" in row])
-        state = ("diverged" if r.summary.get("diverged") else "finished" if r.finished and r.exit_code == 0 else
-                 "pruned" if r.summary.get("pruned") else "killed" if not r.finished else f"exit {r.exit_code}")
-        models = "; ".join(a.label() for a in artifact.recorded(r.path)) or "-"
-        cells = [r.run_id, state, *[_short(r.config.get(k)) for k in group.params],
-                 display.cell(grouping.value(r, group.metric), ".4f"), str(epochs),
-                 display.cell(r.summary.get("test_accuracy"), ".4f"), models, r.path.name]
-        rows.append(cells)
-    for d in group.died:
-        if not any(d["run"] == r.run_id for r in group.runs):
-            rows.append([d["run"] or "-", d["state"].lower(), *["" for _ in group.params], "", "", "", "", "(no run folder)"])
-    body = "\n".join("<tr>" + "".join(f"<td>{svg.esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return ("<table><thead><tr>" + "".join(f"<th>{svg.esc(h)}</th>" for h in head) +
-            f"</tr></thead><tbody>\n{body}\n</tbody></table>")
-
-
-def _ordinal(n: int) -> str:
-    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def findings(g: Group) -> tuple[str, dict[str, str]]:
@@ -179,6 +176,8 @@ def findings(g: Group) -> tuple[str, dict[str, str]]:
     and the command that trains it again), then parallel coordinates, parameter importance and the
     optimisation history as {file name: SVG}."""
     trials = sweepcharts.trials_of(g.runs, lambda r: grouping.value(r, g.metric))
+    for t in trials:  # hover texts name a trial as sweep-status does
+        t.number = grouping.trial_number(g, t.run)
     slug, charts = _slug(g.name), {}
     swept = g.params[:MAX_SETTINGS]  # a config that varies in thousands of keys is no sweep to rank
     result = importance.evaluate([(t.run.config, t.value) for t in trials], swept, g.goal, g.log)
@@ -192,13 +191,18 @@ def findings(g: Group) -> tuple[str, dict[str, str]]:
                              for k in ranked) or "no swept setting"
         models = "; ".join(a.label() for a in artifact.recorded(best.run.path)) or "none logged"
         command = display.retrain_command(best.run.config, ranked)
+        number, took = grouping.trial_number(g, best.run), grouping.seconds(g, best.run)
+        which = (f"trial {number}" if number is not None else
+                 f"the {_ordinal(_started(g, best.run))} of {len(g.runs)} runs to start")
+        which += f", {display.cell(took, '.4g')} s" if took is not None else ""
         parts.append(
             f'<p class="best-run">Best of {len(trials)} completed run(s): <b>{svg.esc(best.run.run_id)}</b> '
-            f'(started {_ordinal(best.order)} of {len(trials)}; folder {svg.esc(best.run.path.name)}) reached '
+            f'({which}; folder {svg.esc(best.run.path.name)}) reached '
             f'{svg.esc(g.metric)} <b>{best.value:.4f}</b> (goal: {svg.esc(g.goal)}) with {svg.esc(settings)}. '
             f'Model artifact: {svg.esc(models)}. '
-            + ("Train it again with the same settings (data_dir and output_dir are this host's; set them as usual):</p>"
-               f'<pre class="retrain">{svg.esc(command)}</pre>' if command else
+            + ("Train it again with the same settings (data_dir, output_dir and the settings that pick and tune the "
+               f"device, {', '.join(display.DEVICE_BOUND)}, are this host's; set them as usual):</p>"
+               f'<pre class="retrain">{svg.esc(command)}</pre>' + _ran_on(best.run) if command else
                "Its recorded config holds a value too long for a command line: no retrain command.</p>"))
     else:
         parts.append(f"<p>No run has completed with a value of {svg.esc(g.metric)} yet "
@@ -217,6 +221,27 @@ def findings(g: Group) -> tuple[str, dict[str, str]]:
     return "".join(parts), charts
 
 
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def _started(g: Group, run) -> int:
+    """1-based: the how-many-th of the group's runs to start (where no sweep storage numbers them)."""
+    return sorted(g.runs, key=sweepcharts.started).index(run) + 1
+
+
+def _ran_on(run) -> str:
+    """Which device the run trained on, and its device settings, so that a retrain on another kind of host
+    can be made to match (a CPU run repeated on a GPU host uses the GPU unless told otherwise)."""
+    device = run.summary.get("device")
+    pinned = [f"--{k}={display.flag_text(run.config[k])}" for k in display.DEVICE_BOUND if k in run.config and k != "device"]
+    if not isinstance(device, str) or not device:
+        return ""
+    return (f'<p class="ran-on">It trained on {svg.esc(device)} with {svg.esc(" ".join(pinned) or "the default device settings")}; '
+            f"to repeat it on the same kind of device add --device={svg.esc(device.split(':')[0])}"
+            + (f" {svg.esc(' '.join(pinned))}" if pinned else "") + ".</p>")
+
+
 def _source(g: Group) -> str:
     """Where the metric and goal the runs are ranked by come from: never a silent guess. Groups made
     by hand (grouping.make_group: tests, the benchmark) were given theirs and say nothing."""
@@ -232,8 +257,14 @@ def _source(g: Group) -> str:
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1500px}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
-th{background:#f0f0f0}tbody tr:first-child{background:#eaffea}svg.chart{max-width:100%;height:auto;border:1px solid #ddd;margin:.5em 0}
+th{background:#f0f0f0;cursor:pointer}tr.best{background:#eaffea}svg.chart{max-width:100%;height:auto;border:1px solid #ddd;margin:.5em 0}
 p.assumed{background:#fff6d5;padding:.4em}pre.retrain{background:#f6f6f6;padding:.6em;overflow-x:auto;max-width:1200px}"""
+
+
+def _best_id(g: Group) -> str | None:
+    """The sweep's best run: the best completed one by its metric and goal (the one the page names)."""
+    best = importance.best_of(sweepcharts.trials_of(g.runs, lambda r: grouping.value(r, g.metric)), g.goal, lambda t: t.value)
+    return best.run.run_id if best is not None else None
 
 
 def page(root: Path | list[Path], groups: list[Group], problems: list[str]) -> tuple[str, dict[str, str]]:
@@ -246,7 +277,7 @@ def page(root: Path | list[Path], groups: list[Group], problems: list[str]) -> t
         found, found_charts = findings(g)
         charts.update(found_charts)
         parts.append(found)
-        parts.append(_table(g))
+        parts.append(table.runs_table(g, _best_id(g)))
         params = params_svg(g)
         if params is not None:
             charts[f"{slug}-params.svg"] = params
@@ -256,7 +287,7 @@ def page(root: Path | list[Path], groups: list[Group], problems: list[str]) -> t
     if problems:
         parts.append("<h2>Runs left out</h2><ul>" + "".join(f"<li>{svg.esc(p)}</li>" for p in problems) + "</ul>")
     index = (f"<!doctype html><html><head><meta charset='utf-8'><title>Offline runs</title>"
-             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
+             f"<style>{STYLE}</style></head><body>{''.join(parts)}{table.SORT_SCRIPT}</body></html>\n")
     return index, charts
 
 

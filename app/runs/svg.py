@@ -109,6 +109,8 @@ class Series:
     marker: float = 0.0  # point radius, 0 = none
     tips: list[str] = field(default_factory=list)  # hover text per point
     run_id: str = ""
+    ended: str = ""  # how a run that did not complete ended (pruned, diverged, failed, ...): a cross at its last point
+    crosses: bool = False  # points drawn as crosses (runs that did not complete), class "ended"
 
 
 @dataclass
@@ -157,17 +159,34 @@ def panel_svg(p: Panel, left: float, top: float) -> str:
             tip = f"<title>{esc(s.label)}</title>" if s.label else ""
             out.append(f'<polyline class="line"{run} points="{points}" fill="none" stroke="{s.color}" '
                        f'stroke-width="1.6"{dash}>{tip}</polyline>')
+        if s.line and len(s.points) == 1 and not s.marker:  # one logged point (a one-epoch run): no line to draw
+            (x, y), tip = s.points[0], f"<title>{esc(s.label)}</title>" if s.label else ""
+            out.append(f'<circle class="point"{run} cx="{num(px(x))}" cy="{num(py(y))}" r="2.5" fill="{s.color}">{tip}</circle>')
         if s.marker:
             for i, (x, y) in enumerate(s.points):
                 color = s.color[i] if isinstance(s.color, list) else s.color
                 tip = f"<title>{esc(s.tips[i])}</title>" if i < len(s.tips) else ""
-                out.append(f'<circle class="point"{run} cx="{num(px(x))}" cy="{num(py(y))}" r="{s.marker}" '
-                           f'fill="{color}" stroke="#222" stroke-width="0.5">{tip}</circle>')
+                if s.crosses:
+                    out.append(cross(px(x), py(y), s.marker, color, run, tip))
+                else:
+                    out.append(f'<circle class="point"{run} cx="{num(px(x))}" cy="{num(py(y))}" r="{s.marker}" '
+                               f'fill="{color}" stroke="#222" stroke-width="0.5">{tip}</circle>')
+        if s.ended and s.points:
+            x, y = s.points[-1]
+            out.append(cross(px(x), py(y), 5.0, s.color if isinstance(s.color, str) else "#222", run,
+                             f"<title>{esc(f'{s.label}: {s.ended}' if s.label else s.ended)}</title>", s.ended))
     for x, y in p.rings:
         out.append(f'<circle class="best" cx="{num(px(x))}" cy="{num(py(y))}" r="11" fill="none" '
                    f'stroke="red" stroke-width="1.5"/>')
     out.append("</g>")
     return "\n".join(out)
+
+
+def cross(x: float, y: float, r: float, color: str, run: str = "", tip: str = "", state: str = "") -> str:
+    """An "x" of half-width r at (x, y): a run that did not complete (pruned, diverged, failed, killed)."""
+    where = f' data-state="{esc(state)}"' if state else ""
+    return (f'<path class="ended"{run}{where} d="M{num(x - r)} {num(y - r)}L{num(x + r)} {num(y + r)}M{num(x - r)} '
+            f'{num(y + r)}L{num(x + r)} {num(y - r)}" stroke="{color}" stroke-width="2.2" fill="none">{tip}</path>')
 
 
 def figure(title: str, panels: list[Panel], side: list[str], side_width: float, side_height: float) -> str:

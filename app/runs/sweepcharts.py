@@ -35,6 +35,7 @@ class Trial:
     run: Any  # runlog.OfflineRun
     value: float  # the sweep's metric
     order: int  # 1-based, in the order the runs started
+    number: int | None = None  # its trial number as sweep-status shows it, where known (app.runs.grouping)
 
 
 def cut(text: str, limit: int = NAME_CHARS) -> str:
@@ -75,7 +76,8 @@ def shade(v: float, lo: float, hi: float, goal: str) -> str:
 
 def tip(trial: Trial, params: list[str], metric: str) -> str:
     shown = " ".join(f"{k}={short(trial.run.config.get(k))}" for k in params)
-    return cut(f"run {trial.run.run_id} (#{trial.order}): {metric} {trial.value:.4g}; {shown}", TIP_CHARS)
+    which = f"trial {trial.number}" if trial.number is not None else f"#{trial.order}"
+    return cut(f"run {trial.run.run_id} ({which}): {metric} {trial.value:.4g}; {shown}", TIP_CHARS)
 
 
 def _axis(values: list[Any], log: bool, metric: bool = False) -> tuple[svg.Axis, list[float]]:
@@ -195,34 +197,45 @@ NAME_W, BAR_W = 170, 220
 
 
 def importance_svg(title: str, result: imp.Importance, metric: str) -> str:
-    """Per setting: its importance (share of the total) and its rank correlation with the metric, as bars;
-    a setting with no figure shows the reason in words. The method is named under the bars."""
+    """Per setting: its importance (share of the total, with its 95 % interval as a whisker; a pale bar and
+    "rough" where its rank may change) and its rank correlation with the metric, as bars; a setting with no
+    figure shows the reason in words. The method, and why the ranking is rough, are named under the bars."""
     settings = result.settings[:MAX_AXES * 2]
     more = len(result.settings) - len(settings)
     imp_x = NAME_W + 10
-    cor_x = imp_x + BAR_W + 70  # the correlation bar's left end (-1); its zero is in the middle
+    cor_x = imp_x + BAR_W + 130  # the correlation bar's left end (-1); its zero is in the middle
     width = max(cor_x + BAR_W + 80, _text_width(title, svg.FONT + 3))
     notes = (([f"No importance yet: {result.note}."] if result.note else []) +
              ([f"{more} more setting(s) not shown: the least important."] if more > 0 else []) +
-             textwrap.wrap(result.method, 115))
+             textwrap.wrap(result.method, 115) +
+             (textwrap.wrap(f"A rough ranking: {result.rough}.", 115) if result.rough else []))
     top = 66
     height = top + ROW_H * max(1, len(settings)) + 22 + 16 * len(notes)
     out = [_head(width, height, title),
-           f'<text class="col" x="{imp_x}" y="{top - 12}" font-weight="bold">importance (share of total)</text>',
+           f'<text class="col" x="{imp_x}" y="{top - 12}" font-weight="bold">importance (share of total, 95 % interval)</text>',
            f'<text class="col" x="{cor_x}" y="{top - 12}" font-weight="bold">'
            f'{svg.esc(cut("correlation with " + metric, 40))} (Spearman)</text>']
     mid = cor_x + BAR_W / 2
     out.append(f'<line x1="{mid}" y1="{top - 4}" x2="{mid}" y2="{top + ROW_H * len(settings)}" stroke="#999"/>')
     for i, s in enumerate(settings):
         y = top + i * ROW_H
-        hover = (f"{s.name}: importance {'-' if s.importance is None else f'{s.importance:.1%}'}, correlation "
+        between = f" (95 % interval {imp.interval(s)}{', rough' if s.rough else ''})" if imp.interval(s) else ""
+        hover = (f"{s.name}: importance {'-' if s.importance is None else f'{s.importance:.1%}'}{between}, correlation "
                  f"{'-' if s.correlation is None else f'{s.correlation:+.2f}'}" + (f" ({s.note})" if s.note else ""))
         row = [f'<g class="setting" data-name="{svg.esc(s.name)}"><title>{svg.esc(cut(hover, TIP_CHARS))}</title>',
                f'<text x="{NAME_W}" y="{y + 16}" text-anchor="end">{svg.esc(cut(s.name))}</text>']
         if s.importance is not None:
             w = BAR_W * s.importance
-            row.append(f'<rect class="importance" x="{imp_x}" y="{y + 5}" width="{svg.num(w)}" height="15" fill="#1f77b4"/>'
-                       f'<text x="{svg.num(imp_x + w + 4)}" y="{y + 16}">{svg.esc(imp.percent(s.importance))}</text>')
+            pale = ' fill-opacity="0.45"' if s.rough else ""
+            row.append(f'<rect class="importance" x="{imp_x}" y="{y + 5}" width="{svg.num(w)}" height="15" '
+                       f'fill="#1f77b4"{pale}/>')
+            label, right = imp.percent(s.importance), imp_x + w
+            if s.low is not None and s.high is not None:  # the 95 % interval: a whisker across the bar
+                lo, hi = imp_x + BAR_W * s.low, imp_x + BAR_W * s.high
+                row.append(f'<path class="interval" d="M{svg.num(lo)} {y + 9}v7M{svg.num(lo)} {y + 12.5}H{svg.num(hi)}'
+                           f'M{svg.num(hi)} {y + 9}v7" stroke="#222" stroke-width="1.2" fill="none"/>')
+                label, right = f"{label} ({imp.interval(s)}){' rough' if s.rough else ''}", max(right, hi)
+            row.append(f'<text x="{svg.num(right + 4)}" y="{y + 16}">{svg.esc(label)}</text>')
         if s.correlation is not None:
             w = BAR_W / 2 * abs(s.correlation)
             x = mid if s.correlation >= 0 else mid - w

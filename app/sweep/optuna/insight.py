@@ -94,18 +94,24 @@ def from_study(study) -> Findings:
 
 
 def importance_lines(result: imp.Importance, metric: str) -> list[str]:
-    """The importance table as text: one line per setting, a note in words where a figure is missing,
-    then the method."""
-    lines = [f"which settings mattered for {metric} ({result.trials} completed trials):"]
+    """The importance table as text: one line per setting (its share, the share's 95 % interval, "rough"
+    where its rank may change), a note in words where a figure is missing, then the method and why the
+    ranking is rough."""
+    used = f"; importance from a random sample of {result.sample}" if 0 < result.sample < result.trials else ""
+    lines = [f"which settings mattered for {metric} ({result.trials} completed trials{used}):"]
     if result.note:
         lines.append(f"  no importance yet: {result.note}")
     width = max([len(s.name) for s in result.settings] + [7])
+    span = max([len(imp.interval(s)) for s in result.settings] + [0])
     for s in result.settings:
         share = imp.percent(s.importance)
+        between = f"  (95%: {imp.interval(s).rjust(span)})" if span and imp.interval(s) else " " * (span + 10 if span else 0)
         rho = "-" if s.correlation is None else f"{s.correlation:+.2f}"
-        note = f"  ({s.note})" if s.note else ""
-        lines.append(f"  {s.name.ljust(width)}  importance {share:>4}  correlation {rho:>5}{note}")
+        note = "  (" + "; ".join(filter(None, ["rough" if s.rough else "", s.note])) + ")" if s.rough or s.note else ""
+        lines.append(f"  {s.name.ljust(width)}  importance {share:>4}{between}  correlation {rho:>5}{note}")
     lines += textwrap.wrap(result.method, 110, initial_indent="  ", subsequent_indent="    ")
+    if result.rough:
+        lines += textwrap.wrap(f"A rough ranking: {result.rough}.", 110, initial_indent="  ", subsequent_indent="    ")
     return lines
 
 
