@@ -1,7 +1,7 @@
 """The warm W&B-sweep agent (AGENT_PROCESS=warm) against the stand-in W&B API, with the real wandb library:
 every run handed out is a whole run with the same content a `wandb agent` child process records; a
 stop checkpoints and exits 143; a failing run fails alone; a server that goes away (a closed port, or a
-silent one) is one line and exit 1 within server.OUTAGE_S, the running run checkpointed. Natively (the entrypoint's agent mode, no
+silent one) is one line and exit 1 within AGENT_OUTAGE_S, the running run checkpointed. Natively (the entrypoint's agent mode, no
 Docker): the container tests cover the image's wiring of the same entrypoint."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from conftest import REPO, clean_env, wait_for
 from fake_wandb import FakeWandb
 
 from app import artifact, checkpoint, runlog
-from app.sweep.wandb import server, supervisor, warm_agent
+from app.sweep.wandb import supervisor, warm_agent
 
 COMMAND = ["${env}", "${interpreter}", "-m", "app", "train", "${args}"]
 
@@ -266,9 +266,12 @@ def ended_within(procs: list[subprocess.Popen], since: float, bound: float) -> l
     return [ended[i] for i in range(len(procs))]
 
 
-# what the bound allows besides OUTAGE_S: the heartbeat's interval, the batch the checkpoint waits for
-# and W&B's service shutting down
-SLACK_S = 40
+# the outage tests' AGENT_OUTAGE_S: the default minute's behaviour, proven in a fifth of the time
+OUTAGE_S = 12
+# what the bound allows besides OUTAGE_S: the heartbeat's interval, the batch the checkpoint waits for,
+# an online run's finish given up after server.FINISH_S and W&B's service shutting down (10-12 s after a
+# silent server's line, whatever the bound: measured 24-31 s in all with OUTAGE_S=12, more on a busy host)
+SLACK_S = 50
 
 
 @pytest.mark.slow
@@ -279,7 +282,8 @@ def test_a_server_that_goes_away_mid_run_is_one_line_exit_1_and_the_run_checkpoi
     with FakeWandb(grid(learning_rate=[0.003])) as silent, FakeWandb(grid(learning_rate=[0.003])) as gone:
         agents = []
         for name, api, mode in (("silent", silent, "online"), ("gone", gone, "offline")):
-            env = agent_env(tmp_path / name, api, small_data, AGENT_PROCESS="warm", EPOCHS="100000", AGENT_RUN_MODE=mode)
+            env = agent_env(tmp_path / name, api, small_data, AGENT_PROCESS="warm", EPOCHS="100000", AGENT_RUN_MODE=mode,
+                            AGENT_OUTAGE_S=str(OUTAGE_S))
             agents.append(start_agent(env, tmp_path / name))
         for name, proc in zip(("silent", "gone"), agents):
             wait_for(lambda: list((tmp_path / name / "outputs").glob("*/checkpoint.pt")) or proc.poll() is not None,
@@ -288,12 +292,13 @@ def test_a_server_that_goes_away_mid_run_is_one_line_exit_1_and_the_run_checkpoi
         silent.go_silent()
         gone.go_away()
         since = time.monotonic()
-        ended = ended_within(agents, since, server.OUTAGE_S + SLACK_S)
+        ended = ended_within(agents, since, OUTAGE_S + SLACK_S)
         for (name, api), (code, seconds) in zip((("silent", silent), ("gone", gone)), ended):
             log = (tmp_path / name / "agent.log").read_text()
             print(f"{name}: exit {code} {seconds:.1f} s after the server went away")  # shown with -s
             assert code == 1, (name, log[-3000:])
             [line] = outage_lines(log, api)
+            assert f"did not answer for {OUTAGE_S} s" in line, line  # the bound AGENT_OUTAGE_S set
             [folder] = (tmp_path / name / "runs" / "wandb").glob("*run-*")  # online run-*, offline offline-run-*
             run = runlog.read(folder)
             assert f"run {run.run_id} checkpointed and marked preempting" in line, line
@@ -313,20 +318,21 @@ def test_a_server_that_goes_away_between_runs_is_one_line_and_exit_1(tmp_path: P
         agents = []
         for name, api in (("silent", silent), ("gone", gone)):
             api.hold_open = True
-            agents.append(start_agent(agent_env(tmp_path / name, api, small_data, AGENT_PROCESS="warm"), tmp_path / name))
+            env = agent_env(tmp_path / name, api, small_data, AGENT_PROCESS="warm", AGENT_OUTAGE_S=str(OUTAGE_S))
+            agents.append(start_agent(env, tmp_path / name))
         for name, proc in zip(("silent", "gone"), agents):
             wait_for(lambda: "ended with exit code 0" in (tmp_path / name / "agent.log").read_text() or proc.poll() is not None,
                      300, f"{name}: the run's end")
             assert proc.poll() is None, (tmp_path / name / "agent.log").read_text()[-3000:]
         silent.go_silent()
         gone.go_away()
-        ended = ended_within(agents, time.monotonic(), server.OUTAGE_S + SLACK_S)
+        ended = ended_within(agents, time.monotonic(), OUTAGE_S + SLACK_S)
         for (name, api), (code, seconds) in zip((("silent", silent), ("gone", gone)), ended):
             log = (tmp_path / name / "agent.log").read_text()
             print(f"{name}: exit {code} {seconds:.1f} s after the server went away")  # shown with -s
             assert code == 1, (name, log[-3000:])
             [line] = outage_lines(log, api)
-            assert "no run was in progress" in line, line
+            assert "no run was in progress" in line and f"did not answer for {OUTAGE_S} s" in line, line
             assert "Traceback" not in log, log[-3000:]
 
 
@@ -336,8 +342,8 @@ def test_a_server_gone_at_the_start_is_one_line_and_exit_1(tmp_path: Path, small
     # traceback (AuthenticationError) after W&B's own timeout
     with FakeWandb(grid(learning_rate=[0.003])) as api:
         pass  # the port is closed again
-    proc = start_agent(agent_env(tmp_path, api, small_data, AGENT_PROCESS="warm"), tmp_path)
-    [(code, seconds)] = ended_within([proc], time.monotonic(), server.OUTAGE_S + SLACK_S)
+    proc = start_agent(agent_env(tmp_path, api, small_data, AGENT_PROCESS="warm", AGENT_OUTAGE_S=str(OUTAGE_S)), tmp_path)
+    [(code, seconds)] = ended_within([proc], time.monotonic(), OUTAGE_S + SLACK_S)
     log = (tmp_path / "agent.log").read_text()
     assert code == 1, log[-3000:]
     [line] = [line for line in log.splitlines() if f"W&B server {api.url} (WANDB_BASE_URL) did not answer" in line]

@@ -65,6 +65,7 @@ def check_agent(environ: Mapping[str, str]) -> list[str]:
     if not tracking.has_api_key(environ):
         raise UserError("SWEEP_ID is set but there is no W&B API key: set WANDB_API_KEY (in .env or the environment)")
     settings.get("AGENT_RUN_MODE", environ)
+    settings.get("AGENT_OUTAGE_S", environ)  # a bad bound fails here, not when the server first goes quiet
     count = settings.get("AGENT_COUNT", environ)
     from app.sweep.wandb.warm_agent import process_kind
 

@@ -28,7 +28,7 @@ it and the run ends at its next epoch boundary as an offline sweep's pruned tria
 on_epoch hook): summary pruned=True, no test or export, finished with exit code 0 and not marked
 preempting (a preempting run would be handed out again and resumed, undoing the stop).
 
-W&B's server going away (app.sweep.wandb.server): once it has not answered for OUTAGE_S (60 s), the
+W&B's server going away (app.sweep.wandb.server): once it has not answered for AGENT_OUTAGE_S (60 s), the
 agent stops as after a stop signal (it sends itself SIGTERM: a running run checkpoints within its
 batch and is marked preempting, so its retry resumes), says so in one line naming WANDB_BASE_URL, and
 exits 1, as the offline agent does when its database stops answering. The supervisor starts no fresh
@@ -73,18 +73,18 @@ class ServerHeartbeat(Heartbeat):
     """Tells the server the run is still going while it trains (as `wandb agent` does between polls)."""
 
     first_now = False  # the server heard from the agent when it handed out the run
-    join_s = 60.0  # a beat's call gives up once the server has not answered for OUTAGE_S
 
     def __init__(self, server: Server, agent_id: str, run_id: str):
         super().__init__("sweep-heartbeat", POLL_S)
         self.server, self.agent_id, self.run_id = server, agent_id, run_id
+        self.join_s = server.outage_s  # a beat's call gives up once the server has not answered for that long
         self.exit_asked = False
         self.stop_asked = threading.Event()  # early_terminate: the run ends after its current epoch
         self.outage: Outage | None = None
 
     def beat(self) -> bool:
         try:
-            commands = self.server.heartbeat(self.agent_id, {self.run_id: True})  # retried up to OUTAGE_S
+            commands = self.server.heartbeat(self.agent_id, {self.run_id: True})  # retried up to AGENT_OUTAGE_S
         except Outage as outage:
             # the run stops as a stop signal stops it (checkpoint, preempting); run() then says why, once.
             # (Not once the run is over: the agent's own next heartbeat then meets the outage.)
