@@ -65,15 +65,15 @@ def outage_s(environ: Mapping[str, str]) -> float:
     return settings.get("AGENT_OUTAGE_S", environ)
 
 
-def connect(environ: Mapping[str, str]) -> "Server":
+def connect(environ: Mapping[str, str], timeout_s: float | None = None) -> "Server":
     """W&B's API client for the agent. It checks the API key with the server at once: a server that does
     not answer that check is an outage too, not a traceback. W&B's own timeout for each request (19 s by
-    default, the key check's too) is held to AGENT_OUTAGE_S, so that a short bound holds from the start.
-    The server and key are `environ`'s where it sets them."""
+    default, the key check's too) is held to AGENT_OUTAGE_S (or `timeout_s`, when shorter), so that a
+    short bound holds from the start. The server and key are `environ`'s where it sets them."""
     import wandb
     from wandb.sdk.lib.service.service_connection import WandbApiFailedError
 
-    timeout = outage_s(environ)
+    timeout = min(outage_s(environ), timeout_s or math.inf)
     overrides = {"base_url": settings.get("WANDB_BASE_URL", environ)} if settings.is_set("WANDB_BASE_URL", environ) else None
     try:
         api = wandb.Api(overrides, timeout=max(1, math.ceil(timeout)), api_key=settings.get("WANDB_API_KEY", environ))
@@ -166,13 +166,18 @@ class Server:
         self.outage_s = outage_s(environ)
         self.last_answer = time.monotonic()  # the agent starts counting from its own start
 
-    def call(self, query: str, variables: Mapping[str, Any]) -> dict[str, Any]:
-        """One GraphQL call, tried again until the server answers; Outage once it has not for AGENT_OUTAGE_S."""
+    def call(self, query: str, variables: Mapping[str, Any], within: float | None = None) -> dict[str, Any]:
+        """One GraphQL call, tried again until the server answers; Outage once it has not for
+        AGENT_OUTAGE_S, or `within` seconds from now when that comes first."""
         from wandb.sdk.lib.service.service_connection import WandbApiFailedError
         from wandb.sdk.sweeps import SweepNotFoundError
 
         problem = "no answer"
-        give_up, waited = self.last_answer + self.outage_s, f"for {self.outage_s:g} s"
+        give_up = self.last_answer + self.outage_s
+        if within is not None and time.monotonic() + within < give_up:
+            give_up, waited = time.monotonic() + within, f"within {within:g} s"
+        else:
+            waited = f"for {self.outage_s:g} s"
         while True:
             left = give_up - time.monotonic()
             if left <= 0:
