@@ -163,6 +163,7 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
     code = run_child([sys.executable, "-m", "app.sweep.wandb.agent_process", *command[1:]], run_env)
     code = code or orphans.resume_all(run_env, sweep, lambda doc: orphans.resume_in_child(doc, run_env, sweep))
     if code == 0:  # the sweep is done for this agent: its best run so far, as the warm agent ends
+        settings.tidy_wandb()  # W&B's client here reads this process's environment: no empty WANDB_ values
         own = best.own_runs(run_env, sweep.split("/")[-1], since=started)
         print(best.closing_line(None, sweep, own, environ, whose="the runs trained here since this agent started"),
               flush=True)
