@@ -300,7 +300,7 @@ def ended_within(procs: list[subprocess.Popen], since: float, bound: float) -> l
     return [ended[i] for i in range(len(procs))]
 
 
-# the outage tests' AGENT_OUTAGE_S: the default minute's behaviour, proven in a fifth of the time
+# the outage tests' AGENT_OUTAGE_S: the default minute's behaviour, proven without waiting a minute
 OUTAGE_S = 12
 # what the bound allows besides OUTAGE_S: the heartbeat's interval, the batch the checkpoint waits for,
 # an online run's finish given up after server.FINISH_S and W&B's service shutting down (10-12 s after a
