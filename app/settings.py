@@ -117,6 +117,8 @@ _DECLARED = [
             "every run in the agent's one process", ("per-run", "warm")),
     Setting("AGENT_START_STAGGER", "number", 0.0, AGENT, "agent k waits k x this many seconds before asking W&B "
             "for work: fewer duplicate configs", unit="seconds", most=600),
+    Setting("AGENT_OUTAGE_S", "number", 60.0, AGENT, "seconds W&B's server may go without answering before a warm "
+            "W&B agent stops with one line, its run checkpointed", unit="seconds", positive=True, most=3600),
     Setting("AGENTS_PER_GPU", "count", None, AGENT, "agents sharing one GPU: caps the slots per GPU and gives "
             "each 1/N of its memory from the start", unit="agents sharing one GPU"),
     Setting("GPU_COUNT", "whole", None, AGENT, "use GPUs 0..N-1 without looking for devices (0 = none)",
@@ -234,8 +236,9 @@ def _flag(s: Setting, value: str) -> bool:
 def _number(s: Setting, value: str) -> float:
     number = float(value) if cfg.FLOAT_FORM.fullmatch(value.strip()) else math.nan  # the training keys' forms
     if s.most is not None:
-        if not 0 <= number <= s.most:
-            raise UserError(f"{s.name}={value.strip()!r} must be {s.unit or 'a number'} between 0 and {s.most:g}")
+        if not (0 < number <= s.most if s.positive else 0 <= number <= s.most):
+            above = "above 0, at most" if s.positive else "between 0 and"
+            raise UserError(f"{s.name}={value.strip()!r} must be {s.unit or 'a number'} {above} {s.most:g}")
     elif not (math.isfinite(number) and (number > 0 if s.positive else number >= 0)):
         noun = "a positive number" if s.positive else "a number >= 0"
         raise UserError(f"{s.name}={value.strip()!r} must be {noun}{f' ({s.unit})' if s.unit else ''}")

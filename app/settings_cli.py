@@ -98,7 +98,7 @@ def allowed(s: Setting) -> str:
     if s.kind == "choice":
         return " \\| ".join(s.choices)
     if s.kind == "number":
-        return f"0 to {s.most:g}" if s.most is not None else "number > 0" if s.positive else "number >= 0"
+        return (f"above 0, up to {s.most:g}" if s.positive else f"0 to {s.most:g}") if s.most is not None else "number > 0" if s.positive else "number >= 0"
     return {"flag": "true/false", "count": "integer >= 1", "whole": "integer >= 0", "int": "integer",
             "float": "number", "list": "integers, e.g. 16,32", "run id": "run id"}.get(s.kind, s.kind)
 

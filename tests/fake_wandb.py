@@ -5,7 +5,9 @@ is pointed at this server with WANDB_BASE_URL. It answers the operations those c
 
     Viewer        the login check (and any other query of the viewer): a viewer with an entity
     UpsertSweep   `wandb.sweep(config)`: stores the config, returns a sweep name
-    SweepWithRuns the sweep's config (a YAML string with method, parameters, command)
+    SweepWithRuns the sweep's config (a YAML string with method, parameters, command) and its runs: each run
+                  handed out (state pending until its upload starts, then running, finished or failed by the
+                  exit code its file stream ends with), its config and its summary as the file stream sent it
     CreateAgent   an agent id
     Heartbeat     `agentHeartbeat.commands`: a JSON list of {"type": "run", ...} or {"type": "exit"}
 
@@ -30,6 +32,10 @@ with `{"type": "stop", "run_id": ...}` (hyperband). `early_stop` lists the param
 
     api.early_stop.append({"epochs": 30})  # every heartbeat reporting such a run running answers `stop`
     api.stops                             # [run_id, ...] of each stop sent, in order
+
+A run of the sweep that another agent, elsewhere, finished and uploaded (what the server then holds):
+
+    api.record_run("other123", {"learning_rate": 0.5}, {"val_accuracy": 0.99})
 
 An outage: the server goes away under a running agent, as a closed port (`go_away`: connections are
 refused) or as a host that accepts connections and never answers (`go_silent`: a listening socket on
@@ -88,6 +94,8 @@ class FakeWandb(Uploads):
         self.early_stop: list[dict[str, Any]] = []  # params of runs told to stop while they run (hyperband)
         self.stops: list[str] = []  # run id of every stop command sent
         self.requests: list[tuple[str, dict[str, Any]]] = []  # (operation, variables) of every GraphQL request
+        self.summaries: dict[str, dict[str, Any]] = {}  # run id -> its summary, as its file stream last sent it
+        self.exit_codes: dict[str, int] = {}  # run id -> the exit code its file stream ended with
         self.init_uploads()
         if config is not None:
             self._serve(sweep_id, config)
@@ -166,6 +174,43 @@ class FakeWandb(Uploads):
             first = next(a for a in self.assignments if a.run_id == run_id)
             self._requeued.append(first)
 
+    def record_run(self, run_id: str, params: dict[str, Any], summary: dict[str, Any], exit_code: int = 0) -> None:
+        """A run of this sweep finished and uploaded by an agent elsewhere."""
+        with self.lock:
+            self.runs[run_id] = {"name": run_id, "sweep": self.sweep_id,
+                                 "config": json.dumps({k: {"value": v} for k, v in params.items()})}
+            self.summaries[run_id], self.exit_codes[run_id] = summary, exit_code
+
+    def _sweep_runs(self, name: str) -> list[dict[str, Any]]:
+        """The sweep's runs as SweepWithRuns's edges: the ones handed out, then others uploaded into it."""
+        with self.lock:
+            ids = [a.run_id for a in self.assignments] if name == self.sweep_id else []
+            ids += [run_id for run_id, run in self.runs.items() if run.get("sweep") == name]
+            edges = []
+            for run_id in dict.fromkeys(ids):
+                params = next((a.params for a in self.assignments if a.run_id == run_id), {})
+                uploaded = self.runs.get(run_id)
+                code = self.exit_codes.get(run_id)
+                state = ("pending" if uploaded is None else "running" if code is None else
+                         "finished" if code == 0 else "failed")
+                config = (uploaded or {}).get("config") or json.dumps({k: {"value": v} for k, v in params.items()})
+                edges.append({"node": {"name": run_id, "state": state, "config": config, "exitcode": code,
+                                       "heartbeatAt": None, "shouldStop": False, "failed": state == "failed",
+                                       "stopped": False, "running": state == "running",
+                                       "summaryMetrics": json.dumps(self.summaries.get(run_id, {})),
+                                       "sampledHistory": []}})
+        return edges
+
+    def _file_stream(self, path: str, body: dict[str, Any]) -> None:
+        """A run's stream: its summary (each update carries the whole of it) and, at its end, its exit code."""
+        run_id = path.rstrip("/").split("/")[-2]
+        content = ((body.get("files") or {}).get("wandb-summary.json") or {}).get("content") or []
+        with self.lock:
+            if content:
+                self.summaries[run_id] = json.loads(content[-1])
+            if body.get("complete") and body.get("exitcode") is not None:
+                self.exit_codes[run_id] = body["exitcode"]
+
     def runs_of(self, params: dict[str, Any]) -> list[Assignment]:
         return [a for a in self.assignments if a.params == params]
 
@@ -233,7 +278,7 @@ class FakeWandb(Uploads):
             sweep = {"id": "c3dlZXA6MQ==", "name": name, "method": config.get("method"), "state": "RUNNING",
                      "description": None, "config": yaml.safe_dump(config), "createdAt": "2026-01-01T00:00:00",
                      "heartbeatAt": None, "updatedAt": None, "earlyStopJobRunning": False, "bestLoss": None,
-                     "controller": None, "scheduler": None, "runs": {"edges": []}}
+                     "controller": None, "scheduler": None, "runs": {"edges": self._sweep_runs(name)}}
             return {"data": {"project": {"sweep": sweep}}}
         if op == "CreateAgent":
             agent_id = new_id()
@@ -264,6 +309,10 @@ class FakeWandb(Uploads):
                     with fake.lock:
                         fake.operations.append(self.path)
                     if self.path.endswith("/file_stream"):
+                        try:
+                            fake._file_stream(self.path, json.loads(raw or b"{}"))
+                        except (json.JSONDecodeError, AttributeError):
+                            pass  # a stream we do not read: accepted all the same
                         reply = {"exitcode": None, "limits": {}}  # the run's history stream: accepted
                 payload = json.dumps(reply).encode() if reply else b""
                 self.send_response(200)

@@ -103,6 +103,8 @@ def test_agent_accepts_a_key_from_wandb_login(tmp_path: Path):
     ({"SWEEP_ID": "e/p/s", "AGENT_COUNT": "0"}, "AGENT_COUNT='0' must be a positive integer"),
     ({"SWEEP_ID": "e/p/s", "AGENT_COUNT": "-1"}, "must be a positive integer"),
     ({"SWEEP_ID": "e/p/s", "AGENT_COUNT": "two"}, "must be a positive integer"),
+    ({"SWEEP_ID": "e/p/s", "AGENT_OUTAGE_S": "0"}, "AGENT_OUTAGE_S='0' must be seconds above 0, at most 3600"),
+    ({"SWEEP_ID": "e/p/s", "AGENT_OUTAGE_S": "2h"}, "AGENT_OUTAGE_S='2h' must be seconds above 0, at most 3600"),
 ])
 def test_agent_errors(no_key, environ, fragment):
     with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):

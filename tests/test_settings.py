@@ -81,6 +81,17 @@ def test_bounded_number(value, ok):
             settings.get("AGENT_START_STAGGER", {"AGENT_START_STAGGER": value})
 
 
+@pytest.mark.parametrize("value, ok", [("0.5", True), ("3600", True), (" 15 ", True), ("", True), ("0", False),
+                                       ("3601", False), ("-1", False), ("nan", False), ("inf", False), ("1m", False)])
+def test_positive_bounded_number(value, ok):
+    # the W&B agents' outage bound: empty is the default minute, zero would give up before the first answer
+    if ok:
+        assert settings.get("AGENT_OUTAGE_S", {"AGENT_OUTAGE_S": value}) == (float(value) if value else 60.0)
+    else:
+        with pytest.raises(UserError, match=rf"^AGENT_OUTAGE_S='{value}' must be seconds above 0, at most 3600$"):
+            settings.get("AGENT_OUTAGE_S", {"AGENT_OUTAGE_S": value})
+
+
 @pytest.mark.parametrize("value, ok", [("0", True), (" 3 ", True), ("-1", False), ("two", False), ("1.0", False),
                                        ("²", False), ("1_0", False), ("+1", False), ("9" * 5000, False)])
 def test_whole_number(value, ok):

@@ -1,7 +1,7 @@
 """The warm W&B-sweep agent (AGENT_PROCESS=warm) against the stand-in W&B API, with the real wandb library:
 every run handed out is a whole run with the same content a `wandb agent` child process records; a
 stop checkpoints and exits 143; a failing run fails alone; a server that goes away (a closed port, or a
-silent one) is one line and exit 1 within server.OUTAGE_S, the running run checkpointed. Natively (the entrypoint's agent mode, no
+silent one) is one line and exit 1 within AGENT_OUTAGE_S, the running run checkpointed. Natively (the entrypoint's agent mode, no
 Docker): the container tests cover the image's wiring of the same entrypoint."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from conftest import REPO, clean_env, wait_for
 from fake_wandb import FakeWandb
 
 from app import artifact, checkpoint, runlog
-from app.sweep.wandb import server, supervisor, warm_agent
+from app.sweep.wandb import best, supervisor, warm_agent
 
 COMMAND = ["${env}", "${interpreter}", "-m", "app", "train", "${args}"]
 
@@ -76,11 +76,39 @@ def test_warm_runs_are_the_runs_wandb_agent_children_record(tmp_path: Path, smal
             assert sorted(model.files) == ["checkpoint.pt", "model.onnx"] and model.metadata["wandb_sweep"], run_id
             assert (tmp / "outputs" / run_id / "checkpoint.pt").is_file()
         recorded[process] = {run.config["learning_rate"]: comparable(run) for _, run in runs.values()}
+        log = (tmp / "agent.log").read_text()
         if process == "warm":
-            log = (tmp / "agent.log").read_text()
             assert "every run in this process" in log and log.count("ended with exit code 0") == 2
+        # the runs are offline: the server has no value of them, so the last line is the best of this agent's own
+        (best_id, (_, top)), = [max(runs.items(), key=lambda item: item[1][1].summary["val_accuracy"])]
+        whose = "this agent's runs" if process == "warm" else "the runs trained here since this agent started"
+        last = log.strip().splitlines()[-1]
+        assert last.startswith(("[warm-agent] best so far", "best so far")) and (
+            f"best so far of {whose}: W&B run {best_id}, val_accuracy {top.summary['val_accuracy']:.4f} "
+            f"(learning_rate={top.config['learning_rate']}; the best of 2 finished run(s); W&B's server has no "
+            f"finished run of sweep {api.sweep_path} with val_accuracy yet (offline runs reach it with `python -m "
+            f"app sync`)); train it again: python -m app train --learning_rate={top.config['learning_rate']} "
+            f"--epochs=1 ") in last, last
     # the same values, the same seed: the warm process records what a fresh process per run records
     assert recorded["warm"] == recorded["per-run"]
+
+
+@pytest.mark.slow
+def test_the_agent_ends_with_the_sweeps_best_run_by_the_sweeps_metric(tmp_path: Path, small_data: Path):
+    # online runs: their summaries reach the server. The sweep minimises val_loss, and its best run is one
+    # another agent finished (lower val_loss, though far lower val_accuracy); a failed run's value does not count
+    sweep = {**grid(learning_rate=[0.01]), "metric": {"name": "val_loss", "goal": "minimize"}}
+    with FakeWandb(sweep) as api:
+        api.record_run("elsewhere", {"learning_rate": 0.5, "batch_size": 32}, {"val_loss": 1e-9, "val_accuracy": 0.1})
+        api.record_run("failed01", {"learning_rate": 9.0}, {"val_loss": 0.0}, exit_code=1)
+        proc = start_agent(agent_env(tmp_path, api, small_data, AGENT_PROCESS="warm", AGENT_RUN_MODE="online"), tmp_path)
+        assert proc.wait(timeout=600) == 0, (tmp_path / "agent.log").read_text()[-4000:]
+        [trained] = [a.run_id for a in api.assignments]
+        assert api.exit_codes[trained] == 0 and 0 < api.summaries[trained]["val_loss"] < 1e3  # its upload reached it
+    last = (tmp_path / "agent.log").read_text().strip().splitlines()[-1]
+    assert last == (f"[warm-agent] best so far: W&B run elsewhere, val_loss 0.0000 (learning_rate=0.5; the best of 2 "
+                    f"finished run(s) of sweep {api.sweep_path} on W&B); train it again: python -m app train "
+                    "--learning_rate=0.5 --batch_size=32"), last
 
 
 @pytest.mark.slow
@@ -202,6 +230,8 @@ def test_per_run_an_early_terminate_stop_is_a_sigterm_and_marks_the_run_preempti
     long_run = 300
     sweep = {**grid(epochs=[long_run, 1]), "early_terminate": {"type": "hyperband", "min_iter": 1}}
     with FakeWandb(sweep) as api:
+        # a run another agent finished and uploaded: the server's best, which the agent's last line names
+        api.record_run("other123", {"epochs": 3}, {"val_accuracy": 0.5})
         proc = start_agent(agent_env(tmp_path, api, small_data, AGENT_PROCESS="per-run"), tmp_path)
         # hyperband's first rung: the stop comes once the run has trained an epoch (a stop before that
         # finds no W&B run yet: the process exits 143 with nothing recorded)
@@ -215,6 +245,10 @@ def test_per_run_an_early_terminate_stop_is_a_sigterm_and_marks_the_run_preempti
     assert stopped.preempting and stopped.exit_code == 143 and "pruned" not in stopped.summary
     assert checkpoint.load(tmp_path / "outputs" / stopped_id / "checkpoint.pt")["epoch"] < long_run
     assert finished.exit_code == 0 and not finished.preempting  # `wandb agent` went on to the next run
+    last = (tmp_path / "agent.log").read_text().strip().splitlines()[-1]
+    # the trained run (one epoch on these images) reaches the server only with `python -m app sync`
+    assert last == (f"best so far: W&B run other123, val_accuracy 0.5000 (epochs=3; the best of 1 finished run(s) "
+                    f"of sweep {api.sweep_path} on W&B); train it again: python -m app train --epochs=3"), last
 
 
 @pytest.mark.slow
@@ -266,9 +300,12 @@ def ended_within(procs: list[subprocess.Popen], since: float, bound: float) -> l
     return [ended[i] for i in range(len(procs))]
 
 
-# what the bound allows besides OUTAGE_S: the heartbeat's interval, the batch the checkpoint waits for
-# and W&B's service shutting down
-SLACK_S = 40
+# the outage tests' AGENT_OUTAGE_S: the default minute's behaviour, proven without waiting a minute
+OUTAGE_S = 12
+# what the bound allows besides OUTAGE_S: the heartbeat's interval, the batch the checkpoint waits for,
+# an online run's finish given up after server.FINISH_S and W&B's service shutting down (10-12 s after a
+# silent server's line, whatever the bound: measured 24-31 s in all with OUTAGE_S=12, more on a busy host)
+SLACK_S = 50
 
 
 @pytest.mark.slow
@@ -279,7 +316,8 @@ def test_a_server_that_goes_away_mid_run_is_one_line_exit_1_and_the_run_checkpoi
     with FakeWandb(grid(learning_rate=[0.003])) as silent, FakeWandb(grid(learning_rate=[0.003])) as gone:
         agents = []
         for name, api, mode in (("silent", silent, "online"), ("gone", gone, "offline")):
-            env = agent_env(tmp_path / name, api, small_data, AGENT_PROCESS="warm", EPOCHS="100000", AGENT_RUN_MODE=mode)
+            env = agent_env(tmp_path / name, api, small_data, AGENT_PROCESS="warm", EPOCHS="100000", AGENT_RUN_MODE=mode,
+                            AGENT_OUTAGE_S=str(OUTAGE_S))
             agents.append(start_agent(env, tmp_path / name))
         for name, proc in zip(("silent", "gone"), agents):
             wait_for(lambda: list((tmp_path / name / "outputs").glob("*/checkpoint.pt")) or proc.poll() is not None,
@@ -288,12 +326,13 @@ def test_a_server_that_goes_away_mid_run_is_one_line_exit_1_and_the_run_checkpoi
         silent.go_silent()
         gone.go_away()
         since = time.monotonic()
-        ended = ended_within(agents, since, server.OUTAGE_S + SLACK_S)
+        ended = ended_within(agents, since, OUTAGE_S + SLACK_S)
         for (name, api), (code, seconds) in zip((("silent", silent), ("gone", gone)), ended):
             log = (tmp_path / name / "agent.log").read_text()
             print(f"{name}: exit {code} {seconds:.1f} s after the server went away")  # shown with -s
             assert code == 1, (name, log[-3000:])
             [line] = outage_lines(log, api)
+            assert f"did not answer for {OUTAGE_S} s" in line, line  # the bound AGENT_OUTAGE_S set
             [folder] = (tmp_path / name / "runs" / "wandb").glob("*run-*")  # online run-*, offline offline-run-*
             run = runlog.read(folder)
             assert f"run {run.run_id} checkpointed and marked preempting" in line, line
@@ -313,21 +352,31 @@ def test_a_server_that_goes_away_between_runs_is_one_line_and_exit_1(tmp_path: P
         agents = []
         for name, api in (("silent", silent), ("gone", gone)):
             api.hold_open = True
-            agents.append(start_agent(agent_env(tmp_path / name, api, small_data, AGENT_PROCESS="warm"), tmp_path / name))
+            env = agent_env(tmp_path / name, api, small_data, AGENT_PROCESS="warm", AGENT_OUTAGE_S=str(OUTAGE_S))
+            agents.append(start_agent(env, tmp_path / name))
         for name, proc in zip(("silent", "gone"), agents):
             wait_for(lambda: "ended with exit code 0" in (tmp_path / name / "agent.log").read_text() or proc.poll() is not None,
                      300, f"{name}: the run's end")
             assert proc.poll() is None, (tmp_path / name / "agent.log").read_text()[-3000:]
         silent.go_silent()
         gone.go_away()
-        ended = ended_within(agents, time.monotonic(), server.OUTAGE_S + SLACK_S)
+        ended = ended_within(agents, time.monotonic(), OUTAGE_S + SLACK_S)
         for (name, api), (code, seconds) in zip((("silent", silent), ("gone", gone)), ended):
             log = (tmp_path / name / "agent.log").read_text()
             print(f"{name}: exit {code} {seconds:.1f} s after the server went away")  # shown with -s
             assert code == 1, (name, log[-3000:])
             [line] = outage_lines(log, api)
-            assert "no run was in progress" in line, line
+            assert "no run was in progress" in line and f"did not answer for {OUTAGE_S} s" in line, line
             assert "Traceback" not in log, log[-3000:]
+            # before it, the best of what this agent ran, from its own run log: the server is not asked again
+            [(_, run)] = runs_in(tmp_path / name / "runs").values()
+            [best] = [t for t in log.splitlines() if "best so far" in t]
+            assert best.startswith(
+                f"[warm-agent] best so far of this agent's runs: W&B run {run.run_id}, val_accuracy "
+                f"{run.summary['val_accuracy']:.4f} (learning_rate=0.003; the best of 1 finished run(s); W&B's server "
+                "could not be asked (it stopped answering); ranked by val_accuracy (maximize), assumed: the sweep's "
+                "metric is on the server); train it again: python -m app train --learning_rate=0.003 "), best
+            assert log.strip().splitlines()[-1] == line  # the error is the last word
 
 
 @pytest.mark.slow
@@ -336,8 +385,8 @@ def test_a_server_gone_at_the_start_is_one_line_and_exit_1(tmp_path: Path, small
     # traceback (AuthenticationError) after W&B's own timeout
     with FakeWandb(grid(learning_rate=[0.003])) as api:
         pass  # the port is closed again
-    proc = start_agent(agent_env(tmp_path, api, small_data, AGENT_PROCESS="warm"), tmp_path)
-    [(code, seconds)] = ended_within([proc], time.monotonic(), server.OUTAGE_S + SLACK_S)
+    proc = start_agent(agent_env(tmp_path, api, small_data, AGENT_PROCESS="warm", AGENT_OUTAGE_S=str(OUTAGE_S)), tmp_path)
+    [(code, seconds)] = ended_within([proc], time.monotonic(), OUTAGE_S + SLACK_S)
     log = (tmp_path / "agent.log").read_text()
     assert code == 1, log[-3000:]
     [line] = [line for line in log.splitlines() if f"W&B server {api.url} (WANDB_BASE_URL) did not answer" in line]
@@ -420,3 +469,64 @@ def test_a_process_that_cannot_be_trusted_is_replaced_and_agent_count_carries_ov
 def test_an_agent_that_ends_for_its_own_reason_is_not_restarted(own_signal_handlers):
     sup = ScriptedSupervisor([["start a", "end 2", "exit 1"]])
     assert sup.run() == 1 and len(sup.started) == 1
+
+
+# --- the closing line (app.sweep.wandb.best), from the stand-in's SweepWithRuns answer: no training ---
+
+def sweep_answer(api: FakeWandb) -> best.Sweep:
+    """What best.ask reads, from the stand-in's answer to its own query (no request on the network)."""
+    reply = api.answer({"query": best.QUERY, "variables": {"entity": api.entity, "project": api.project,
+                                                            "sweep": api.sweep_id}})
+    return best.parse(reply["data"])
+
+
+def test_only_finished_runs_with_a_finite_value_count_and_the_sweeps_goal_picks():
+    with FakeWandb({**grid(learning_rate=[0.1]), "metric": {"name": "val_loss", "goal": "minimize"}}) as api:
+        api.record_run("good", {"learning_rate": 0.01}, {"val_loss": 0.5})
+        api.record_run("better", {"learning_rate": 0.02}, {"val_loss": 0.25})
+        api.record_run("worse", {"learning_rate": 0.03}, {"val_loss": 0.75})
+        # none of these is a best: a failed run, a pruned one, a duplicate, a diverged one (NaN), one with no value
+        api.record_run("failed", {"learning_rate": 0.04}, {"val_loss": 0.0}, exit_code=1)
+        api.record_run("pruned", {"learning_rate": 0.05}, {"val_loss": 0.01, "pruned": True})
+        api.record_run("duplicat", {"learning_rate": 0.06}, {"val_loss": 0.01, "duplicate_of": "good"})
+        api.record_run("diverged", {"learning_rate": 1e9}, {"val_loss": float("nan"), "diverged": True})
+        api.record_run("novalue", {"learning_rate": 0.07}, {"loss": 0.0})
+        found = sweep_answer(api)
+    assert (found.metric, found.goal, found.params) == ("val_loss", "minimize", ["learning_rate"])
+    assert best.line("e/p/s", found, "", []) == (
+        "best so far: W&B run better, val_loss 0.2500 (learning_rate=0.02; the best of 3 finished run(s) of sweep "
+        "e/p/s on W&B); train it again: python -m app train --learning_rate=0.02")
+
+
+def test_a_sweep_with_no_finished_run_says_so_and_one_with_no_metric_says_what_is_assumed():
+    with FakeWandb(grid(learning_rate=[0.1])) as api:
+        api.record_run("failed", {"learning_rate": 0.04}, {"val_accuracy": 0.9}, exit_code=1)
+        assert best.line("s1", sweep_answer(api), "", []) == "sweep s1: no run has finished with a value of val_accuracy yet"
+    with FakeWandb({k: v for k, v in grid(learning_rate=[0.1]).items() if k != "metric"}) as api:
+        api.record_run("r1", {"learning_rate": 0.04}, {"val_accuracy": 0.9})
+        assert best.line("s1", sweep_answer(api), "", []) == (
+            "best so far: W&B run r1, val_accuracy 0.9000 (learning_rate=0.04; the best of 1 finished run(s) of sweep s1 "
+            "on W&B; ranked by val_accuracy (maximize), assumed: the sweep's config names no metric); train it again: "
+            "python -m app train --learning_rate=0.04")
+    assert best.line("s1", None, "it stopped answering", []) == (
+        "sweep s1: none of this agent's runs has finished with a value of val_accuracy (W&B's server could not be "
+        "asked (it stopped answering))")
+
+
+def test_a_server_that_does_not_answer_the_closing_question_is_a_line_within_its_bound(tmp_path: Path):
+    # the per-run agent connects only for its last line: a silent server (it accepts and never answers) holds
+    # it AGENT_OUTAGE_S at most (here 3 s), then the line says so; no traceback, exit 0
+    with FakeWandb(grid(learning_rate=[0.1])) as api:
+        api.go_silent()
+        env = clean_env(tmp_path, WANDB_BASE_URL=api.url, WANDB_API_KEY="k" * 40, AGENT_OUTAGE_S="3",
+                        WANDB_DIR=str(tmp_path / "runs"))
+        proc = subprocess.run([sys.executable, "-c", "import sys, time; import wandb; from app.sweep.wandb import best; "
+                               f"t = time.monotonic(); print(best.closing_line(None, {api.sweep_path!r}, [])); "
+                               "print(time.monotonic() - t, file=sys.stderr)"],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    took = float(proc.stderr.strip().splitlines()[-1])  # from the question to the line, W&B's service start included
+    assert proc.stdout.strip().startswith(
+        f"sweep {api.sweep_path}: none of this agent's runs has finished with a value of val_accuracy (W&B's server "
+        "could not be asked (did not answer the API key check at the start ("), proc.stdout
+    assert took < 3 + 10, took  # W&B's own 19 s request timeout would not fit

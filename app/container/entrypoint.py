@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from typing import Mapping
 
 from app import interrupts, preflight, runner, settings, sources, tracking
@@ -65,6 +66,7 @@ def check_agent(environ: Mapping[str, str]) -> list[str]:
     if not tracking.has_api_key(environ):
         raise UserError("SWEEP_ID is set but there is no W&B API key: set WANDB_API_KEY (in .env or the environment)")
     settings.get("AGENT_RUN_MODE", environ)
+    settings.get("AGENT_OUTAGE_S", environ)  # a bad bound fails here, not when the server first goes quiet
     count = settings.get("AGENT_COUNT", environ)
     from app.sweep.wandb.warm_agent import process_kind
 
@@ -147,9 +149,10 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
     if warm_agent.process_kind(environ) == "warm":
         # every run in one warm child process, replaced if it crashes; it inherits the GPU slot's lock
         return supervisor.supervise(settings.get("SWEEP_ID", environ), run_env, settings.get("AGENT_COUNT", environ))
-    from app.sweep.wandb import orphans
+    from app.sweep.wandb import best, orphans
 
     sweep = settings.get("SWEEP_ID", environ)
+    started = time.time()  # the runs whose sweep values `wandb agent` writes from now on are this agent's
     # runs a job-wide stop took from W&B (it will not hand them out again): resumed first, and once more
     # when the sweep has nothing more for this agent (one may have been stopped meanwhile)
     code = orphans.resume_all(run_env, sweep, lambda doc: orphans.resume_in_child(doc, run_env, sweep))
@@ -158,7 +161,13 @@ def start(argv: list[str], environ: dict[str, str]) -> int:
     print(f"starting: {' '.join(command)}", flush=True)
     # W&B's command line in a process that mutes a lost service's tracebacks (app.sweep.wandb.agent_process)
     code = run_child([sys.executable, "-m", "app.sweep.wandb.agent_process", *command[1:]], run_env)
-    return code or orphans.resume_all(run_env, sweep, lambda doc: orphans.resume_in_child(doc, run_env, sweep))
+    code = code or orphans.resume_all(run_env, sweep, lambda doc: orphans.resume_in_child(doc, run_env, sweep))
+    if code == 0:  # the sweep is done for this agent: its best run so far, as the warm agent ends
+        settings.tidy_wandb()  # W&B's client here reads this process's environment: no empty WANDB_ values
+        own = best.own_runs(run_env, sweep.split("/")[-1], since=started)
+        print(best.closing_line(None, sweep, own, environ, whose="the runs trained here since this agent started"),
+              flush=True)
+    return code
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:

@@ -1,21 +1,22 @@
 """The warm agent's calls to W&B's server, each bounded: a server that goes away is one line, not minutes.
 
-    server = Server(wandb.Api(), environ)
+    server = connect(environ)                                # the API key checked within AGENT_OUTAGE_S
     agent_id = server.register(host, sweep_id=..., project=..., entity=...)
-    commands = server.heartbeat(agent_id, {run_id: True})   # raises Outage after OUTAGE_S with no answer
+    commands = server.heartbeat(agent_id, {run_id: True})   # raises Outage after AGENT_OUTAGE_S with no answer
 
 The calls are the ones `wandb agent` makes (CreateAgent, then agentHeartbeat), sent through W&B's own
 service as W&B's `_register_agent`/`_agent_heartbeat` send them. Not those functions themselves: W&B's
 heartbeat turns every failure into "no commands" (`[]`), so an agent polling a dead server looks
 exactly like one waiting for work, for ever and without a word, each poll held up to 60 s by W&B's own
-request timeout. Here a failed call is retried until the server answers or OUTAGE_S have passed since
-its last answer (a closed port, a host that accepts and then says nothing, a proxy's 502 alike), and
+request timeout. Here a failed call is retried until the server answers or AGENT_OUTAGE_S (app.settings,
+60 s by default) have passed since its last answer (a closed port, a host that accepts and then says nothing, a proxy's 502 alike), and
 then `Outage` says which server (WANDB_BASE_URL, without any credentials in it) and what failed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -27,9 +28,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 from app import settings
 
-# how long the server may go without answering before the agent gives up: a deploy or a network blip
-# passes within it, the offline sweep's database gets the same minute (STATEMENT_TIMEOUT_S)
-OUTAGE_S = 60
 RETRY_S = 2.0  # between tries of a call that failed at once (a refused connection)
 PROBE_S = 5.0  # the one direct connection that says what is wrong (probe)
 # after the run's stop: its checkpoint takes a batch, an offline run's finish a moment; an online run's
@@ -54,20 +52,32 @@ mutation Heartbeat($id: ID!, $metrics: JSONString, $runState: JSONString) {
 
 
 class Outage(Exception):
-    """W&B's server gave no answer for OUTAGE_S; str() names the server and the last failure."""
+    """W&B's server gave no answer for AGENT_OUTAGE_S; str() names the server and the last failure."""
 
-    def __init__(self, url: str, problem: str, waited: str = f"for {OUTAGE_S} s"):
+    def __init__(self, url: str, problem: str, waited: str):
         super().__init__(f"W&B server {url} (WANDB_BASE_URL) did not answer {waited} ({problem})")
 
 
-def connect(environ: Mapping[str, str]) -> "Server":
-    """W&B's API client for the agent. It checks the API key with the server at once (W&B's own timeout,
-    about 20 s): a server that does not answer that check is an outage too, not a traceback."""
+def outage_s(environ: Mapping[str, str]) -> float:
+    """How long the server may go without answering before the agent gives up (AGENT_OUTAGE_S): a deploy
+    or a network blip passes within the default minute, as the offline sweep's database gets one
+    (STATEMENT_TIMEOUT_S)."""
+    return settings.get("AGENT_OUTAGE_S", environ)
+
+
+def connect(environ: Mapping[str, str], timeout_s: float | None = None) -> "Server":
+    """W&B's API client for the agent. It checks the API key with the server at once: a server that does
+    not answer that check is an outage too, not a traceback. W&B's own timeout for each request (19 s by
+    default, the key check's too) is held to AGENT_OUTAGE_S (or `timeout_s`, when shorter), so that a
+    short bound holds from the start. The server and key are `environ`'s where it sets them."""
     import wandb
     from wandb.sdk.lib.service.service_connection import WandbApiFailedError
 
+    timeout = min(outage_s(environ), timeout_s or math.inf)
+    overrides = {"base_url": settings.get("WANDB_BASE_URL", environ)} if settings.is_set("WANDB_BASE_URL", environ) else None
     try:
-        return Server(wandb.Api(), environ)
+        api = wandb.Api(overrides, timeout=max(1, math.ceil(timeout)), api_key=settings.get("WANDB_API_KEY", environ))
+        return Server(api, environ)
     except wandb.errors.AuthenticationError as exc:
         failed = exc.__cause__
         status = getattr(getattr(failed, "response", None), "http_status", None)
@@ -153,18 +163,25 @@ class Server:
     def __init__(self, api, environ: Mapping[str, str]):
         self.api = api
         self.url = shown_url(environ)
+        self.outage_s = outage_s(environ)
         self.last_answer = time.monotonic()  # the agent starts counting from its own start
 
-    def call(self, query: str, variables: Mapping[str, Any]) -> dict[str, Any]:
-        """One GraphQL call, tried again until the server answers; Outage once it has not for OUTAGE_S."""
+    def call(self, query: str, variables: Mapping[str, Any], within: float | None = None) -> dict[str, Any]:
+        """One GraphQL call, tried again until the server answers; Outage once it has not for
+        AGENT_OUTAGE_S, or `within` seconds from now when that comes first."""
         from wandb.sdk.lib.service.service_connection import WandbApiFailedError
         from wandb.sdk.sweeps import SweepNotFoundError
 
         problem = "no answer"
+        give_up = self.last_answer + self.outage_s
+        if within is not None and time.monotonic() + within < give_up:
+            give_up, waited = time.monotonic() + within, f"within {within:g} s"
+        else:
+            waited = f"for {self.outage_s:g} s"
         while True:
-            left = OUTAGE_S - (time.monotonic() - self.last_answer)
+            left = give_up - time.monotonic()
             if left <= 0:
-                raise Outage(self.url, probe(self.url, problem))
+                raise Outage(self.url, probe(self.url, problem), waited)
             started = time.monotonic()
             try:
                 # W&B's service waits at most `timeout` for the answer (a silent host), then gives up on it
@@ -180,7 +197,7 @@ class Server:
             # a refusal comes back at once: wait a little before the next try, never past the bound
             pause = RETRY_S - (time.monotonic() - started)
             if pause > 0:
-                time.sleep(min(pause, max(OUTAGE_S - (time.monotonic() - self.last_answer), 0.0)))
+                time.sleep(min(pause, max(give_up - time.monotonic(), 0.0)))
 
     def register(self, host: str, *, sweep_id: str, project: str | None, entity: str | None) -> str:
         data = self.call(REGISTER, {"host": host, "projectName": project, "entityName": entity, "sweep": sweep_id})

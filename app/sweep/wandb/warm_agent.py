@@ -28,7 +28,7 @@ it and the run ends at its next epoch boundary as an offline sweep's pruned tria
 on_epoch hook): summary pruned=True, no test or export, finished with exit code 0 and not marked
 preempting (a preempting run would be handed out again and resumed, undoing the stop).
 
-W&B's server going away (app.sweep.wandb.server): once it has not answered for OUTAGE_S (60 s), the
+W&B's server going away (app.sweep.wandb.server): once it has not answered for AGENT_OUTAGE_S (60 s), the
 agent stops as after a stop signal (it sends itself SIGTERM: a running run checkpoints within its
 batch and is marked preempting, so its retry resumes), says so in one line naming WANDB_BASE_URL, and
 exits 1, as the offline agent does when its database stops answering. The supervisor starts no fresh
@@ -49,7 +49,7 @@ from typing import Any, Callable, Mapping
 
 from app import interrupts, runner, settings, tracking
 from app.heartbeat import Heartbeat
-from app.sweep.wandb import dedupe, orphans
+from app.sweep.wandb import best, dedupe, orphans
 from app.sweep.wandb import server
 from app.sweep.wandb.server import FINISH_S, Outage, Server, end_after, outage_line, say_once
 from app.errors import UserError
@@ -73,18 +73,18 @@ class ServerHeartbeat(Heartbeat):
     """Tells the server the run is still going while it trains (as `wandb agent` does between polls)."""
 
     first_now = False  # the server heard from the agent when it handed out the run
-    join_s = 60.0  # a beat's call gives up once the server has not answered for OUTAGE_S
 
     def __init__(self, server: Server, agent_id: str, run_id: str):
         super().__init__("sweep-heartbeat", POLL_S)
         self.server, self.agent_id, self.run_id = server, agent_id, run_id
+        self.join_s = server.outage_s  # a beat's call gives up once the server has not answered for that long
         self.exit_asked = False
         self.stop_asked = threading.Event()  # early_terminate: the run ends after its current epoch
         self.outage: Outage | None = None
 
     def beat(self) -> bool:
         try:
-            commands = self.server.heartbeat(self.agent_id, {self.run_id: True})  # retried up to OUTAGE_S
+            commands = self.server.heartbeat(self.agent_id, {self.run_id: True})  # retried up to AGENT_OUTAGE_S
         except Outage as outage:
             # the run stops as a stop signal stops it (checkpoint, preempting); run() then says why, once.
             # (Not once the run is over: the agent's own next heartbeat then meets the outage.)
@@ -118,6 +118,7 @@ class WarmAgent:
         self.exit_asked = False
         self.cuda_broken = False
         self.outage: Outage | None = None  # the server stopped answering during a run
+        self.ran: list[str] = []  # the runs this process trained, for its closing line
 
     def connect(self):
         """W&B's own settings, the API and the agent's registration."""
@@ -145,6 +146,8 @@ class WarmAgent:
         try:
             return self.serve()
         except Outage as outage:  # between runs: nothing to checkpoint
+            if self.ran:  # (an agent that never got to train has no best to tell)
+                self.say_best(outage)
             say_once(outage_line(outage))
             return 1
 
@@ -167,6 +170,7 @@ class WarmAgent:
                 if code:
                     return code
                 say("the sweep has no more runs for this agent; exiting")
+                self.say_best()
                 return 0
             if kind not in ("run", "resume"):
                 continue  # `stop` of a run this agent is not running
@@ -176,6 +180,7 @@ class WarmAgent:
             say(f"run {command['run_id']} ended with exit code {code}")
             done += 1
             if self.outage is not None:
+                self.say_best(self.outage)
                 say_once(outage_line(self.outage, command["run_id"], code))
                 return 1
             if code == 0:
@@ -189,9 +194,22 @@ class WarmAgent:
                 errors_in_a_row += 1
                 if errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
                     say(f"{errors_in_a_row} runs in a row failed; stopping this agent")
+                    self.say_best()
                     return 1
         say("the sweep asked this agent to exit" if self.exit_asked else f"ran {done} run(s) (AGENT_COUNT); agent exits")
+        self.say_best()
         return 0
+
+    def say_best(self, outage: Outage | None = None) -> None:
+        """The sweep's best run so far, in one line, as the agent ends (app.sweep.wandb.best); after an
+        outage from this agent's own runs, without asking the server again."""
+        sweep = "/".join(p for p in (self.entity, self.project, self.sweep_id) if p)
+        try:
+            own = best.own_runs(self.environ, self.sweep_id, ids=self.ran)
+            say(best.no_server_line(sweep, own, "it stopped answering") if outage is not None else
+                best.closing_line(getattr(self, "server", None), sweep, own, self.environ))
+        except Exception as exc:  # a last look: the runs are recorded whatever it finds
+            say(f"no best-so-far line ({server.first_line(exc)})")
 
     def resume_orphans(self) -> int:
         """Resume, in this process, each run of the sweep a job-wide stop took from W&B (app.sweep.wandb.orphans)."""
@@ -212,6 +230,7 @@ class WarmAgent:
         from wandb.sdk.lib import config_util
 
         run_id = command["run_id"]
+        self.ran.append(run_id)
         # where `wandb agent` writes a run's parameters; wandb.init reads them into run.config
         params = settings.runs_root(self.environ) / "wandb" / f"sweep-{self.sweep_id}" / f"config-{run_id}.yaml"
         config_util.save_config_file_from_dict(str(params), command["args"])
