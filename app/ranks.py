@@ -61,11 +61,19 @@ def is_follower(environ: Mapping[str, str]) -> bool:
     return torchrun(environ) and settings.get("RANK", environ) > 0
 
 
-def check(config, n: int) -> None:
-    """The config can be split over `n` ranks: one line naming the settings otherwise."""
+def check(config, n: int, device_type: str = "cpu", environ: Mapping[str, str] | None = None) -> None:
+    """The config can be split over `n` ranks, and on CUDA this process sees a GPU for each rank it
+    starts (torchrun's ranks may span hosts: torchrun placed them): one line naming the settings otherwise."""
     if n > 1 and config.batch_size % n:
         raise UserError(f"batch_size={config.batch_size} must be a multiple of GPUS_PER_TRIAL={n}: "
                         "the global batch is split evenly over the ranks")
+    if n > 1 and device_type == "cuda" and not torchrun(environ or {}):
+        import torch
+
+        visible = torch.cuda.device_count()
+        if visible < n:
+            raise UserError(f"GPUS_PER_TRIAL={n} but this trial sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES): "
+                            f"give it {n} GPUs or lower GPUS_PER_TRIAL")
 
 
 @dataclass

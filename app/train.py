@@ -60,7 +60,7 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
     ready = ready or preflight.check_environment(config, environ)
     preflight.check_data(config)
     n_ranks = ranks.size(environ)
-    ranks.check(config, n_ranks)
+    ranks.check(config, n_ranks, pick_device(config).type if n_ranks > 1 else "cpu", environ)
     run_id = settings.get("WANDB_RUN_ID", environ)
     if run_id and not settings.is_set("WANDB_SWEEP_ID", environ):
         # a resume that can't continue the run is refused before W&B opens it (in a W&B sweep the sweep's
@@ -76,7 +76,7 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
     try:
         if config != checked:
             preflight.check_data(config)
-            ranks.check(config, n_ranks)
+            ranks.check(config, n_ranks, pick_device(config).type if n_ranks > 1 else "cpu", environ)
         if n_ranks > 1:  # the other ranks get the values resolved here: never W&B's
             team = ranks.start(n_ranks, environ, pick_device(config).type,
                                {"config": config, "run_id": run.id, "output_root": str(ready.output_root)}, _follow)

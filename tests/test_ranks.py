@@ -205,3 +205,41 @@ def test_one_rank_needs_no_process_group():
     assert team.lead and team.sum(t) is t and team.agree_stop(None, t.device) is None
     assert team.agree_stop(15, t.device) == 15 and team.decide(True, t.device)
     ranks.check(Config(batch_size=33), 1)  # one rank splits nothing
+
+
+# --- GPU placement: an agent holds a group of GPUS_PER_TRIAL whole GPUs ---
+
+def test_agents_with_two_gpus_per_trial_get_disjoint_pairs_of_eight_and_a_fifth_is_refused(tmp_path):
+    from test_gpu_slots import Agents
+
+    agents = Agents(tmp_path, GPUS_PER_TRIAL="2", GPU_COUNT="8")
+    try:
+        slots = [agents.slot(p) for p in agents.start(4)]
+        pairs = sorted(s["CUDA_VISIBLE_DEVICES"] for s in slots)
+        assert pairs == ["0,1", "2,3", "4,5", "6,7"]  # 8 GPUs, N=2: 4 agents, no GPU in two groups
+        assert sorted(int(s["AGENT_INDEX"]) for s in slots) == [0, 1, 2, 3]
+        assert all(s["GPU_SLOT"] is None for s in slots)  # whole GPUs: no memory share to take
+        (fifth,) = agents.start(1)
+        assert fifth.wait(timeout=60) == 1
+        assert "all 4 groups of GPUS_PER_TRIAL=2 GPUs are taken (8 GPUs): stop an agent or lower GPUS_PER_TRIAL" \
+            in fifth.stderr.read()
+        agents.procs[0].kill()  # its group is free again for the next agent
+        agents.procs[0].wait()
+        (sixth,) = agents.start(1)
+        assert agents.slot(sixth)["CUDA_VISIBLE_DEVICES"] == slots[0]["CUDA_VISIBLE_DEVICES"]
+    finally:
+        agents.close()
+
+
+@pytest.mark.parametrize("environ, where", [
+    ({"GPU_COUNT": "3"}, "the 3 GPU(s) this agent sees (GPU_COUNT)"),
+    ({"GPU_COUNT": "1"}, "the 1 GPU(s) this agent sees (GPU_COUNT)"),
+    ({"CUDA_VISIBLE_DEVICES": "0"}, "the 1 GPU(s) this agent sees (CUDA_VISIBLE_DEVICES)"),
+])
+def test_gpus_an_agent_cannot_group_are_refused_at_its_start(tmp_path, environ, where):
+    from app.container import gpu_slots
+
+    with pytest.raises(UserError) as refused:
+        gpu_slots.check({"GPU_SLOTS_DIR": str(tmp_path), "GPUS_PER_TRIAL": "2", **environ})
+    assert str(refused.value) == f"GPUS_PER_TRIAL=2 must divide {where}: give it a multiple of 2 GPUs or change GPUS_PER_TRIAL"
+    gpu_slots.check({"GPU_SLOTS_DIR": str(tmp_path), "GPUS_PER_TRIAL": "2", "CUDA_VISIBLE_DEVICES": "0,1"})  # Slurm's pair
