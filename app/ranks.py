@@ -131,6 +131,20 @@ class Team:
         self._collective(lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX))
         return bool(flag.item())
 
+    def lost(self, exc: BaseException) -> RankLost | None:
+        """`exc` as the lost rank it means (a collective inside DDP's backward fails as a bare RuntimeError
+        of gloo or NCCL), None when it is no such failure."""
+        if isinstance(exc, RankLost):
+            return exc
+        if self.size == 1 or not isinstance(exc, RuntimeError):
+            return None
+        import torch.distributed as dist
+
+        text = str(exc)
+        if isinstance(exc, getattr(dist, "DistError", ())) or any(w in text for w in ("gloo", "NCCL", "Connection")):
+            return RankLost(self.who_failed(exc))
+        return None
+
     def who_failed(self, exc: BaseException | None = None) -> str:
         """One line naming the rank that died or went silent."""
         if self.processes:

@@ -100,6 +100,9 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
         exit_code = 2
         raise
     except Exception as exc:
+        lost = team.lost(exc)
+        if lost is not None:
+            raise lost from exc  # one line naming the rank, not gloo's or NCCL's
         if not interrupts.wandb_lost(exc):
             raise
         # W&B's service died under the run (a job-wide stop reaches it too): a stop, resumed from the
@@ -327,7 +330,10 @@ def follow(team: ranks.Team, payload: dict[str, Any]) -> int:
         ok, code = True, 128 + stop.signum
     except divergence.Diverged:
         ok, code = True, 0  # rank 0 records it
-    except ranks.RankLost as lost:
+    except Exception as exc:
+        lost = team.lost(exc)
+        if lost is None:
+            raise
         print(f"error: {lost}", flush=True)
     finally:
         team.end(ok)
