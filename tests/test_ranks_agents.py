@@ -23,6 +23,7 @@ from test_warm_agent import agent_env, grid, runs_in, start_agent
 
 from app import runlog
 from app.sweep.optuna import plan as osw
+from app.sweep.optuna import storage as sweep_storage
 
 KERNELS = [[4, 8], [6, 12], [8, 16]]
 
@@ -67,7 +68,7 @@ def test_offline_agent_trains_each_trial_on_two_ranks_and_a_killed_rank_fails_th
             proc.kill()
     out = log.read_text()
     assert "trial 0 failed: RankLost: rank 1 of 2 killed by SIGKILL; the trial fails" in out, out[-4000:]
-    study = optuna.load_study(study_name="ranks", storage=osw.storage_url(env, "ranks"))
+    study = optuna.load_study(study_name="ranks", storage=sweep_storage.open_storage(osw.storage_url(env, "ranks")))
     states = {t.number: t.state for t in study.trials}
     assert states[0] == TrialState.FAIL and "rank 1 of 2" in study.trials[0].user_attrs["error"]
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
