@@ -243,3 +243,19 @@ def test_gpus_an_agent_cannot_group_are_refused_at_its_start(tmp_path, environ, 
         gpu_slots.check({"GPU_SLOTS_DIR": str(tmp_path), "GPUS_PER_TRIAL": "2", **environ})
     assert str(refused.value) == f"GPUS_PER_TRIAL=2 must divide {where}: give it a multiple of 2 GPUs or change GPUS_PER_TRIAL"
     gpu_slots.check({"GPU_SLOTS_DIR": str(tmp_path), "GPUS_PER_TRIAL": "2", "CUDA_VISIBLE_DEVICES": "0,1"})  # Slurm's pair
+
+
+def test_torchrun_ranks_join_and_rank_0_alone_records(tmp_path, ranks_data):
+    """`torchrun --nproc-per-node=2 -m app train`: RANK/WORLD_SIZE given, rank 1 takes rank 0's values and
+    run; one W&B run, one checkpoint, rank 0's lines only."""
+    env = ranks_env(tmp_path, ranks_data, "torchrun2", 1, EPOCHS="1")  # WORLD_SIZE decides, not GPUS_PER_TRIAL
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--nproc-per-node=2", "-m", "app", "train", "--kernels=[4,8]"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [folder] = runlog.find(tmp_path / "runs-torchrun2")
+    run = runlog.read(folder)
+    assert run.exit_code == 0 and run.config["kernels"] == [4, 8]
+    assert [line for line in proc.stdout.splitlines() if line.startswith("done: run torchrun2")], proc.stdout
+    assert sum(line.startswith("test_accuracy") for line in proc.stdout.splitlines()) == 1
+    assert torch.load(tmp_path / "outputs" / "torchrun2" / "checkpoint.pt", weights_only=False)["examples_seen"] == N_TRAIN - VAL
