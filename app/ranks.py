@@ -158,7 +158,8 @@ class Team:
                 time.sleep(0.05)
         what = str(exc).strip().splitlines()[0][:160] if exc is not None else "no answer"
         if self.lead and self.processes:
-            return f"rank(s) 1-{self.size - 1} of {self.size} silent for {TIMEOUT_S} s ({what}); the trial fails"
+            others = "rank 1" if self.size == 2 else f"one of ranks 1-{self.size - 1}"
+            return f"{others} of {self.size} silent for up to {TIMEOUT_S} s ({what}); the trial fails"
         return f"rank {self.rank} of {self.size} lost another rank ({what}); the trial fails"
 
     def end(self, ok: bool) -> None:

@@ -230,10 +230,11 @@ def _assign_group(environ: dict[str, str], gpus: list[str], n: int) -> dict[str,
     folder = slots_dir(environ)
     slots = claim_group(gpus, folder, n)
     _held.extend(slot.fd for slot in slots)
-    environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot.ordinal) for slot in slots)
+    visible = ",".join(str(slot.ordinal) for slot in slots)
+    environ["CUDA_VISIBLE_DEVICES"] = visible
     environ["GPU_SLOTS_DIR"] = str(folder.resolve())
     environ["AGENT_INDEX"] = str(slots[0].ordinal // n)
-    print(f"gpu slot: GPUs {', '.join(slot.gpu for slot in slots)} (CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']}), "
+    print(f"gpu slot: GPUs {', '.join(slot.gpu for slot in slots)} (CUDA_VISIBLE_DEVICES={visible}), "
           f"group {slots[0].ordinal // n} of GPUS_PER_TRIAL={n}, whole GPUs", file=sys.stderr, flush=True)
     return environ
 
