@@ -44,6 +44,13 @@ def cmd_train(args: list[str]) -> int:
     if "-h" in args or "--help" in args:
         print(train_help())
         return 0
+    from app import ranks
+
+    if ranks.is_follower(os.environ):  # torchrun's rank > 0: rank 0's values and run, never W&B's
+        from app.train import follow
+
+        ranks.quiet_signals(interrupts.note)  # a stop before the ranks meet is agreed at the first step
+        return follow(*ranks.join_torchrun(os.environ))
     from app.sweep.wandb import dedupe  # `wandb agent` starts sweep runs through this command
 
     return dedupe.run_once(args, os.environ, lambda: runner.prepare(args), dotenv_path=".env")

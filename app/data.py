@@ -304,13 +304,29 @@ class Batches:
     def iter_from(self, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This pass's batches from its example `first` on: a run resumed mid-epoch restores the generator
         to the epoch's start, draws the same order and skips the examples it trained before the stop."""
+        for x, y, _ in self.shards_from(first):
+            yield x, y
+
+    def shards_from(self, first: int, rank: int = 0, ranks: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(x, y, examples in the whole batch): rank `rank`'s share of each batch of `ranks` ranks. Every rank
+        draws the same order (same generator state) and takes its slice of each batch, so the ranks
+        together train on exactly the batches one rank would (a short last batch may leave a rank none)."""
         n, device = len(self.split), self.split.labels.device
         order = torch.randperm(n, device=device, generator=self.generator) if self.shuffle else None
+        share = self.batch_size // ranks
         for start in range(first, n, self.batch_size):
+            total = min(self.batch_size, n - start)
+            lo, hi = start + min(rank * share, total), start + min((rank + 1) * share, total)
             if order is None:
-                x, y = self.split.images[start:start + self.batch_size], self.split.labels[start:start + self.batch_size]
+                x, y = self.split.images[lo:hi], self.split.labels[lo:hi]
             else:
-                idx = order[start:start + self.batch_size]
+                idx = order[lo:hi]
                 x, y = self.split.images[idx], self.split.labels[idx]
             x = x.float().mul_(self.scale).add_(self.shift).contiguous(memory_format=self.memory_format)
-            yield x, y
+            yield x, y, total
+
+
+def shard(split: Split, rank: int, ranks: int) -> Split:
+    """Rank `rank`'s contiguous part of a split that the ranks evaluate together (their sums add up)."""
+    lo, hi = len(split) * rank // ranks, len(split) * (rank + 1) // ranks
+    return Split(split.images[lo:hi], split.labels[lo:hi])

@@ -67,10 +67,14 @@ def run(start: Start, last: bool = True, on_epoch: EpochHook | None = None, clai
     `last=False`: the process goes on to another run (a warm agent), so a stop stays a stop after this one.
     `on_epoch`: train()'s hook; True after an epoch ends the run early (a warm agent's early_terminate stop).
     `claim`: a sweep run's hold on its parameters, closed with how the run ended."""
+    from app.ranks import RankLost
     from app.train import Preempted, train  # here: a skipped duplicate never loads torch
 
     try:
         result = train(start.config, start.environ, on_epoch=on_epoch, ready=start.ready)
+    except RankLost as lost:  # the run is recorded as failed (exit 1); the agent goes on to the next
+        print(f"error: {lost}", file=sys.stderr, flush=True)
+        return 1
     except Preempted as stop:
         if claim:
             claim.close(PREEMPTED if stop.told else ORPHANED)  # the requeued run (same id) takes the params back

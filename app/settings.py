@@ -54,7 +54,7 @@ class Setting:
     choices: tuple[str, ...] = ()
     unit: str = ""  # what a number counts, for its error line
     positive: bool = False  # number: > 0 rather than >= 0
-    most: float | None = None  # number: the largest allowed
+    most: float | None = None  # number, count: the largest allowed
 
     def __post_init__(self) -> None:
         assert self.scope in SCOPES and self.kind in KINDS, self
@@ -124,6 +124,9 @@ _DECLARED = [
     Setting("GPU_COUNT", "whole", None, AGENT, "use GPUs 0..N-1 without looking for devices (0 = none)",
             unit="GPUs (0 = none)"),
     Setting("GPU_SLOTS_DIR", "path", None, AGENT, "shared folder for the GPU slot locks; unset: WANDB_DIR/.gpu-slots"),
+    Setting("GPUS_PER_TRIAL", "count", 1, AGENT, "GPUs one trial (or run) trains on, as that many DDP ranks "
+            "(the CPU: gloo ranks); an agent reserves this many whole GPUs", unit="GPUs per trial, at most 64",
+            most=64),
     Setting("GPU_HOST_ID", "text", None, AGENT, "this host's name in GPU slot keys when its GPUs have no UUID; "
             "unset: the machine id"),
     # --- the image's entrypoint ---
@@ -171,6 +174,9 @@ _DECLARED = [
     Setting("SLURM_ARRAY_TASK_ID", "text", None, GIVEN, "this task's index in its job array (Slurm)"),
     Setting("APP_IN_CONTAINER", "flag", False, GIVEN, "started by the image's entrypoint: hints name host paths"),
     Setting("APP_ENV_FILE", "path", None, GIVEN, "agents.sbatch: the --env-file it writes for APP_EXEC"),
+    Setting("RANK", "whole", None, GIVEN, "this process's rank in a trial's DDP ranks (torchrun)", unit="the rank"),
+    Setting("WORLD_SIZE", "count", None, GIVEN, "how many ranks train the trial (torchrun)", unit="ranks"),
+    Setting("LOCAL_RANK", "whole", None, GIVEN, "this rank's index on its host: its GPU (torchrun)", unit="the rank"),
 ]
 
 TABLE: dict[str, Setting] = {s.name: s for s in (*_training(), *_DECLARED)}
@@ -250,7 +256,7 @@ def _count(s: Setting, value: str) -> int:
         number = int(value) if cfg.INT_FORM.fullmatch(value.strip()) else 0  # not 1_000 or ١٢, as int() takes
     except ValueError:  # over Python's 4300 digits
         number = 0
-    if number < 1:
+    if number < 1 or (s.most is not None and number > s.most):
         raise UserError(f"{s.name}={value.strip()!r} must be a positive integer{f' ({s.unit})' if s.unit else ''}")
     return number
 

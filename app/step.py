@@ -36,6 +36,28 @@ class EagerStep:
         return loss.detach()
 
 
+class ShardStep:
+    """One rank's step of a trial on several ranks (its model wrapped in DistributedDataParallel).
+
+    Each rank holds part of a batch of `total` examples; DDP averages the ranks' gradients, so each rank
+    back-propagates sum(its losses) * ranks / total: the average is then exactly the gradient of the
+    whole batch's mean loss, as one rank computes it, whatever the shares (a short last batch included).
+    Returns this rank's part of the batch's mean loss: summed over the ranks, the batch's mean loss."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ranks: int,
+                 autocast: Callable[[], contextlib.AbstractContextManager]):
+        self.model, self.optimizer, self.ranks, self.autocast = model, optimizer, ranks, autocast
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, total: int) -> torch.Tensor:
+        with self.autocast():
+            logits = self.model(x)
+        part = F.cross_entropy(logits.float(), y, reduction="sum") / total
+        self.optimizer.zero_grad(set_to_none=True)
+        (part * self.ranks).backward()
+        optimizer_step(self.optimizer)
+        return part.detach()
+
+
 class GraphedStep:
     """The step captured as a CUDA graph for batches of up to `sample_x.shape[0]` examples.
 
@@ -184,8 +206,22 @@ def make_steps(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn
     return eager, GraphedStep(model, optimizer, x, y, bf16=config.amp == "bf16")
 
 
-def evaluate(model: nn.Module, batches: data.Batches, criterion: nn.Module, autocast) -> tuple[float, float]:
-    """Mean loss and accuracy; sums stay on the device and cross to the host once."""
+def ddp_step(model, optimizer, config: Config, device: torch.device, team, autocast) -> ShardStep:
+    """The step of a rank among several. compile and cuda_graph are one rank's (this one place turns them
+    off): a graph captured around DDP's gradient all-reduce, or dynamo's split of a DDP model, are not
+    what they were measured as, so N > 1 trains eagerly."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if team.lead and (config.compile != "none" or uses_cuda_graph(config, device)):
+        print(f"GPUS_PER_TRIAL={team.size}: compile and cuda_graph apply to one rank; this run trains eagerly", flush=True)
+    wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return ShardStep(wrapped, optimizer, team.size, autocast)
+
+
+def evaluate(model: nn.Module, batches: data.Batches, criterion: nn.Module, autocast, team=None,
+             examples: int | None = None) -> tuple[float, float]:
+    """Mean loss and accuracy; sums stay on the device and cross to the host once. With a `team` of ranks
+    (app.ranks), `batches` is this rank's shard of `examples`: the sums are added over the ranks first."""
     model.eval()
     loss_sum = torch.zeros((), device=batches.split.labels.device)
     correct = torch.zeros((), device=batches.split.labels.device, dtype=torch.long)
@@ -195,5 +231,8 @@ def evaluate(model: nn.Module, batches: data.Batches, criterion: nn.Module, auto
             loss_sum += criterion(logits.float(), y) * y.shape[0]
             correct += (logits.argmax(1) == y).sum()
     model.train()
+    if team is not None and team.size > 1:
+        sums = team.sum(torch.stack([loss_sum.double(), correct.double()]))
+        return sums[0].item() / examples, sums[1].item() / examples
     n = len(batches.split)
     return loss_sum.item() / n, correct.item() / n

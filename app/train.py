@@ -8,26 +8,26 @@ ends the run where it is seen, as a result (app.divergence).
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from app import artifact, data, divergence, interrupts, phases, preflight, settings, tracking
+from app import artifact, divergence, interrupts, phases, preflight, ranks, settings, tracking
 from app import checkpoint as checkpoints
 from app.checkpoint import save as save_checkpoint
 from app.config import Config
+from app.devices import Setup, pick_device, release_device_memory, setup  # noqa: F401 (imported from here too)
 from app.errors import UserError
 from app.export import export_onnx
 from app.gpu_share import run_share
 from app.progress import LossReadout, Progress
-from app.step import build_model, compile_model, evaluate, make_steps, set_optimizer_flags
+from app.step import build_model, compile_model, ddp_step, evaluate, make_steps, set_optimizer_flags
 
 
 class Preempted(Exception):
@@ -40,48 +40,6 @@ class Preempted(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
         self.told = told
-
-
-def pick_device(config: Config) -> torch.device:
-    """The training device, with an index on CUDA (`torch.cuda.set_device` refuses a bare "cuda")."""
-    if config.device == "auto":
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(config.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device={config.device!r} but no CUDA device is visible; use device=auto or device=cpu")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise UserError(f"device={config.device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
-        device = torch.device("cuda", device.index or 0)
-    return device
-
-
-class Setup(NamedTuple):
-    device: torch.device
-    ds: data.Dataset
-    gen: torch.Generator  # the training order's generator (checkpointed)
-    fmt: dict  # how Batches normalise and lay out images
-    train: data.Batches
-    val: data.Batches
-    test: data.Batches
-
-
-def setup(config: Config) -> Setup:
-    """Device, seeds and data exactly as train() prepares them (bench/ measures the same setup)."""
-    device = pick_device(config)
-    torch.manual_seed(config.seed)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        if config.gpu_memory_fraction > 0:
-            torch.cuda.set_per_process_memory_fraction(config.gpu_memory_fraction, device)
-    ds = data.load(config.dataset, config.data_dir, config.val_size, config.train_stride, device)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(config.seed)
-    fmt = dict(mean=ds.mean, std=ds.std, channels_last=config.channels_last)
-    eval_size = max(config.batch_size, 1000)  # evaluation has no gradients: bigger batches are free speed
-    return Setup(device, ds, gen, fmt, data.Batches(ds.train, config.batch_size, shuffle=True, generator=gen, **fmt),
-                 data.Batches(ds.val, eval_size, shuffle=False, **fmt), data.Batches(ds.test, eval_size, shuffle=False, **fmt))
 
 
 EpochHook = Callable[[int, dict[str, float]], bool]
@@ -102,6 +60,8 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
     # --- every check first (no W&B run is left for a setting that can't work), then one wandb.init ---
     ready = ready or preflight.check_environment(config, environ)
     preflight.check_data(config)
+    n_ranks = ranks.size(environ)
+    ranks.check(config, n_ranks, pick_device(config).type if n_ranks > 1 else "cpu", environ)
     run_id = settings.get("WANDB_RUN_ID", environ)
     if run_id and not settings.is_set("WANDB_SWEEP_ID", environ):
         # a resume that can't continue the run is refused before W&B opens it (in a W&B sweep the sweep's
@@ -113,10 +73,15 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
     phases.mark("wandb_init")
     exit_code = 1  # anything that escapes below is a failed run, not a finished one
     stopped: Preempted | interrupts.Stopped | None = None
+    team = ranks.Team()
     try:
         if config != checked:
             preflight.check_data(config)
-        result = _train(run, config, ready.output_root, environ, on_epoch, sweep_results)
+            ranks.check(config, n_ranks, pick_device(config).type if n_ranks > 1 else "cpu", environ)
+        if n_ranks > 1:  # the other ranks get the values resolved here: never W&B's
+            team = ranks.start(n_ranks, environ, pick_device(config).type,
+                               {"config": config, "run_id": run.id, "output_root": str(ready.output_root)}, _follow)
+        result = _train(run, config, ready.output_root, environ, on_epoch, sweep_results, team)
         exit_code = 0
         return result
     except divergence.Diverged as diverged:
@@ -136,6 +101,9 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
         exit_code = 2
         raise
     except Exception as exc:
+        lost = team.lost(exc)
+        if lost is not None:
+            raise lost from exc  # one line naming the rank, not gloo's or NCCL's
         if not interrupts.wandb_lost(exc):
             raise
         # W&B's service died under the run (a job-wide stop reaches it too): a stop, resumed from the
@@ -145,6 +113,7 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
         stopped = Preempted(signum, told=False)  # nothing could mark it preempting
         raise stopped from exc
     finally:
+        team.end(ok=exit_code == 0 or stopped is not None)  # a failed trial ends the other ranks at once
         failing = sys.exc_info()[1] is not None  # its line is the one said; W&B's files on a full volume add none
         with interrupts.deferred(), interrupts.unless_wandb_lost() as finishing, tracking.own_files(run, failing):
             run.finish(exit_code=exit_code)  # a stop must not cut the exit record short
@@ -156,12 +125,12 @@ def train(config: Config, environ: Mapping[str, str] | None = None, on_epoch: Ep
 
 
 def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], on_epoch: EpochHook | None,
-           sweep_results: artifact.SweepResults | None) -> dict[str, Any]:
+           sweep_results: artifact.SweepResults | None, team: ranks.Team) -> dict[str, Any]:
     # --- device and data ---
     if not config.gpu_memory_fraction:
         # agents sharing this GPU through slots: an equal share among those on it as this run starts
         config = config.replace(gpu_memory_fraction=round(run_share(environ) or 0.0, 4))
-    device, ds, gen, fmt, train_batches, val_batches, test_batches = setup(config)
+    device, ds, gen, fmt, train_batches, val_batches, test_batches = setup(config, team)
     # which GPU slot an agent was given: recorded so a sweep's runs can be traced to their device. From the
     # process's own environment, where CUDA reads it (an in-process agent's `environ` is only a copy)
     run.summary.update({"device": str(device), "cuda_visible_devices": settings.get("CUDA_VISIBLE_DEVICES") or ""})
@@ -186,20 +155,23 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
         resume_at = ckpt.get("epoch_examples", 0)  # a stop mid-epoch: the epoch goes on from there
         last = checkpoints.last_val(ckpt)
         val_loss, val_acc = last.get("val_loss", val_loss), last.get("val_accuracy", val_acc)
-        print(f"resuming run {run.id} from {ckpt_path}: {start_epoch} epoch(s) done, {example_ct} examples seen"
-              + (f" ({resume_at} of epoch {start_epoch + 1})" if resume_at else ""), flush=True)
+        if team.lead:
+            print(f"resuming run {run.id} from {ckpt_path}: {start_epoch} epoch(s) done, {example_ct} examples seen"
+                  + (f" ({resume_at} of epoch {start_epoch + 1})" if resume_at else ""), flush=True)
 
     def checkpoint(epochs_done: int, generator: torch.Tensor | None = None, epoch_examples: int = 0) -> None:
         bad = checkpoints.nonfinite(model.state_dict())  # no resume could use diverged weights: none is written
         if bad:  # in the epoch stopped mid-way, or in the one just done
             raise divergence.Diverged(f"weight {bad} not finite", epochs_done if epoch_examples else epochs_done - 1,
                                       example_ct)
+        if not team.lead:
+            return  # rank 0 writes the one checkpoint: the unwrapped model's, the same for any number of ranks
         save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epochs_done,
                         examples_seen=example_ct, epoch_examples=epoch_examples,
                         generator=gen.get_state() if generator is None else generator,
                         config=config.to_dict(), run_id=run.id, val_loss=float(val_loss), val_accuracy=float(val_acc))
 
-    step_model = compile_model(model, config.compile) if config.compile != "none" else model
+    step_model = compile_model(model, config.compile) if config.compile != "none" and team.size == 1 else model
     use_bf16 = config.amp == "bf16" and device.type == "cuda"
     if config.amp == "bf16" and not use_bf16:
         print("amp=bf16 applies on CUDA only; training in float32 on the CPU", flush=True)
@@ -207,11 +179,17 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
-    eager_step, step = make_steps(step_model, optimizer, criterion, config, device, ds.train, fmt, autocast)
+    if team.size > 1:
+        step, quiet = ddp_step(model, optimizer, config, device, team, autocast), ranks.devnull()
+        eager_step = step
+    else:
+        eager_step, step = make_steps(step_model, optimizer, criterion, config, device, ds.train, fmt, autocast)
+        quiet = None
     graphed = step is not eager_step
     # a replayed graph fires no Python hooks, so with graphs run.watch counts only the eager steps that
     # are taken every watch_log_freq batches for it: W&B logs on each (log_freq=1), the same cadence
-    tracking.watch(run, model, criterion, config, log_freq=1 if graphed else config.watch_log_freq)
+    if team.lead:
+        tracking.watch(run, model, criterion, config, log_freq=1 if graphed else config.watch_log_freq)
     watch_every = config.watch_log_freq if graphed and config.watch_log != "none" else 0
     batches_run = 0
     phases.mark("model")
@@ -230,24 +208,28 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
 
     with interrupts.StopRequest() as stop:
         for epoch in range(start_epoch, config.epochs):
-            progress = Progress(epoch + 1, config.epochs, len(ds.train))
+            progress = Progress(epoch + 1, config.epochs, len(ds.train), stream=quiet)
             loss_sum = torch.zeros((), device=device)  # summed on the device; read at log points only
             batches_in_sum = 0
             # a run resumed mid-epoch draws the epoch's order again and starts where it stopped
             epoch_start_gen, first = gen.get_state(), resume_at
             seen, resume_at = first, 0
             t0 = time.perf_counter()
-            for batch_idx, (x, y) in enumerate(train_batches.iter_from(first), start=first // config.batch_size):
+            shares = train_batches.shards_from(first, team.rank, team.size)
+            for batch_idx, (x, y, total) in enumerate(shares, start=first // config.batch_size):
                 batches_run += 1
-                loss_sum += (eager_step if watch_every and batches_run % watch_every == 0 else step)(x, y)
+                loss_sum += (step(x, y, total) if team.size > 1
+                             else (eager_step if watch_every and batches_run % watch_every == 0 else step)(x, y))
                 batches_in_sum += 1
-                seen += y.shape[0]
-                example_ct += y.shape[0]
+                seen += total
+                example_ct += total
                 if (batch_idx + 1) % config.log_interval == 0:
-                    readout.push(loss_sum, (epoch, example_ct, seen, batches_in_sum, progress))
+                    readout.push(team.sum(loss_sum), (epoch, example_ct, seen, batches_in_sum, progress))
                     loss_sum.zero_()
                     batches_in_sum = 0
                     log_losses(readout.ready())
+                if team.size > 1:  # every rank stops after the same step (app.ranks: the stop agreement)
+                    stop.signum = team.agree_stop(stop.signum or (None if team.lead else interrupts.requested()), device)
                 if stop.signum is not None:
                     # the weights so far and where this epoch's order stands: the resumed run goes on from
                     # here, so the step axis counts every example trained exactly once. Written before any
@@ -265,7 +247,7 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
             epoch_time = time.perf_counter() - t0
             train_time += epoch_time
             examples_this_run += seen - first
-            val_loss, val_acc = evaluate(step_model, val_batches, criterion, autocast) if len(ds.val) else (val_loss, val_acc)
+            val_loss, val_acc = evaluate(step_model, val_batches, criterion, autocast, team, len(ds.val)) if len(ds.val) else (val_loss, val_acc)
             run.log({"epoch": epoch, "val_loss": val_loss, "val_accuracy": val_acc,
                      "examples_per_s": (seen - first) / epoch_time}, step=example_ct)
             if len(ds.val):  # without a val split val_loss stays NaN: the weights' check below still holds
@@ -273,11 +255,13 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
             checkpoint(epoch + 1)
             progress.close(f"done: val_loss {val_loss:.4f} val_accuracy {val_acc:.4f}", seen)
             # epoch_seconds/examples: the training loop's own time and work (bench/ times runs with them)
-            if on_epoch is not None and on_epoch(epoch, {"val_loss": val_loss, "val_accuracy": val_acc,
-                                                        "examples_per_s": (seen - first) / epoch_time,
-                                                        "epoch_seconds": epoch_time, "examples": seen - first}):
+            early = on_epoch is not None and on_epoch(epoch, {"val_loss": val_loss, "val_accuracy": val_acc,
+                                                             "examples_per_s": (seen - first) / epoch_time,
+                                                             "epoch_seconds": epoch_time, "examples": seen - first})
+            if team.decide(bool(early), device):  # rank 0's hook decides for every rank
                 run.summary["pruned"] = True
-                print(f"stopped early after epoch {epoch + 1}", flush=True)
+                if team.lead:
+                    print(f"stopped early after epoch {epoch + 1}", flush=True)
                 return {"run_id": run.id, "pruned": True, "val_accuracy": val_acc, "val_loss": val_loss,
                         "examples_seen": example_ct, "checkpoint": str(ckpt_path)}
 
@@ -289,9 +273,12 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
 
         # --- test and export ---
         phases.mark("training")
-        test_loss, test_acc = evaluate(step_model, test_batches, criterion, autocast)
+        test_loss, test_acc = evaluate(step_model, test_batches, criterion, autocast, team, len(ds.test))
         run.log({"test_accuracy": test_acc, "test_loss": test_loss}, step=example_ct)
         run.summary["test_accuracy"] = test_acc
+        if not team.lead:  # the test metrics are every rank's (reduced); rank 0 alone says, exports and records
+            divergence.check("test_loss", test_loss, config.epochs - 1, example_ct)
+            return {"run_id": run.id, "pruned": False, "test_accuracy": test_acc, "test_loss": test_loss}
         print(f"test_accuracy {test_acc:.4f} test_loss {test_loss:.4f}", flush=True)
         divergence.check("test_loss", test_loss, config.epochs - 1, example_ct)  # no export of such a model
         phases.mark("evaluation")
@@ -330,13 +317,30 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
     }
 
 
-def release_device_memory() -> str | None:
-    """After a run in a process that runs many (the sweep agents): what the run left on the GPU goes now,
-    not when the next run needs the memory, and what stays is said, so that growth across runs shows in
-    the log (bench/trials.py reads these lines). None on the CPU."""
-    if not torch.cuda.is_initialized():
-        return None
-    gc.collect()
-    torch.cuda.empty_cache()
-    return (f"GPU memory after the run: {torch.cuda.memory_allocated()} bytes allocated, "
-            f"{torch.cuda.memory_reserved()} reserved")
+def _follow(index: int, payload: dict[str, Any], store_port: int, n: int) -> None:
+    """A rank that rank 0 started (torch.multiprocessing): joins, trains with rank 0's values, records nothing."""
+    ranks.quiet_signals(interrupts.note)
+    team = ranks.join_started(index, store_port, n, pick_device(payload["config"]).type)
+    code = follow(team, payload)
+    if code:
+        raise SystemExit(code)
+
+
+def follow(team: ranks.Team, payload: dict[str, Any]) -> int:
+    """A rank other than 0, in the trial rank 0 leads: the exit code it ends with."""
+    ok, code = False, 1
+    try:
+        _train(ranks.QuietRun(payload["run_id"]), payload["config"], Path(payload["output_root"]), {}, None, None, team)
+        ok, code = True, 0
+    except Preempted as stop:
+        ok, code = True, 128 + stop.signum
+    except divergence.Diverged:
+        ok, code = True, 0  # rank 0 records it
+    except Exception as exc:
+        lost = team.lost(exc)
+        if lost is None:
+            raise
+        print(f"error: {lost}", flush=True)
+    finally:
+        team.end(ok)
+    return code

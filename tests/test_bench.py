@@ -149,7 +149,7 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_its_json(tmp_path: Path):
     failed = {k: v.get("log_tail") for k, v in report["steps"].items() if not v["ok"]}
     assert proc.returncode == 0 and not failed, (failed, proc.stdout[-2000:], proc.stderr[-2000:])
     steps = report["steps"]
-    assert list(steps) == ["env", "tests", "bench", "full_epoch", "profile", "trials", "agents"]
+    assert list(steps) == ["env", "tests", "bench", "full_epoch", "profile", "trials", "ranks", "agents"]
     assert steps["env"]["results"]["torch"] and steps["env"]["results"]["cpus"] >= 1
     assert any("skipped" in line for line in steps["tests"]["log_tail"])  # CUDA-only tests: skipped on the CPU
     bench = steps["bench"]["results"]
@@ -161,13 +161,15 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_its_json(tmp_path: Path):
     trials = steps["trials"]["results"]["ways"]["agent"]  # the offline agent's trials, phase by phase
     assert len(trials["trials"]) == 2 and all(t["training"] > 0 and t["export"] > 0 for t in trials["trials"]), trials
     assert all(total > compute > 0 for total, compute in zip(trials["total"], trials["compute"])), trials
+    ranks = steps["ranks"]["results"]["runs"]  # one trial on 1 and on 2 (gloo) ranks
+    assert [r["ranks"] for r in ranks] == [1, 2] and ranks[1]["scaling_efficiency"] > 0, ranks
     one, four = steps["agents"]["results"]
     assert (one["agents"], four["agents"]) == (1, 4)
     for agents in (one, four):  # every grid point trained to the end, by agents started through the entrypoint
         assert agents["all_trials_complete"] and agents["finished_runs"] == agents["grid_points"] > 0, agents
         assert agents["trials_per_hour"] > 0 and len(agents["peak_gpu_mib_per_agent"]) == agents["agents"]
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "full_epoch.json", "gpu-check.json", "logs", "profile.json",
-                                                     "trials.json"]
+                                                     "ranks.json", "trials.json"]
 
 
 def test_gpu_check_unknown_step_is_one_line_and_exit_2(tmp_path: Path):

@@ -19,7 +19,13 @@ taken on a file descriptor that the entrypoint's `wandb agent` child inherits, s
 as the agent: the kernel drops it when the agent exits, crashes or its container is killed, and the
 next agent to start takes the free slot. No stale state to clean up, no PIDs compared across containers.
 
+With GPUS_PER_TRIAL=N > 1 a slot is a group of N whole GPUs (GPUs 0..N-1, N..2N-1, ...): the agent
+holds slot 0 of each GPU of the first group that nobody holds any of, and its trials' N ranks use them
+(8 GPUs, N=2: 4 agents, disjoint). N must divide the GPUs the agent sees; when no group is free, or a
+scheduler's CUDA_VISIBLE_DEVICES names fewer than N, the agent refuses to start in one line.
+
 Settings (environment):
+  GPUS_PER_TRIAL        GPUs one trial trains on (app.ranks); > 1: each agent holds a group of that many
   GPU_SLOTS_DIR         shared folder for the slot locks (default $WANDB_DIR/.gpu-slots)
   AGENTS_PER_GPU        agents that will share one GPU: caps the slots and fixes each agent's memory
                         share at 1/AGENTS_PER_GPU from the start (unset: each run, when it starts, takes
@@ -188,6 +194,51 @@ def claim(gpus: list[str], folder: Path, per_gpu: int | None = None) -> Slot:
                         "mount a shared writable folder there") from None
 
 
+def _groups(n: int, count: int, where: str) -> int:
+    """How many groups of GPUS_PER_TRIAL=n GPUs `count` GPUs make; one line when they make none exactly."""
+    if count < n or count % n:
+        raise UserError(f"GPUS_PER_TRIAL={n} must divide the {count} GPU(s) this agent sees ({where}): "
+                        f"give it a multiple of {n} GPUs or change GPUS_PER_TRIAL")
+    return count // n
+
+
+def claim_group(gpus: list[str], folder: Path, n: int) -> list[Slot]:
+    """Slot 0 of every GPU of the first group of `n` that no agent holds any slot of."""
+    _groups(n, len(gpus), "GPU_COUNT or the devices found")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _mutex(folder):
+            busy = {g for g in gpus if any(is_held(folder / f"gpu-{_safe(g)}.slot-{i}.lock") for i in _slot_indexes(folder, g))}
+            starts = [o for o in range(0, len(gpus), n) if not busy & set(gpus[o:o + n])]
+            if not starts:
+                raise UserError(f"all {len(gpus) // n} groups of GPUS_PER_TRIAL={n} GPUs are taken ({len(gpus)} GPUs): "
+                                "stop an agent or lower GPUS_PER_TRIAL")
+            slots = []
+            for o in range(starts[0], starts[0] + n):
+                path = folder / f"gpu-{_safe(gpus[o])}.slot-0.lock"
+                fd = _open_shared(path)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: we hold the mutex and found it unheld
+                os.set_inheritable(fd, True)
+                slots.append(Slot(o, gpus[o], 0, 1, starts[0] // n, fd, path))
+            return slots
+    except OSError as exc:
+        raise UserError(f"GPU_SLOTS_DIR={str(folder)!r} is not usable for GPU slot locks ({exc.strerror or exc}); "
+                        "mount a shared writable folder there") from None
+
+
+def _assign_group(environ: dict[str, str], gpus: list[str], n: int) -> dict[str, str]:
+    folder = slots_dir(environ)
+    slots = claim_group(gpus, folder, n)
+    _held.extend(slot.fd for slot in slots)
+    visible = ",".join(str(slot.ordinal) for slot in slots)
+    environ["CUDA_VISIBLE_DEVICES"] = visible
+    environ["GPU_SLOTS_DIR"] = str(folder.resolve())
+    environ["AGENT_INDEX"] = str(slots[0].ordinal // n)
+    print(f"gpu slot: GPUs {', '.join(slot.gpu for slot in slots)} (CUDA_VISIBLE_DEVICES={visible}), "
+          f"group {slots[0].ordinal // n} of GPUS_PER_TRIAL={n}, whole GPUs", file=sys.stderr, flush=True)
+    return environ
+
+
 def _explicit_fraction(environ: Mapping[str, str]) -> bool:
     """A share the user chose; 0 (the default, also in .env.example) means none was chosen. Read as the
     run's config reads it (a bad value is that key's one error line)."""
@@ -198,10 +249,15 @@ def check(environ: Mapping[str, str]) -> None:
     """The slot settings, before an agent opens its sweep's storage (an offline sweep's first agent
     creates the journal, which fixes the sweep): a mistake is one line, and nothing is created here.
     GPU_COUNT and AGENTS_PER_GPU are checked whatever the host has; GPU_SLOTS_DIR where it will be used."""
+    n = settings.get("GPUS_PER_TRIAL", environ)
     if settings.is_set("CUDA_VISIBLE_DEVICES", environ):
+        if n > 1:  # a scheduler's choice (Slurm's --gres=gpu:N): the trial's ranks need N of them
+            _groups(n, len(settings.text("CUDA_VISIBLE_DEVICES", environ).split(",")), "CUDA_VISIBLE_DEVICES")
         return  # nothing will be claimed
     count = settings.get("GPU_COUNT", environ)
     _agents_per_gpu(environ)
+    if n > 1 and count:
+        _groups(n, count, "GPU_COUNT")
     if count == 0 or (count is None and not settings.is_set("GPU_SLOTS_DIR", environ)):
         return  # no GPUs named and no folder chosen: assign() finds the devices, the default folder is WANDB_DIR's
     folder = slots_dir(environ)
@@ -227,7 +283,9 @@ def assign(environ: Mapping[str, str], gpus: list[str] | None = None) -> dict[st
         return environ  # the user's or the scheduler's choice wins over the shared assignment
     gpus = gpu_ids(environ) if gpus is None else gpus
     if not gpus:
-        return environ
+        return environ  # the CPU: a trial's ranks are gloo processes
+    if settings.get("GPUS_PER_TRIAL", environ) > 1:
+        return _assign_group(environ, gpus, settings.get("GPUS_PER_TRIAL", environ))
     per_gpu = _agents_per_gpu(environ)
     folder = slots_dir(environ)
     slot = claim(gpus, folder, per_gpu)
