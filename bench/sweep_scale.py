@@ -15,7 +15,9 @@ it measures, on that sweep, with the package's own commands (`--code`: the check
   trial      each further trial in that agent: from one trial's end to the next one's (total), and the
              agent's own part of it (`agent`: the time between train() calls + the model artifact's
              phase, where the sweep's best alias is decided) - training itself does not grow with the sweep
-  peak RSS   of that agent process (its whole life)
+  peak RSS   of that agent process (its whole life), and of one that opens the sweep as an agent does and
+             takes its first look at the trials, training nothing (the sweep's own share, without the
+             run-to-run spread of training's memory)
   status     `python -m app sweep-status` on the sweep (the default output), wall time
 The trial trained is the same tiny one every time (bench/trials.py's: 1 epoch on 120 images, W&B offline).
 PostgreSQL: `--postgres URL`, else a throwaway PostgreSQL 15 on loopback (tests/cluster.py's, as the
@@ -210,6 +212,28 @@ def run_agent(code: Path, config: Path, url: str, trials: int, environ: dict[str
             "peak_rss_mb": usage.ru_maxrss / 1024, "phases": phases}
 
 
+MEMORY = """
+import os, resource
+from app.sweep.optuna.agent import Agent
+from app.sweep.optuna.plan import plan
+agent = Agent(plan(os.environ), os.environ)
+agent.ledger()
+agent.say_best()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def run_memory(code: Path, config: Path, url: str, environ: dict[str, str]) -> float:
+    """An agent's memory for the sweep alone: the peak RSS (MB) of a process that opens the sweep as an agent
+    does and takes its first look at the trials and its best, with no trial trained (training's own memory
+    varies by more than the sweep's from one run to the next)."""
+    proc = subprocess.run([sys.executable, "-c", MEMORY], cwd=code, capture_output=True, text=True, timeout=900,
+                          env={**environ, "PYTHONPATH": str(code), "SWEEP_CONFIG": str(config), "SWEEP_STORAGE": url})
+    if proc.returncode != 0:
+        raise BenchError(f"the memory probe exited {proc.returncode}: {proc.stderr[-500:]}")
+    return int(proc.stdout.split()[-1]) / 1024
+
+
 def run_status(code: Path, url: str, name: str, environ: dict[str, str], extra: list[str]) -> tuple[float, int]:
     """`python -m app sweep-status` on the sweep: (seconds, bytes printed)."""
     t0 = time.perf_counter()
@@ -250,18 +274,18 @@ def measure(args, work: Path, environ: dict[str, str], pg_url: str | None) -> li
             status_s, status_bytes = run_status(code, url, name, environ, [])
             agent = run_agent(code, config, url, args.trials, environ, work, log)
             row = {"storage": storage, "trials": n, "written_s": made, "status_s": status_s,
-                   "status_bytes": status_bytes, **agent}
+                   "status_bytes": status_bytes, "sweep_rss_mb": run_memory(code, config, url, environ), **agent}
             rows.append(row)
             print(f"{storage} {n}: written in {made:.1f} s; start {row['start']:.2f} s, trial "
                   f"{statistics.median(row['trial']):.2f} s (agent's part {statistics.median(row['agent']):.3f} s), "
-                  f"peak RSS {row['peak_rss_mb']:.0f} MB, sweep-status {status_s:.2f} s", file=sys.stderr, flush=True)
+                  f"peak RSS {row['peak_rss_mb']:.0f} MB (without training {row['sweep_rss_mb']:.0f}), sweep-status {status_s:.2f} s", file=sys.stderr, flush=True)
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Per storage and size, each figure and its difference from the empty sweep; then the growth per 1 000."""
     lines = ["| storage | trials | a further trial: total / the agent's part (s) | agent start (s) | sweep-status (s) "
-             "| agent peak RSS (MB) |", "|---|---:|---|---|---|---|"]
+             "| agent peak RSS (MB) | the same without training (MB) |", "|---|---:|---|---|---|---|---|"]
     for storage in dict.fromkeys(r["storage"] for r in rows):
         mine = sorted((r for r in rows if r["storage"] == storage), key=lambda r: r["trials"])
         base = mine[0]
@@ -273,7 +297,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
         for r in mine:
             lines.append(f"| {storage} | {r['trials']:,} | {cell(r, 'trial')} / {cell(r, 'agent', '{:.3f}')} | "
-                         f"{cell(r, 'start')} | {cell(r, 'status_s')} | {cell(r, 'peak_rss_mb', '{:.0f}')} |")
+                         f"{cell(r, 'start')} | {cell(r, 'status_s')} | {cell(r, 'peak_rss_mb', '{:.0f}')} | "
+                         f"{cell(r, 'sweep_rss_mb', '{:.0f}')} |")
         top = mine[-1]
         if top is not base and top["trials"] > base["trials"]:
             k = (top["trials"] - base["trials"]) / 1000
@@ -284,7 +309,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 return (v - b) / k
 
             lines.append(f"| {storage} | per 1,000 | {per('trial'):+.3f} / {per('agent'):+.4f} | {per('start'):+.3f} | "
-                         f"{per('status_s'):+.3f} | {per('peak_rss_mb'):+.1f} |")
+                         f"{per('status_s'):+.3f} | {per('peak_rss_mb'):+.1f} | {per('sweep_rss_mb'):+.1f} |")
     return "\n".join(lines)
 
 

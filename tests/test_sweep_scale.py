@@ -151,7 +151,7 @@ def test_the_bench_measures_each_size_and_storage(tmp_path, fashion_dir):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["storage"], r["trials"]) for r in rows] == [("journal", 0), ("journal", 30)]
     for r in rows:
-        assert r["start"] > 0 and r["status_s"] > 0 and r["peak_rss_mb"] > 0 and len(r["trial"]) == 1, r
+        assert r["start"] > 0 and r["status_s"] > 0 and r["peak_rss_mb"] > r["sweep_rss_mb"] > 0 and len(r["trial"]) == 1, r
         assert 0 < r["agent"][0] < r["trial"][0], r
     table = proc.stdout.splitlines()
     assert table[0].startswith("| storage | trials |")
