@@ -15,7 +15,8 @@ it measures, on that sweep, with the package's own commands (`--code`: the check
   trial      each further trial in that agent: from one trial's end to the next one's (total), and the
              agent's own part of it (`agent`: the time between train() calls + the model artifact's
              phase, where the sweep's best alias is decided) - training itself does not grow with the sweep
-  peak RSS   of that agent process (its whole life), and of one that opens the sweep as an agent does and
+  peak RSS   of that agent process (its whole life; VmHWM: getrusage's figure keeps this script's own peak
+             across fork and exec), and of one that opens the sweep as an agent does and
              takes its first look at the trials, training nothing (the sweep's own share, without the
              run-to-run spread of training's memory)
   status     `python -m app sweep-status` on the sweep (the default output), wall time
@@ -197,8 +198,7 @@ def run_agent(code: Path, config: Path, url: str, trials: int, environ: dict[str
         proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "trials.py"), CHILD, str(out), "app", "offline-agent",
                                  "--config", str(config), "--storage", url, "--count", str(trials)],
                                 cwd=code, env=env, stdout=stream, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.wait()
     if proc.returncode != 0:
         raise BenchError(f"the agent exited {proc.returncode}; its output is in {log}")
     got = json.loads(out.read_text())
@@ -209,17 +209,17 @@ def run_agent(code: Path, config: Path, url: str, trials: int, environ: dict[str
     return {"start": phases[0]["start"],
             "trial": [sum(t.values()) for t in further],
             "agent": [t["start"] + t.get("artifact", 0.0) for t in further],
-            "peak_rss_mb": usage.ru_maxrss / 1024, "phases": phases}
+            "peak_rss_mb": got["peak_rss_kb"] / 1024, "phases": phases}
 
 
 MEMORY = """
-import os, resource
+import os
 from app.sweep.optuna.agent import Agent
 from app.sweep.optuna.plan import plan
 agent = Agent(plan(os.environ), os.environ)
 agent.ledger()
 agent.say_best()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 
