@@ -142,6 +142,7 @@ def test_sweep_status_sums_up_a_large_sweep_and_lists_every_trial_on_request(swe
     assert "read from" not in oss.findings_text(study, every=True)
 
 
+@pytest.mark.slow
 def test_the_bench_measures_each_size_and_storage(tmp_path, fashion_dir):
     out = tmp_path / "scale.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "sweep_scale.py"), "--sizes", "0,30", "--trials", "2",
