@@ -9,7 +9,8 @@ dataset, the torch/onnx/onnxruntime versions, and the sweep (name, metric, value
 
 Aliases: `latest` always. An offline sweep trial also gets `best-<sweep>` when its value of the
 sweep's metric beats every trial completed before it in the sweep's storage (the journal or
-PostgreSQL the agents share; the trial's agent reads it): that is known without a server. A W&B sweep's best is only known to the
+PostgreSQL the agents share; the trial's agent keeps the best so far up to date, reading only what
+finished since it last looked): that is known without a server. A W&B sweep's best is only known to the
 W&B server (other agents' results live there), so its trials get no best alias; the metadata carries
 the sweep and metric so the W&B UI or `wandb.Api().sweep(...).best_run()` can find it.
 
@@ -57,8 +58,9 @@ def _finite(v: Any) -> Any:
 
 
 SweepResults = Callable[[], "tuple[str, str, list[float]] | None"]
-"""For an offline sweep trial: (metric, goal, values of the trials completed so far), read when the run
-ends; None when they can't be read. The sweep's agent provides it (app.sweep.optuna.trial)."""
+"""For an offline sweep trial: (metric, goal, values to beat: the trials completed so far, or just the best
+of them), read when the run ends; None when they can't be read. The sweep's agent provides it from what it
+already holds (app.sweep.optuna.trial._completed: the best so far, never the whole sweep read again)."""
 
 
 def beats(value: Any, goal: str, others: list[float]) -> bool:

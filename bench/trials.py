@@ -49,7 +49,15 @@ if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == CHILD:
         from app import phases
 
         with open(_out, "w") as f:
-            json.dump({"marks": phases.take(), "end": time.perf_counter()}, f)
+            json.dump({"marks": phases.take(), "end": time.perf_counter(), "peak_rss_kb": _peak_rss_kb()}, f)
+
+    def _peak_rss_kb() -> int | None:
+        """This process's own peak RSS (VmHWM): getrusage's ru_maxrss keeps the parent's peak across fork and exec."""
+        try:
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+        except (OSError, StopIteration, ValueError):
+            return None
 
     import atexit
 

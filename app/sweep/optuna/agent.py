@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import signal
 import socket
@@ -38,8 +37,9 @@ from app import display, interrupts, settings
 from app.errors import UserError
 from app.sweep.optuna.claims import STALE_BEATS, Ledger, StaleWatch, TrialHeartbeat, key_of, outcome
 from app.sweep.optuna.plan import Plan, plan, redact
-from app.sweep.optuna.storage import open_storage, open_study, storage_problem
+from app.sweep.optuna.storage import open_storage, open_study, storage_problem, study_storage
 from app.sweep.optuna.trial import Dropped, say, train_trial
+from app.sweep.optuna.trials import TrialView, whole_trials
 
 MAX_ERRORS_IN_A_ROW = 3  # an agent whose trials keep raising stops (like `wandb agent`)
 
@@ -59,7 +59,9 @@ class Agent:
         self.p = p
         self.environ = dict(environ)
         self.storage = open_storage(p.storage_url)
-        self.study = open_study(p, self.storage)
+        self.study = open_study(p, study_storage(p, self.storage))
+        self.view = TrialView(self.storage, self.study._study_id)
+        self._ledger: Ledger | None = None
         self.watch = StaleWatch(p.heartbeat_s)
         self.who = agent_name(environ)
         self.mine: set[int] = set()
@@ -67,13 +69,18 @@ class Agent:
         self.runs_root = settings.runs_root(environ)
 
     def ledger(self) -> Ledger:
-        trials = self.study.get_trials(deepcopy=False)
-        return Ledger(trials, self.p.spec.method == "grid", self.p.grid_size, self.p.spec.run_cap)
+        """The sweep's ledger, brought up to date: only trials new or unfinished since the last look are read,
+        so a trial costs the same in a sweep of 20 000 as in an empty one."""
+        if self._ledger is None:
+            self._ledger = Ledger((), self.p.spec.method == "grid", self.p.grid_size, self.p.spec.run_cap,
+                                  maximize=self.p.goal == "maximize")
+        self._ledger.update(self.view.changes())
+        return self._ledger
 
     # --- housekeeping: fail dead trials, queue retries ---
     def fail_stale(self, ledger: Ledger) -> bool:
         failed = False
-        for t in self.watch.stale(ledger.trials, self.mine):
+        for t in self.watch.stale(ledger.live_trials(), self.mine):
             try:
                 self.storage.set_trial_system_attr(t._trial_id, "sweep_outcome", "stale")
                 self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
@@ -86,16 +93,17 @@ class Agent:
 
     def queue_retries(self, ledger: Ledger) -> None:
         for key in ledger.needs_retry():
-            last = max(ledger.by_key[key], key=lambda t: t.number)
+            # the ledger keeps a finished trial small: its attempts whole, for their values and runs
+            attempts = whole_trials(self.storage, self.study._study_id, [t._trial_id for t in ledger.by_key[key].values()])
+            last = attempts[-1]
             system = {"sweep_key": key, "retry_of": last.number,
-                      "attempt": len([t for t in ledger.by_key[key] if outcome(t) != "void"]) + 1}
+                      "attempt": len([t for t in attempts if outcome(t) != "void"]) + 1}
             for k in ("grid_id", "search_space"):  # GridSampler then leaves the queued values alone
                 if k in last.system_attrs:
                     system[k] = last.system_attrs[k]
             # every attempt's run, newest first: one stopped before it opened its run (or wrote a checkpoint)
             # must not hide the checkpoint of the attempt before it (trial._resume_from picks the newest)
-            runs = [t.user_attrs["run_id"] for t in sorted(ledger.by_key[key], key=lambda t: -t.number)
-                    if "run_id" in t.user_attrs]
+            runs = [t.user_attrs["run_id"] for t in reversed(attempts) if "run_id" in t.user_attrs]
             user = {"resume_run": runs[0], "resume_runs": runs} if runs else {}
             self.study.add_trial(optuna.trial.create_trial(
                 state=TrialState.WAITING, params=last.params, distributions=last.distributions,
@@ -110,8 +118,7 @@ class Agent:
         deadline = time.monotonic() + max(30.0, 2 * STALE_BEATS * self.p.heartbeat_s)
         while True:
             ledger = self.ledger()
-            pending = [t for t in ledger.trials if t.number < trial.number and outcome(t) == "live"
-                       and key_of(t, grid) is None]
+            pending = ledger.pending_before(trial.number)
             if not pending or time.monotonic() > deadline:
                 if pending:
                     raise Dropped("duplicate")  # can't prove it's unique: safer not to train
@@ -189,14 +196,13 @@ class Agent:
     def say_best(self) -> None:
         """The sweep's best trial so far, in one line, as the agent ends (sweep-status has its command)."""
         try:
-            done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                    if t.value is not None and math.isfinite(t.value)]  # a diverged trial's inf is no best
+            best = self.ledger().best  # a diverged trial's inf is no best
+            best = best if best is None else self.storage.get_trial(best._trial_id)
         except Exception:  # a last look: the storage going away now changes nothing already recorded
             return
-        if not done:
+        if best is None:
             say(f"sweep {self.p.name}: no trial has completed with a value of {self.p.metric} yet")
             return
-        best = (max if self.p.goal == "maximize" else min)(done, key=lambda t: t.value)
         shown = " ".join(f"{k}={display.text(v)}" for k, v in (best.user_attrs.get("values") or best.params).items())
         say(f"best so far: trial {best.number}, {self.p.metric} {best.value:.4f} ({shown}; W&B run "
             f"{best.user_attrs.get('run_id', '-')}); `python -m app sweep-status` shows how to train it again")
@@ -243,7 +249,7 @@ class Agent:
                 say(f"sweep {p.name} is done ({len(ledger.counted())} trials); agent exits")
                 break
             if not ledger.work_available():
-                running = sum(1 for t in ledger.trials if outcome(t) == "live")
+                running = len(ledger.live_trials())
                 if not waiting_said:
                     say(f"nothing to start; waiting for {running} trial(s) running on other agents")
                     waiting_said = True

@@ -1,8 +1,10 @@
 """`python -m app sweep-status`: the trials table and the best trial of offline sweeps.
 
-    python -m app sweep-status [RUNS] [--config sweeps/grid.yaml | --name NAME] [--storage URL] [--json]
+    python -m app sweep-status [RUNS] [--config sweeps/grid.yaml | --name NAME] [--storage URL] [--all] [--json]
 
-Under the table: which swept settings mattered (app.sweep.optuna.insight) and the best trial's settings.
+The counts by state, the last SHOWN trials (`--all`: every one), the best trial and the command that trains
+it again; under them which swept settings mattered (app.sweep.optuna.insight) and the best trial's
+settings, read from at most SAMPLE completed trials (`--all`: all). `--json` is always complete.
 
 Read-only: it never creates a study or writes on a journal (a damaged one is refused in one line
 with its repair command). `read_sweep` is the same look for other tools (the report). Its settings
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,7 +29,8 @@ from app.sweep.optuna import insight
 from app.sweep import spec as sweep_spec
 from app.sweep.optuna.plan import storage_url, sweep_name
 from app.sweep.optuna.storage import load_study, open_storage
-from app.sweep.optuna.trials import trial_rows
+from app.sweep.optuna.claims import key_of, outcome
+from app.sweep.optuna.trials import ledger_records, rows_of, state_name, trial_rows, whole_trials
 
 
 def retrain(best: Mapping[str, Any], runs_root: Path | None) -> str:
@@ -46,10 +50,21 @@ def retrain(best: Mapping[str, Any], runs_root: Path | None) -> str:
     return command + ("" if whole else f"\n({why}: settings not swept come from .env and the defaults)")
 
 
-def format_status(study, runs_root: Path | None = None) -> str:
+SHOWN = 20  # trials listed by default: the last ones (`--all`: every one)
+SAMPLE = 1000  # completed trials the importance is read from, at most (a random draw, the best among them)
+
+
+def format_status(study, runs_root: Path | None = None, every: bool = False) -> str:
+    """The counts by state, the trials (the last SHOWN, or `every` one), the best trial and its command. The
+    trials not listed are read as the ledger reads them (app.sweep.optuna.trials.ledger_records): a sweep of
+    20 000 trials is summed up without loading them whole."""
     metric = study.user_attrs.get("metric", "value")
     goal = study.user_attrs.get("goal", "minimize")
-    rows = trial_rows(study)
+    grid = study.user_attrs.get("method") == "grid"
+    storage, sid = study._storage, study._study_id
+    records = [t for t in ledger_records(storage, sid) if outcome(t) != "void"]
+    listed = records if every or len(records) <= SHOWN else records[-SHOWN:]
+    rows = trial_rows(study) if every else rows_of(whole_trials(storage, sid, [t._trial_id for t in listed]), grid)
     names = sorted({k for r in rows for k in r["values"]})
     header = ["trial", "state", *names, metric, "run", "attempt", "seconds", "agent"]
     table = [[str(r["trial"]), r["state"], *[display.cell(r["values"].get(n)) for n in names], display.cell(r["value"]),
@@ -58,20 +73,53 @@ def format_status(study, runs_root: Path | None = None) -> str:
     lines = [f"sweep {study.study_name}: {study.user_attrs.get('method', '?')}, {goal} {metric}"]
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
-    states = [r["state"] for r in rows]
+    if len(listed) < len(records):
+        lines.append(f"(the last {len(listed)} of {len(records):,} trials; --all lists every one)")
+    states = [state_name(t) for t in records]
     summary = ", ".join(f"{states.count(s)} {s.lower()}" for s in dict.fromkeys(states)) or "no trials yet"
     size = study.user_attrs.get("grid_size")
-    done_points = len({r["key"] for r in rows if r["state"] in ("COMPLETE", "PRUNED", "DIVERGED")})
+    done_points = len({key_of(t, grid) or "" for t, s in zip(records, states) if s in ("COMPLETE", "PRUNED", "DIVERGED")})
     lines.append(summary + (f"; {done_points} of {size} grid points done" if size else ""))
-    complete = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
+    complete = [t for t, s in zip(records, states) if s == "COMPLETE" and t.value is not None]
     if complete:
-        best = (max if goal == "maximize" else min)(complete, key=lambda r: r["value"])
+        best_trial = (max if goal == "maximize" else min)(complete, key=lambda t: t.value)
+        best = rows_of(whole_trials(storage, sid, [best_trial._trial_id]), grid)[0]
         shown = " ".join(f"{k}={display.cell(v)}" for k, v in best["values"].items())
         lines.append(f"best: trial {best['trial']} {metric} {best['value']:.4f}  {shown}  (W&B run {best['run']})")
         lines.append("train it again with:\n" + retrain(best, runs_root))
     else:
         lines.append("best: none complete yet")
     return "\n".join(lines)
+
+
+class _Sampled:
+    """A study as insight.from_study reads it, holding only some of its trials."""
+
+    def __init__(self, study, trials: list):
+        self._study, self._trials = study, trials
+
+    def get_trials(self, deepcopy: bool = False, states=None) -> list:
+        return [t for t in self._trials if states is None or t.state in states]
+
+    def __getattr__(self, name: str):
+        return getattr(self._study, name)
+
+
+def findings_text(study, every: bool = False) -> str:
+    """Which settings mattered (insight.format_findings). A sweep of more than SAMPLE completed trials is
+    read from a random SAMPLE of them with its best among them (importance looks at the trials near the
+    best, and the best trial shown stays the sweep's), said in a line under the findings; `every`: all."""
+    storage, sid = study._storage, study._study_id
+    complete = [t for t in ledger_records(storage, sid) if state_name(t) == "COMPLETE" and t.value is not None]
+    if every or len(complete) <= SAMPLE:
+        return insight.format_findings(insight.from_study(study))
+    goal = study.user_attrs.get("goal", "minimize")
+    best = (max if goal == "maximize" else min)(complete, key=lambda t: t.value)
+    others = [t for t in complete if t is not best]
+    drawn = {t._trial_id for t in random.Random(0).sample(others, SAMPLE - 1)} | {best._trial_id}
+    found = insight.from_study(_Sampled(study, whole_trials(storage, sid, drawn)))
+    return (insight.format_findings(found) + f"\n(read from {len(drawn):,} of the {len(complete):,} completed trials, "
+            "drawn at random, the best among them; --all reads every one)")
 
 
 def find_studies(environ: Mapping[str, str], config: str | None, name: str | None, storage: str | None):
@@ -102,8 +150,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--name", help="the sweep name (default: every sweep in the storage)")
     parser.add_argument("--storage", help="journal file or postgresql:// URL (default: $SWEEP_STORAGE, "
                                           "else every $WANDB_DIR/sweeps/*.journal)")
-    parser.add_argument("--json", action="store_true", help="print a JSON list: per sweep its trials, best trial "
-                                                            "and parameter importance")
+    parser.add_argument("--all", action="store_true", dest="every",
+                        help=f"list every trial and read the importance from all of them (default: the last {SHOWN} "
+                             f"trials, and at most {SAMPLE} completed ones for the importance)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list: per sweep every trial, the best trial "
+                                                            "and parameter importance (always complete)")
     args = parser.parse_args(argv)
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -122,8 +173,8 @@ def main(argv: list[str]) -> int:
         study = load_study(url, study_name)
         if i:
             print()
-        print(format_status(study, settings.runs_root(environ)))
-        print(insight.format_findings(insight.from_study(study)))
+        print(format_status(study, settings.runs_root(environ), every=args.every))
+        print(findings_text(study, every=args.every))
     return 0
 
 

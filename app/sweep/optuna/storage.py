@@ -184,6 +184,40 @@ class GridSampler(optuna.samplers.GridSampler):
         pass
 
 
+class DirectRDB(optuna.storages.BaseStorage):
+    """An RDBStorage as it is, without the trial cache Optuna wraps it in (see study_storage); every call
+    goes to the database."""
+
+    def __init__(self, rdb):
+        self._backend = rdb
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+def _forward(name: str):
+    def call(self, *args, **kwargs):
+        return getattr(self._backend, name)(*args, **kwargs)
+    return call
+
+
+for _name in [n for n in dir(optuna.storages.BaseStorage) if not n.startswith("_") and callable(getattr(optuna.storages.BaseStorage, n))]:
+    setattr(DirectRDB, _name, _forward(_name))
+DirectRDB.__abstractmethods__ = frozenset()
+
+
+def study_storage(p: Plan, storage):
+    """What an agent's study reads through. Optuna wraps an RDBStorage in a cache that loads every trial of
+    the study on first use and keeps them all (tens of seconds and a gigabyte at 20 000 trials): worth it
+    only where the sampler or pruner reads every trial anyway (bayes: TPE; grid: GridSampler; hyperband).
+    Random search without early termination never does: its study asks the database directly, each
+    question one filtered query (queued trials, one trial), and the agent's own ledger reads only what
+    changed (app.sweep.optuna.trials.TrialView)."""
+    if isinstance(storage, optuna.storages.RDBStorage) and p.spec.method == "random" and not p.spec.early_terminate:
+        return DirectRDB(storage)
+    return storage
+
+
 def sampler(p: Plan):
     if p.spec.method == "grid":
         return GridSampler(p.space.grid_space(), seed=0)

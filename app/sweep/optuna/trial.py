@@ -39,13 +39,14 @@ def _run_folder(root: Path, run_id: str) -> Path | None:
 
 
 def _completed(agent) -> tuple[str, str, list[float]] | None:
-    """(metric, goal, values of the completed trials) of the agent's sweep, for the model's best alias."""
+    """(metric, goal, [the best value of a completed trial so far]) of the agent's sweep, for the model's best
+    alias: from the agent's ledger, brought up to date with what finished since it last looked (never the
+    whole sweep read again: that grew every trial's cost with the sweep)."""
     try:
-        done = [t.value for t in agent.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value is not None and math.isfinite(t.value)]
+        best = agent.ledger().best
     except Exception:  # a read-only look for an alias: never a reason to fail a finished run
         return None
-    return agent.p.metric, agent.p.goal, done
+    return agent.p.metric, agent.p.goal, [] if best is None else [best.value]
 
 
 def worst(goal: str) -> float:
