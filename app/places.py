@@ -69,13 +69,30 @@ def write_test(folder: Path) -> None:
         os.unlink(probe)
 
 
+def _umask() -> int:
+    """This process's umask, read without setting it (os.umask would change it for W&B's threads meanwhile)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
+def _beside(path: Path) -> tuple[int, str]:
+    """A new temporary file next to `path`, with the mode a plain open() would give it: mkstemp's 0600
+    would make a model or report copied through it unreadable to the host's other users."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".part", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
+
+
 def write_text(path: Path, text: str, what: str) -> None:
     """Write `path` whole or not at all: into a new file beside it, then renamed over it. A symlink already
     at `path` is replaced, never written through; a full or read-only volume is one line naming the file,
     with the file as it was before."""
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".part", dir=path.parent)
+        fd, tmp = _beside(path)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -91,7 +108,7 @@ def copy_file(source: Path, target: Path, what: str, then: str) -> None:
     or read-only volume is one line naming the file, what `then` happens, and no half-written copy left."""
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:100]}.", suffix=".part", dir=target.parent)
+        fd, tmp = _beside(target)
         os.close(fd)
         shutil.copyfile(source, tmp)
         os.replace(tmp, target)

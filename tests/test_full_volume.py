@@ -232,3 +232,19 @@ def test_bundle_save_onto_a_full_volume_is_one_line_before_docker_is_asked(tmp_p
         assert line == (f"error: the bundle's folder '{vol / 'carry'}': its volume is full ({NO_SPACE}); free space "
                         "there or choose a folder on another volume"), line
         assert sorted(p.name for p in vol.iterdir()) == [".filler"]
+
+
+def test_whole_or_nothing_writes_keep_the_mode_a_plain_write_gives(tmp_path: Path):
+    """The temporary file a copy or a report goes through is made 0600; what lands must be readable as any
+    other file the process writes (the host's other users read the model and the report), under its umask."""
+    from app import places
+
+    source = tmp_path / "model.onnx"
+    source.write_bytes(b"onnx")
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    places.copy_file(source, tmp_path / "copy.onnx", "the model", "nothing copied")
+    places.write_text(tmp_path / "index.html", "<p>", "the report")
+    expected = plain.stat().st_mode & 0o777
+    assert expected & 0o044  # the test's own umask lets others read (else it proves nothing)
+    assert {oct((tmp_path / n).stat().st_mode & 0o777) for n in ("copy.onnx", "index.html")} == {oct(expected)}
