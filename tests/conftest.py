@@ -21,6 +21,25 @@ from idx import write_dataset  # tests/ is on sys.path under pytest (no package)
 
 from app.config import KEYS
 
+# The files that take longest on CI's two workers (`--dist loadfile`, each file on one worker), longest
+# first. Handed out before the rest so the two workers end together: xdist otherwise orders files by how
+# many tests they hold, which put these few-but-long files last and left one worker running them alone
+# for minutes. pyproject.toml's addopts turn xdist's reordering off so this order is the one used.
+LONG_FIRST = ("test_slurm.py", "test_warm_agent.py", "test_offline_sweep.py", "test_bench.py", "test_readme.py",
+              "test_launch.py", "test_preempt.py", "test_faults_settings.py", "test_faults_state.py",
+              "test_ranks_agents.py", "test_report.py", "test_container.py", "test_warm_agent_container.py",
+              "test_faults_container.py", "test_bench_trials.py", "test_wandb_stops.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files in LONG_FIRST's order, then the rest by test count, as xdist would; a file's own tests keep
+    their order (the sort is stable), so its module fixtures are made once."""
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    count: dict[str, int] = {}
+    for item in items:
+        count[item.path.name] = count.get(item.path.name, 0) + 1
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -count[item.path.name], item.path.name))
+
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 REFUSED = "http://127.0.0.1:9"  # the discard port: nothing listens, connections fail at once
