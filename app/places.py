@@ -86,37 +86,39 @@ def _beside(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
-def write_text(path: Path, text: str, what: str) -> None:
-    """Write `path` whole or not at all: into a new file beside it, then renamed over it. A symlink already
-    at `path` is replaced, never written through; a full or read-only volume is one line naming the file,
-    with the file as it was before."""
-    tmp = None
-    try:
-        fd, tmp = _beside(path)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise UserError(f"{what}: cannot write {path} ({exc.strerror or exc}); what was there is unchanged") from None
-
-
-def copy_file(source: Path, target: Path, what: str, then: str) -> None:
-    """Copy `source` to `target` whole or not at all: into a new file beside it, then renamed over it. A full
-    or read-only volume is one line naming the file, what `then` happens, and no half-written copy left."""
+def _whole(target: Path, fill, problem) -> None:
+    """`target` made whole or not at all: `fill(fd, tmp)` writes a new file beside it, which is then renamed
+    over it. A full or read-only volume is one line, `problem(why)`; no half-written file is left."""
     tmp = None
     try:
         fd, tmp = _beside(target)
-        os.close(fd)
-        shutil.copyfile(source, tmp)
+        fill(fd, tmp)
         os.replace(tmp, target)
     except OSError as exc:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        raise UserError(f"{what}: cannot write {target} ({exc.strerror or exc}); {then}") from None
+        raise UserError(problem(exc.strerror or exc)) from None
+
+
+def write_text(path: Path, text: str, what: str) -> None:
+    """Write `path` whole or not at all. A symlink already at `path` is replaced, never written through; a
+    full or read-only volume is one line naming the file, with the file as it was before."""
+    def fill(fd: int, tmp: str) -> None:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _whole(path, fill, lambda why: f"{what}: cannot write {path} ({why}); what was there is unchanged")
+
+
+def copy_file(source: Path, target: Path, what: str, then: str) -> None:
+    """Copy `source` to `target` whole or not at all; a full or read-only volume is one line naming the
+    file and what `then` happens."""
+    def fill(fd: int, tmp: str) -> None:
+        os.close(fd)
+        shutil.copyfile(source, tmp)
+
+    _whole(target, fill, lambda why: f"{what}: cannot write {target} ({why}); {then}")
 
 
 def file_stem(name: str, limit: int = 100) -> str:
