@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -58,17 +57,6 @@ class Scan:
     bad_offsets: list[tuple[int, int]] = field(default_factory=list)  # (start, end) of each damaged line
 
 
-OPERATION_START = re.compile(rb'\{"op_code":(\d+),')  # how Optuna writes every operation: op_code first, compact
-
-
-def _looks_like_operation(line: bytes) -> bool:
-    """The quick look (no JSON parse): an object that starts with one of Optuna's op codes, as Optuna writes
-    it. Enough before a replay, which parses every line anyway and turns a line that is no JSON into the
-    same damage message (SafeJournalBackend): parsing each line twice doubled an agent's start."""
-    m = OPERATION_START.match(line)
-    return m is not None and line.rstrip(b"\r\n").endswith(b"}") and int(m.group(1)) in OP_CODES
-
-
 def _is_operation(line: bytes) -> bool:
     """A JSON object with one of Optuna's op codes (an int; an unknown one would be skipped on replay,
     and the next create-study then fails on an assertion deep in Optuna)."""
@@ -79,9 +67,8 @@ def _is_operation(line: bytes) -> bool:
     return isinstance(op, dict) and type(op.get("op_code")) is int and op["op_code"] in OP_CODES
 
 
-def scan(path: str | Path, quick: bool = False) -> Scan:
-    """Read the journal once, line by line (each bounded by MAX_LINE), and say what is damaged; `quick`: a
-    line written as Optuna writes one is taken on sight, for a caller that replays the journal next."""
+def scan(path: str | Path) -> Scan:
+    """Read the journal once, line by line (each bounded by MAX_LINE), and say what is damaged."""
     s = Scan()
     with open(path, "rb") as f:
         number, offset = 0, 0
@@ -101,7 +88,7 @@ def scan(path: str | Path, quick: bool = False) -> Scan:
             if not line.endswith(b"\n"):
                 s.tail_at = start
                 return s
-            if (quick and _looks_like_operation(line)) or _is_operation(line):
+            if _is_operation(line):
                 s.operations += 1
             else:
                 s.bad.append(number)
@@ -199,14 +186,40 @@ def _cut_tail(path: str | Path) -> int:
         return size - keep
 
 
+def _last_line(path: str | Path) -> tuple[bytes | None, int | None]:
+    """(the last complete line, b"" when there is none, or None when it starts before the file's last
+    TAIL_READ bytes; the offset of an incomplete last line or None), from those last bytes only."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        back = min(size, TAIL_READ)
+        f.seek(size - back)
+        chunk = f.read(back)
+    end = chunk.rfind(b"\n") + 1  # just after the last newline; 0: none in the chunk
+    tail_at = size - back + end if end < len(chunk) else None
+    if end == 0:
+        return (b"", tail_at) if back == size else (None, None)
+    start = chunk.rfind(b"\n", 0, end - 1) + 1
+    if start == 0 and back < size:
+        return None, tail_at  # the last complete line starts before the chunk
+    return chunk[start:end], tail_at
+
+
 def check(path: str | Path, heal: bool) -> str | None:
     """Refuse a damaged journal before anything writes on it; with `heal`, cut a crashed append away
-    (under the lock). Returns a note to print when something was cut. Every caller replays the journal
-    next (open_storage), which parses every line: the scan itself only takes a quick look."""
-    s = scan(path, quick=True)
-    if s.bad:
-        raise JournalDamaged(damage_message(path, s))
-    if s.tail_at is None or not heal:
+    (under the lock). Returns a note to print when something was cut.
+
+    Only the end of the file is looked at here: every caller replays the journal next (open_storage),
+    through SafeJournalBackend.read_logs, which refuses any line that is not an operation before the
+    first write. Optuna's reader takes an undecodable LAST complete line for one still being written and
+    skips it in silence, so that line alone is checked here (an agent's append would bury it mid-file).
+    A full scan (reading every line a second time) doubled the start of an agent on a large journal."""
+    last, tail_at = _last_line(path)
+    if last is None or len(last) > MAX_LINE or (last and not _is_operation(last)):
+        s = scan(path)  # damage, or a last line too long to judge from the tail: the whole file, for the message
+        if s.bad:
+            raise JournalDamaged(damage_message(path, s))
+        tail_at = s.tail_at
+    if tail_at is None or not heal:
         return None  # readers skip an incomplete last line: a read-only look needs no repair
     with locked(path):
         removed = _cut_tail(path)
@@ -223,8 +236,13 @@ class SafeJournalBackend(JournalFileBackend):
 
     def read_logs(self, log_number_from: int) -> Generator[dict[str, Any], None, None]:
         try:
-            yield from super().read_logs(log_number_from)
-        except ValueError:  # json.JSONDecodeError, or Optuna's "Invalid log format."
+            for log in super().read_logs(log_number_from):
+                # the damage check of every line, as it is parsed anyway (check() looked at the last one):
+                # a JSON line that is no operation would stop Optuna's replay in a KeyError or an assert
+                if type(log) is not dict or type(log.get("op_code")) is not int or log["op_code"] not in OP_CODES:
+                    raise ValueError("not an Optuna operation")
+                yield log
+        except ValueError:  # json.JSONDecodeError, Optuna's "Invalid log format.", or no operation
             s = scan(self._file_path)
             raise JournalDamaged(damage_message(self._file_path, s) if s.bad else
                                  f"sweep storage {self._file_path} changed under this agent; "
