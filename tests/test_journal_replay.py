@@ -94,3 +94,27 @@ def test_an_agent_uses_the_storage_its_check_opened_and_not_a_replaced_journal(t
     copy.replace(path)  # a new file under the same name (a repair does this)
     fresh = agent.Agent(plan(env), env).storage
     assert fresh is not second and fresh is not kept  # opened again: the kept one replayed the old file
+
+
+def test_the_reader_yields_what_optunas_yields_from_any_line_and_after_appends(tmp_path):
+    from app.sweep.optuna.journal import JournalDamaged, SafeJournalBackend
+
+    path = tmp_path / "two.journal"
+    two_writers(path)
+    ours, theirs = SafeJournalBackend(str(path)), JournalFileBackend(str(path))
+    whole = list(theirs.read_logs(0))
+    assert list(ours.read_logs(0)) == whole and len(whole) > 40
+    for start in (0, 7, len(whole) - 1, len(whole), len(whole) + 3):  # from any line, fresh and resumed
+        assert list(SafeJournalBackend(str(path)).read_logs(start)) == whole[start:]
+        assert list(ours.read_logs(start)) == list(theirs.read_logs(start))
+    with open(path, "ab") as f:
+        f.write(b'{"op_code":5,"worker_id":"w","study_id":0,"user_attr":{"k":1}}\n{"op_code":5,"wor')
+    assert list(ours.read_logs(len(whole))) == list(theirs.read_logs(len(whole))) == [
+        {"op_code": 5, "worker_id": "w", "study_id": 0, "user_attr": {"k": 1}}]  # a partial last line: not yet
+    with open(path, "ab") as f:
+        f.write(b'ker_id":"w"\n')  # a whole line and no JSON: the last one is skipped (it may be mid-write) ...
+    assert list(ours.read_logs(len(whole) + 1)) == list(theirs.read_logs(len(whole) + 1)) == []
+    with open(path, "ab") as f:
+        f.write(b'{"op_code":5,"worker_id":"w","study_id":0,"user_attr":{"k":2}}\n')
+    with pytest.raises(JournalDamaged, match=f"damaged at line {len(whole) + 2} "):  # ... until a line follows it
+        list(ours.read_logs(len(whole) + 1))

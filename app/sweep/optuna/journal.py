@@ -58,12 +58,14 @@ class Scan:
 
 
 def _is_operation(line: bytes) -> bool:
-    """A JSON object with one of Optuna's op codes (an int; an unknown one would be skipped on replay,
-    and the next create-study then fails on an assertion deep in Optuna)."""
+    """A JSON object with one of Optuna's op codes (an int; an unknown one breaks Optuna's replay)."""
     try:
-        op = json.loads(line)
+        return _operation(json.loads(line))
     except (ValueError, UnicodeDecodeError, RecursionError):
         return False
+
+
+def _operation(op: Any) -> bool:
     return isinstance(op, dict) and type(op.get("op_code")) is int and op["op_code"] in OP_CODES
 
 
@@ -148,8 +150,7 @@ class _Lock(JournalFileOpenLock):
         return super().acquire()
 
 
-def _lock(path: str | Path) -> JournalFileOpenLock:
-    return _Lock(path)
+_lock = _Lock
 
 
 @contextlib.contextmanager
@@ -187,32 +188,24 @@ def _cut_tail(path: str | Path) -> int:
 
 
 def _last_line(path: str | Path) -> tuple[bytes | None, int | None]:
-    """(the last complete line, b"" when there is none, or None when it starts before the file's last
-    TAIL_READ bytes; the offset of an incomplete last line or None), from those last bytes only."""
+    """(the last complete line: b"" if none, None if it starts before the last TAIL_READ bytes; an incomplete one's offset)."""
     with open(path, "rb") as f:
         size = f.seek(0, os.SEEK_END)
-        back = min(size, TAIL_READ)
-        f.seek(size - back)
-        chunk = f.read(back)
-    end = chunk.rfind(b"\n") + 1  # just after the last newline; 0: none in the chunk
-    tail_at = size - back + end if end < len(chunk) else None
-    if end == 0:
-        return (b"", tail_at) if back == size else (None, None)
-    start = chunk.rfind(b"\n", 0, end - 1) + 1
-    if start == 0 and back < size:
-        return None, tail_at  # the last complete line starts before the chunk
+        f.seek(size - min(size, TAIL_READ))
+        chunk = f.read()
+    base, end = size - len(chunk), chunk.rfind(b"\n") + 1  # end: just after the last newline; 0: none
+    tail_at = base + end if end < len(chunk) else None
+    start = chunk.rfind(b"\n", 0, max(end - 1, 0)) + 1
+    if base and (end == 0 or start == 0):  # the line (or the incomplete one) starts before the chunk
+        return None, (tail_at if end else None)
     return chunk[start:end], tail_at
 
 
 def check(path: str | Path, heal: bool) -> str | None:
-    """Refuse a damaged journal before anything writes on it; with `heal`, cut a crashed append away
-    (under the lock). Returns a note to print when something was cut.
-
-    Only the end of the file is looked at here: every caller replays the journal next (open_storage),
-    through SafeJournalBackend.read_logs, which refuses any line that is not an operation before the
-    first write. Optuna's reader takes an undecodable LAST complete line for one still being written and
-    skips it in silence, so that line alone is checked here (an agent's append would bury it mid-file).
-    A full scan (reading every line a second time) doubled the start of an agent on a large journal."""
+    """Refuse a damaged journal before anything writes on it; with `heal`, cut a crashed append away (under
+    the lock). Returns a note to print when something was cut. Only the last line is looked at: every caller
+    replays the journal next, through SafeJournalBackend.read_logs, which refuses a damaged line before the
+    first write but skips an undecodable last one (as Optuna's reader does: it may be being written)."""
     last, tail_at = _last_line(path)
     if last is None or len(last) > MAX_LINE or (last and not _is_operation(last)):
         s = scan(path)  # damage, or a last line too long to judge from the tail: the whole file, for the message
@@ -233,16 +226,36 @@ class SafeJournalBackend(JournalFileBackend):
 
     def __init__(self, file_path: str):
         super().__init__(file_path, lock_obj=_lock(file_path))
+        self._resume = (0, 0)  # (lines, bytes) read so far: where the next read starts
 
     def read_logs(self, log_number_from: int) -> Generator[dict[str, Any], None, None]:
+        """Optuna's reader, the same lines in the same cases (whole lines within the size it began at; an undecodable
+        last line skipped, one followed by more refused), resuming where the last read ended (not every line's
+        offset kept) and refusing a line that is no operation: the damage check is the parse each line gets anyway."""
+        number, offset = self._resume if self._resume[0] <= log_number_from else (0, 0)
         try:
-            for log in super().read_logs(log_number_from):
-                # the damage check of every line, as it is parsed anyway (check() looked at the last one):
-                # a JSON line that is no operation would stop Optuna's replay in a KeyError or an assert
-                if type(log) is not dict or type(log.get("op_code")) is not int or log["op_code"] not in OP_CODES:
-                    raise ValueError("not an Optuna operation")
-                yield log
-        except ValueError:  # json.JSONDecodeError, Optuna's "Invalid log format.", or no operation
+            with open(self._file_path, "rb") as f:
+                left, undecodable = os.fstat(f.fileno()).st_size - offset, None
+                f.seek(offset)
+                for line in f:
+                    left -= len(line)
+                    if left < 0 or not line.endswith(b"\n"):
+                        return  # being appended now, or a crashed append's remains: not a line yet
+                    if undecodable is not None:
+                        raise undecodable
+                    log = None  # a line read before (log_number_from) is only counted
+                    if number >= log_number_from:
+                        try:
+                            log = json.loads(line)
+                        except ValueError as exc:  # the last line may still be written in a moment: see the next
+                            undecodable = exc
+                            continue
+                        if len(line) > MAX_LINE or not _operation(log):
+                            raise ValueError("not an Optuna operation")
+                    number, offset = self._resume = (number + 1, offset + len(line))
+                    if log is not None:
+                        yield log
+        except ValueError:  # a line that is no JSON, or no operation
             s = scan(self._file_path)
             raise JournalDamaged(damage_message(self._file_path, s) if s.bad else
                                  f"sweep storage {self._file_path} changed under this agent; "
