@@ -37,7 +37,7 @@ from app import display, interrupts, settings
 from app.errors import UserError
 from app.sweep.optuna.claims import STALE_BEATS, Ledger, StaleWatch, TrialHeartbeat, key_of, outcome
 from app.sweep.optuna.plan import Plan, plan, redact
-from app.sweep.optuna.storage import open_storage, open_study, storage_problem, study_storage
+from app.sweep.optuna.storage import hand_over, handed_over, open_storage, open_study, storage_problem, study_storage
 from app.sweep.optuna.trial import Dropped, say, train_trial
 from app.sweep.optuna.trials import TrialView, whole_trials
 
@@ -58,7 +58,8 @@ class Agent:
     def __init__(self, p: Plan, environ: Mapping[str, str]):
         self.p = p
         self.environ = dict(environ)
-        self.storage = open_storage(p.storage_url)
+        # the storage check_environment just opened: a journal is replayed whole on opening (seconds at 20 000 trials)
+        self.storage = handed_over(p.storage_url) or open_storage(p.storage_url)
         self.study = open_study(p, study_storage(p, self.storage))
         self.view = TrialView(self.storage, self.study._study_id)
         self._ledger: Ledger | None = None
@@ -298,7 +299,9 @@ def check_environment(environ: Mapping[str, str], p: Plan | None = None) -> Plan
     """Every problem an offline sweep can find before training, as one UserError line; `p`: the plan
     of `environ` when the caller has already read it."""
     p = p or plan(environ)
-    open_study(p)  # reaches the storage; a wrong URL, password or a changed sweep fails here
+    storage = open_storage(p.storage_url)
+    open_study(p, storage)  # reaches the storage; a wrong URL, password or a changed sweep fails here
+    hand_over(p.storage_url, storage)  # to the Agent that follows: a journal is read once, not twice
     return p
 
 

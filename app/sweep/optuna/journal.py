@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -58,30 +57,20 @@ class Scan:
     bad_offsets: list[tuple[int, int]] = field(default_factory=list)  # (start, end) of each damaged line
 
 
-OPERATION_START = re.compile(rb'\{"op_code":(\d+),')  # how Optuna writes every operation: op_code first, compact
-
-
-def _looks_like_operation(line: bytes) -> bool:
-    """The quick look (no JSON parse): an object that starts with one of Optuna's op codes, as Optuna writes
-    it. Enough before a replay, which parses every line anyway and turns a line that is no JSON into the
-    same damage message (SafeJournalBackend): parsing each line twice doubled an agent's start."""
-    m = OPERATION_START.match(line)
-    return m is not None and line.rstrip(b"\r\n").endswith(b"}") and int(m.group(1)) in OP_CODES
-
-
 def _is_operation(line: bytes) -> bool:
-    """A JSON object with one of Optuna's op codes (an int; an unknown one would be skipped on replay,
-    and the next create-study then fails on an assertion deep in Optuna)."""
+    """A JSON object with one of Optuna's op codes (an int; an unknown one breaks Optuna's replay)."""
     try:
-        op = json.loads(line)
+        return _operation(json.loads(line))
     except (ValueError, UnicodeDecodeError, RecursionError):
         return False
+
+
+def _operation(op: Any) -> bool:
     return isinstance(op, dict) and type(op.get("op_code")) is int and op["op_code"] in OP_CODES
 
 
-def scan(path: str | Path, quick: bool = False) -> Scan:
-    """Read the journal once, line by line (each bounded by MAX_LINE), and say what is damaged; `quick`: a
-    line written as Optuna writes one is taken on sight, for a caller that replays the journal next."""
+def scan(path: str | Path) -> Scan:
+    """Read the journal once, line by line (each bounded by MAX_LINE), and say what is damaged."""
     s = Scan()
     with open(path, "rb") as f:
         number, offset = 0, 0
@@ -101,7 +90,7 @@ def scan(path: str | Path, quick: bool = False) -> Scan:
             if not line.endswith(b"\n"):
                 s.tail_at = start
                 return s
-            if (quick and _looks_like_operation(line)) or _is_operation(line):
+            if _is_operation(line):
                 s.operations += 1
             else:
                 s.bad.append(number)
@@ -161,8 +150,7 @@ class _Lock(JournalFileOpenLock):
         return super().acquire()
 
 
-def _lock(path: str | Path) -> JournalFileOpenLock:
-    return _Lock(path)
+_lock = _Lock
 
 
 @contextlib.contextmanager
@@ -199,14 +187,32 @@ def _cut_tail(path: str | Path) -> int:
         return size - keep
 
 
+def _last_line(path: str | Path) -> tuple[bytes | None, int | None]:
+    """(the last complete line: b"" if none, None if it starts before the last TAIL_READ bytes; an incomplete one's offset)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(size - min(size, TAIL_READ))
+        chunk = f.read()
+    base, end = size - len(chunk), chunk.rfind(b"\n") + 1  # end: just after the last newline; 0: none
+    tail_at = base + end if end < len(chunk) else None
+    start = chunk.rfind(b"\n", 0, max(end - 1, 0)) + 1
+    if base and (end == 0 or start == 0):  # the line (or the incomplete one) starts before the chunk
+        return None, (tail_at if end else None)
+    return chunk[start:end], tail_at
+
+
 def check(path: str | Path, heal: bool) -> str | None:
-    """Refuse a damaged journal before anything writes on it; with `heal`, cut a crashed append away
-    (under the lock). Returns a note to print when something was cut. Every caller replays the journal
-    next (open_storage), which parses every line: the scan itself only takes a quick look."""
-    s = scan(path, quick=True)
-    if s.bad:
-        raise JournalDamaged(damage_message(path, s))
-    if s.tail_at is None or not heal:
+    """Refuse a damaged journal before anything writes on it; with `heal`, cut a crashed append away (under
+    the lock). Returns a note to print when something was cut. Only the last line is looked at: every caller
+    replays the journal next, through SafeJournalBackend.read_logs, which refuses a damaged line before the
+    first write but skips an undecodable last one (as Optuna's reader does: it may be being written)."""
+    last, tail_at = _last_line(path)
+    if last is None or len(last) > MAX_LINE or (last and not _is_operation(last)):
+        s = scan(path)  # damage, or a last line too long to judge from the tail: the whole file, for the message
+        if s.bad:
+            raise JournalDamaged(damage_message(path, s))
+        tail_at = s.tail_at
+    if tail_at is None or not heal:
         return None  # readers skip an incomplete last line: a read-only look needs no repair
     with locked(path):
         removed = _cut_tail(path)
@@ -220,11 +226,36 @@ class SafeJournalBackend(JournalFileBackend):
 
     def __init__(self, file_path: str):
         super().__init__(file_path, lock_obj=_lock(file_path))
+        self._resume = (0, 0)  # (lines, bytes) read so far: where the next read starts
 
     def read_logs(self, log_number_from: int) -> Generator[dict[str, Any], None, None]:
+        """Optuna's reader, the same lines in the same cases (whole lines within the size it began at; an undecodable
+        last line skipped, one followed by more refused), resuming where the last read ended (not every line's
+        offset kept) and refusing a line that is no operation: the damage check is the parse each line gets anyway."""
+        number, offset = self._resume if self._resume[0] <= log_number_from else (0, 0)
         try:
-            yield from super().read_logs(log_number_from)
-        except ValueError:  # json.JSONDecodeError, or Optuna's "Invalid log format."
+            with open(self._file_path, "rb") as f:
+                left, undecodable = os.fstat(f.fileno()).st_size - offset, None
+                f.seek(offset)
+                for line in f:
+                    left -= len(line)
+                    if left < 0 or not line.endswith(b"\n"):
+                        return  # being appended now, or a crashed append's remains: not a line yet
+                    if undecodable is not None:
+                        raise undecodable
+                    log = None  # a line read before (log_number_from) is only counted
+                    if number >= log_number_from:
+                        try:
+                            log = json.loads(line)
+                        except ValueError as exc:  # the last line may still be written in a moment: see the next
+                            undecodable = exc
+                            continue
+                        if len(line) > MAX_LINE or not _operation(log):
+                            raise ValueError("not an Optuna operation")
+                    number, offset = self._resume = (number + 1, offset + len(line))
+                    if log is not None:
+                        yield log
+        except ValueError:  # a line that is no JSON, or no operation
             s = scan(self._file_path)
             raise JournalDamaged(damage_message(self._file_path, s) if s.bad else
                                  f"sweep storage {self._file_path} changed under this agent; "
