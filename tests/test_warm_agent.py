@@ -80,7 +80,10 @@ def test_warm_runs_are_the_runs_wandb_agent_children_record(tmp_path: Path, smal
         if process == "warm":
             assert "every run in this process" in log and log.count("ended with exit code 0") == 2
         # the runs are offline: the server has no value of them, so the last line is the best of this agent's own
-        (best_id, (_, top)), = [max(runs.items(), key=lambda item: item[1][1].summary["val_accuracy"])]
+        # of equal values (both runs may reach 1.0 on this tiny data) the one that started first
+        top_value = max(run.summary["val_accuracy"] for _, run in runs.values())
+        best_id, (_, top) = min(((run_id, fr) for run_id, fr in runs.items() if fr[1].summary["val_accuracy"] == top_value),
+                                key=lambda item: item[1][0].name.split("run-", 1)[1])
         whose = "this agent's runs" if process == "warm" else "the runs trained here since this agent started"
         last = log.strip().splitlines()[-1]
         assert last.startswith(("[warm-agent] best so far", "best so far")) and (

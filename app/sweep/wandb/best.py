@@ -142,18 +142,21 @@ def own_runs(environ: Mapping[str, str], sweep_id: str, ids: Iterable[str] | Non
              since: float | None = None) -> list[Run]:
     """This agent's runs of the sweep, from their logs under WANDB_DIR/wandb: those named in `ids`, or
     (a `wandb agent`, whose runs are its children's) those whose sweep values were written there since
-    `since` (time.time()). The last folder of a run resumed in several is the one that counts."""
+    `since` (time.time()). The last folder of a run resumed in several is the one that counts. In the
+    order the runs started (their first folder's time), so that of runs with the same value the first
+    started is the best, as Optuna takes the first of equal trials: the same line whatever order the
+    file system lists them in."""
     wandb_dir = settings.runs_root(environ) / "wandb"
     if ids is None:
         written = (wandb_dir / f"sweep-{sweep_id}").glob("config-*.yaml")
         ids = [p.stem[len("config-"):] for p in written if since is None or p.stat().st_mtime >= since]
-    runs = []
+    started = []
     for run_id in dict.fromkeys(ids):
         folders = sorted(wandb_dir.glob(f"*run-*-{run_id}"), key=lambda p: p.name.split("run-", 1)[1])
         run = _local(folders[-1], sweep_id) if folders else None
         if run is not None:
-            runs.append(run)
-    return runs
+            started.append((folders[0].name.split("run-", 1)[1], run))
+    return [run for _, run in sorted(started, key=lambda sr: sr[0])]
 
 
 def _best(runs: list[Run], metric: str, goal: str) -> tuple[Run, float, int] | None:
