@@ -38,6 +38,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.storages.journal._storage import JournalOperation
 
 from app.errors import UserError
+from app.sweep.optuna import snapshot
 
 OP_CODES = frozenset(op.value for op in JournalOperation)
 STALE_LOCK_S = 120  # an append holds the lock for milliseconds: a lock this old was left by a dead writer
@@ -323,6 +324,7 @@ def repair(path: Path, dry_run: bool = False) -> str:
             with open(chosen, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(chosen, path)
+            snapshot.path_of(path).unlink(missing_ok=True)  # it stands for the old bytes: no reader would use it
     return f"{path}: repaired: {how}; the damaged file is kept as {backup.name}"
 
 
