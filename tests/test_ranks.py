@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import clean_env, error_lines, run_app
 from idx import write_dataset
+import procs
 
 from app import data, ranks, runlog, settings
 from app.config import Config
@@ -106,40 +107,6 @@ def test_each_rank_takes_its_share_of_the_same_order():
     assert [len(data.shard(split, r, 3)) for r in range(3)] == [3, 3, 4]
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def _rank1(proc: subprocess.Popen, timeout: float = 120) -> int:
-    """The rank rank 0 started (torch.multiprocessing's spawned child; its resource tracker is not one)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for child in _children(proc.pid):
-            cmd = Path(f"/proc/{child}/cmdline").read_bytes()
-            if b"spawn_main" in cmd:
-                return child
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail("rank 1 was never started")
-
-
-def _when_checkpointed(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"training ended (rc {proc.returncode}) before {path.name}:\n{proc.communicate()[1][-3000:]}")
-        time.sleep(0.01)
-
-
 def test_a_stop_sent_to_rank_1_alone_stops_both_ranks_at_one_step_and_the_run_resumes_to_the_same_end(
         tmp_path, ranks_data, one_and_two):
     """SIGTERM to rank 1 only, inside epoch 2: the ranks agree on it at the step's end, rank 0 writes the
@@ -150,8 +117,8 @@ def test_a_stop_sent_to_rank_1_alone_stops_both_ranks_at_one_step_and_the_run_re
     proc = subprocess.Popen([sys.executable, "-m", "app", "train"], env=env, cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        rank1 = _rank1(proc)
-        _when_checkpointed(ckpt, proc)  # end of epoch 1: the stop lands in epoch 2
+        rank1 = procs.rank1(proc)
+        procs.wait_for(ckpt, proc)  # end of epoch 1: the stop lands in epoch 2
         os.kill(rank1, signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
@@ -182,8 +149,8 @@ def test_a_killed_rank_fails_the_run_in_bounded_time_in_one_line(tmp_path, ranks
     proc = subprocess.Popen([sys.executable, "-m", "app", "train"], env=env, cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        rank1 = _rank1(proc)
-        _when_checkpointed(tmp_path / "outputs" / "kill2" / "checkpoint.pt", proc)
+        rank1 = procs.rank1(proc)
+        procs.wait_for(tmp_path / "outputs" / "kill2" / "checkpoint.pt", proc)
         os.kill(rank1, signal.SIGKILL)
         killed = time.monotonic()
         out, err = proc.communicate(timeout=ranks.TIMEOUT_S + 60)

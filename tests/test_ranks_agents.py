@@ -18,7 +18,7 @@ from conftest import clean_env
 from fake_wandb import FakeWandb
 from optuna.trial import TrialState
 from idx import write_dataset
-from test_ranks import _children
+import procs
 from test_warm_agent import agent_env, grid, runs_in, start_agent
 
 from app import runlog
@@ -40,7 +40,7 @@ def _rank1_of_first_trial(proc: subprocess.Popen, outputs: Path, timeout: float 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         if list(outputs.glob("*/checkpoint.pt")):
-            for child in _children(proc.pid):
+            for child in procs.children(proc.pid):
                 if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
                     return child
         time.sleep(0.01)
