@@ -1,6 +1,6 @@
 """A trial on several ranks (GPUS_PER_TRIAL, app.ranks), proved on the CPU with 2 gloo ranks: the same
 loss curve and test accuracy as one rank, a stop on any rank stops every rank at the same step and the
-run resumes to the same end, a killed rank fails the trial in bounded time with one line naming it."""
+run resumes to the same end, a killed or frozen rank fails the trial in bounded time with one line naming it."""
 
 from __future__ import annotations
 
@@ -164,6 +164,51 @@ def test_a_killed_rank_fails_the_run_in_bounded_time_in_one_line(tmp_path, ranks
     assert took < 30, took  # far inside ranks.TIMEOUT_S: a dead rank is seen at once
     [folder] = runlog.find(tmp_path / "runs-kill2")
     assert runlog.read(folder).exit_code == 1
+
+
+def test_a_frozen_rank_fails_the_run_within_rank_timeout_s_in_one_line_and_is_not_left_behind(tmp_path, ranks_data):
+    """SIGSTOP to rank 1 mid-training: it neither answers nor closes its connections. Rank 0's next
+    collective gives up after RANK_TIMEOUT_S, the run is recorded failed (exit 1) with one line naming the
+    rank, and the frozen rank is killed, not left stopped."""
+    env = ranks_env(tmp_path, ranks_data, "hang2", 2, EPOCHS="3", RANK_TIMEOUT_S="10")
+    proc = subprocess.Popen([sys.executable, "-m", "app", "train"], env=env, cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    rank1 = None
+    try:
+        rank1 = procs.rank1(proc)
+        procs.wait_for(tmp_path / "outputs" / "hang2" / "checkpoint.pt", proc)
+        os.kill(rank1, signal.SIGSTOP)
+        frozen = time.monotonic()
+        out, err = proc.communicate(timeout=120)
+        took = time.monotonic() - frozen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        alive = rank1 is not None and not procs.gone(rank1)
+        if alive:
+            os.kill(rank1, signal.SIGKILL)  # a failed test leaves no stopped process either
+    assert proc.returncode == 1, err[-3000:]
+    assert error_lines(err) == ["error: rank 1 of 2 silent for RANK_TIMEOUT_S=10 s; the trial fails"], err[-3000:]
+    assert "Traceback" not in err
+    assert 10 <= took < 30, took  # the bound, not ranks.TIMEOUT_S's 120 s
+    assert not alive  # rank 0 ended it (SIGKILL reaches a stopped process) and reaped it
+    [folder] = runlog.find(tmp_path / "runs-hang2")
+    assert runlog.read(folder).exit_code == 1
+
+
+def test_rank_timeout_s_is_a_bounded_number_of_seconds():
+    assert settings.get("RANK_TIMEOUT_S", {}) == ranks.TIMEOUT_S == 120
+    assert settings.get("RANK_TIMEOUT_S", {"RANK_TIMEOUT_S": "2.5"}) == 2.5
+    for bad in ("0", "3601", "soon", "-1"):
+        with pytest.raises(UserError, match=r"^RANK_TIMEOUT_S='.*' must be seconds above 0, at most 3600$"):
+            settings.get("RANK_TIMEOUT_S", {"RANK_TIMEOUT_S": bad})
+
+
+def test_a_bad_rank_timeout_is_refused_before_any_run(tmp_path, ranks_data):
+    proc = run_app(["train"], ranks_env(tmp_path, ranks_data, "badtimeout", 2, RANK_TIMEOUT_S="0"), tmp_path)
+    assert proc.returncode == 2
+    assert error_lines(proc.stderr) == ["error: RANK_TIMEOUT_S='0' must be seconds above 0, at most 3600"], proc.stderr[-2000:]
+    assert runlog.find(tmp_path / "runs-badtimeout") == []
 
 
 def test_one_rank_needs_no_process_group():
