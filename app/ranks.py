@@ -15,7 +15,11 @@ Config (the sweep's values, however they arrived) with the run's id: they never 
 
 Every collective is bounded by RANK_TIMEOUT_S (default 120 s; the ranks' meeting by MEET_S if longer): a rank that dies closes its connections,
 and the others' next collective fails at once; one that hangs (or is frozen, SIGSTOP) makes them fail after
-RANK_TIMEOUT_S. Rank 0 then names the rank and the trial fails (`RankLost`); the agent goes on.
+RANK_TIMEOUT_S. Rank 0 then names the rank and the trial fails (`RankLost`); the agent goes on. The bound is
+for the ranks' shared work only: where the others wait for rank 0's own (after each epoch it logs to W&B,
+writes the checkpoint and reports to the sweep, whose storage may be a slow PostgreSQL) they wait on the
+ranks' store for as long as that takes (`decide`), and after the test-set pass, their last collective, they
+end while rank 0 exports the model and uploads it; rank 0 alone waits, for their exit.
 
 The stop agreement: each rank's stop request (SIGTERM/SIGINT, to any or all of them) goes into one
 all-reduce of a single integer (max) every training step, so every rank stops after the same step. Its
@@ -37,6 +41,7 @@ from app.errors import UserError
 
 TIMEOUT_S = settings.TABLE["RANK_TIMEOUT_S"].default  # RANK_TIMEOUT_S unset
 MEET_S = 120.0  # the ranks' meeting, at least: a started rank imports torch (on CUDA, opens its GPU) first
+LEAD_WAIT = timedelta(days=7)  # the others' wait for rank 0's own work (W&B, disk, the sweep's storage): no bound
 JOIN_S = 30  # how long rank 0 waits for the others to end once the trial is over
 HOST = "127.0.0.1"  # the ranks rank 0 starts are on its host
 
@@ -93,6 +98,7 @@ class Team:
     local_rank: int = 0
     processes: list = field(default_factory=list)  # rank 0: the ranks it started (index i: rank i + 1)
     timeout_s: float = TIMEOUT_S  # RANK_TIMEOUT_S: every collective's bound
+    decisions: int = 0  # rank 0's decisions told so far (each one's key in the ranks' store)
 
     @property
     def lead(self) -> bool:
@@ -129,16 +135,23 @@ class Team:
         self._collective(lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX))
         return int(flag.item()) or None
 
-    def decide(self, yes: bool, device) -> bool:
-        """Rank 0's decision (an early stop after an epoch), told to every rank."""
+    def decide(self, yes: bool, device=None) -> bool:
+        """Rank 0's decision (an early stop after an epoch), told to every rank. Not a collective: rank 0
+        decides after its own work of the epoch (W&B, the checkpoint, the sweep's storage), which the others
+        wait for through the ranks' store, as long as it takes (LEAD_WAIT), not RANK_TIMEOUT_S; rank 0 waits
+        for nobody here. A rank 0 that dies closes the store's connection: the wait fails at once."""
         if self.size == 1:
             return yes
-        import torch
-        import torch.distributed as dist
+        from torch.distributed import distributed_c10d
 
-        flag = torch.tensor([int(yes) if self.lead else 0], device=device)
-        self._collective(lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX))
-        return bool(flag.item())
+        store = distributed_c10d._get_default_store()  # the one the ranks met on (rank 0's, or torchrun's)
+        key = f"app/decision/{self.decisions}"
+        self.decisions += 1
+        if self.lead:
+            self._collective(lambda: store.set(key, "1" if yes else "0"))
+            return yes
+        self._collective(lambda: store.wait([key], LEAD_WAIT))
+        return self._collective(lambda: store.get(key)) == b"1"
 
     def lost(self, exc: BaseException) -> RankLost | None:
         """`exc` as the lost rank it means (a collective inside DDP's backward fails as a bare RuntimeError
@@ -264,7 +277,9 @@ def join_torchrun(environ: Mapping[str, str]) -> tuple[Team, dict[str, Any]]:
 
     rank, n = settings.get("RANK", environ), settings.get("WORLD_SIZE", environ)
     local, timeout = settings.get("LOCAL_RANK", environ) or 0, timeout_s(environ)
-    _join(rank, n, "any" if _cuda() else "cpu", local, max(timeout, MEET_S), timeout)
+    # torchrun starts every rank at once, but rank 0 joins only after its wandb.init (however long W&B takes):
+    # the others' meeting waits for it without RANK_TIMEOUT_S, their collectives from then on within it
+    _join(rank, n, "any" if _cuda() else "cpu", local, LEAD_WAIT.total_seconds(), timeout)
     team = Team(rank, n, local, timeout_s=timeout)
     box: list[Any] = [None]
     team._collective(lambda: dist.broadcast_object_list(box, src=0))

@@ -258,7 +258,7 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
             early = on_epoch is not None and on_epoch(epoch, {"val_loss": val_loss, "val_accuracy": val_acc,
                                                              "examples_per_s": (seen - first) / epoch_time,
                                                              "epoch_seconds": epoch_time, "examples": seen - first})
-            if team.decide(bool(early), device):  # rank 0's hook decides for every rank
+            if team.decide(bool(early)):  # rank 0's hook decides for every rank
                 run.summary["pruned"] = True
                 if team.lead:
                     print(f"stopped early after epoch {epoch + 1}", flush=True)

@@ -1,6 +1,7 @@
 """A trial on several ranks (GPUS_PER_TRIAL, app.ranks), proved on the CPU with 2 gloo ranks: the same
 loss curve and test accuracy as one rank, a stop on any rank stops every rank at the same step and the
-run resumes to the same end, a killed or frozen rank fails the trial in bounded time with one line naming it."""
+run resumes to the same end, a killed or frozen rank fails the trial in bounded time with one line naming
+it, and no wait for rank 0's own work is bounded by RANK_TIMEOUT_S."""
 
 from __future__ import annotations
 
@@ -194,6 +195,32 @@ def test_a_frozen_rank_fails_the_run_within_rank_timeout_s_in_one_line_and_is_no
     assert not alive  # rank 0 ended it (SIGKILL reaches a stopped process) and reaped it
     [folder] = runlog.find(tmp_path / "runs-hang2")
     assert runlog.read(folder).exit_code == 1
+
+
+SLOW_LEAD = """
+import sys, time
+from app import runner
+
+def slow_report(epoch, metrics):  # rank 0's own work after an epoch (a sweep's storage), longer than the bound
+    time.sleep(float(sys.argv[1]))
+    return False
+
+sys.exit(runner.run(runner.prepare([], dotenv_path=None), on_epoch=slow_report))
+"""
+
+
+def test_the_other_ranks_wait_for_rank_0s_own_work_longer_than_rank_timeout_s(tmp_path, ranks_data):
+    """After each epoch rank 0 alone logs, checkpoints and reports to the sweep (`on_epoch`) while rank 1
+    waits for its decision: that wait is as long as rank 0's work takes, not RANK_TIMEOUT_S, and the run
+    ends as it would have (with a collective there, rank 1 gave up after 3 s and the run failed)."""
+    env = ranks_env(tmp_path, ranks_data, "slow0", 2, EPOCHS="1", RANK_TIMEOUT_S="3")
+    proc = subprocess.run([sys.executable, "-c", SLOW_LEAD, "6"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    [folder] = runlog.find(tmp_path / "runs-slow0")
+    run = runlog.read(folder)
+    assert run.exit_code == 0 and 0 < run.summary["test_accuracy"] <= 1
 
 
 def test_rank_timeout_s_is_a_bounded_number_of_seconds():
