@@ -13,13 +13,14 @@ caller a supervisor of N workers, whereas here rank 0 must stay the caller, the 
 run, the Optuna trial and its heartbeat, and a warm agent's state. Rank 0 hands the others the resolved
 Config (the sweep's values, however they arrived) with the run's id: they never read W&B, never import it.
 
-Every collective is bounded by RANK_TIMEOUT_S (default 120 s; the ranks' meeting by MEET_S if longer): a rank that dies closes its connections,
-and the others' next collective fails at once; one that hangs (or is frozen, SIGSTOP) makes them fail after
-RANK_TIMEOUT_S. Rank 0 then names the rank and the trial fails (`RankLost`); the agent goes on. The bound is
-for the ranks' shared work only: where the others wait for rank 0's own (after each epoch it logs to W&B,
-writes the checkpoint and reports to the sweep, whose storage may be a slow PostgreSQL) they wait on the
-ranks' store for as long as that takes (`decide`), and after the test-set pass, their last collective, they
-end while rank 0 exports the model and uploads it; rank 0 alone waits, for their exit.
+Every collective is bounded by RANK_TIMEOUT_S (default 120 s; the ranks' meeting by MEET_S if that is
+longer): a rank that dies closes its connections, and the others' next collective fails at once; one that
+hangs (or is frozen, SIGSTOP) makes them fail after RANK_TIMEOUT_S. Rank 0 then names the rank and the
+trial fails (`RankLost`); the agent goes on. The bound is for the ranks' shared work only. Where the others
+wait for rank 0's own work they wait as long as it takes: after each epoch, while rank 0 logs to W&B,
+writes the checkpoint and reports to the sweep (whose storage may be a slow PostgreSQL), on the ranks'
+store (`decide`); under torchrun, for rank 0's wandb.init before they meet; after the test-set pass, their
+last collective, they end while rank 0 exports and uploads the model, and rank 0 waits for their exit.
 
 The stop agreement: each rank's stop request (SIGTERM/SIGINT, to any or all of them) goes into one
 all-reduce of a single integer (max) every training step, so every rank stops after the same step. Its
@@ -135,7 +136,7 @@ class Team:
         self._collective(lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX))
         return int(flag.item()) or None
 
-    def decide(self, yes: bool, device=None) -> bool:
+    def decide(self, yes: bool) -> bool:
         """Rank 0's decision (an early stop after an epoch), told to every rank. Not a collective: rank 0
         decides after its own work of the epoch (W&B, the checkpoint, the sweep's storage), which the others
         wait for through the ranks' store, as long as it takes (LEAD_WAIT), not RANK_TIMEOUT_S; rank 0 waits
