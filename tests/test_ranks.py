@@ -201,26 +201,30 @@ SLOW_LEAD = """
 import sys, time
 from app import runner
 
-def slow_report(epoch, metrics):  # rank 0's own work after an epoch (a sweep's storage), longer than the bound
-    time.sleep(float(sys.argv[1]))
-    return False
+def report(epoch, metrics):  # rank 0's own work after an epoch: a report to a slow sweep storage, then a prune
+    if epoch == 0:
+        time.sleep(float(sys.argv[1]))
+    return epoch == 1
 
-sys.exit(runner.run(runner.prepare([], dotenv_path=None), on_epoch=slow_report))
+sys.exit(runner.run(runner.prepare([], dotenv_path=None), on_epoch=report))
 """
 
 
 def test_the_other_ranks_wait_for_rank_0s_own_work_longer_than_rank_timeout_s(tmp_path, ranks_data):
     """After each epoch rank 0 alone logs, checkpoints and reports to the sweep (`on_epoch`) while rank 1
-    waits for its decision: that wait is as long as rank 0's work takes, not RANK_TIMEOUT_S, and the run
-    ends as it would have (with a collective there, rank 1 gave up after 5 s and the run failed)."""
-    env = ranks_env(tmp_path, ranks_data, "slow0", 2, EPOCHS="1", RANK_TIMEOUT_S="5")
+    waits for its decision: that wait is as long as rank 0's work takes, not RANK_TIMEOUT_S (with a
+    collective there, rank 1 gave up after 5 s and the run failed), and the decision reaches it: both
+    ranks stop early after epoch 2 (rank 1 training on alone would fail in one line)."""
+    env = ranks_env(tmp_path, ranks_data, "slow0", 2, EPOCHS="3", RANK_TIMEOUT_S="5")
     proc = subprocess.run([sys.executable, "-c", SLOW_LEAD, "8"], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "stopped early after epoch 2" in proc.stdout, proc.stdout[-2000:]
+    assert "error" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     [folder] = runlog.find(tmp_path / "runs-slow0")
     run = runlog.read(folder)
-    assert run.exit_code == 0 and 0 < run.summary["test_accuracy"] <= 1
+    assert run.exit_code == 0 and run.summary["pruned"] is True
+    assert torch.load(tmp_path / "outputs" / "slow0" / "checkpoint.pt", weights_only=False)["epoch"] == 2
 
 
 def test_rank_timeout_s_is_a_bounded_number_of_seconds():
