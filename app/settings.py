@@ -127,6 +127,9 @@ _DECLARED = [
     Setting("GPUS_PER_TRIAL", "count", 1, AGENT, "GPUs one trial (or run) trains on, as that many DDP ranks "
             "(the CPU: gloo ranks); an agent reserves this many whole GPUs", unit="GPUs per trial, at most 64",
             most=64),
+    Setting("RANK_TIMEOUT_S", "number", 120.0, AGENT, "with GPUS_PER_TRIAL > 1: seconds a rank may keep the "
+            "others waiting in a training step's exchange (and to meet) before the trial fails naming it; raise it "
+            "for steps slower than that", unit="seconds", positive=True, most=3600),
     Setting("GPU_HOST_ID", "text", None, AGENT, "this host's name in GPU slot keys when its GPUs have no UUID; "
             "unset: the machine id"),
     # --- the image's entrypoint ---

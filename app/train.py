@@ -258,7 +258,7 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
             early = on_epoch is not None and on_epoch(epoch, {"val_loss": val_loss, "val_accuracy": val_acc,
                                                              "examples_per_s": (seen - first) / epoch_time,
                                                              "epoch_seconds": epoch_time, "examples": seen - first})
-            if team.decide(bool(early), device):  # rank 0's hook decides for every rank
+            if team.decide(bool(early)):  # rank 0's hook decides for every rank
                 run.summary["pruned"] = True
                 if team.lead:
                     print(f"stopped early after epoch {epoch + 1}", flush=True)
@@ -320,7 +320,7 @@ def _train(run, config: Config, output_root: Path, environ: Mapping[str, str], o
 def _follow(index: int, payload: dict[str, Any], store_port: int, n: int) -> None:
     """A rank that rank 0 started (torch.multiprocessing): joins, trains with rank 0's values, records nothing."""
     ranks.quiet_signals(interrupts.note)
-    team = ranks.join_started(index, store_port, n, pick_device(payload["config"]).type)
+    team = ranks.join_started(index, store_port, n, pick_device(payload["config"]).type, payload["rank_timeout_s"])
     code = follow(team, payload)
     if code:
         raise SystemExit(code)

@@ -1,6 +1,7 @@
 """A trial on several ranks (GPUS_PER_TRIAL, app.ranks), proved on the CPU with 2 gloo ranks: the same
 loss curve and test accuracy as one rank, a stop on any rank stops every rank at the same step and the
-run resumes to the same end, a killed rank fails the trial in bounded time with one line naming it."""
+run resumes to the same end, a killed or frozen rank fails the trial in bounded time with one line naming
+it, and no wait for rank 0's own work is bounded by RANK_TIMEOUT_S."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 from conftest import clean_env, error_lines, run_app
 from idx import write_dataset
+import procs
 
 from app import data, ranks, runlog, settings
 from app.config import Config
@@ -106,40 +108,6 @@ def test_each_rank_takes_its_share_of_the_same_order():
     assert [len(data.shard(split, r, 3)) for r in range(3)] == [3, 3, 4]
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def _rank1(proc: subprocess.Popen, timeout: float = 120) -> int:
-    """The rank rank 0 started (torch.multiprocessing's spawned child; its resource tracker is not one)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for child in _children(proc.pid):
-            cmd = Path(f"/proc/{child}/cmdline").read_bytes()
-            if b"spawn_main" in cmd:
-                return child
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail("rank 1 was never started")
-
-
-def _when_checkpointed(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"training ended (rc {proc.returncode}) before {path.name}:\n{proc.communicate()[1][-3000:]}")
-        time.sleep(0.01)
-
-
 def test_a_stop_sent_to_rank_1_alone_stops_both_ranks_at_one_step_and_the_run_resumes_to_the_same_end(
         tmp_path, ranks_data, one_and_two):
     """SIGTERM to rank 1 only, inside epoch 2: the ranks agree on it at the step's end, rank 0 writes the
@@ -150,8 +118,8 @@ def test_a_stop_sent_to_rank_1_alone_stops_both_ranks_at_one_step_and_the_run_re
     proc = subprocess.Popen([sys.executable, "-m", "app", "train"], env=env, cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        rank1 = _rank1(proc)
-        _when_checkpointed(ckpt, proc)  # end of epoch 1: the stop lands in epoch 2
+        rank1 = procs.rank1(proc)
+        procs.wait_for(ckpt, proc)  # end of epoch 1: the stop lands in epoch 2
         os.kill(rank1, signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
@@ -182,8 +150,8 @@ def test_a_killed_rank_fails_the_run_in_bounded_time_in_one_line(tmp_path, ranks
     proc = subprocess.Popen([sys.executable, "-m", "app", "train"], env=env, cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        rank1 = _rank1(proc)
-        _when_checkpointed(tmp_path / "outputs" / "kill2" / "checkpoint.pt", proc)
+        rank1 = procs.rank1(proc)
+        procs.wait_for(tmp_path / "outputs" / "kill2" / "checkpoint.pt", proc)
         os.kill(rank1, signal.SIGKILL)
         killed = time.monotonic()
         out, err = proc.communicate(timeout=ranks.TIMEOUT_S + 60)
@@ -199,11 +167,86 @@ def test_a_killed_rank_fails_the_run_in_bounded_time_in_one_line(tmp_path, ranks
     assert runlog.read(folder).exit_code == 1
 
 
+def test_a_frozen_rank_fails_the_run_within_rank_timeout_s_in_one_line_and_is_not_left_behind(tmp_path, ranks_data):
+    """SIGSTOP to rank 1 mid-training: it neither answers nor closes its connections. Rank 0's next
+    collective gives up after RANK_TIMEOUT_S, the run is recorded failed (exit 1) with one line naming the
+    rank, and the frozen rank is killed, not left stopped."""
+    env = ranks_env(tmp_path, ranks_data, "hang2", 2, EPOCHS="3", RANK_TIMEOUT_S="10")
+    proc = subprocess.Popen([sys.executable, "-m", "app", "train"], env=env, cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    rank1 = None
+    try:
+        rank1 = procs.rank1(proc)
+        procs.wait_for(tmp_path / "outputs" / "hang2" / "checkpoint.pt", proc)
+        os.kill(rank1, signal.SIGSTOP)
+        frozen = time.monotonic()
+        out, err = proc.communicate(timeout=120)
+        took = time.monotonic() - frozen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        alive = rank1 is not None and not procs.gone(rank1)
+        if alive:
+            os.kill(rank1, signal.SIGKILL)  # a failed test leaves no stopped process either
+    assert proc.returncode == 1, err[-3000:]
+    assert error_lines(err) == ["error: rank 1 of 2 silent for RANK_TIMEOUT_S=10 s; the trial fails"], err[-3000:]
+    assert "Traceback" not in err
+    assert 10 <= took < 30, took  # the bound, not ranks.TIMEOUT_S's 120 s
+    assert not alive  # rank 0 ended it (SIGKILL reaches a stopped process) and reaped it
+    [folder] = runlog.find(tmp_path / "runs-hang2")
+    assert runlog.read(folder).exit_code == 1
+
+
+SLOW_LEAD = """
+import sys, time
+from app import runner
+
+def report(epoch, metrics):  # rank 0's own work after an epoch: a report to a slow sweep storage, then a prune
+    if epoch == 0:
+        time.sleep(float(sys.argv[1]))
+    return epoch == 1
+
+sys.exit(runner.run(runner.prepare([], dotenv_path=None), on_epoch=report))
+"""
+
+
+def test_the_other_ranks_wait_for_rank_0s_own_work_longer_than_rank_timeout_s(tmp_path, ranks_data):
+    """After each epoch rank 0 alone logs, checkpoints and reports to the sweep (`on_epoch`) while rank 1
+    waits for its decision: that wait is as long as rank 0's work takes, not RANK_TIMEOUT_S (with a
+    collective there, rank 1 gave up after 5 s and the run failed), and the decision reaches it: both
+    ranks stop early after epoch 2 (rank 1 training on alone would fail in one line)."""
+    env = ranks_env(tmp_path, ranks_data, "slow0", 2, EPOCHS="3", RANK_TIMEOUT_S="5")
+    proc = subprocess.run([sys.executable, "-c", SLOW_LEAD, "8"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopped early after epoch 2" in proc.stdout, proc.stdout[-2000:]
+    assert "error" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    [folder] = runlog.find(tmp_path / "runs-slow0")
+    run = runlog.read(folder)
+    assert run.exit_code == 0 and run.summary["pruned"] is True
+    assert torch.load(tmp_path / "outputs" / "slow0" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+
+
+def test_rank_timeout_s_is_a_bounded_number_of_seconds():
+    assert settings.get("RANK_TIMEOUT_S", {}) == ranks.TIMEOUT_S == 120
+    assert settings.get("RANK_TIMEOUT_S", {"RANK_TIMEOUT_S": "2.5"}) == 2.5
+    for bad in ("0", "3601", "soon", "-1"):
+        with pytest.raises(UserError, match=r"^RANK_TIMEOUT_S='.*' must be seconds above 0, at most 3600$"):
+            settings.get("RANK_TIMEOUT_S", {"RANK_TIMEOUT_S": bad})
+
+
+def test_a_bad_rank_timeout_is_refused_before_any_run(tmp_path, ranks_data):
+    proc = run_app(["train"], ranks_env(tmp_path, ranks_data, "badtimeout", 2, RANK_TIMEOUT_S="0"), tmp_path)
+    assert proc.returncode == 2
+    assert error_lines(proc.stderr) == ["error: RANK_TIMEOUT_S='0' must be seconds above 0, at most 3600"], proc.stderr[-2000:]
+    assert runlog.find(tmp_path / "runs-badtimeout") == []
+
+
 def test_one_rank_needs_no_process_group():
     team = ranks.Team()
     t = torch.ones(2)
     assert team.lead and team.sum(t) is t and team.agree_stop(None, t.device) is None
-    assert team.agree_stop(15, t.device) == 15 and team.decide(True, t.device)
+    assert team.agree_stop(15, t.device) == 15 and team.decide(True)
     ranks.check(Config(batch_size=33), 1)  # one rank splits nothing
 
 

@@ -1,7 +1,7 @@
 """GPUS_PER_TRIAL=2 in every agent mode, on the CPU with 2 gloo ranks: the offline agent (Optuna), and the
 W&B agents, per-run and warm, against the stand-in W&B API. The sweep varies `kernels`: DDP refuses ranks
 whose models differ, so a trial that trains proves rank 1 got the sweep's values from rank 0. Every run
-handed out is recorded once (by rank 0); a rank killed mid-trial fails that trial alone."""
+handed out is recorded once (by rank 0); a rank frozen or killed mid-trial fails that trial alone."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from conftest import clean_env
 from fake_wandb import FakeWandb
 from optuna.trial import TrialState
 from idx import write_dataset
-from test_ranks import _children
+import procs
 from test_warm_agent import agent_env, grid, runs_in, start_agent
 
 from app import runlog
@@ -35,20 +35,24 @@ def ranks_data(tmp_path_factory) -> Path:
     return root
 
 
-def _rank1_of_first_trial(proc: subprocess.Popen, outputs: Path, timeout: float = 240) -> int:
-    """Rank 1 of the trial that wrote the first checkpoint (its first epoch done)."""
+def _rank1_of_trial(proc: subprocess.Popen, outputs: Path, trial: int, timeout: float = 240) -> int:
+    """Rank 1 of trial `trial` (0, 1, ...) once that trial wrote its first checkpoint (its first epoch
+    done); the earlier trials' ranks have ended by then."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        if list(outputs.glob("*/checkpoint.pt")):
-            for child in _children(proc.pid):
-                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    return child
+        if len(list(outputs.glob("*/checkpoint.pt"))) > trial:
+            found = procs.started_ranks(proc.pid)
+            if found:
+                return found[0]
         time.sleep(0.01)
     proc.kill()
-    pytest.fail(f"no trial reached its first checkpoint (rc {proc.poll()})")
+    pytest.fail(f"trial {trial} never reached its first checkpoint (rc {proc.poll()})")
 
 
-def test_offline_agent_trains_each_trial_on_two_ranks_and_a_killed_rank_fails_that_trial_alone(tmp_path, ranks_data):
+def test_offline_agent_trains_each_trial_on_two_ranks_and_a_frozen_or_killed_rank_fails_that_trial_alone(
+        tmp_path, ranks_data):
+    """Rank 1 of trial 0 frozen (SIGSTOP): that trial fails after RANK_TIMEOUT_S and its rank is ended;
+    rank 1 of trial 1, which trains on, killed (SIGKILL): that trial fails at once; trial 2 trains."""
     cfg = tmp_path / "ranks.yaml"
     cfg.write_text("name: ranks\nmethod: grid\nmetric: {name: val_accuracy, goal: maximize}\n"
                    f"parameters:\n  kernels: {{values: {KERNELS}}}\n")
@@ -56,27 +60,36 @@ def test_offline_agent_trains_each_trial_on_two_ranks_and_a_killed_rank_fails_th
                     TRAIN_STRIDE="1", VAL_SIZE="200", BATCH_SIZE="32", LOG_INTERVAL="4", WATCH_LOG="none",
                     DEVICE="cpu", WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path / "runs"),
                     OUTPUT_DIR=str(tmp_path / "outputs"), SWEEP_HEARTBEAT_S="1", GPUS_PER_TRIAL="2",
-                    OMP_NUM_THREADS="1")
+                    OMP_NUM_THREADS="1", RANK_TIMEOUT_S="10")
     log = tmp_path / "agent.log"
     proc = subprocess.Popen([sys.executable, "-m", "app", "offline-agent"], env=env, cwd=tmp_path,
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
+    frozen = None
     try:
-        os.kill(_rank1_of_first_trial(proc, tmp_path / "outputs"), signal.SIGKILL)
+        frozen = _rank1_of_trial(proc, tmp_path / "outputs", 0)
+        os.kill(frozen, signal.SIGSTOP)
+        os.kill(_rank1_of_trial(proc, tmp_path / "outputs", 1), signal.SIGKILL)
         assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:
             proc.kill()
+        left = frozen is not None and not procs.gone(frozen)
+        if left:
+            os.kill(frozen, signal.SIGKILL)
     out = log.read_text()
-    assert "trial 0 failed: RankLost: rank 1 of 2 killed by SIGKILL; the trial fails" in out, out[-4000:]
+    assert "trial 0 failed: RankLost: rank 1 of 2 silent for RANK_TIMEOUT_S=10 s; the trial fails" in out, out[-4000:]
+    assert "trial 1 failed: RankLost: rank 1 of 2 killed by SIGKILL; the trial fails" in out, out[-4000:]
+    assert not left  # the frozen rank was ended with its trial, not left stopped
+    assert "Traceback" not in out, out[-4000:]
     study = optuna.load_study(study_name="ranks", storage=sweep_storage.open_storage(osw.storage_url(env, "ranks")))
     states = {t.number: t.state for t in study.trials}
-    assert states[0] == TrialState.FAIL and "rank 1 of 2" in study.trials[0].user_attrs["error"]
+    assert states[0] == states[1] == TrialState.FAIL and "rank 1 of 2" in study.trials[0].user_attrs["error"]
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert len(study.trials) == 3 and [t.number for t in done] == [1, 2], out[-4000:]  # the agent went on
+    assert len(study.trials) == 3 and [t.number for t in done] == [2], out[-4000:]  # the agent went on
     assert sorted(t.user_attrs["values"]["kernels"] for t in study.trials) == sorted(KERNELS)
     runs = {r.run_id: r for r in (runlog.read(f) for f in runlog.find(tmp_path / "runs"))}
     assert len(runs) == len(study.trials)  # one record per trial, rank 0's: rank 1 writes none
-    assert runs[study.trials[0].user_attrs["run_id"]].exit_code == 1
+    assert runs[study.trials[0].user_attrs["run_id"]].exit_code == runs[study.trials[1].user_attrs["run_id"]].exit_code == 1
     for t in done:
         run = runs[t.user_attrs["run_id"]]
         assert run.exit_code == 0 and run.config["kernels"] == t.user_attrs["values"]["kernels"]

@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import clean_env, error_lines, run_app
 from idx import write_dataset
+import procs
 
 from app import artifact, data, interrupts, runlog
 from app.errors import UserError
@@ -106,18 +107,6 @@ def test_tutorial_run_onnx_is_a_real_copy_that_agrees_with_torch(tutorial_run, f
     assert abs(accuracy - run.summary["test_accuracy"]) < 0.05
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"training ended (rc {proc.returncode}) before {path.name} appeared:\n{err[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"{path} did not appear within {timeout} s")
-        time.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_the_same_run_id_resumes(tmp_path: Path):
     """Preemption: SIGTERM mid-epoch -> checkpoint, run marked preempting, exit 143; the requeued run
@@ -132,7 +121,7 @@ def test_sigterm_writes_a_checkpoint_and_the_same_run_id_resumes(tmp_path: Path)
     proc = subprocess.Popen([sys.executable, "-m", "app", "train"], env=env, cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        _wait_for(ckpt_path, proc, timeout=240)  # written at the end of epoch 1: stop it inside epoch 2
+        procs.wait_for(ckpt_path, proc)  # written at the end of epoch 1: stop it inside epoch 2
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
