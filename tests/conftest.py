@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from idx import write_dataset  # tests/ is on sys.path under pytest (no package)
+from idx import first_items, write_dataset  # tests/ is on sys.path under pytest (no package)
 
 from app.config import KEYS
 
@@ -147,6 +147,22 @@ def fashion_dir(tmp_path_factory) -> Path:
     raw.mkdir(parents=True)
     for f in files:
         shutil.copyfile(f, raw / f.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fashion_dir_1k_test(fashion_dir, tmp_path_factory) -> Path:
+    """fashion_dir with its test set cut to the first 1000 of its 10 000 images (training images all there):
+    every run ends on the whole test set, ~1 s a run on CI's shared CPU, for tests whose assertions do
+    not depend on its size. Not for a test that stops a run during its test phase (it needs the long one)."""
+    root = tmp_path_factory.mktemp("fashion-data-1k-test")
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in sorted((fashion_dir / "FashionMNIST" / "raw").glob("*-ubyte.gz")):
+        if f.name.startswith("t10k"):
+            first_items(f, raw / f.name, 1000)
+        else:
+            shutil.copyfile(f, raw / f.name)
     return root
 
 
