@@ -27,8 +27,8 @@ from app.config import KEYS
 # for minutes. pyproject.toml's addopts turn xdist's reordering off so this order is the one used.
 LONG_FIRST = ("test_slurm.py", "test_warm_agent.py", "test_offline_sweep.py", "test_readme.py", "test_launch.py",
               "test_bench.py", "test_preempt.py", "test_faults_settings.py", "test_faults_state.py",
-              "test_ranks_agents.py", "test_report.py", "test_container.py", "test_warm_agent_container.py",
-              "test_faults_container.py", "test_bench_trials.py", "test_wandb_stops.py")
+              "test_ranks_agents.py", "test_report.py", "test_container.py", "test_faults_container.py",
+              "test_wandb_stops.py", "test_bench_trials.py", "test_warm_agent_container.py")
 
 
 def pytest_collection_modifyitems(config, items):
