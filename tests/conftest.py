@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from idx import write_dataset  # tests/ is on sys.path under pytest (no package)
+from idx import first_items, write_dataset  # tests/ is on sys.path under pytest (no package)
 
 from app.config import KEYS
 
@@ -25,10 +25,10 @@ from app.config import KEYS
 # first. Handed out before the rest so the two workers end together: xdist otherwise orders files by how
 # many tests they hold, which put these few-but-long files last and left one worker running them alone
 # for minutes. pyproject.toml's addopts turn xdist's reordering off so this order is the one used.
-LONG_FIRST = ("test_slurm.py", "test_warm_agent.py", "test_offline_sweep.py", "test_bench.py", "test_readme.py",
-              "test_launch.py", "test_preempt.py", "test_faults_settings.py", "test_faults_state.py",
-              "test_ranks_agents.py", "test_report.py", "test_container.py", "test_warm_agent_container.py",
-              "test_faults_container.py", "test_bench_trials.py", "test_wandb_stops.py")
+LONG_FIRST = ("test_slurm.py", "test_warm_agent.py", "test_offline_sweep.py", "test_readme.py", "test_launch.py",
+              "test_bench.py", "test_preempt.py", "test_faults_settings.py", "test_faults_state.py",
+              "test_ranks_agents.py", "test_report.py", "test_container.py", "test_faults_container.py",
+              "test_wandb_stops.py", "test_bench_trials.py", "test_warm_agent_container.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -147,6 +147,22 @@ def fashion_dir(tmp_path_factory) -> Path:
     raw.mkdir(parents=True)
     for f in files:
         shutil.copyfile(f, raw / f.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fashion_dir_1k_test(fashion_dir, tmp_path_factory) -> Path:
+    """fashion_dir with its test set cut to the first 1000 of its 10 000 images (training images all there):
+    every run ends on the whole test set, ~1 s a run on CI's shared CPU, for tests whose assertions do
+    not depend on its size. Not for a test that stops a run during its test phase (it needs the long one)."""
+    root = tmp_path_factory.mktemp("fashion-data-1k-test")
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in sorted((fashion_dir / "FashionMNIST" / "raw").glob("*-ubyte.gz")):
+        if f.name.startswith("t10k"):
+            first_items(f, raw / f.name, 1000)
+        else:
+            shutil.copyfile(f, raw / f.name)
     return root
 
 

@@ -50,3 +50,17 @@ def write_dataset(data_dir: Path, dataset: str = "mnist", n_train: int = 600, n_
     for name, array in arrays.items():
         write_idx(raw / name, array, gz=gz)
     return arrays
+
+
+def first_items(source: Path, target: Path, count: int) -> Path:
+    """The IDX file `source` (gzipped or not) cut to its first `count` items, written to `target` the same way."""
+    gz = Path(source).suffix == ".gz"
+    blob = Path(source).read_bytes()
+    blob = gzip.decompress(blob) if gz else blob
+    ndim = blob[3]
+    shape = struct.unpack(f">{ndim}I", blob[4:4 + 4 * ndim])
+    item = int(np.prod(shape[1:], dtype=np.int64))
+    head = 4 + 4 * ndim
+    cut = blob[:4] + struct.pack(">I", count) + blob[8:head] + blob[head:head + count * item]
+    Path(target).write_bytes(gzip.compress(cut, compresslevel=1) if gz else cut)
+    return Path(target)

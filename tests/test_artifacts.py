@@ -132,11 +132,11 @@ def test_a_wandb_agent_trial_logs_its_model_with_the_sweep(small_data, tmp_path:
 
 
 @pytest.fixture(scope="module")
-def sweep_runs(tmp_path_factory, fashion_dir) -> Path:
+def sweep_runs(tmp_path_factory, fashion_dir_1k_test) -> Path:
     """An offline sweep of three trials (one agent, real Fashion-MNIST, one epoch each)."""
     tmp = tmp_path_factory.mktemp("artifact-sweep")
     (tmp / "sweep.yaml").write_text(SWEEP)
-    env = clean_env(tmp, **TINY, DATA_DIR=str(fashion_dir), LOG_INTERVAL="3", DEVICE="cpu", WANDB_MODE="offline",
+    env = clean_env(tmp, **TINY, DATA_DIR=str(fashion_dir_1k_test), LOG_INTERVAL="3", DEVICE="cpu", WANDB_MODE="offline",
                     WANDB_DIR=str(tmp / "runs"), OUTPUT_DIR=str(tmp / "outputs"), SWEEP_CONFIG=str(tmp / "sweep.yaml"))
     proc = run_app(["offline-agent"], env, tmp, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

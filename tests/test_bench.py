@@ -21,11 +21,11 @@ def run_bench(args: list[str], tmp: Path, timeout: float = 600) -> subprocess.Co
 
 
 @pytest.mark.slow
-def test_benchmark_reports_every_pipeline_ratio_and_gpu_section_field(tmp_path: Path, fashion_dir: Path):
+def test_benchmark_reports_every_pipeline_ratio_and_gpu_section_field(tmp_path: Path, fashion_dir_1k_test: Path):
     out = tmp_path / "bench.json"
     proc = run_bench(["--device", "cpu", "--repeats", "1", "--epochs", "2", "--train-stride", "100",
                       "--full-epoch", "--full-stride", "100",
-                      "--agents", "2", "--agent-epochs", "2", "--data-dir", str(fashion_dir), "--json", str(out)], tmp_path)
+                      "--agents", "2", "--agent-epochs", "2", "--data-dir", str(fashion_dir_1k_test), "--json", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
 

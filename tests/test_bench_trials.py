@@ -22,9 +22,9 @@ def run_trials(args: list[str], tmp: Path, timeout: float = 600) -> subprocess.C
 
 
 @pytest.mark.slow
-def test_every_way_reports_every_phase_of_every_trial(tmp_path: Path, fashion_dir: Path):
+def test_every_way_reports_every_phase_of_every_trial(tmp_path: Path, fashion_dir_1k_test: Path):
     out = tmp_path / "trials.json"
-    proc = run_trials(["--trials", "2", "--data-dir", str(fashion_dir), "--json", str(out),
+    proc = run_trials(["--trials", "2", "--data-dir", str(fashion_dir_1k_test), "--json", str(out),
                        "--work-dir", str(tmp_path / "work")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -21,12 +21,12 @@ parameters:
 """
 
 
-def test_an_offline_sweep_on_the_host_uses_the_runs_folder_and_is_found_without_arguments(tmp_path, fashion_dir):
+def test_an_offline_sweep_on_the_host_uses_the_runs_folder_and_is_found_without_arguments(tmp_path, fashion_dir_1k_test):
     project = tmp_path / "project"
     (project / "sweeps").mkdir(parents=True)
     (project / "sweeps" / "host.yaml").write_text(SWEEP)
     data = project / "data"
-    shutil.copytree(fashion_dir / "FashionMNIST", data / "FashionMNIST")
+    shutil.copytree(fashion_dir_1k_test / "FashionMNIST", data / "FashionMNIST")
     env = clean_env(tmp_path, DATASET="fashion_mnist", EPOCHS="1", TRAIN_STRIDE="50", VAL_SIZE="500",
                     LOG_INTERVAL="5", WATCH_LOG="none", DEVICE="cpu", OMP_NUM_THREADS="1")
     agent = run_app(["offline-agent", "--config", "sweeps/host.yaml"], env, project, timeout=600)

@@ -39,10 +39,10 @@ EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
-def sweep_runs(tmp_path_factory, fashion_dir) -> Path:
+def sweep_runs(tmp_path_factory, fashion_dir_1k_test) -> Path:
     tmp = tmp_path_factory.mktemp("report")
     (tmp / "sweep.yaml").write_text(SWEEP)
-    env = clean_env(tmp, DATASET="fashion_mnist", DATA_DIR=str(fashion_dir), EPOCHS=str(EPOCHS), TRAIN_STRIDE="50",
+    env = clean_env(tmp, DATASET="fashion_mnist", DATA_DIR=str(fashion_dir_1k_test), EPOCHS=str(EPOCHS), TRAIN_STRIDE="50",
                     VAL_SIZE="1000", LOG_INTERVAL="3", BATCH_SIZE="64", WATCH_LOG="none", WANDB_MODE="offline", WANDB_DIR=str(tmp / "runs"),
                     OUTPUT_DIR=str(tmp / "outputs"), SWEEP_CONFIG=str(tmp / "sweep.yaml"))
     proc = run_app(["offline-agent"], env, tmp, timeout=300)

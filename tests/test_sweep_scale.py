@@ -143,10 +143,10 @@ def test_sweep_status_sums_up_a_large_sweep_and_lists_every_trial_on_request(swe
 
 
 @pytest.mark.slow
-def test_the_bench_measures_each_size_and_storage(tmp_path, fashion_dir):
+def test_the_bench_measures_each_size_and_storage(tmp_path, fashion_dir_1k_test):
     out = tmp_path / "scale.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "sweep_scale.py"), "--sizes", "0,30", "--trials", "2",
-                           "--storages", "journal", "--data-dir", str(fashion_dir), "--json", str(out)],
+                           "--storages", "journal", "--data-dir", str(fashion_dir_1k_test), "--json", str(out)],
                           env=clean_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]

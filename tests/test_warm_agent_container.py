@@ -20,6 +20,9 @@ TWO_POINTS = {
     "command": ["${env}", "${interpreter}", "-m", "app", "train", "${args}"],
 }
 GRACE_S = 60  # docker-compose.yml's stop_grace_period
+# the stop comes in epoch 2 (after epoch 1's checkpoint), so 2 epochs are enough to stop a run mid-way
+# and to see the resumed one train to the end
+EPOCHS = 2
 
 
 
@@ -28,7 +31,7 @@ def test_warm_agent_in_the_image_stops_with_143_and_its_run_resumes(app_image: s
     project = fashion_project(tmp_path / "project")
     with FakeWandb(TWO_POINTS) as api:
         api.hold_open = True  # after the stop, the requeued run is what the next agent gets
-        write_env(project, api, AGENT_PROCESS="warm", EPOCHS="3", TRAIN_STRIDE="5")
+        write_env(project, api, AGENT_PROCESS="warm", EPOCHS=str(EPOCHS), TRAIN_STRIDE="5")
         try:
             up = compose("up", "--detach", "agent", project=project, files=compose_files, timeout=300)
             assert up.returncode == 0, up.stderr[-3000:]
@@ -58,4 +61,4 @@ def test_warm_agent_in_the_image_stops_with_143_and_its_run_resumes(app_image: s
     finals = {r.run_id: r for r in (runlog.read(f) for f in runlog.find(project / "runs") if f != folder)}
     assert sorted(finals) == sorted({a.run_id for a in api.assignments})
     assert all(r.exit_code == 0 and not r.preempting and 0.5 < r.summary["test_accuracy"] <= 1.0 for r in finals.values())
-    assert saved_checkpoint(ckpt)["epoch"] == 3
+    assert saved_checkpoint(ckpt)["epoch"] == EPOCHS
