@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import subprocess
 import tarfile
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import clean_env, error_lines, run_app
+from conftest import clean_env, error_lines, run_app, volume
 from containers import docker, ensure_base_image
 
 pytestmark = pytest.mark.container
@@ -103,6 +104,20 @@ def test_bundle_round_trip_on_the_engine(tmp_path):
         assert not (tmp_path / "third").exists() and not (tmp_path.parent / "escaped").exists()
     finally:
         docker("rmi", "--force", tag)
+
+
+def test_the_image_streamed_onto_a_volume_that_fills_up_is_one_line_and_no_partial_archive(tmp_path):
+    """`docker save` streams into the archive itself (the image is not copied to a temporary file first): a
+    volume that fills up mid-stream ends it in one line, with no OUT.tar.partial and no `docker save` left."""
+    base = ensure_base_image()
+    with volume(tmp_path / "vol", "40m") as vol:  # the stand-in base image is ~170 MB
+        proc = run_app(["bundle", "save", str(vol / "b.tar"), "--image", base], clean_env(tmp_path), tmp_path, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        (line,) = error_lines(proc.stderr)
+        assert f"cannot write the bundle {vol / 'b.tar'} (No space left on device); nothing half-written is left" in line
+        assert list(vol.iterdir()) == []
+    left = subprocess.run(["pgrep", "-f", f"docker save {base}"], capture_output=True, text=True).stdout
+    assert left == "", left
 
 
 def test_bundle_of_a_missing_image_is_one_line(tmp_path):

@@ -4,7 +4,8 @@
     python -m app bundle load OUT.tar [--into DIR]
 
 `save` puts `docker save IMAGE`, the compose files, the sweep YAMLs, docs/airgap.md, an optional dataset
-folder and a .env into OUT.tar (OUT.tar.gz compresses), with a manifest of sha256 sums. The .env is the
+folder and a .env into OUT.tar (OUT.tar.gz compresses), with a manifest of sha256 sums; into a plain tar
+the image streams straight from `docker save`, never copied to disk first. The .env is the
 given one (or an empty one) with `IMAGE=` set to the image carried: compose then runs that image on the
 other host instead of building one. A W&B API key is never carried: the air-gapped host runs offline,
 and the copy of .env gets an empty WANDB_API_KEY. Both commands say what they are doing as they go
@@ -34,6 +35,7 @@ import zlib
 from pathlib import Path
 
 from app import places
+from app.container import images
 from app.container.meter import Meter, Reader
 from app.errors import UserError
 
@@ -48,35 +50,6 @@ MAX_NAME = 1000  # characters in a member's name: project paths are far shorter
 FREE_MARGIN = 256 << 20  # left free under --into after unpacking
 SECRET = re.compile(r"^(\s*(?:export\s+)?WANDB_API_KEY\s*=).*$", re.M)
 IMAGE_LINE = re.compile(r"^\s*(?:export\s+)?IMAGE\s*=.*$", re.M)
-POLL_S = 0.5  # how often `docker save`'s growing output is measured
-
-
-def _docker() -> str:
-    docker = shutil.which("docker")
-    if docker is None:
-        raise UserError("bundle needs the docker client (and a running engine): apt-get install docker.io")
-    return docker
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _inspect(docker: str, image: str) -> tuple[str, int]:
-    """The image's id and size in bytes."""
-    proc = subprocess.run([docker, "image", "inspect", "--format", "{{.Id}} {{.Size}}", image], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise UserError(f"--image {image}: no such image in the local engine (build it first: scripts/build-image --tag {image})")
-    image_id, _, size = proc.stdout.strip().partition(" ")
-    return image_id, int(size) if size.isdigit() else 0
-
-
-def _image_id(docker: str, image: str) -> str:
-    return _inspect(docker, image)[0]
 
 
 def with_image(text: str, image: str) -> str:
@@ -88,33 +61,35 @@ def with_image(text: str, image: str) -> str:
         f"# the image this bundle carries: docker compose runs it instead of building one\n{line}\n"
 
 
-def _docker_save(docker: str, image: str, size: int, out: Path) -> None:
-    with Meter(f"docker save {image}", size) as meter, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([docker, "save", "--output", str(out), image], stdout=subprocess.DEVNULL, stderr=err)
-        while proc.poll() is None:
-            time.sleep(POLL_S)
-            with contextlib.suppress(OSError):
-                meter.at(out.stat().st_size)
-        if proc.returncode != 0:
-            err.seek(0)
-            lines = err.read().decode(errors="replace").strip().splitlines()
-            raise UserError(f"docker save {image} failed: {lines[-1] if lines else proc.returncode}")
-        meter.at(out.stat().st_size)
+def _stream_image(docker: str, image: str, size: int, f) -> str:
+    """`docker save IMAGE` straight into the open archive `f` as its first member, hashed as it passes: the
+    image is never on disk twice (a temporary copy, then the archive). A tar header holds its member's size,
+    so a blank one goes first and the real one over it at the end (GNU format: one 512-byte block for any
+    size). Returns the member's sha256."""
+    start = f.tell()
+    f.write(bytes(tarfile.BLOCKSIZE))
+    digest, n = images.save_into(docker, image, size, f)
+    f.write(bytes(-n % tarfile.BLOCKSIZE))
+    info = tarfile.TarInfo(IMAGE_MEMBER)
+    info.size, info.mtime, info.mode = n, int(time.time()), 0o644
+    end = f.tell()
+    f.seek(start)
+    f.write(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+    f.seek(end)
+    return digest
 
 
 def save(out: Path, image: str, data: Path | None, env_file: Path | None) -> dict:
-    # first: `docker save` writes gigabytes into a temporary folder beside OUT before anything else would notice
+    # first: `docker save` writes gigabytes beside OUT before anything else would notice
     places.check_folder(out.parent, "the bundle's folder")
-    docker = _docker()
-    image_id, image_size = _inspect(docker, image)
+    docker = images.client()
+    image_id, image_size = images.inspect(docker, image)
     if data is not None and not data.is_dir():
         raise UserError(f"--data {str(data)!r} is not a folder")
     if env_file is not None and not env_file.is_file():
         raise UserError(f"--env {str(env_file)!r} does not exist")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        image_tar = Path(tmp) / IMAGE_MEMBER
-        _docker_save(docker, image, image_size, image_tar)
         settings = ""
         if env_file is not None:
             settings, stripped = SECRET.subn(r"\1", env_file.read_text())
@@ -122,45 +97,66 @@ def save(out: Path, image: str, data: Path | None, env_file: Path | None) -> dic
                 print("bundle: WANDB_API_KEY left out of the bundled .env (offline hosts need none)")
         clean = Path(tmp) / "env"
         clean.write_text(with_image(settings, image))
-        members = [(image_tar, IMAGE_MEMBER)]
-        members += [(REPO / name, f"project/{name}") for name in PROJECT_FILES if (REPO / name).is_file()]
+        members = [(REPO / name, f"project/{name}") for name in PROJECT_FILES if (REPO / name).is_file()]
         members += [(y, f"project/sweeps/{y.name}") for y in sorted((REPO / "sweeps").glob("*.yaml"))]
         members.append((clean, "project/.env"))
         if data is not None:
             members += [(p, f"project/data/{p.relative_to(data).as_posix()}")
                         for p in sorted(p for p in data.rglob("*") if p.is_file())]
-        return write_archive(out, members, {"image": image, "image_id": image_id})
+        head = {"image": image, "image_id": image_id}
+        if _compressed(out):  # a gzip stream cannot go back to write the image's header: a copy first
+            image_tar = Path(tmp) / IMAGE_MEMBER
+            with open(image_tar, "wb") as f:
+                images.save_into(docker, image, image_size, f)
+            return write_archive(out, [(image_tar, IMAGE_MEMBER), *members], head)
+        return write_archive(out, members, head, first=lambda f: _stream_image(docker, image, image_size, f))
 
 
-def write_archive(out: Path, members: list[tuple[Path, str]], head: dict) -> dict:
+def _compressed(out: Path) -> bool:
+    return out.name.endswith((".tar.gz", ".tgz"))
+
+
+def write_archive(out: Path, members: list[tuple[Path, str]], head: dict, first=None) -> dict:
     """`members` (path, name in the archive) and a manifest (`head` + when + every member's sha256) into
-    `out`, whole or not at all: written as OUT.partial, renamed at the end. A full or read-only volume is one
-    line naming the archive; the partial file is removed and a bundle already at `out` stays as it was."""
-    mode = "w:gz" if out.name.endswith((".tar.gz", ".tgz")) else "w"
+    `out`, whole or not at all: written as OUT.partial, renamed at the end. `first(f)`, on an uncompressed
+    archive, writes the image member itself into the open file and returns its sha256. A full or read-only
+    volume is one line naming the archive; the partial file is removed and a bundle already at `out` stays
+    as it was; so is a `docker save` that fails or is stopped half-way."""
     partial = out.with_name(out.name + ".partial")  # a crash never leaves a half archive under the real name
     files: dict[str, str] = {}
     total = sum(path.stat().st_size for path, _ in members)
     try:
-        with tarfile.open(partial, mode) as tar, Meter(f"writing {out.name}", total) as meter:
-            for path, name in members:
-                info = tar.gettarinfo(path, arcname=name)
-                digest = hashlib.sha256()
-                with open(path, "rb") as f:
-                    tar.addfile(info, Reader(f, meter, digest))  # hashed as it is written: one read
-                files[name] = digest.hexdigest()
-            manifest = {**head, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
-            blob = json.dumps(manifest, indent=1).encode()
-            info = tarfile.TarInfo(MANIFEST)
-            info.size, info.mtime = len(blob), int(time.time())
-            tar.addfile(info, io.BytesIO(blob))
+        with open(partial, "wb") as f:
+            if first is not None:
+                files[IMAGE_MEMBER] = first(f)
+            with tarfile.open(fileobj=f, mode="w:gz" if _compressed(out) else "w") as tar, \
+                    Meter(f"writing {out.name}", total) as meter:
+                for path, name in members:
+                    info = tar.gettarinfo(path, arcname=name)
+                    digest = hashlib.sha256()
+                    with open(path, "rb") as src:
+                        tar.addfile(info, Reader(src, meter, digest))  # hashed as it is written: one read
+                    files[name] = digest.hexdigest()
+                manifest = {**head, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
+                blob = json.dumps(manifest, indent=1).encode()
+                info = tarfile.TarInfo(MANIFEST)
+                info.size, info.mtime = len(blob), int(time.time())
+                tar.addfile(info, io.BytesIO(blob))
         os.replace(partial, out)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            partial.unlink(missing_ok=True)
+        _drop(partial)
         raise UserError(f"cannot write the bundle {out} ({exc.strerror or exc}); nothing half-written is left"
                         + (" and the bundle already there is kept" if out.exists() else "")
                         + ": free space on that volume or write the bundle elsewhere") from None
+    except BaseException:  # docker save failed, a stop: no half archive either
+        _drop(partial)
+        raise
     return manifest
+
+
+def _drop(partial: Path) -> None:
+    with contextlib.suppress(OSError):
+        partial.unlink(missing_ok=True)
 
 
 def _member_sha(tar: tarfile.TarFile, member: tarfile.TarInfo, meter: Meter | None = None) -> str:
@@ -243,7 +239,7 @@ def _existing_parent(path: Path) -> Path:
 
 
 def load(archive: Path, into: Path) -> dict:
-    docker = _docker()
+    docker = images.client()
     if not archive.is_file():
         raise UserError(f"bundle {str(archive)!r} does not exist")
     if into.exists() and not into.is_dir():
@@ -290,7 +286,7 @@ def load(archive: Path, into: Path) -> dict:
             os.replace(tmp, target)
         for folder in ("data", "runs", "outputs"):
             (into / folder).mkdir(exist_ok=True)
-    if _image_id(docker, manifest["image"]) != manifest["image_id"]:
+    if images.inspect(docker, manifest["image"])[0] != manifest["image_id"]:
         raise UserError(f"docker load gave {manifest['image']} a different id than the bundle recorded")
     manifest["kept"] = kept
     return manifest
