@@ -69,19 +69,18 @@ class Replay(JournalStorageReplayResult):
         self._trials[trial_id] = trial
 
     def _apply_set_trial_user_attr(self, log: dict[str, Any]) -> None:
-        trial_id = log["trial_id"]
-        if self._trial_exists_and_updatable(trial_id, log):
-            assert len(log["user_attr"]) == 1
-            trial = _copy(self._trials[trial_id])
-            trial.user_attrs = {**trial.user_attrs, **log["user_attr"]}
-            self._trials[trial_id] = trial
+        self._set_attr(log, "user_attr", "_user_attrs")
 
     def _apply_set_trial_system_attr(self, log: dict[str, Any]) -> None:
+        self._set_attr(log, "system_attr", "_system_attrs")
+
+    def _set_attr(self, log: dict[str, Any], key: str, field: str) -> None:
+        """One user or system attribute set on a copy of the trial (FrozenTrial keeps each dict as `field`)."""
         trial_id = log["trial_id"]
         if self._trial_exists_and_updatable(trial_id, log):
-            assert len(log["system_attr"]) == 1
+            assert len(log[key]) == 1
             trial = _copy(self._trials[trial_id])
-            trial.system_attrs = {**trial.system_attrs, **log["system_attr"]}
+            setattr(trial, field, {**getattr(trial, field), **log[key]})
             self._trials[trial_id] = trial
 
 
