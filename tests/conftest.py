@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from idx import first_items, write_dataset  # tests/ is on sys.path under pytest (no package)
+from idx import copy_with_short_test_set, write_dataset  # tests/ is on sys.path under pytest (no package)
 
 from app.config import KEYS
 
@@ -158,11 +158,7 @@ def fashion_dir_1k_test(fashion_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fashion-data-1k-test")
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    for f in sorted((fashion_dir / "FashionMNIST" / "raw").glob("*-ubyte.gz")):
-        if f.name.startswith("t10k"):
-            first_items(f, raw / f.name, 1000)
-        else:
-            shutil.copyfile(f, raw / f.name)
+    copy_with_short_test_set(sorted((fashion_dir / "FashionMNIST" / "raw").glob("*-ubyte.gz")), raw, 1000)
     return root
 
 

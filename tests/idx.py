@@ -7,12 +7,13 @@ uint32 per dimension, then the bytes. Images are [N, rows, cols], labels [N].
 from __future__ import annotations
 
 import gzip
+import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from app.data import DATASETS, FILES
+from app.data import DATASETS, FILES, idx_shape
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -57,10 +58,18 @@ def first_items(source: Path, target: Path, count: int) -> Path:
     gz = Path(source).suffix == ".gz"
     blob = Path(source).read_bytes()
     blob = gzip.decompress(blob) if gz else blob
-    ndim = blob[3]
-    shape = struct.unpack(f">{ndim}I", blob[4:4 + 4 * ndim])
+    shape = idx_shape(blob)
+    head = 4 + 4 * len(shape)
     item = int(np.prod(shape[1:], dtype=np.int64))
-    head = 4 + 4 * ndim
     cut = blob[:4] + struct.pack(">I", count) + blob[8:head] + blob[head:head + count * item]
     Path(target).write_bytes(gzip.compress(cut, compresslevel=1) if gz else cut)
     return Path(target)
+
+
+def copy_with_short_test_set(files: list[Path], raw: Path, count: int) -> None:
+    """Fashion-MNIST's `files` into the folder `raw`, the test set (t10k-*) cut to its first `count` items."""
+    for f in files:
+        if f.name.startswith("t10k"):
+            first_items(f, raw / f.name, count)
+        else:
+            shutil.copyfile(f, raw / f.name)

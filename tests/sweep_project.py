@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 from conftest import FASHION_MNIST, REPO
 from containers import COMPOSE_FILES, CONTAINER_GID, CONTAINER_UID, compose, project_dir
 from fake_wandb import FakeWandb
-from idx import first_items
+from idx import copy_with_short_test_set
 
 # containers share the host's network, so WANDB_BASE_URL=http://127.0.0.1:PORT reaches the stand-in
 HOST_NETWORK = str(REPO / "tests" / "compose.host-network.yml")
@@ -34,11 +33,7 @@ def fashion_project(base: Path) -> Path:
     project = project_dir(base)
     raw = project / "data" / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    for f in files:
-        if f.name.startswith("t10k"):
-            first_items(f, raw / f.name, TEST_IMAGES)
-        else:
-            shutil.copyfile(f, raw / f.name)
+    copy_with_short_test_set(files, raw, TEST_IMAGES)
     if os.getuid() == 0:  # the containers unpack the archives as their own user
         for path in (project / "data" / "FashionMNIST", raw, *raw.iterdir()):
             os.chown(path, CONTAINER_UID, CONTAINER_GID)
