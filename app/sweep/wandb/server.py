@@ -33,6 +33,9 @@ PROBE_S = 5.0  # the one direct connection that says what is wrong (probe)
 # after the run's stop: its checkpoint takes a batch, an offline run's finish a moment; an online run's
 # finish would wait for W&B's service to upload to the server that is gone, minutes
 FINISH_S = 20.0
+# after the outage's line, for what runs at exit: W&B's service ends in ~2 s, but W&B's own telemetry flushes
+# its last export to the same server at exit, 10 s a try and tried again against a host that says nothing
+EXIT_S = 5.0
 
 REGISTER = """
 mutation CreateAgent($host: String!, $projectName: String, $entityName: String, $sweep: String!) {
@@ -109,6 +112,14 @@ def say_once(line: str) -> None:
     """The outage's line, printed by whichever of the agent and end_after's timer comes first."""
     if _said.acquire(blocking=False):
         print(line, file=sys.stderr, flush=True)
+
+
+def give_up(line: str) -> int:
+    """Say the outage's line and return the exit code 1; the process ends within EXIT_S from now
+    whatever its exit handlers still wait for (nothing of a run is left to save by then)."""
+    say_once(line)
+    end_after(EXIT_S, line)
+    return 1
 
 
 def end_after(seconds: float, line: str) -> threading.Timer:

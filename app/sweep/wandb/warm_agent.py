@@ -31,7 +31,8 @@ preempting (a preempting run would be handed out again and resumed, undoing the 
 W&B's server going away (app.sweep.wandb.server): once it has not answered for AGENT_OUTAGE_S (60 s), the
 agent stops as after a stop signal (it sends itself SIGTERM: a running run checkpoints within its
 batch and is marked preempting, so its retry resumes), says so in one line naming WANDB_BASE_URL, and
-exits 1, as the offline agent does when its database stops answering. The supervisor starts no fresh
+exits 1 (within server.EXIT_S of that line, whatever W&B's own exit handlers still wait for on the
+server), as the offline agent does when its database stops answering. The supervisor starts no fresh
 process for it: the next one would wait on the same server.
 """
 
@@ -51,7 +52,7 @@ from app import interrupts, runner, settings, tracking
 from app.heartbeat import Heartbeat
 from app.sweep.wandb import best, dedupe, orphans
 from app.sweep.wandb import server
-from app.sweep.wandb.server import FINISH_S, Outage, Server, end_after, outage_line, say_once
+from app.sweep.wandb.server import FINISH_S, Outage, Server, end_after, give_up, outage_line
 from app.errors import UserError
 
 PROCESSES = settings.setting("AGENT_PROCESS").choices
@@ -148,8 +149,7 @@ class WarmAgent:
         except Outage as outage:  # between runs: nothing to checkpoint
             if self.ran:  # (an agent that never got to train has no best to tell)
                 self.say_best(outage)
-            say_once(outage_line(outage))
-            return 1
+            return give_up(outage_line(outage))
 
     def serve(self) -> int:
         self.connect()
@@ -181,8 +181,7 @@ class WarmAgent:
             done += 1
             if self.outage is not None:
                 self.say_best(self.outage)
-                say_once(outage_line(self.outage, command["run_id"], code))
-                return 1
+                return give_up(outage_line(self.outage, command["run_id"], code))
             if code == 0:
                 errors_in_a_row = 0
             elif code >= 128:
