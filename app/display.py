@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 import shlex
-from typing import Any
+from typing import Any, Mapping
 
 from app.config import KEYS
 
@@ -74,6 +74,16 @@ def flag_text(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else repr(v) if isinstance(v, float) else str(v)
+
+
+def ran_on(device: Any, config: Mapping[str, Any]) -> str | None:
+    """Which device a run trained on and its device settings, with the flags that repeat it on the same kind
+    of device (retrain_command leaves them to the host). None where the run recorded no device."""
+    if not isinstance(device, str) or not device:
+        return None
+    pinned = " ".join(f"--{k}={flag_text(config[k])}" for k in DEVICE_BOUND if k in config and k != "device")
+    return (f"It trained on {device} with {pinned or 'the default device settings'}; to repeat it on the same "
+            f"kind of device add --device={device.split(':')[0]}" + (f" {pinned}" if pinned else "") + ".")
 
 
 def retrain_command(config: dict, first: list[str], width: int = 100) -> str | None:

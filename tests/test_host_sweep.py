@@ -43,6 +43,10 @@ def test_an_offline_sweep_on_the_host_uses_the_runs_folder_and_is_found_without_
     assert "sweep host-grid: grid, maximize val_accuracy" in status.stdout
     best = re.search(r"^best: trial (\d) val_accuracy ([\d.]+) +learning_rate=([\d.e-]+)", status.stdout, re.M)
     assert best, status.stdout
+    # above its command, the device the best trial trained on (the command leaves the device to this host)
+    lines = status.stdout.splitlines()
+    ran_on = lines[lines.index("train it again with:") - 1]
+    assert ran_on.startswith("It trained on cpu with --cuda_graph=") and "add --device=cpu --cuda_graph=" in ran_on, ran_on
     # the command that trains the best trial again: its swept value first, then every setting its run recorded
     command = status.stdout.split("train it again with:\n", 1)[1].split("\n\n")[0].replace("\\\n", " ")
     words = shlex.split(command)

@@ -233,13 +233,8 @@ def _started(g: Group, run) -> int:
 def _ran_on(run) -> str:
     """Which device the run trained on, and its device settings, so that a retrain on another kind of host
     can be made to match (a CPU run repeated on a GPU host uses the GPU unless told otherwise)."""
-    device = run.summary.get("device")
-    pinned = [f"--{k}={display.flag_text(run.config[k])}" for k in display.DEVICE_BOUND if k in run.config and k != "device"]
-    if not isinstance(device, str) or not device:
-        return ""
-    return (f'<p class="ran-on">It trained on {svg.esc(device)} with {svg.esc(" ".join(pinned) or "the default device settings")}; '
-            f"to repeat it on the same kind of device add --device={svg.esc(device.split(':')[0])}"
-            + (f" {svg.esc(' '.join(pinned))}" if pinned else "") + ".</p>")
+    text = display.ran_on(run.summary.get("device"), run.config)
+    return f'<p class="ran-on">{svg.esc(text)}</p>' if text else ""
 
 
 def _source(g: Group) -> str:

@@ -2,9 +2,9 @@
 
     python -m app sweep-status [RUNS] [--config sweeps/grid.yaml | --name NAME] [--storage URL] [--all] [--json]
 
-The counts by state, the last SHOWN trials (`--all`: every one), the best trial and the command that trains
-it again; under them which swept settings mattered (app.sweep.optuna.insight) and the best trial's
-settings, read from at most SAMPLE completed trials (`--all`: all). `--json` is always complete.
+The counts by state, the last SHOWN trials (`--all`: every one), the best trial, the device it trained
+on and the command that trains it again; under them which swept settings mattered (app.sweep.optuna.insight)
+and the best trial's settings, read from at most SAMPLE completed trials (`--all`: all). `--json` is always complete.
 
 Read-only: it never creates a study or writes on a journal (a damaged one is refused in one line
 with its repair command). `read_sweep` is the same look for other tools (the report). Its settings
@@ -35,19 +35,26 @@ from app.sweep.optuna.trials import ledger_records, rows_of, state_name, trial_r
 
 def retrain(best: Mapping[str, Any], runs_root: Path | None) -> str:
     """The command that trains the best trial again: every setting its W&B run recorded (the swept ones
-    first), read from the run's folder under the runs folder; only the swept values where it isn't there."""
-    config, whole, why = dict(best["values"]), False, "its run folder is not here"
+    first), read from the run's folder under the runs folder; only the swept values where it isn't there.
+    Above it, from the same folder, the device the trial trained on (the command leaves that to the host)."""
+    config, device, why = dict(best["values"]), None, "its run folder is not here"
     if runs_root is not None and best.get("run_folder"):
         try:
-            config, whole = {**runlog.read(runs_root / best["run_folder"]).config, **best["values"]}, True
+            run = runlog.read(runs_root / best["run_folder"])
+            config, device, why = {**run.config, **best["values"]}, run.summary.get("device"), None
         except (runlog.RunLogError, OSError):
             pass
         except ImportError:  # the small venv beside an image (deploy/slurm/README.md): no W&B to read the run
             why = "W&B is not installed here to read its run folder"
     command = display.retrain_command(config, list(best["values"]))
+    ran_on = display.ran_on(device, config)
+    lines = [ran_on] if ran_on else []
     if command is None:
-        return "its recorded config holds a value too long for a command line: no retrain command"
-    return command + ("" if whole else f"\n({why}: settings not swept come from .env and the defaults)")
+        return "\n".join(lines + ["its recorded config holds a value too long for a command line: no retrain command"])
+    lines.append("train it again with:\n" + command)
+    if why:
+        lines.append(f"({why}: settings not swept come from .env and the defaults)")
+    return "\n".join(lines)
 
 
 SHOWN = 20  # trials listed by default: the last ones (`--all`: every one)
@@ -86,7 +93,7 @@ def format_status(study, runs_root: Path | None = None, every: bool = False) -> 
         best = rows_of(whole_trials(storage, sid, [best_trial._trial_id]), grid)[0]
         shown = " ".join(f"{k}={display.cell(v)}" for k, v in best["values"].items())
         lines.append(f"best: trial {best['trial']} {metric} {best['value']:.4f}  {shown}  (W&B run {best['run']})")
-        lines.append("train it again with:\n" + retrain(best, runs_root))
+        lines.append(retrain(best, runs_root))
     else:
         lines.append("best: none complete yet")
     return "\n".join(lines)
