@@ -140,12 +140,16 @@ def _raise(signum, frame) -> None:
         # raised inside an import (torch, numpy, W&B load lazily at start-up), the stop can be swallowed by
         # an extension module's initialisation, which leaves that module half-made and the process going
         # on as if no stop had come: it is sent again, and taken once the import is done
-        timer = threading.Timer(RETRY_S, os.kill, (os.getpid(), signum))
-        timer.daemon = True
-        timer.start()
+        _send_again(signum)
         return
     _state["raised"] = True
     raise Stopped(signum)
+
+
+def _send_again(signum: int) -> None:
+    timer = threading.Timer(RETRY_S, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    timer.start()
 
 
 def _exit_zero(signum, frame) -> None:
@@ -162,7 +166,8 @@ def _set(handler) -> None:
 
 def quiet_wandb_lost() -> None:
     """W&B's own threads and exit handler print a lost service (ConnectionResetError) as a traceback: after
-    a job-wide stop that is expected and said in one line by the run; other exceptions print as before."""
+    a job-wide stop that is expected and said in one line by the run; other exceptions print as before.
+    A stop raised inside a finalizer, which Python would print and drop, is taken again instead."""
     if getattr(threading.excepthook, "_quiet_wandb_lost", False):
         return
     thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
@@ -172,7 +177,13 @@ def quiet_wandb_lost() -> None:
             thread_hook(args)
 
     def unraisable(args) -> None:
-        if args.exc_value is None or not wandb_lost(args.exc_value):
+        if isinstance(args.exc_value, Stopped):
+            # the stop came while a finalizer ran (a __del__, a weakref callback: GC runs them anywhere),
+            # where Python prints the exception and drops it, and the process went on as if no stop had
+            # come: it is sent again, and taken once the finalizer is done
+            _state["raised"] = False
+            _send_again(args.exc_value.signum)
+        elif args.exc_value is None or not wandb_lost(args.exc_value):
             unraisable_hook(args)
 
     in_thread._quiet_wandb_lost = True  # type: ignore[attr-defined]

@@ -1,6 +1,7 @@
 """A stop that arrives while a module is being imported (torch, numpy and W&B load lazily at start-up)
 is taken once the import is done: raised inside it, an extension module's initialisation can swallow
-it, leaving that module half-made and the process going on as if no stop had come."""
+it, leaving that module half-made and the process going on as if no stop had come. Likewise a stop that
+arrives while a finalizer runs (a __del__, a weakref callback), where Python prints it and drops it."""
 
 from __future__ import annotations
 
@@ -45,3 +46,33 @@ def test_a_stop_during_an_import_is_taken_once_the_import_is_done(tmp_path: Path
                           timeout=60)
     assert proc.stdout.splitlines() == ["imported; swallowed a stop: False", "stopped by SIGINT"], proc.stdout + proc.stderr
     assert proc.returncode == 130
+
+
+FINALIZER_PROGRAM = """
+import os, signal, sys, threading, time
+from app import interrupts
+interrupts.install()
+
+class Finalized:
+    def __del__(self):
+        time.sleep(0.5)  # the signal is handled here, inside the finalizer
+
+try:
+    finalized = Finalized()
+    threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    del finalized
+    print("finalized", flush=True)
+    time.sleep(5)
+    print("went on after the stop", flush=True)
+except interrupts.Stopped as stop:
+    print(stop, flush=True)
+    sys.exit(stop.exit_code)
+"""
+
+
+def test_a_stop_during_a_finalizer_is_taken_once_it_is_done():
+    proc = subprocess.run([sys.executable, "-c", FINALIZER_PROGRAM], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    # before: "Exception ignored in: <function Finalized.__del__ ...>", a traceback, and the process went on
+    assert proc.stdout.splitlines() == ["finalized", "stopped by SIGTERM"], proc.stdout + proc.stderr
+    assert proc.returncode == 143 and proc.stderr == "", proc.stderr
